@@ -1,0 +1,96 @@
+"""The array backend: NumPy on the CPU, CuPy on an NVIDIA GPU.
+
+Scope
+    Everything in minillm computes on arrays of one *array module* ``xp``: ``numpy`` by default,
+    ``cupy`` after ``minillm.backend.use("cuda")`` (or with the environment variable
+    ``MINILLM_DEVICE=cuda``). Code never imports numpy for array math on tensors; it asks for the
+    module of the arrays it holds (``get_array_module``) so the same code serves both.
+
+Sources
+    CuPy's NumPy-compatible API and ``cupy.get_array_module`` (docs.cupy.dev, "Basics of CuPy").
+
+Deviations
+    None: this is plumbing, not an algorithm from a paper.
+"""
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import numpy as np
+
+#: dtype of every parameter and activation on the CPU (float32, like PyTorch's default).
+DEFAULT_DTYPE = np.float32
+
+_xp: ModuleType = np
+_device: str = "cpu"
+
+
+def _import_cupy() -> ModuleType:
+    try:
+        import cupy  # type: ignore
+
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            raise RuntimeError("cupy found no CUDA device")
+        return cupy
+    except Exception as e:  # ImportError, CUDARuntimeError, RuntimeError
+        raise RuntimeError(
+            "minillm.backend.use('cuda') needs cupy and an NVIDIA GPU "
+            f"(pip install -e '.[cuda]'); it failed with: {type(e).__name__}: {e}"
+        ) from e
+
+
+def use(device: str) -> ModuleType:
+    """Select the array module for new tensors: ``"cpu"`` (numpy) or ``"cuda"`` (cupy).
+
+    Returns the module. Raises ValueError for another name, RuntimeError (naming the cause) when
+    ``"cuda"`` is asked for on a machine without cupy or a GPU.
+    """
+    global _xp, _device
+    if device == "cpu":
+        _xp, _device = np, "cpu"
+    elif device == "cuda":
+        _xp, _device = _import_cupy(), "cuda"
+    else:
+        raise ValueError(f"unknown device {device!r}; expected 'cpu' or 'cuda'")
+    return _xp
+
+
+def xp() -> ModuleType:
+    """The array module new tensors are created with (numpy or cupy)."""
+    return _xp
+
+
+def device() -> str:
+    """The current device name, ``"cpu"`` or ``"cuda"``."""
+    return _device
+
+
+def get_array_module(*arrays) -> ModuleType:
+    """The array module of the given arrays: cupy if any of them is a cupy array, else numpy."""
+    if _xp is not np:
+        for a in arrays:
+            if type(a).__module__.startswith("cupy"):
+                return _xp
+    return np
+
+
+def is_cupy(a) -> bool:
+    """True if ``a`` is a cupy array."""
+    return type(a).__module__.startswith("cupy")
+
+
+def to_numpy(a) -> np.ndarray:
+    """A host (numpy) copy or view of ``a``, whatever its module."""
+    if is_cupy(a):
+        return a.get()
+    return np.asarray(a)
+
+
+def asarray(a, dtype=None):
+    """``a`` as an array of the current module (copied to the GPU when the device is cuda)."""
+    return _xp.asarray(a, dtype=dtype)
+
+
+if os.environ.get("MINILLM_DEVICE", "cpu") == "cuda":  # pragma: no cover - needs a GPU
+    use("cuda")
