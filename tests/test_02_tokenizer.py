@@ -25,10 +25,10 @@ from minillm.tokenizer import (
     PAD,
     Tokenizer,
     bpe,
+    compile_pattern,
     get_pair_counts,
     merge_pair,
     pre_split,
-    compile_pattern,
 )
 
 CORPUS = (
@@ -175,6 +175,15 @@ def test_allowed_special_errors(tok):
         tok.encode(b"bytes")
     with pytest.raises(ValueError, match="no special token"):
         Tokenizer(special_tokens=()).bos_id
+
+
+def test_decode_accepts_integer_arrays(tok):
+    import numpy as np
+
+    s = "<|bos|>[INST] hi [/INST] yo<|eos|>"
+    ids = tok.encode(s)
+    for dtype in (np.int32, np.int64):
+        assert tok.decode(np.asarray(ids, dtype=dtype)) == s
 
 
 def test_decode_rejects_bad_ids(tok):
