@@ -55,6 +55,8 @@ Deliberate deviations
       negatives. Both dequantize to the same numbers except at exact ties.
     * The partial last block is scaled by the reciprocal like every other block (CUDA); the torch
       default backend divides there. They can differ only at an exact tie.
+    * The double-quantization offset mean(absmax) is summed in float64 and rounded once to float32
+      (deterministic on any backend); torch's float32 cascade sum may differ from it by an ulp.
     * Only ``quant_storage=uint8`` is supported (bitsandbytes can view the bytes as another dtype for
       FSDP); numpy has no bfloat16, so the stored dtype is one of float16/float32/float64.
 """
@@ -168,21 +170,23 @@ def create_normal_map(offset: float = 0.9677083, use_extra_value: bool = True) -
 
 
 def _torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
-    """``torch.linspace(start, end, steps, dtype=torch.float32)`` on the CPU, reproduced exactly.
+    """``torch.linspace(start, end, steps, dtype=torch.float32)`` on the CPU, reproduced.
 
     ATen computes step = (end - start) / (steps - 1) in float32, the first half as start + i*step
-    and the second half as end - (steps - 1 - i)*step (``aten/src/ATen/native/cpu/RangeFactoriesKernel.cpp``).
+    and the second half as end - (steps - 1 - i)*step (``aten/src/ATen/native/cpu/RangeFactoriesKernel.cpp``),
+    each as one fused multiply-add (a single rounding), emulated here in float64. This matters
+    only to reproduce ``create_dynamic_map`` bit for bit (bitsandbytes builds it with torch on the CPU).
     """
     start32, end32 = np.float32(start), np.float32(end)
     if steps == 1:
         return np.array([start32], dtype=np.float32)
-    step = np.float32((end32 - start32) / np.float32(steps - 1))
-    i = np.arange(steps)
+    step = np.float64(np.float32((end32 - start32) / np.float32(steps - 1)))
+    i = np.arange(steps, dtype=np.float64)
     half = steps // 2
     out = np.where(
         i < half,
-        start32 + step * i.astype(np.float32),
-        end32 - step * (steps - 1 - i).astype(np.float32),
+        np.float64(start32) + step * i,  # fma(step, i, start)
+        np.float64(end32) - step * (steps - 1 - i),  # fma(-step, steps-1-i, end)
     )
     return out.astype(np.float32)
 
@@ -596,7 +600,7 @@ def quantize_4bit(A, blocksize: int = 64, quant_type: str = "nf4", compress_stat
     packed = pack_4bit(q, pad_code=zero_code(quant_type))  # ((n+1)//2, 1)
     code = get_4bit_type(quant_type)
     if compress_statistics:
-        offset = absmax.mean(dtype=xp.float32).astype(xp.float32)
+        offset = np.float32(float(absmax.astype(xp.float64).mean()))  # float64 sum, one rounding
         qabsmax, absmax2 = quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE)
         state2 = QuantState(
             absmax=absmax2,
@@ -613,7 +617,7 @@ def quantize_4bit(A, blocksize: int = 64, quant_type: str = "nf4", compress_stat
             blocksize=blocksize,
             quant_type=quant_type,
             code=code,
-            offset=np.float32(to_numpy(offset)),
+            offset=offset,
             state2=state2,
         )
     else:
