@@ -35,7 +35,7 @@ Conventions (all as bitsandbytes; see shared REFERENCE.md §2)
     * ``scaled = x * (1 / max(absmax, 1e-38))`` in float32 (reciprocal, then multiply, as the CUDA
       kernel), clamped to [-1, 1]. An all-zero block gets absmax 0 and code "zero" (no NaN).
     * Nearest code by comparing with the float32 midpoints of neighbouring codes; an exact tie goes
-      to the LOWER code (NF4: index = #{midpoints < scaled}); FP4/INT4 are sign-magnitude: sign =
+      to the LOWER code (NF4: index = #{midpoints < scaled}); FP4 is sign-magnitude: sign =
       (x < 0), ties go to the smaller magnitude, as ``dQuantizeFP4``.
     * Two codes per byte, element 2j in the HIGH nibble: ``byte = q[2j] << 4 | q[2j+1]``; packed
       shape ((n + 1) // 2, 1); odd n is padded with the code of 0.0 (7 for NF4).
@@ -112,10 +112,10 @@ FP4_CODE = (
 ).astype(np.float32)
 FP4_CODE.setflags(write=False)
 
-#: INT4 symmetric absmax code, for comparison (bitsandbytes ``get_4bit_type("int4")``):
-#: sign-magnitude like FP4, index = sign bit (0b1000) + (7 - k) holds the value +-k/7, k = 0..7.
-#: So 15 distinct levels {-7..7}/7 (index 7 = +0 and index 8 = -0 both store 0.0); the same layout
-#: as the round-to-nearest "absmax INT4" baseline the QLoRA paper compares NF4 with.
+#: INT4 symmetric absmax code, for comparison (bitsandbytes ``get_4bit_type("int4")``, same order):
+#: index i = 0..7 holds (7 - i)/7 and index 8 + p holds -p/7, so 15 distinct levels {-7..7}/7
+#: (indices 7 and 8 both store 0.0): the round-to-nearest "absmax INT4" baseline the QLoRA paper
+#: compares NF4 with. Quantized by nearest value (ties to the lower value; 0.0 -> index 7).
 INT4_CODE = (
     np.array([7, 6, 5, 4, 3, 2, 1, 0, 0, -1, -2, -3, -4, -5, -6, -7], dtype=np.float32)
     / np.float32(7.0)
@@ -442,24 +442,42 @@ def code_midpoints(code: np.ndarray) -> np.ndarray:
 
 
 @lru_cache(maxsize=None)
-def _sign_magnitude_tables(quant_type: str) -> tuple[np.ndarray, np.ndarray]:
-    """For FP4/INT4: sorted magnitudes' midpoints (7,) and the 3-bit pattern of each sorted magnitude (8,)."""
-    mags = _CODES[quant_type][:8]
+def _fp4_tables() -> tuple[np.ndarray, np.ndarray]:
+    """FP4: midpoints of the sorted magnitudes (7,) and the 3-bit pattern of each sorted magnitude (8,)."""
+    mags = FP4_CODE[:8]
     order = np.argsort(mags, kind="stable").astype(np.uint8)  # sorted magnitude index -> 3-bit pattern
     return code_midpoints(mags[order]), order
 
 
+@lru_cache(maxsize=None)
+def _sorted_tables(quant_type: str) -> tuple[np.ndarray, np.ndarray]:
+    """Any other code: midpoints of the sorted values (15,) and the code index of each sorted value (16,)."""
+    code = _CODES[quant_type]
+    order = np.argsort(code, kind="stable").astype(np.uint8)
+    return code_midpoints(code[order]), order
+
+
 def _nearest_code(scaled, quant_type: str):
-    """uint8 code index of each float32 ``scaled`` value in [-1, 1] (ties to the lower code)."""
+    """uint8 code index of each float32 ``scaled`` value in [-1, 1].
+
+    NF4 (sorted code): index = #{midpoints < x}, so an exact tie goes to the lower code
+    (``dQuantizeNF4`` tests ``x > threshold``). FP4 (``dQuantizeFP4``): sign bit = (x < 0), the
+    magnitude by the sorted-magnitude midpoints with ``>``, so ties go to the smaller magnitude.
+    INT4: nearest value in sorted order, ties to the lower value.
+    """
     xp = get_array_module(scaled)
     if quant_type == "nf4":
         mid = xp.asarray(code_midpoints(NF4_CODE))
         return xp.searchsorted(mid, scaled, side="left").astype(xp.uint8)  # #{m < x}: ties -> lower
-    mid_np, pattern_np = _sign_magnitude_tables(quant_type)
-    mid, pattern = xp.asarray(mid_np), xp.asarray(pattern_np)
-    sign = (scaled < 0).astype(xp.uint8) << 3
-    mag_idx = xp.searchsorted(mid, xp.abs(scaled), side="left")  # |x| > m: ties -> smaller magnitude
-    return (sign | pattern[mag_idx]).astype(xp.uint8)
+    if quant_type == "fp4":
+        mid_np, pattern_np = _fp4_tables()
+        mid, pattern = xp.asarray(mid_np), xp.asarray(pattern_np)
+        sign = (scaled < 0).astype(xp.uint8) << 3
+        mag_idx = xp.searchsorted(mid, xp.abs(scaled), side="left")  # |x| > m: ties -> smaller magnitude
+        return (sign | pattern[mag_idx]).astype(xp.uint8)
+    mid_np, order_np = _sorted_tables(quant_type)
+    pos = xp.searchsorted(xp.asarray(mid_np), scaled, side="left")
+    return xp.asarray(order_np)[pos].astype(xp.uint8)
 
 
 def zero_code(quant_type: str) -> int:
