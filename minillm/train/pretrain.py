@@ -1,0 +1,208 @@
+"""Pretraining: train the byte-level BPE tokenizer and a GPT base model on a text corpus.
+
+Scope
+    ``pretrain(PretrainConfig)`` reads a UTF-8 corpus, trains the tokenizer (or reuses the one in
+    the checkpoint when resuming), encodes the text, holds out the last ``val_fraction`` of the
+    tokens for validation, and trains with AdamW (no decay on biases/LayerNorm), a cosine schedule
+    with warmup and gradient clipping on random windows of ``block_size`` tokens. It reports the
+    training loss every step (tqdm), the validation loss every ``eval_interval`` steps with a
+    greedy sample, and writes ``<out_dir>/checkpoint.safetensors`` atomically with the config,
+    tokenizer, optimizer state and the data generator's state — so ``resume=True`` continues and
+    reproduces the losses of an uninterrupted run exactly. ``minillm pretrain --corpus FILE``.
+
+Sources
+    Radford et al. 2019 (GPT-2) language-model pretraining; nanoGPT ``train.py`` (random windows,
+    AdamW β₂ = 0.95, weight decay 0.1 on 2-D weights, cosine decay to 10 %, clip 1.0).
+    Defaults are the measured recipe of ../shared/TASKWORLD-NOTES.md §3.
+
+Deviations
+    * A window of T tokens trains T − 1 next-token predictions (labels = the window itself, shifted
+      inside the loss) rather than nanoGPT's T + 1-token windows; set block_size one larger to
+      restore T predictions.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from minillm.checkpoint import load_checkpoint, save_checkpoint
+from minillm.model import GPT, GPTConfig
+from minillm.optim import AdamW, clip_grad_norm_, cosine_lr, set_lr, weight_decay_groups
+from minillm.tokenizer import Tokenizer
+from minillm.train.common import (add_dataclass_arguments, dataclass_from_args, fixed_windows, mean_loss,
+                                  random_windows, read_text, rng_state, set_rng_state)
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+
+
+@dataclass
+class PretrainConfig:
+    """Settings of a pretraining run (CLI: ``--max-steps 1200`` etc.)."""
+
+    corpus: str = ""
+    out_dir: str = "runs/pretrain"
+    vocab_size: int = 1024
+    block_size: int = 64
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    batch_size: int = 16
+    max_steps: int = 1200
+    lr: float = 4e-3
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    val_fraction: float = 0.1
+    eval_interval: int = 200
+    eval_windows: int = 32
+    sample_tokens: int = 32
+    checkpoint_interval: int = 200
+    seed: int = 0
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ValueError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        if self.max_steps < 1 or self.batch_size < 1:
+            raise ValueError(f"max_steps and batch_size must be ≥ 1, got {self.max_steps}, {self.batch_size}")
+
+
+@dataclass
+class PretrainResult:
+    """What a run produced: losses per step (nats/token), validation losses as (step, loss),
+    the checkpoint path, wall time in seconds, and the number of corpus tokens."""
+
+    train_losses: list = field(default_factory=list)
+    val_losses: list = field(default_factory=list)
+    checkpoint: str = ""
+    seconds: float = 0.0
+    n_tokens: int = 0
+    samples: list = field(default_factory=list)
+
+
+def encode_corpus(text: str, tokenizer: Tokenizer) -> np.ndarray:
+    """Token ids of the corpus (special-token strings such as ``<|bos|>`` become their ids): int32."""
+    return np.asarray(tokenizer.encode(text, allowed_special="all"), dtype=np.int32)
+
+
+def pretrain(cfg: PretrainConfig, text: str | None = None, tokenizer_text: str | None = None) -> PretrainResult:
+    """Run (or resume) pretraining; returns a PretrainResult. ``text`` overrides reading ``cfg.corpus``;
+    ``tokenizer_text`` (e.g. the corpus plus instruction strings) trains the tokenizer instead of the corpus.
+
+    Raises FileNotFoundError/ValueError for a missing, empty or non-UTF-8 corpus (naming the file),
+    ValueError for a vocab_size too small for 256 bytes + special tokens, a checkpoint whose shapes
+    do not match the config (naming the shapes), or a corpus shorter than one window.
+    """
+    t0 = time.perf_counter()
+    if text is None:
+        text = read_text(cfg.corpus)
+    elif not text.strip():
+        raise ValueError("pretrain: the corpus text is empty")
+    out = Path(cfg.out_dir)
+    ckpt_path = out / CHECKPOINT_NAME
+    resume = cfg.resume and ckpt_path.exists()
+    ck = load_checkpoint(ckpt_path) if resume else None
+    tok = Tokenizer.from_dict(ck.tokenizer) if ck else Tokenizer.train(tokenizer_text or text, cfg.vocab_size)
+
+    data = encode_corpus(text, tok)
+    n_val = max(cfg.block_size + 1, int(len(data) * cfg.val_fraction))
+    if len(data) - n_val <= cfg.block_size:
+        raise ValueError(f"corpus has {len(data)} tokens: too short for block_size={cfg.block_size} "
+                         f"plus a validation split of {n_val}")
+    train_data, val_data = data[:-n_val], data[-n_val:]
+    val_batches = np.array_split(fixed_windows(val_data, cfg.eval_windows, cfg.block_size),
+                                 max(1, cfg.eval_windows // cfg.batch_size))
+
+    gcfg = GPTConfig(vocab_size=tok.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                     n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout)
+    model = GPT(gcfg, seed=cfg.seed)
+    opt = AdamW(weight_decay_groups(model.named_parameters(), cfg.weight_decay), lr=cfg.lr,
+                betas=(cfg.beta1, cfg.beta2))
+    rng = np.random.default_rng(cfg.seed)
+    result = PretrainResult(n_tokens=len(data))
+    start = 0
+    if ck:
+        if ck.config != gcfg.to_dict():
+            raise ValueError(f"{ckpt_path}: checkpoint config {ck.config} does not match this run's {gcfg.to_dict()}")
+        model.load_state_dict(ck.model_state, source=str(ckpt_path))
+        opt.load_state_dict(ck.optimizer_state)
+        st = ck.train_state
+        start = st["step"]
+        set_rng_state(rng, st["rng"])
+        set_rng_state(model.drop_rng, st["drop_rng"])
+        result.train_losses = list(st["train_losses"])
+        result.val_losses = [tuple(v) for v in st["val_losses"]]
+
+    def save(step: int) -> None:
+        save_checkpoint(ckpt_path, model, tok, opt, train_state={
+            "step": step, "rng": rng_state(rng), "drop_rng": rng_state(model.drop_rng),
+            "train_losses": result.train_losses, "val_losses": result.val_losses,
+            "pretrain_config": asdict(cfg)})
+
+    model.train()
+    bar = tqdm(range(start, cfg.max_steps), desc="pretrain", disable=not cfg.progress, initial=start,
+               total=cfg.max_steps)
+    for step in bar:
+        lr = cosine_lr(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
+        set_lr(opt, lr)
+        batch = random_windows(train_data, cfg.batch_size, cfg.block_size, rng)
+        _, loss = model(batch, labels=batch)
+        opt.zero_grad()
+        loss.backward()
+        if cfg.grad_clip > 0:
+            clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        result.train_losses.append(float(loss.item()))
+        bar.set_postfix(loss=f"{result.train_losses[-1]:.3f}", lr=f"{lr:.2e}")
+        done = step + 1
+        if done % cfg.eval_interval == 0 or done == cfg.max_steps:
+            vl = mean_loss(model, val_batches)
+            result.val_losses.append((done, vl))
+            sample = greedy_sample(model, tok, val_data[: min(8, cfg.block_size // 2)], cfg.sample_tokens)
+            result.samples.append((done, sample))
+            if cfg.progress:
+                tqdm.write(f"step {done}: train {result.train_losses[-1]:.3f}  val {vl:.3f}  sample: {sample!r}")
+        if done % cfg.checkpoint_interval == 0 or done == cfg.max_steps:
+            save(done)
+    result.checkpoint = str(ckpt_path)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def greedy_sample(model: GPT, tok: Tokenizer, prompt_ids, max_new_tokens: int) -> str:
+    """Greedy continuation of ``prompt_ids`` (a short list of ids), decoded to text."""
+    n = min(max_new_tokens, model.config.block_size - len(prompt_ids))
+    if n <= 0:
+        return ""
+    out = model.generate(np.asarray(prompt_ids, dtype=np.int64)[None, :], max_new_tokens=n, temperature=0,
+                         eos_id=tok.eos_id, pad_id=tok.pad_id)
+    return tok.decode([int(i) for i, m in zip(out.new_tokens[0], out.response_mask[0]) if m])
+
+
+def add_arguments(parser) -> None:
+    add_dataclass_arguments(parser, PretrainConfig)
+    parser.add_argument("--json", default=None, help="also write the result summary as JSON to this file")
+
+
+def run(args) -> int:
+    cfg = dataclass_from_args(PretrainConfig, args)
+    if not cfg.corpus:
+        raise SystemExit("minillm pretrain: --corpus FILE is required")
+    res = pretrain(cfg)
+    summary = {"checkpoint": res.checkpoint, "seconds": round(res.seconds, 1), "n_tokens": res.n_tokens,
+               "final_train_loss": res.train_losses[-1] if res.train_losses else None,
+               "val_losses": res.val_losses}
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    return 0
