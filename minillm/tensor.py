@@ -211,7 +211,7 @@ class Tensor:
                 continue
             ctx = node._ctx
             if ctx is None:  # a leaf: accumulate like PyTorch
-                node.grad = g if node.grad is None else node.grad + g
+                node.grad = g.copy() if node.grad is None else node.grad + g  # a copy: g may be a shared read-only view
                 continue
             in_grads = ctx.backward(g)
             if not isinstance(in_grads, tuple):
