@@ -946,7 +946,7 @@ def gradcheck(fn, inputs: Sequence[Tensor], eps: float = 1e-6, atol: float = 1e-
     the element index, the analytic and numeric values and the worst error (or returns False when
     ``raise_on_fail`` is False). Source: minitorch ``grad_check``; PyTorch ``torch.autograd.gradcheck``.
     """
-    xs = [Tensor(backend.get_array_module(t.data).asarray(t.data, dtype=np.float64), requires_grad=t.requires_grad)
+    xs = [Tensor(backend.get_array_module(t.data).ascontiguousarray(t.data, dtype=np.float64), requires_grad=t.requires_grad)
           if t.dtype.kind == "f" else t for t in inputs]
     out = fn(*xs)
     xp = _xp(out.data)
