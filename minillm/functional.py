@@ -421,22 +421,44 @@ _GELU_C = math.sqrt(2.0 / math.pi)
 
 
 class GELU(Function):
-    """0.5·x·(1 + tanh(u)), u = √(2/π)(x + 0.044715x³)  (Hendrycks & Gimpel 2016 §2)."""
+    """0.5·x·(1 + tanh(u)), u = √(2/π)(x + 0.044715x³)  (Hendrycks & Gimpel 2016 §2).
+
+    Written with in-place array operations: on the (B, T, 4C) MLP activations each temporary
+    costs a pass over memory, and this op is the largest elementwise cost of a training step.
+    """
 
     def forward(self, x):
         xp = _xp(x)
-        c = x.dtype.type(_GELU_C)
-        k = x.dtype.type(0.044715)
+        c, k = x.dtype.type(_GELU_C), x.dtype.type(0.044715)
+        u = x * x
+        u *= k
+        u += 1
+        u *= x
+        u *= c  # u = c·(x + k·x³)
+        self.t = xp.tanh(u, out=u)
         self.x = x
-        self.t = xp.tanh(c * (x + k * x * x * x))
-        return 0.5 * x * (1 + self.t)
+        y = self.t + 1
+        y *= x
+        y *= x.dtype.type(0.5)
+        return y
 
     def backward(self, g):
         x, t = self.x, self.t
-        c = x.dtype.type(_GELU_C)
-        k3 = x.dtype.type(3 * 0.044715)
-        du = c * (1 + k3 * x * x)
-        return g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * du)
+        c, k3, half = x.dtype.type(_GELU_C), x.dtype.type(3 * 0.044715), x.dtype.type(0.5)
+        # dy/dx = 0.5·(1 + t) + 0.5·x·(1 − t²)·c·(1 + 3k·x²)
+        d = x * x
+        d *= k3
+        d += 1
+        d *= c
+        sech2 = t * t
+        sech2 -= 1
+        sech2 *= -half  # 0.5·(1 − t²)
+        d *= sech2
+        d *= x
+        d += half
+        d += half * t
+        d *= g
+        return d
 
 
 class Sigmoid(Function):
