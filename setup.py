@@ -140,7 +140,7 @@ def extensions():
         _warn("pybind11 is not installed; skipping the C++/CUDA extensions.")
         return []
     include = [pybind11.get_include(), CSRC]
-    cxx_args = ["-O3", "-std=c++17", "-fvisibility=hidden", "-ffp-contract=fast", "-fopenmp"]
+    cxx_args = ["-O3", "-g0", "-std=c++17", "-fvisibility=hidden", "-ffp-contract=fast", "-fopenmp"]
     exts = [
         Extension(
             "minillm._C",
@@ -170,7 +170,7 @@ def extensions():
         sources=[os.path.join(CSRC, "cuda_bindings.cpp")],
         include_dirs=include,
         depends=[os.path.join(CSRC, "nf4.h"), os.path.join(CSRC, "nf4_cuda.cu")],
-        extra_compile_args=["-O2", "-std=c++17", "-fvisibility=hidden"],
+        extra_compile_args=["-O2", "-g0", "-std=c++17", "-fvisibility=hidden"],
         extra_link_args=["-lpthread", "-ldl", "-lrt"],
         language="c++",
     )
