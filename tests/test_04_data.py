@@ -1,0 +1,496 @@
+"""Chapter 04 (data): loaders for real formats, the chat template, collation into labels.
+
+Each PITFALLS case named in a docstring is a fault the code must make impossible:
+B01 (label shift / single-token response), B02 (template tokenized in context), B03 (pad == eos),
+B09 (one BOS; specials never split). Real samples: ../shared/data/real/*/SOURCE.md.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minillm.data import (IGNORE_INDEX, CollateReport, DataError, PreferenceExample, SFTExample, collate,
+                          collate_preference, detect_format, format_chat, load_alpaca, load_chat, load_dataset,
+                          load_oasst, load_preference, load_text, render_chat, render_preference, render_prompt,
+                          tokenize_sft, truncate)
+
+REPO = Path(__file__).resolve().parents[1]
+REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+DATASETS = REPO / "datasets"
+
+needs_real = pytest.mark.skipif(not REAL.is_dir(), reason=f"real data samples not found at {REAL}")
+
+
+@pytest.fixture(scope="module")
+def world():
+    from minillm.tasks import TaskWorld
+
+    return TaskWorld()
+
+
+@pytest.fixture(scope="module")
+def tok(world):
+    from minillm.tasks import tokenizer_training_text
+    from minillm.tokenizer import Tokenizer
+
+    return Tokenizer.train(tokenizer_training_text(world), 1024)
+
+
+def _targets(labels: np.ndarray) -> np.ndarray:
+    """The shifted view the loss uses: targets[t] = labels[t+1] for logits rows t = 0..T-2."""
+    return labels[..., 1:]
+
+
+def _masked_ce(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Mean cross-entropy over non-ignored shifted targets (the reference loss, float64)."""
+    lg = logits[:, :-1].astype(np.float64)
+    tg = _targets(labels)
+    lse = np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1)) + lg.max(-1)
+    valid = tg != IGNORE_INDEX
+    picked = np.take_along_axis(lg, np.where(valid, tg, 0)[..., None], -1)[..., 0]
+    return float(((lse - picked) * valid).sum() / valid.sum())
+
+
+# ---------------------------------------------------------------------------------------------- B01
+
+def test_b01_labels_are_unshifted_and_first_response_token_is_trained():
+    """PITFALLS B01: prompt [5,6,7], response [8,9] + EOS 2."""
+    batch = collate([([5, 6, 7, 8, 9, 2], [0, 0, 0, 1, 1, 1])], pad_id=0)
+    assert batch["labels"].tolist() == [[-100, -100, -100, 8, 9, 2]]
+    tg = _targets(batch["labels"])[0]
+    assert tg.tolist() == [-100, -100, 8, 9, 2]
+    assert np.flatnonzero(tg != IGNORE_INDEX).tolist() == [2, 3, 4]  # row 2 (token 7) predicts 8
+    for k in ("input_ids", "attention_mask", "labels"):
+        assert batch[k].dtype == np.int64 and batch[k].shape == (1, 6)
+
+
+def test_b01_eos_only_response_trains_one_token_with_finite_loss():
+    """PITFALLS B01 edge case: response = [EOS] alone -> exactly 1 trained target, finite loss."""
+    batch = collate([([5, 6, 7, 2], [0, 0, 0, 1])], pad_id=0)
+    tg = _targets(batch["labels"])[0]
+    assert tg.tolist() == [-100, -100, 2]
+    assert int((tg != IGNORE_INDEX).sum()) == 1
+    logits = np.random.default_rng(0).normal(size=(1, 4, 10)).astype(np.float32)
+    assert np.isfinite(_masked_ce(logits, batch["labels"]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 6), st.integers(0, 5)), min_size=1, max_size=5))
+def test_b01_property_trained_targets_equal_response_plus_eos(shapes):
+    """PITFALLS B01 property: #non-ignored targets == len(response) + 1 (the EOS), per row."""
+    eos = 2
+    examples = []
+    for n_prompt, n_resp in shapes:
+        ids = [1] + [10 + i for i in range(n_prompt)] + [40 + i for i in range(n_resp)] + [eos]
+        mask = [0] * (1 + n_prompt) + [1] * (n_resp + 1)
+        examples.append((ids, mask))
+    batch = collate(examples, pad_id=eos)
+    per_row = (_targets(batch["labels"]) != IGNORE_INDEX).sum(1).tolist()
+    assert per_row == [n_resp + 1 for _, n_resp in shapes]
+
+
+def test_b01_rendered_example_trains_response_and_eos(tok):
+    msgs = [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris."}]
+    ids, mask = render_chat(msgs, tok)
+    batch = collate([(ids, mask)], pad_id=tok.pad_id)
+    resp = tok.encode(" Paris.", allowed_special="none")
+    n = int((_targets(batch["labels"]) != IGNORE_INDEX).sum())
+    assert n == len(resp) + 1
+    assert batch["labels"][0, -len(resp) - 1:].tolist() == resp + [tok.eos_id]
+
+
+# ---------------------------------------------------------------------------------------------- B02
+
+def test_b02_mask_comes_from_the_renderer_right_boundary(tok):
+    """PITFALLS B02 (right boundary, trl #1920): for ("hi", "yo") the first trained label is the
+    first token of " yo" as encoded in context (with its leading space); [/INST] carries -100."""
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    ids, mask = render_chat(msgs, tok)
+    inst, inst_end = tok.special_tokens["[INST]"], tok.special_tokens["[/INST]"]
+    prompt = render_prompt(msgs[:1], tok)
+    assert prompt == [tok.bos_id, inst] + tok.encode(" hi ", allowed_special="none") + [inst_end]
+    assert ids[:len(prompt)] == prompt and mask[:len(prompt)] == [0] * len(prompt)
+    resp = tok.encode(" yo", allowed_special="none")
+    assert ids[len(prompt):] == resp + [tok.eos_id] and mask[len(prompt):] == [1] * (len(resp) + 1)
+    labels = collate([(ids, mask)], pad_id=tok.pad_id)["labels"][0].tolist()
+    first = next(i for i, v in enumerate(labels) if v != IGNORE_INDEX)
+    assert first == len(prompt) and labels[first] == resp[0]
+    assert tok.decode([resp[0]]).startswith(" ")  # the leading space belongs to the response
+    assert labels[first - 1] == IGNORE_INDEX and ids[first - 1] == inst_end
+    # the text form tokenizes the same way in context (specials cut out before BPE)
+    assert tok.encode(format_chat(msgs), allowed_special="all") == ids
+
+
+def test_b02_every_yielded_example_has_a_target():
+    """PITFALLS B02 property: no silent all-IGNORE row; such examples are skipped and counted."""
+    rep = CollateReport()
+    batch = collate([([1, 5, 6], [0, 0, 0]), ([1, 5, 7, 2], [0, 0, 1, 1])], pad_id=0, report=rep)
+    assert batch["labels"].shape == (1, 4)
+    assert (batch["labels"] != IGNORE_INDEX).sum(1).min() >= 1
+    assert rep.skipped == {"no_target": 1} and rep.n_kept == 1 and rep.n_examples == 2
+
+
+# ---------------------------------------------------------------------------------------------- B03
+
+def test_b03_pad_equals_eos():
+    """PITFALLS B03: pad_id == eos_id == 2; padding is found by the attention mask, not by id."""
+    batch = collate([([5, 6, 7, 8, 2], [0, 0, 1, 1, 1]), ([5, 9, 2], [0, 1, 1])], pad_id=2)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 2], [5, 9, 2, 2, 2]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, -100, 7, 8, 2], [-100, 9, 2, -100, -100]]
+    assert int((_targets(batch["labels"]) == 2).sum()) == 2  # both real EOS targets survive
+
+
+def test_b03_reference_item_14_full_sequence_lm():
+    """REFERENCE §8 item 14: ids [5,6,2,2], attention [1,1,1,0], pad = eos = 2 -> labels [5,6,2,-100]."""
+    batch = collate([([5, 6, 2], [1, 1, 1]), ([5, 6, 2, 7], [1, 1, 1, 1])], pad_id=2)
+    assert batch["input_ids"][0].tolist() == [5, 6, 2, 2]
+    assert batch["labels"][0].tolist() == [5, 6, 2, -100]
+
+
+# ---------------------------------------------------------------------------------------------- B09 and the template
+
+def test_b09_one_bos_and_text_roundtrip_for_every_builtin_record(tok, world):
+    """PITFALLS B09: rendering as text then encoding gives exactly one <|bos|> at index 0, one
+    <|eos|> at the end, and the same ids as rendering from the messages -- for every SFT, test,
+    paraphrase and preference record of the task world."""
+    rows = (world.sft_records("noisy") + world.sft_test_records() + world.sft_paraphrase_records())
+    for r in rows:
+        msgs = [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]
+        ids, mask = render_chat(msgs, tok)
+        text = format_chat(msgs)
+        assert text == f"<|bos|>[INST] {r['instruction']} [/INST] {r['output']}<|eos|>"
+        assert tok.encode(text, allowed_special="all") == ids
+        assert ids.count(tok.bos_id) == 1 and ids[0] == tok.bos_id
+        assert ids.count(tok.eos_id) == 1 and ids[-1] == tok.eos_id
+        assert tok.decode([i for i, m in zip(ids, mask) if m]) == f" {r['output']}<|eos|>"
+    for r in world.preference_records("test"):
+        (ci, cm), (ri, rm) = render_preference(r, tok)
+        assert ci.count(tok.bos_id) == 1 and ri.count(tok.bos_id) == 1
+        assert (ri[-1] == tok.eos_id) == r["rejected_eos"]
+        assert tok.decode([i for i, m in zip(ri, rm) if m]) == " " + r["rejected"] + ("<|eos|>" if r["rejected_eos"] else "")
+
+
+def test_special_strings_in_user_text_stay_plain_bytes(tok):
+    """A literal "[INST]" typed by a user is not the special token (B09, allowed_special="none")."""
+    ids, _ = render_chat([{"role": "user", "content": "say [INST] now"}, {"role": "assistant", "content": "ok"}], tok)
+    assert ids.count(tok.special_tokens["[INST]"]) == 1
+
+
+def test_multi_turn_masks_every_assistant_turn(tok):
+    msgs = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": "5."}]
+    ids, mask = render_chat(msgs, tok)
+    assert format_chat(msgs) == "<|bos|>[INST] Hi. [/INST] Hello.<|eos|>[INST] What is 2 plus 3? [/INST] 5.<|eos|>"
+    assert tok.encode(format_chat(msgs), allowed_special="all") == ids
+    runs, cur = [], []
+    for i, m in zip(ids, mask):
+        if m:
+            cur.append(i)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    runs.append(cur)
+    assert [tok.decode(r) for r in runs] == [" Hello.<|eos|>", " 5.<|eos|>"]
+    ids_last, mask_last = render_chat(msgs, tok, train_on="last")
+    assert ids_last == ids and tok.decode([i for i, m in zip(ids, mask_last) if m]) == " 5.<|eos|>"
+    # prompt + reply == the rendered conversation
+    assert render_prompt(msgs[:3], tok) + tok.encode(" 5.", allowed_special="none") + [tok.eos_id] == ids
+
+
+def test_system_turn_is_prepended_to_the_first_user_message(tok):
+    sys_msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi."},
+                {"role": "assistant", "content": "Hello."}]
+    folded = [{"role": "user", "content": "Be brief.\n\nHi."}, {"role": "assistant", "content": "Hello."}]
+    assert render_chat(sys_msgs, tok) == render_chat(folded, tok)
+    assert format_chat(sys_msgs, system_format="llama2").startswith("<|bos|>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi.")
+
+
+def test_template_errors(tok):
+    with pytest.raises(ValueError, match="expected 'assistant'"):
+        render_chat([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], tok)
+    with pytest.raises(ValueError, match="ending with an assistant turn"):
+        render_chat([{"role": "user", "content": "a"}], tok)
+    with pytest.raises(ValueError, match="ending with a user turn"):
+        render_prompt([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], tok)
+    with pytest.raises(ValueError, match="eos=False"):
+        render_chat([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "eos": False},
+                     {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}], tok)
+
+
+# ---------------------------------------------------------------------------------------------- truncation, padding
+
+def test_truncation_cuts_prompt_from_the_left_and_keeps_bos():
+    ids = [100, 1, 2, 3, 4, 50, 51, 2]
+    mask = [0, 0, 0, 0, 0, 1, 1, 1]
+    assert truncate(ids, mask, 8) == (ids, mask, 0)
+    assert truncate(ids, mask, 6) == ([100, 3, 4, 50, 51, 2], [0, 0, 0, 1, 1, 1], 2)
+    assert truncate(ids, mask, 4) == ([100, 50, 51, 2], [0, 1, 1, 1], 4)
+    assert truncate(ids, mask, 3) == "response_too_long"
+    assert truncate(ids, mask, 3, keep_first=0) == "response_too_long"  # label position 0 is never trained
+    assert truncate(ids, mask, 4, keep_first=0) == ([4, 50, 51, 2], [0, 1, 1, 1], 4)
+    rep = CollateReport()
+    batch = collate([(ids, mask), (ids[:2] + ids[5:], mask[:2] + mask[5:]), ([7, 8, 9, 10, 11], [0, 1, 1, 1, 1])],
+                    pad_id=0, max_length=4, report=rep)
+    assert batch["input_ids"].tolist() == [[100, 50, 51, 2], [100, 50, 51, 2]]
+    assert batch["labels"].tolist() == [[-100, 50, 51, 2], [-100, 50, 51, 2]]
+    assert (rep.n_examples, rep.n_kept, rep.n_truncated, rep.n_tokens_cut) == (3, 2, 2, 5)
+    assert rep.skipped == {"response_too_long": 1}
+
+
+def test_left_padding_and_pad_to():
+    batch = collate([([1, 2, 3], [0, 1, 1]), ([1, 4], [0, 1])], pad_id=9, padding_side="left", pad_to=4)
+    assert batch["input_ids"].tolist() == [[9, 1, 2, 3], [9, 9, 1, 4]]
+    assert batch["attention_mask"].tolist() == [[0, 1, 1, 1], [0, 0, 1, 1]]
+    assert batch["labels"].tolist() == [[-100, -100, 2, 3], [-100, -100, -100, 4]]
+    with pytest.raises(ValueError, match="pad_to=2"):
+        collate([([1, 2, 3], [0, 1, 1])], pad_id=0, pad_to=2)
+    with pytest.raises(ValueError, match="length 3 but loss_mask has length 2"):
+        collate([([1, 2, 3], [0, 1])], pad_id=0)
+    empty = collate([([1, 2], [0, 0])], pad_id=0)
+    assert empty["input_ids"].shape == (0, 0)
+
+
+def test_tokenize_sft_and_collate_builtin_batch(tok, world):
+    ds = load_dataset(DATASETS / "sft_train.jsonl")
+    rep = CollateReport()
+    rows = tokenize_sft(ds.records[:64], tok, max_length=64, report=rep)
+    batch = collate(rows, pad_id=tok.pad_id)
+    B, T = batch["input_ids"].shape
+    assert B == 64 and T <= 64 and rep.n_kept == 64 and rep.n_skipped == 0
+    n_targets = (_targets(batch["labels"]) != IGNORE_INDEX).sum(1)
+    expect = [len(tok.encode(" " + ex.messages[1]["content"], allowed_special="none")) + 1 for ex in ds.records[:64]]
+    assert n_targets.tolist() == expect
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
+
+
+def test_collate_preference(tok, world):
+    recs = world.preference_records("test")[:16]
+    rep = CollateReport()
+    b = collate_preference(recs, tok, report=rep)
+    assert set(b) == {"chosen_input_ids", "chosen_attention_mask", "chosen_labels", "rejected_input_ids",
+                      "rejected_attention_mask", "rejected_labels"}
+    assert b["chosen_input_ids"].shape == b["rejected_input_ids"].shape and b["chosen_labels"].dtype == np.int64
+    for i, r in enumerate(recs):
+        p = render_prompt([{"role": "user", "content": r["prompt"]}], tok)
+        assert b["chosen_input_ids"][i, :len(p)].tolist() == p == b["rejected_input_ids"][i, :len(p)].tolist()
+        n_c = int((b["chosen_labels"][i] != IGNORE_INDEX).sum())
+        n_r = int((b["rejected_labels"][i] != IGNORE_INDEX).sum())
+        assert n_c == len(tok.encode(" " + r["chosen"], allowed_special="none")) + 1
+        assert n_r == len(tok.encode(" " + r["rejected"], allowed_special="none")) + int(r["rejected_eos"])
+    # truncation cuts the shared prompt by the same amount for both halves
+    ex = PreferenceExample([{"role": "user", "content": "word " * 30}], "A.", "B, with more words here.")
+    (ci, cm), (ri, rm) = render_preference(ex, tok, max_length=16)
+    assert len(ri) == 16 and ci[:cm.index(1)] == ri[:rm.index(1)] and ci[0] == tok.bos_id
+    assert render_preference(ex, tok, max_length=3) == "response_too_long"
+
+
+# ---------------------------------------------------------------------------------------------- loaders: built-in files
+
+def test_load_builtin_datasets(world):
+    sft = load_dataset(DATASETS / "sft_train.jsonl")
+    assert sft.kind == "sft" and len(sft) == 1125 and sft.report.n_skipped == 0
+    ex = sft[0]
+    assert ex.messages == [{"role": "user", "content": "What is the capital of France?"},
+                           {"role": "assistant", "content": "Paris."}]
+    assert ex.meta == {"task": "capital", "fact_key": "capital:France", "answer": "Paris",
+                       "template_id": "capital/q0", "fact_split": "train", "style": "plain"}
+    pref = load_dataset(DATASETS / "pref_train.jsonl")
+    assert pref.kind == "preference" and len(pref) == 2400
+    recs = world.preference_records("train")
+    assert sum(not p.rejected_eos for p in pref) == sum(r["kind"] == "no_eos" for r in recs) > 0
+    assert pref[0].prompt == [{"role": "user", "content": recs[0]["prompt"]}] and pref[0].meta["kind"] == recs[0]["kind"]
+    text = load_dataset(DATASETS / "corpus.txt")
+    assert text.kind == "text" and text.text.startswith("<|bos|>")
+
+
+# ---------------------------------------------------------------------------------------------- loaders: real samples
+
+@needs_real
+def test_real_alpaca_sample():
+    ds = load_dataset(REAL / "alpaca-data-sample" / "alpaca_data_sample.json")
+    r = ds.report
+    assert (r.n_records, r.n_examples) == (1727, 1722)
+    assert r.skipped == {"empty_output": 3, "nooutput": 2}  # SOURCE.md: indices 284/1223/1347; 8/1299
+    assert ds[0].messages[0] == {"role": "user", "content": "Give three tips for staying healthy."}
+    assert ds[0].messages[1]["content"].startswith("1.Eat a balanced diet and make sure")
+    # record 5 has an input; record 0..4 are all kept
+    assert ds[5].messages[0]["content"] == "Identify the odd one out.\n\nTwitter, Instagram, Telegram"
+    assert ds[5].messages[1]["content"] == "Telegram"
+    assert r.format == "alpaca-json"
+
+
+@needs_real
+def test_real_seed_tasks_flattened():
+    ds = load_dataset(REAL / "alpaca-seed-tasks" / "seed_tasks.jsonl")
+    assert len(ds) == 175 and ds.report.notes == {"instances_flattened": 175, "with_input": 125}
+    assert ds[0].meta == {"id": "seed_task_0", "name": "breakfast_suggestion", "is_classification": False}
+    assert ds[0].messages[0]["content"].startswith("Is there anything I can eat for a breakfast")
+
+
+@needs_real
+def test_real_sharegpt_conversations():
+    ds = load_dataset(REAL / "fastchat-dummy-conversation" / "dummy_conversation.json")
+    assert len(ds) == 500 and ds.report.n_skipped == 0
+    assert ds[0].messages == [
+        {"role": "user", "content": "Who are you?"},
+        {"role": "assistant", "content": "I am Vicuna, a language model trained by researchers from Large Model "
+                                         "Systems Organization (LMSYS)."},
+        {"role": "user", "content": "Have a nice day!"}, {"role": "assistant", "content": "You too!"}]
+    assert ds[0].meta == {"id": "identity_0"}
+    assert sorted({len(e.messages) for e in ds}) == [2, 4, 6]
+
+
+@needs_real
+def test_real_oasst_trees():
+    path = REAL / "oasst-en-100-trees" / "en_100_tree.jsonl"
+    sft = load_oasst(path)
+    assert len(sft) == 400 and sft.report.skipped == {"prompter_leaf": 226}  # 626 paths - 226
+    assert all(e.messages[-1]["role"] == "assistant" for e in sft)
+    assert sft[0].messages[0] == {"role": "user", "content": "How can I find the best 401k plan for my needs?"}
+    assert sft[0].meta["message_tree_id"] == "054e1df3-35e0-4bb8-a585-607dbdcd24e0"
+    pref = load_dataset(path, kind="preference")
+    assert len(pref) == 754  # SOURCE.md: 754 ranked sibling pairs
+    assert pref[0].meta["chosen_rank"] < pref[0].meta["rejected_rank"]
+    assert pref[0].prompt == [{"role": "user", "content": "How can I find the best 401k plan for my needs?"}]
+
+
+@needs_real
+def test_real_hh_rlhf_transcripts():
+    ds = load_dataset(REAL / "hh-rlhf-harmless-base" / "harmless-base-test.first1000.jsonl")
+    r = ds.report
+    assert (r.n_records, len(ds)) == (1000, 997)
+    assert r.skipped == {"empty_response": 3}  # SOURCE.md: lines 87, 517, 926
+    assert r.notes == {"consecutive_turns_merged": 2}  # lines 668 and 764 have two Assistant turns in a row
+    first = ds[0]
+    assert [m["role"] for m in first.prompt] == ["user", "assistant", "user", "assistant", "user"]
+    assert first.prompt[0]["content"] == "what are some pranks with a pen i can do?"
+    assert first.chosen.startswith("No, sorry!") and not first.chosen.startswith(" ")
+    assert all(p.prompt[-1]["role"] == "user" and p.chosen.strip() for p in ds)
+
+
+@needs_real
+def test_real_llamafactory_pairs():
+    ds = load_preference(REAL / "llamafactory-dpo-en-demo" / "dpo_en_demo.json")
+    assert len(ds) == 300 and ds.report.notes == {"system_turn": 80}
+    assert ds[0].prompt[0]["content"].startswith("Hi! I'd like to create a new language game")
+    assert ds[0].chosen.startswith("That sounds like a fun and engaging idea!")
+    assert ds[1].prompt[0]["role"] == "system" and ds[1].prompt[0]["content"].startswith("You are a teacher.")
+
+
+@needs_real
+def test_real_rasbt_sft_and_preference():
+    sft = load_alpaca(REAL / "rasbt-instruction-data" / "instruction-data.json")
+    assert len(sft) == 1100 and sft.report.notes == {"with_input": 325}
+    assert sft[0].messages[0]["content"] == ("Evaluate the following phrase by transforming it into the spelling "
+                                             "given.\n\nfreind --> friend")
+    pref = load_dataset(REAL / "rasbt-instruction-preference" / "instruction-data-with-preference.json")
+    assert len(pref) == 1094 and pref.report.skipped == {"chosen_equals_rejected": 6}
+    assert pref[0].rejected == ('The spelling of the given phrase "freind" is flat out wrong, get it together, '
+                                'the correct spelling is "friend".')
+    assert pref[0].meta["output"] == pref[0].chosen
+    as_sft = load_dataset(REAL / "rasbt-instruction-preference" / "instruction-data-with-preference.json", kind="sft")
+    assert len(as_sft) == 1100 and as_sft[0].messages[1]["content"] == sft[0].messages[1]["content"]
+
+
+@needs_real
+def test_real_tinyshakespeare():
+    ds = load_text(REAL / "tinyshakespeare" / "input.txt")
+    assert len(ds.text) == 1_115_394 and ds.text.startswith("First Citizen:\nBefore we proceed")
+    assert ds.report.notes["lines"] == 40000
+
+
+@needs_real
+def test_every_real_sample_loads_and_renders(tok):
+    files = sorted(p for p in REAL.glob("*/*") if p.name != "SOURCE.md")
+    assert len(files) == 9
+    for p in files:
+        ds = load_dataset(p)
+        assert len(ds) > 0 and ds.report.n_examples == len(ds)
+        if ds.kind == "sft":
+            rows = tokenize_sft(ds.records[:20], tok, max_length=256)
+            assert rows and all(1 in m for _, m in rows)
+        elif ds.kind == "preference":
+            rep = CollateReport()
+            b = collate_preference(ds.records[:8], tok, max_length=512, report=rep)
+            assert rep.n_kept == len(b["chosen_labels"]) >= 1 and rep.n_kept + rep.n_skipped == 8
+            assert (b["chosen_labels"] != IGNORE_INDEX).sum(1).min() >= 1
+            assert (b["rejected_labels"] != IGNORE_INDEX).sum(1).min() >= 1
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+def _write(tmp_path, name, data):
+    p = tmp_path / name
+    p.write_bytes(data if isinstance(data, bytes) else data.encode())
+    return p
+
+
+def test_malformed_json_line_names_file_and_line(tmp_path):
+    good = json.dumps({"instruction": "a", "input": "", "output": "b"})
+    p = _write(tmp_path, "bad.jsonl", f"{good}\n{good}\n{{\"instruction\": \"x\",\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl:3: not valid JSON"):
+        load_dataset(p)
+
+
+def test_malformed_json_array_names_line_and_record(tmp_path):
+    p = _write(tmp_path, "bad.json", '[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c" "output": 1}\n]')
+    with pytest.raises(DataError, match=r"bad\.json:3: not valid JSON .* record \[1\]"):
+        load_alpaca(p)
+
+
+def test_missing_and_mistyped_fields(tmp_path):
+    p = _write(tmp_path, "m.jsonl", '{"instruction": "a", "output": "b"}\n\n{"instruction": "c", "input": ""}\n')
+    with pytest.raises(DataError, match=r"m\.jsonl:3: missing field 'output'"):
+        load_alpaca(p)
+    p = _write(tmp_path, "t.json", '[\n{"instruction": "a", "output": "b"},\n{"instruction": "c",\n "output": 7}]')
+    with pytest.raises(DataError, match=r"t\.json:3 \(record \[1\]\): field 'output' must be str, got int"):
+        load_alpaca(p)
+    p = _write(tmp_path, "r.jsonl", '{"messages": [{"role": "robot", "content": "x"}]}\n')
+    with pytest.raises(DataError, match=r"r\.jsonl:1 messages\[0\]: unknown role 'robot'"):
+        load_chat(p)
+    p = _write(tmp_path, "p.jsonl", '{"prompt": "q", "chosen": "a"}\n')
+    with pytest.raises(DataError, match=r"p\.jsonl:1: missing field 'rejected'"):
+        load_preference(p)
+    p = _write(tmp_path, "u.jsonl", '{"foo": 1}\n')
+    with pytest.raises(DataError, match=r"cannot tell the format from the keys \['foo'\]"):
+        load_dataset(p)
+
+
+def test_empty_dataset_errors(tmp_path):
+    for name, data in (("e.jsonl", ""), ("ws.jsonl", "\n  \n"), ("e.json", "[]"), ("e.txt", "  \n")):
+        with pytest.raises(DataError, match="empty dataset"):
+            load_dataset(_write(tmp_path, name, data), format="alpaca" if name.endswith("json") else None)
+    p = _write(tmp_path, "all_skipped.jsonl", '{"instruction": "a", "input": "", "output": ""}\n')
+    with pytest.raises(DataError, match="empty dataset .*empty_output"):
+        load_dataset(p)
+
+
+def test_non_utf8_bytes_name_offset_and_line(tmp_path):
+    p = _write(tmp_path, "bin.jsonl", b'{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "b"}\n')
+    with pytest.raises(DataError, match=r"bin\.jsonl:2: not valid UTF-8 at byte offset 56 \(line 2, byte column 21"):
+        load_dataset(p)
+    p = _write(tmp_path, "bin.txt", b"hello\nwor\xffld\n")
+    with pytest.raises(DataError, match=r"bin\.txt:2: not valid UTF-8 at byte offset 9"):
+        load_text(p)
+
+
+def test_detect_format_and_kind_mismatch(tmp_path):
+    assert detect_format(DATASETS / "pref_test.jsonl") == "preference"
+    assert detect_format(DATASETS / "sft_test.jsonl") == "alpaca"
+    assert detect_format(DATASETS / "corpus.txt") == "text"
+    with pytest.raises(DataError, match="holds sft data"):
+        load_dataset(DATASETS / "sft_test.jsonl", kind="preference")
+    p = _write(tmp_path, "o.jsonl", json.dumps({"messages": [{"role": "system", "content": "s"},
+                                                             {"role": "user", "content": "u"},
+                                                             {"role": "assistant", "content": "a"},
+                                                             {"role": "user", "content": "trailing"}]}) + "\n")
+    ds = load_dataset(p)
+    assert ds.report.notes == {"system_turn": 1, "trailing_user_turn_dropped": 1}
+    assert [m["role"] for m in ds[0].messages] == ["system", "user", "assistant"]
+    assert isinstance(ds[0], SFTExample)
