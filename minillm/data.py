@@ -422,8 +422,10 @@ def load_chat(path: str | os.PathLike) -> Dataset:
     """Chat conversations: OpenAI ``{"messages": [{"role", "content"}]}`` or ShareGPT
     ``{"conversations": [{"from", "value"}]}`` (roles human/gpt/system mapped by ``ROLE_MAP``).
 
-    Quirks counted: notes ``system_turn``, ``trailing_user_turn_dropped``; skipped
-    ``no_assistant_turn``, ``roles_not_alternating``, ``empty_response``, ``system_turn_not_first``.
+    Quirks counted: notes ``system_turn``, ``trailing_user_turn_dropped``,
+    ``consecutive_turns_merged`` (two turns of one role in a row are joined with a blank line);
+    skipped ``no_assistant_turn``, ``roles_not_alternating``, ``empty_response``,
+    ``system_turn_not_first``.
 
     Raises:
         DataError: unknown role, missing field, bad JSON, empty dataset.
@@ -557,7 +559,8 @@ def load_preference(path: str | os.PathLike) -> Dataset:
       text before the last ``"\\n\\nAssistant:"``; the response's leading space is removed.
 
     Quirks counted: skipped ``chosen_equals_rejected``, ``empty_response``, ``prompt_mismatch``
-    (HH prefixes differ), ``bad_transcript``; notes ``system_turn``.
+    (HH prefixes differ), ``bad_transcript``; notes ``system_turn``, ``consecutive_turns_merged``
+    (HH-RLHF has transcripts with two Assistant turns in a row).
 
     Raises:
         DataError: missing field, wrong type, bad JSON, empty dataset.

@@ -193,6 +193,14 @@ def test_cli_run_writes_files(tmp_path):
     assert (tmp_path / "d" / "sft_train.jsonl").read_bytes() == (REPO / "datasets" / "sft_train.jsonl").read_bytes()
 
 
+def test_minillm_datasets_command(tmp_path, capsys):
+    from minillm.cli import main
+
+    assert main(["datasets", "--out", str(tmp_path), "--seed", "0"]) == 0
+    assert "total bytes" in capsys.readouterr().out
+    assert (tmp_path / "pref_test.jsonl").read_bytes() == (REPO / "datasets" / "pref_test.jsonl").read_bytes()
+
+
 # ---------------------------------------------------------------------------------------------- preference pairs
 
 def test_preference_pairs_design(world, judge):

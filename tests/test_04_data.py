@@ -176,6 +176,22 @@ def test_b09_one_bos_and_text_roundtrip_for_every_builtin_record(tok, world):
         assert tok.decode([i for i, m in zip(ri, rm) if m]) == " " + r["rejected"] + ("<|eos|>" if r["rejected_eos"] else "")
 
 
+_TEXT = st.lists(st.sampled_from(list("abcXYZ 019.,?!-'\n\té’ü") + ["Sure!", " the", "[INST", "|>"]),
+                 max_size=12).map("".join)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(_TEXT, _TEXT), min_size=1, max_size=3))
+def test_b09_property_render_equals_encoded_text_and_mask_counts(tok, turns):
+    """For any conversation without special strings: encode(format_chat(m)) == render_chat(m) ids,
+    and the mask trains exactly sum(len(encode(" " + reply)) + 1) tokens."""
+    msgs = [m for u, a in turns for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})]
+    ids, mask = render_chat(msgs, tok)
+    assert tok.encode(format_chat(msgs), allowed_special="all") == ids
+    assert sum(mask) == sum(len(tok.encode(" " + a, allowed_special="none")) + 1 for _, a in turns)
+    assert ids.count(tok.bos_id) == 1 and ids.count(tok.eos_id) == len(turns)
+
+
 def test_special_strings_in_user_text_stay_plain_bytes(tok):
     """A literal "[INST]" typed by a user is not the special token (B09, allowed_special="none")."""
     ids, _ = render_chat([{"role": "user", "content": "say [INST] now"}, {"role": "assistant", "content": "ok"}], tok)
