@@ -467,17 +467,24 @@ def _nearest_code(scaled, quant_type: str):
     """
     xp = get_array_module(scaled)
     if quant_type == "nf4":
-        mid = xp.asarray(code_midpoints(NF4_CODE))
-        return xp.searchsorted(mid, scaled, side="left").astype(xp.uint8)  # #{m < x}: ties -> lower
+        return _count_greater(scaled, code_midpoints(NF4_CODE))  # #{m < x}: ties -> lower
     if quant_type == "fp4":
-        mid_np, pattern_np = _fp4_tables()
-        mid, pattern = xp.asarray(mid_np), xp.asarray(pattern_np)
+        mid, pattern_np = _fp4_tables()
         sign = (scaled < 0).astype(xp.uint8) << 3
-        mag_idx = xp.searchsorted(mid, xp.abs(scaled), side="left")  # |x| > m: ties -> smaller magnitude
-        return (sign | pattern[mag_idx]).astype(xp.uint8)
-    mid_np, order_np = _sorted_tables(quant_type)
-    pos = xp.searchsorted(xp.asarray(mid_np), scaled, side="left")
-    return xp.asarray(order_np)[pos].astype(xp.uint8)
+        mag_idx = _count_greater(xp.abs(scaled), mid)  # |x| > m: ties -> smaller magnitude
+        return (sign | xp.asarray(pattern_np)[mag_idx]).astype(xp.uint8)
+    mid, order_np = _sorted_tables(quant_type)
+    return xp.asarray(order_np)[_count_greater(scaled, mid)].astype(xp.uint8)
+
+
+def _count_greater(x, midpoints: np.ndarray):
+    """uint8 #{i : midpoints[i] < x} per element: searchsorted(side='left') for a few sorted midpoints,
+    as len(midpoints) vectorised compares (~10x faster than searchsorted in NumPy for 15 midpoints)."""
+    xp = get_array_module(x)
+    out = xp.zeros(x.shape, dtype=xp.uint8)
+    for m in midpoints.tolist():
+        out += x > xp.float32(m)
+    return out
 
 
 def zero_code(quant_type: str) -> int:
@@ -526,10 +533,12 @@ def _blockwise_absmax_scaled(flat, blocksize: int):
     if nblocks * blocksize != n:  # zeros leave max|x| of the partial block unchanged
         padded = xp.concatenate([flat, xp.zeros(nblocks * blocksize - n, dtype=xp.float32)])
     blocks = padded.reshape(nblocks, blocksize)  # (nblocks, blocksize)
-    absmax = xp.abs(blocks).max(axis=1).astype(xp.float32)  # (nblocks,)
+    # max|x| per block as max(max x, -min x): the same value, without an |x| temporary (2x faster)
+    absmax = (xp.maximum(blocks.max(axis=1), -blocks.min(axis=1)) + xp.float32(0.0)).astype(xp.float32)  # (nblocks,), -0 -> +0
     recip = (xp.float32(1.0) / xp.maximum(absmax, xp.float32(1e-38))).astype(xp.float32)
-    scaled = xp.clip(blocks * recip[:, None], xp.float32(-1.0), xp.float32(1.0))
-    return absmax, scaled.reshape(-1)[:n].astype(xp.float32)
+    scaled = (blocks * recip[:, None]).astype(xp.float32, copy=False)  # (nblocks, blocksize)
+    xp.clip(scaled, xp.float32(-1.0), xp.float32(1.0), out=scaled)
+    return absmax, scaled.reshape(-1)[:n]
 
 
 # --------------------------------------------------------------------------------------------
