@@ -472,9 +472,9 @@ def _nearest_code(scaled, quant_type: str):
         mid, pattern_np = _fp4_tables()
         sign = (scaled < 0).astype(xp.uint8) << 3
         mag_idx = _count_greater(xp.abs(scaled), mid)  # |x| > m: ties -> smaller magnitude
-        return (sign | xp.asarray(pattern_np)[mag_idx]).astype(xp.uint8)
+        return (sign | xp.asarray(pattern_np)[mag_idx.astype(xp.int64)]).astype(xp.uint8)
     mid, order_np = _sorted_tables(quant_type)
-    return xp.asarray(order_np)[_count_greater(scaled, mid)].astype(xp.uint8)
+    return xp.asarray(order_np)[_count_greater(scaled, mid).astype(xp.int64)].astype(xp.uint8)
 
 
 def _count_greater(x, midpoints: np.ndarray):

@@ -579,3 +579,34 @@ def test_crosscheck_bnb_from_dict_reads_our_state(torch):
     s2 = Q.QuantState.from_dict({k: v.numpy() for k, v in sb.as_dict(packed=True).items()})
     np.testing.assert_array_equal(Q.dequantize_4bit(pb.numpy(), s2), _bnb_dequantize(F, torch, pb, sb))
     assert math.isclose(float(s2.offset), sb.offset.item(), rel_tol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------
+# CuPy: the same functions on GPU arrays give the same bytes and values
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+@pytest.mark.parametrize("dq", [False, True])
+def test_cupy_matches_numpy(quant_type, dq):
+    import cupy as cp
+
+    from minillm import backend
+
+    rng = np.random.default_rng(15)
+    x = rng.standard_normal((33, 97)).astype(np.float32)
+    x.reshape(-1)[:64] = 0.0
+    p_np, s_np = Q.quantize_4bit(x, 64, quant_type, compress_statistics=dq)
+    backend.use("cuda")
+    try:
+        p_cp, s_cp = Q.quantize_4bit(cp.asarray(x), 64, quant_type, compress_statistics=dq)
+        assert backend.is_cupy(p_cp) and backend.is_cupy(s_cp.absmax)
+        np.testing.assert_array_equal(cp.asnumpy(p_cp), p_np)
+        np.testing.assert_array_equal(cp.asnumpy(s_cp.absmax), s_np.absmax)
+        out = Q.dequantize_4bit(p_cp, s_cp)
+        assert backend.is_cupy(out) and out.dtype == cp.float32 and out.shape == x.shape
+        np.testing.assert_array_equal(cp.asnumpy(out), Q.dequantize_4bit(p_np, s_np))
+        assert Q.bits_per_parameter(p_cp, s_cp) == Q.bits_per_parameter(p_np, s_np)
+    finally:
+        backend.use("cpu")
