@@ -50,13 +50,17 @@ Deliberate deviations
       with zeros (take ``np.pad(v, (0, 240))`` for that layout), and uses the standard library's
       ``statistics.NormalDist().inv_cdf`` instead of scipy. It is shown and tested, never used at run
       time: the table is hard-coded (bitsandbytes #1772: recomputing does not reproduce it bit-exactly).
-    * Exact-tie handling for FP4 follows the CUDA kernel (smaller magnitude, -0 for tiny negatives);
-      bitsandbytes' torch default backend instead ties to the lower value and may pick +0 for tiny
-      negatives. Both dequantize to the same numbers except at exact ties.
+    * FP4 follows the CUDA kernel: exact ties go to the smaller magnitude, and tiny negatives get -0
+      (index 8). bitsandbytes' torch default backend (what runs on the CPU) ties to the lower value and
+      picks between the two zeros by an argsort of equal values (we measured index 8 for tiny positives
+      and 0 for tiny negatives). Both dequantize to the same numbers except at exact ties; no option.
     * The partial last block is scaled by the reciprocal like every other block (CUDA); the torch
       default backend divides there. They can differ only at an exact tie.
     * The double-quantization offset mean(absmax) is summed in float64 and rounded once to float32
       (deterministic on any backend); torch's float32 cascade sum may differ from it by an ulp.
+    * 8-bit ``quantize_blockwise`` picks the exact nearest code (CUDA ``dQuantize`` / default backend);
+      bitsandbytes 0.50's native CPU kernel uses a lookup-table approximation that occasionally picks
+      the neighbouring code (tests/test_06_quant.py measures it).
     * Only ``quant_storage=uint8`` is supported (bitsandbytes can view the bytes as another dtype for
       FSDP); numpy has no bfloat16, so the stored dtype is one of float16/float32/float64.
 """
