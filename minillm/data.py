@@ -986,20 +986,24 @@ def render_preference(example, tokenizer, max_length: int | None = None, keep_fi
         ``((chosen_ids, chosen_mask), (rejected_ids, rejected_mask))`` or a skip reason
         (``"response_too_long"``).
     """
+    res = _render_preference(example, tokenizer, max_length, keep_first)
+    return res if isinstance(res, str) else (res[0], res[1])
+
+
+def _render_preference(example, tokenizer, max_length, keep_first):
+    """``render_preference`` plus the number of prompt tokens cut (third element)."""
     ex = _as_preference(example)
     seqs = []
     for text, eos in ((ex.chosen, ex.chosen_eos), (ex.rejected, ex.rejected_eos)):
         msgs = list(ex.prompt) + [{"role": "assistant", "content": text, "eos": eos}]
         seqs.append(render_chat(msgs, tokenizer, train_on="last"))
-    if max_length is not None:
-        longest = max(len(s[0]) for s in seqs)
-        cut = longest - max_length
-        if cut > 0:
-            first = min(s[1].index(1) for s in seqs)  # the shared prompt length
-            if first - cut < max(keep_first, 1):
-                return "response_too_long"
-            seqs = [(i[:keep_first] + i[keep_first + cut:], m[:keep_first] + m[keep_first + cut:]) for i, m in seqs]
-    return seqs[0], seqs[1]
+    cut = 0 if max_length is None else max(0, max(len(s[0]) for s in seqs) - max_length)
+    if cut > 0:
+        first = min(s[1].index(1) for s in seqs)  # the shared prompt length
+        if first - cut < max(keep_first, 1):
+            return "response_too_long"
+        seqs = [(i[:keep_first] + i[keep_first + cut:], m[:keep_first] + m[keep_first + cut:]) for i, m in seqs]
+    return seqs[0], seqs[1], cut
 
 
 def collate_preference(examples: Sequence, tokenizer, max_length: int | None = None, keep_first: int = 1,
@@ -1020,10 +1024,13 @@ def collate_preference(examples: Sequence, tokenizer, max_length: int | None = N
     chosen, rejected = [], []
     for ex in examples:
         report.n_examples += 1
-        res = render_preference(ex, tokenizer, max_length, keep_first)
+        res = _render_preference(ex, tokenizer, max_length, keep_first)
         if isinstance(res, str):
             report.skip(res)
             continue
+        if res[2]:
+            report.n_truncated += 1
+            report.n_tokens_cut += res[2]
         report.n_kept += 1
         chosen.append(res[0])
         rejected.append(res[1])

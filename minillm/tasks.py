@@ -60,6 +60,9 @@ Deviations
       ``GoldJudge(world, weights=JudgeWeights(polite=0.0, well_formed=0.0))``.
     * A 6th, held-out question template per relation (the paraphrase split) is added to the
       prototype's 5; it never enters SFT, so SFT and test sizes equal the prototype's (1,125 / 485).
+    * Rambles have 2 filler sentences before the answer (the prototype: 3), so that every
+      preference pair fits the 64-token context of the default model; ``RAMBLE_SENTENCES = 3``
+      restores the prototype's.
     * ``no_eos`` is a rejected kind the prototype did not have; ``PreferenceConfig(kind_weights=...)``
       with ``no_eos`` weight 0 restores the prototype's five kinds.
     * RM recipe "f" (wrong answers sampled from the SFT policy) needs a trained model and is not
@@ -334,6 +337,8 @@ RAMBLE_FILLERS = [
     "It is important to think carefully before giving a reply.",
     "I have thought about questions like this one quite often.",
 ]
+#: Filler sentences per ramble (the prototype used 3; 2 keeps every pair within a 64-token context).
+RAMBLE_SENTENCES = 2
 RAMBLE_ENDINGS = ["So, after all of that, the answer is {o}.", "In the end I would say {o}."]
 RUDE_TEMPLATES = [
     "{o}. What a stupid question.",
@@ -773,11 +778,14 @@ def _pair_id(rec: Mapping) -> tuple:
 def _noisy_response(style: str, f: Fact, question: str, rng: np.random.Generator) -> str:
     """A response in a faulty style that still contains the answer (ramble, repeat, rude)."""
     if style == "ramble":
-        idx = rng.choice(len(RAMBLE_FILLERS), size=3, replace=False)
+        idx = rng.choice(len(RAMBLE_FILLERS), size=RAMBLE_SENTENCES, replace=False)
         ending = RAMBLE_ENDINGS[int(rng.integers(0, len(RAMBLE_ENDINGS)))].format(o=f.answer)
         return " ".join([RAMBLE_FILLERS[int(i)] for i in idx] + [ending])
     if style == "repeat":
-        return " ".join([f.answer] * int(rng.integers(4, 7))) + "."
+        # 4-6 copies (PPO-NOTES), fewer (at least 3) for long answers: at most ~40 characters, so
+        # that a spelled word's repetition still fits the 64-token context
+        n = min(int(rng.integers(4, 7)), max(3, 40 // (len(f.answer) + 1)))
+        return " ".join([f.answer] * n) + "."
     if style == "rude":
         return RUDE_TEMPLATES[int(rng.integers(0, len(RUDE_TEMPLATES)))].format(o=f.answer)
     raise ValueError(f"unknown noisy style {style!r}")

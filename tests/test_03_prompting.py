@@ -367,6 +367,21 @@ def test_kshot_shots_are_train_facts_of_the_same_relation(world):
             assert a == g.answer + "."
 
 
+def test_every_world_example_fits_a_64_token_context(world, tok):
+    """The default model has context 64 (TASKWORLD-NOTES §3): no SFT row or preference pair of
+    the world needs truncation with the vocab-1024 tokenizer trained on its text."""
+    from minillm.data import render_chat, render_preference
+
+    for v in ("plain", "opener", "noisy"):
+        for r in world.sft_records(v):
+            msgs = [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]
+            assert len(render_chat(msgs, tok)[0]) <= 64, r
+    for s in ("train", "test"):
+        for r in world.preference_records(s):
+            c, rj = render_preference(r, tok)
+            assert max(len(c[0]), len(rj[0])) <= 64, r
+
+
 # ---------------------------------------------------------------------------------------------- tokenizer text
 
 def test_tokenizer_training_text_makes_the_opener_whole_tokens(world, tok):

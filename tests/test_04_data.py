@@ -304,6 +304,10 @@ def test_collate_preference(tok, world):
     (ci, cm), (ri, rm) = render_preference(ex, tok, max_length=16)
     assert len(ri) == 16 and ci[:cm.index(1)] == ri[:rm.index(1)] and ci[0] == tok.bos_id
     assert render_preference(ex, tok, max_length=3) == "response_too_long"
+    rep = CollateReport()
+    collate_preference([ex, ex], tok, max_length=16, report=rep)
+    full = render_chat(list(ex.prompt) + [{"role": "assistant", "content": ex.rejected}], tok)[0]
+    assert (rep.n_kept, rep.n_truncated, rep.n_tokens_cut) == (2, 2, 2 * (len(full) - 16))
 
 
 # ---------------------------------------------------------------------------------------------- loaders: built-in files
