@@ -1,0 +1,546 @@
+"""Fused NF4 dequantize-matmul kernels and their dispatch (chapter 11).
+
+Scope
+    ``y = x @ W.T`` where W (N = out_features, K = in_features) is stored as 4-bit codes plus
+    per-block absmax (``minillm.quant.quantize_4bit``), computed WITHOUT first materialising W in
+    float32: each kernel decodes the bytes it needs on the fly. Three implementations of one
+    contract, validated against one reference:
+
+    ======== ======================================= ============================================
+    backend  where                                   used for
+    ======== ======================================= ============================================
+    numpy    ``quant.dequantize_4bit`` then ``@``    the reference; always available
+    cpp      ``minillm._C`` (csrc/nf4_cpu.cpp)       numpy inputs: OpenMP + AVX2/FMA, bit-exact
+                                                     dequant, fused row/panel matmul
+    cuda     ``minillm._cuda`` (csrc/nf4_cuda.cu)    cupy inputs: dequant v1-v2, GEMV v1-v3
+                                                     (M <= 8), GEMM v1 (SIMT) / v2 (tensor cores)
+    ======== ======================================= ============================================
+
+    The ladder (STYLE.md item 4, llm.c ``dev/cuda``): NumPy reference -> C++ twin -> CUDA v1 naive
+    (one thread per output) -> v2 shared-memory code table (coalesced loads, one block per row) ->
+    v3 128-bit loads + warp-shuffle reductions (one warp per row; bitsandbytes'
+    ``kgemm_4bit_inference_naive``) -> a tiled GEMM that dequantizes W tiles into shared memory and
+    multiplies them on tensor cores (wmma). Every version is kept and selectable with ``version=``;
+    ``version=0`` picks the best one the arguments allow. The source files explain each kernel's
+    memory access pattern and tiling.
+
+Dispatch (``matmul_4bit``, ``dequantize_4bit``)
+    * cupy input -> ``cuda`` (GEMV for M <= 8 rows of x, GEMM above), else the NumPy reference
+      on cupy arrays;
+    * numpy input -> ``cpp`` when ``minillm._C`` was built, else the NumPy reference.
+    Force a path with ``kernel="numpy" | "cpp" | "cuda"`` or the environment variable
+    ``MINILLM_KERNELS`` (same values, read at call time; "auto" = the rules above).
+    ``MINILLM_DISABLE_EXTENSIONS=1`` (read at import) makes this module ignore both extensions, as on
+    a machine where they were never built. ``available()`` says what exists.
+
+Errors
+    A CUDA function called where no GPU/driver is usable raises RuntimeError naming the cause (the
+    extension checks ``cudaGetDeviceCount`` before any launch; nothing crashes). Shape mismatches
+    raise ValueError naming both shapes.
+
+Sources
+    Dettmers et al. 2023, QLoRA (arXiv:2305.14314) §3 (NF4, double quantization); bitsandbytes 0.50
+    ``functional.py`` ``dequantize_4bit`` / ``gemv_4bit``, ``csrc/kernels.cu``
+    ``kgemm_4bit_inference_naive`` and ``kDequantizeBlockwise``; NVIDIA CUDA C++ Programming Guide,
+    "Warp Matrix Functions" (wmma); Karpathy's llm.c ``dev/cuda`` (the versioned-kernel layout).
+
+Deliberate deviations
+    * The GEMV's 128-bit path requires ``K % 32 == 0`` and ``blocksize % 32 == 0`` (bitsandbytes
+      requires ``K % blocksize == 0``); other shapes use the general GEMV v2 rather than failing.
+    * bitsandbytes dequantizes W to the compute dtype before a cuBLAS GEMM for M > 1
+      (``MatMul4Bit``); here M > 8 uses the fused tensor-core GEMM (``gemm_4bit`` in 0.50 is fused
+      too). ``kernel="numpy"`` restores dequantize-then-matmul.
+    * cupy has no bfloat16 dtype: bfloat16 arrays are passed as uint16 bit patterns
+      (``to_bfloat16_bits`` / ``from_bfloat16_bits``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import tempfile
+import time
+from typing import Optional
+
+import numpy as np
+
+from minillm import quant
+from minillm.backend import is_cupy, to_numpy
+
+KERNELS = ("auto", "numpy", "cpp", "cuda")
+#: Largest number of x rows the CUDA GEMV handles (more rows go to the GEMM).
+GEMV_MAX_M = 8
+_DTYPE_CODE = {"float32": 0, "float16": 1, "bfloat16": 2}
+
+
+def _load_extension(name: str):
+    """(module or None, reason it is missing or '')."""
+    if os.environ.get("MINILLM_DISABLE_EXTENSIONS", "") == "1":
+        return None, "disabled by MINILLM_DISABLE_EXTENSIONS=1"
+    try:
+        return importlib.import_module(f"minillm.{name}"), ""
+    except ImportError as e:  # not built (no compiler / no nvcc / pure-Python install)
+        return None, f"{type(e).__name__}: {e}"
+
+
+_C, _C_MISSING = _load_extension("_C")
+_cuda, _CUDA_MISSING = _load_extension("_cuda")
+
+
+def available() -> dict:
+    """Which backends can run here: ``{"numpy": True, "cpp": bool, "cuda": bool}``.
+
+    ``cuda`` is True only if the CUDA extension was built AND it sees a device (and cupy imports,
+    since the CUDA path takes cupy arrays). ``unavailable_reasons()`` says why one is False.
+    """
+    return {"numpy": True, "cpp": _C is not None, "cuda": _cuda_usable() == ""}
+
+
+def unavailable_reasons() -> dict:
+    """For each backend that is not available, a one-line reason (empty dict if all are)."""
+    out = {}
+    if _C is None:
+        out["cpp"] = f"minillm._C not importable ({_C_MISSING})"
+    why = _cuda_usable()
+    if why:
+        out["cuda"] = why
+    return out
+
+
+def _cuda_usable() -> str:
+    if _cuda is None:
+        return f"minillm._cuda not importable ({_CUDA_MISSING})"
+    if _cuda.device_count() < 1:
+        return f"no usable CUDA device ({_cuda.device_error() or 'cudaGetDeviceCount = 0'})"
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return "cupy is not installed (pip install -e '.[cuda]')"
+    return ""
+
+
+def _require_cuda() -> None:
+    """Raise RuntimeError (with the cause) unless the CUDA extension can launch kernels here."""
+    if _cuda is None:
+        raise RuntimeError(
+            f"the CUDA kernels are not available: minillm._cuda not importable ({_CUDA_MISSING}); "
+            "rebuild with a CUDA toolkit (pip install -e .) or use numpy arrays"
+        )
+    if _cuda.device_count() < 1:
+        raise RuntimeError(
+            "the CUDA kernels need an NVIDIA GPU: minillm._cuda found no usable device "
+            f"({_cuda.device_error() or 'cudaGetDeviceCount = 0'}); use numpy arrays instead"
+        )
+
+
+def select_backend(x, kernel: Optional[str] = None) -> str:
+    """The backend ``matmul_4bit``/``dequantize_4bit`` will use for array ``x``: "numpy", "cpp" or "cuda".
+
+    ``kernel`` (or ``$MINILLM_KERNELS`` when None) is "auto" (default), "numpy", "cpp" or "cuda".
+    Raises ValueError for an unknown name or a forced backend that cannot take this array
+    ("cpp" with a cupy array, "cuda" with a numpy array), RuntimeError when the forced backend's
+    extension is missing.
+    """
+    kernel = kernel or os.environ.get("MINILLM_KERNELS", "") or "auto"
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r} (argument or MINILLM_KERNELS)")
+    on_gpu = is_cupy(x)
+    if kernel == "auto":
+        if on_gpu:
+            return "cuda" if _cuda is not None else "numpy"
+        return "cpp" if _C is not None else "numpy"
+    if kernel == "cpp":
+        if on_gpu:
+            raise ValueError("kernel='cpp' runs on numpy arrays; got a cupy array (use 'cuda' or 'numpy')")
+        if _C is None:
+            raise RuntimeError(f"kernel='cpp' forced but minillm._C is not importable ({_C_MISSING})")
+    if kernel == "cuda" and not on_gpu:
+        _require_cuda()
+        raise ValueError("kernel='cuda' runs on cupy arrays; got a numpy array (cupy.asarray it first)")
+    return kernel
+
+
+# ------------------------------------------------------------------------------------------------
+# argument plumbing
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_state(packed, qs: quant.QuantState) -> int:
+    """Validate packed/absmax sizes against the state; return n (number of weight elements)."""
+    n = qs.numel
+    nbytes = int(packed.size)
+    if nbytes < (n + 1) // 2:
+        raise ValueError(f"packed has {nbytes} bytes; quant_state.shape {tuple(qs.shape)} ({n} codes) needs {(n + 1) // 2}")
+    if packed.dtype != np.uint8:
+        raise ValueError(f"packed must be uint8, got {packed.dtype}")
+    nblocks = -(-n // qs.blocksize)
+    if int(qs.absmax.size) != nblocks:
+        raise ValueError(f"absmax has {qs.absmax.size} entries; {n} elements in blocks of {qs.blocksize} need {nblocks}")
+    if qs.nested:
+        n2 = -(-nblocks // qs.state2.blocksize)
+        if int(qs.state2.absmax.size) != n2:
+            raise ValueError(f"nested absmax2 has {qs.state2.absmax.size} entries, expected {n2}")
+        if qs.state2.code is None or int(qs.state2.code.size) != 256:
+            raise ValueError("nested code (quant_state.state2.code) must have 256 entries")
+    return n
+
+
+def _code16(qs: quant.QuantState) -> np.ndarray:
+    code = qs.code if qs.code is not None else quant.get_4bit_type(qs.quant_type)
+    code = np.ascontiguousarray(to_numpy(code), dtype=np.float32).reshape(-1)
+    if code.size != 16:
+        raise ValueError(f"quant_state.code must have 16 entries for a 4-bit state, got {code.size}")
+    return code
+
+
+def _weight_shape(qs: quant.QuantState) -> tuple[int, int]:
+    if len(qs.shape) != 2:
+        raise ValueError(f"matmul_4bit needs a 2-D weight (N=out, K=in); quant_state.shape is {tuple(qs.shape)}")
+    return int(qs.shape[0]), int(qs.shape[1])
+
+
+def _cpu_absmax_kwargs(qs: quant.QuantState) -> dict:
+    if not qs.nested:
+        return {"absmax": np.ascontiguousarray(to_numpy(qs.absmax), dtype=np.float32).reshape(-1)}
+    return {
+        "absmax": np.ascontiguousarray(to_numpy(qs.absmax)).reshape(-1),
+        "absmax2": np.ascontiguousarray(to_numpy(qs.state2.absmax), dtype=np.float32).reshape(-1),
+        "code2": np.ascontiguousarray(to_numpy(qs.state2.code), dtype=np.float32).reshape(-1),
+        "offset": float(np.float32(to_numpy(qs.offset))),
+        "blocksize2": int(qs.state2.blocksize),
+    }
+
+
+def _cuda_absmax_args(qs: quant.QuantState, cp):
+    """(keep-alive list, kwargs of device pointers) for the _cuda functions."""
+    if not qs.nested:
+        absmax = cp.ascontiguousarray(cp.asarray(qs.absmax, dtype=cp.float32).reshape(-1))
+        return [absmax], dict(absmax=absmax.data.ptr, qabsmax=0, absmax2=0, code2=0, offset=0.0, blocksize2=256)
+    q = cp.ascontiguousarray(cp.asarray(qs.absmax).reshape(-1))
+    a2 = cp.ascontiguousarray(cp.asarray(qs.state2.absmax, dtype=cp.float32).reshape(-1))
+    c2 = cp.ascontiguousarray(cp.asarray(qs.state2.code, dtype=cp.float32).reshape(-1))
+    kw = dict(
+        absmax=0,
+        qabsmax=q.data.ptr,
+        absmax2=a2.data.ptr,
+        code2=c2.data.ptr,
+        offset=float(np.float32(to_numpy(qs.offset))),
+        blocksize2=int(qs.state2.blocksize),
+    )
+    return [q, a2, c2], kw
+
+
+def _cuda_dtype(a, bfloat16: bool) -> int:
+    name = "bfloat16" if bfloat16 else str(a.dtype)
+    if bfloat16 and a.dtype != np.uint16:
+        raise ValueError(f"bfloat16 data must be passed as uint16 bit patterns, got {a.dtype}")
+    if name not in _DTYPE_CODE:
+        raise ValueError(f"the CUDA kernels take float32, float16 or bfloat16 (as uint16 bits), got {a.dtype}")
+    return _DTYPE_CODE[name]
+
+
+def to_device(packed, quant_state: quant.QuantState):
+    """Copy a 4-bit weight to the GPU once: (cupy packed, QuantState with cupy absmax arrays).
+
+    The 16-entry code stays on the host (it is passed to the kernels by value); the nested
+    absmax2 and 256-entry code go to the device. Raises RuntimeError without cupy/GPU.
+    """
+    _require_cuda()
+    import cupy as cp
+
+    state2 = quant_state.state2
+    if state2 is not None:
+        state2 = dataclasses.replace(state2, absmax=cp.asarray(state2.absmax, dtype=cp.float32),
+                                     code=cp.asarray(state2.code, dtype=cp.float32))
+    qs = dataclasses.replace(quant_state, absmax=cp.asarray(quant_state.absmax), state2=state2)
+    return cp.asarray(packed), qs
+
+
+# ------------------------------------------------------------------------------------------------
+# bfloat16 helpers (numpy and cupy)
+# ------------------------------------------------------------------------------------------------
+
+
+def to_bfloat16_bits(a):
+    """float32 array -> uint16 array of bfloat16 bit patterns, round to nearest even (no NaN handling)."""
+    bits = a.astype(np.float32).view(np.uint32)
+    rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
+    return ((bits + rounding) >> 16).astype(np.uint16)
+
+
+def from_bfloat16_bits(b):
+    """uint16 array of bfloat16 bit patterns -> float32 array (exact)."""
+    return (b.astype(np.uint32) << 16).view(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# public API
+# ------------------------------------------------------------------------------------------------
+
+
+def dequantize_4bit(packed, quant_state: quant.QuantState, *, kernel: Optional[str] = None, version: int = 0,
+                    out_dtype: Optional[str] = None):
+    """Dequantize a 4-bit weight: ``out[j] = code[q_j] * absmax[j // blocksize]`` (QLoRA §3).
+
+    packed: uint8 ((n + 1) // 2, 1) (any shape with that many bytes), numpy or cupy.
+    quant_state: ``minillm.quant.QuantState`` (plain or nested absmax; any 16-entry code).
+    Returns an array of ``quant_state.shape``: numpy/cpp paths in ``quant_state.dtype`` (computed in
+    float32, then cast, exactly as ``quant.dequantize_4bit``); the cuda path in ``out_dtype``
+    ("float32" default, "float16", or "bfloat16" = uint16 bits). Bit-identical to the reference in
+    float32 on every backend. ``version`` selects the CUDA rung (0 best, 1 naive, 2 vectorised).
+    Raises ValueError on size mismatches, RuntimeError when a forced backend is missing.
+    """
+    backend = select_backend(packed, kernel)
+    if backend == "numpy":
+        return quant.dequantize_4bit(packed, quant_state)
+    n = _check_state(packed, quant_state)
+    if backend == "cpp":
+        flat = np.ascontiguousarray(packed).reshape(-1)
+        out = _C.dequantize(flat, _code16(quant_state), n=n, blocksize=int(quant_state.blocksize),
+                            **_cpu_absmax_kwargs(quant_state))
+        return out.reshape(quant_state.shape).astype(np.dtype(quant_state.dtype), copy=False)
+    _require_cuda()
+    import cupy as cp
+
+    out_dtype = out_dtype or "float32"
+    if out_dtype not in _DTYPE_CODE:
+        raise ValueError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype!r}")
+    flat = cp.ascontiguousarray(packed).reshape(-1)
+    keep, kw = _cuda_absmax_args(quant_state, cp)
+    out = cp.empty(n, dtype=cp.uint16 if out_dtype == "bfloat16" else out_dtype)
+    _cuda.dequantize(flat.data.ptr, _code16(quant_state), n=n, blocksize=int(quant_state.blocksize),
+                     out=out.data.ptr, dtype=_DTYPE_CODE[out_dtype], version=int(version),
+                     stream=cp.cuda.get_current_stream().ptr, **kw)
+    del keep
+    return out.reshape(quant_state.shape)
+
+
+def matmul_4bit(x, packed, quant_state: quant.QuantState, *, kernel: Optional[str] = None, version: int = 0,
+                bfloat16: bool = False):
+    """``y = x @ W.T`` with W (N, K) the dequantized 4-bit weight (bitsandbytes ``matmul_4bit`` forward).
+
+    x: (..., K). numpy: float32 (other float dtypes are cast to float32); result float32 (..., N).
+    cupy: float32, float16, or bfloat16 given as uint16 bits with ``bfloat16=True``; result in
+    x's dtype, float32 accumulation; M = prod(x.shape[:-1]) <= 8 runs the GEMV, larger M the GEMM.
+    ``version``: CUDA rung (0 = best; GEMV 1-3, GEMM 1-2), ignored on the CPU.
+    Accuracy: cpp equals the NumPy reference to float32 rounding (tests: <= 1e-5 of max|y|); CUDA
+    16-bit paths are bounded by 2 * unit roundoff * (|x| @ |W|.T) (see tests/test_11_kernels.py).
+    Raises ValueError if x.shape[-1] != K (naming both shapes) or on dtype/size errors;
+    RuntimeError when the CUDA path is asked for without a usable GPU.
+    """
+    N, K = _weight_shape(quant_state)
+    if x.shape[-1] != K:
+        raise ValueError(f"x.shape {tuple(x.shape)} does not match the weight: quant_state.shape (N, K) = {(N, K)} needs x.shape[-1] == {K}")
+    backend = select_backend(x, kernel)
+    lead = tuple(x.shape[:-1])
+    if backend == "numpy":
+        W = quant.dequantize_4bit(packed, quant_state)  # (N, K)
+        if not is_cupy(x):
+            x = np.asarray(x, dtype=np.float32)
+            W = W.astype(np.float32, copy=False)
+        return x @ W.T  # (..., N)
+    _check_state(packed, quant_state)
+    if backend == "cpp":
+        x2 = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, K)  # (M, K)
+        y = _C.matmul(x2, np.ascontiguousarray(packed).reshape(-1), _code16(quant_state), N=N,
+                      blocksize=int(quant_state.blocksize), **_cpu_absmax_kwargs(quant_state))
+        return y.reshape(lead + (N,))
+    _require_cuda()
+    import cupy as cp
+
+    dtype = _cuda_dtype(x, bfloat16)
+    x2 = cp.ascontiguousarray(x).reshape(-1, K)  # (M, K)
+    M = int(x2.shape[0])
+    y = cp.empty((M, N), dtype=x2.dtype)
+    if M > 0:
+        keep, kw = _cuda_absmax_args(quant_state, cp)
+        fn = _cuda.gemv if M <= GEMV_MAX_M else _cuda.gemm
+        fn(x2.data.ptr, dtype, M, K, cp.ascontiguousarray(packed).reshape(-1).data.ptr, _code16(quant_state),
+           N=N, blocksize=int(quant_state.blocksize), y=y.data.ptr, version=int(version),
+           stream=cp.cuda.get_current_stream().ptr, **kw)
+        del keep
+    return y.reshape(lead + (N,))
+
+
+def cuda_gemv(x, packed, quant_state, *, version: int = 0, bfloat16: bool = False):
+    """The CUDA GEMV alone (1 <= M <= 8 rows of x), any ``version`` 0-3. Same contract as ``matmul_4bit``."""
+    _require_cuda()
+    if int(np.prod(x.shape[:-1])) > GEMV_MAX_M:
+        raise ValueError(f"cuda_gemv takes at most {GEMV_MAX_M} rows of x, got x.shape {tuple(x.shape)}")
+    return matmul_4bit(x, packed, quant_state, kernel="cuda", version=version, bfloat16=bfloat16)
+
+
+def cuda_gemm(x, packed, quant_state, *, version: int = 0, bfloat16: bool = False):
+    """The CUDA GEMM alone (any M >= 1), ``version`` 0-2 (2 = tensor cores, 16-bit inputs only)."""
+    _require_cuda()
+    import cupy as cp
+
+    N, K = _weight_shape(quant_state)
+    if x.shape[-1] != K:
+        raise ValueError(f"x.shape {tuple(x.shape)} does not match quant_state.shape (N, K) = {(N, K)}")
+    _check_state(packed, quant_state)
+    dtype = _cuda_dtype(x, bfloat16)
+    x2 = cp.ascontiguousarray(x).reshape(-1, K)
+    y = cp.empty((x2.shape[0], N), dtype=x2.dtype)
+    keep, kw = _cuda_absmax_args(quant_state, cp)
+    _cuda.gemm(x2.data.ptr, dtype, int(x2.shape[0]), K, cp.ascontiguousarray(packed).reshape(-1).data.ptr,
+               _code16(quant_state), N=N, blocksize=int(quant_state.blocksize), y=y.data.ptr,
+               version=int(version), stream=cp.cuda.get_current_stream().ptr, **kw)
+    del keep
+    return y.reshape(tuple(x.shape[:-1]) + (N,))
+
+
+# ------------------------------------------------------------------------------------------------
+# benchmark (called by `minillm bench kernel` and .ci/gpu-check)
+# ------------------------------------------------------------------------------------------------
+
+
+def _time_cpu(fn, repeats: int) -> float:
+    fn()  # warm-up (page faults, OpenMP pool)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _bench_cpu(sizes, m_list, repeats: int, seed: int) -> list:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for K, N in sizes:
+        W = rng.standard_normal((N, K), dtype=np.float32)
+        for nested in (False, True):
+            packed, qs = quant.quantize_4bit(W, blocksize=64, compress_statistics=nested)
+            t_deq_ref = _time_cpu(lambda: quant.dequantize_4bit(packed, qs), repeats)
+            t_deq = _time_cpu(lambda: dequantize_4bit(packed, qs, kernel="cpp"), repeats) if _C else None
+            for M in m_list:
+                x = rng.standard_normal((M, K), dtype=np.float32)
+                t_ref = _time_cpu(lambda: matmul_4bit(x, packed, qs, kernel="numpy"), repeats)
+                t_cpp = _time_cpu(lambda: matmul_4bit(x, packed, qs, kernel="cpp"), repeats) if _C else None
+                rows.append({
+                    "device": "cpu", "M": M, "K": K, "N": N, "double_quant": nested,
+                    "numpy_matmul_ms": 1e3 * t_ref,
+                    "cpp_matmul_ms": None if t_cpp is None else 1e3 * t_cpp,
+                    "cpp_speedup": None if t_cpp is None else t_ref / t_cpp,
+                    "cpp_gflops": None if t_cpp is None else 2 * M * N * K / t_cpp / 1e9,
+                    "numpy_dequant_ms": 1e3 * t_deq_ref,
+                    "cpp_dequant_ms": None if t_deq is None else 1e3 * t_deq,
+                })
+    return rows
+
+
+def _bench_cuda(sizes, gemv_m, gemm_m, repeats: int, seed: int) -> dict:
+    _require_cuda()
+    import cupy as cp
+
+    l2_flush = cp.empty(512 * 2**20, dtype=cp.uint8)  # > L2 (50 MiB on H100/H200): every rep starts cold
+
+    def timed(fn) -> float:
+        """Median ms over `repeats` launches, each after an L2 flush, timed with CUDA events."""
+        fn()
+        cp.cuda.get_current_stream().synchronize()
+        times = []
+        for _ in range(repeats):
+            l2_flush.fill(0)
+            start, end = cp.cuda.Event(), cp.cuda.Event()
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(cp.cuda.get_elapsed_time(start, end))
+        return float(np.median(times))
+
+    rng = np.random.default_rng(seed)
+    out = {"gemv": [], "gemm": [], "copy": []}
+    for K, N in sizes:
+        W = rng.standard_normal((N, K), dtype=np.float32)
+        packed, qs = to_device(*quant.quantize_4bit(W, blocksize=64, compress_statistics=True))
+        nbytes_w = int(packed.size) + int(qs.absmax.size) + 4 * int(qs.state2.absmax.size)
+        # bandwidth yardstick: a device-to-device copy of the same number of bytes (read + write)
+        src = cp.zeros(int(packed.size), dtype=cp.uint8)
+        dst = cp.empty_like(src)
+        t_copy = timed(lambda: dst.data.copy_from_device_async(src.data, src.nbytes))  # cudaMemcpyAsync D2D
+        copy_gbs = 2 * src.size / (t_copy * 1e-3) / 1e9
+        out["copy"].append({"K": K, "N": N, "bytes": int(src.size), "ms": t_copy, "GB_per_s": copy_gbs})
+        for M in gemv_m:
+            for dt in ("float16", "float32"):
+                x = cp.asarray(rng.standard_normal((M, K), dtype=np.float32)).astype(dt)
+                for v in (1, 2, 3):
+                    if v == 1 and K * N > 4096 * 4096:
+                        continue  # the naive kernel is only there to be slow; skip the big case
+                    t = timed(lambda: cuda_gemv(x, packed, qs, version=v))
+                    moved = nbytes_w + x.nbytes + M * N * x.itemsize
+                    out["gemv"].append({"M": M, "K": K, "N": N, "dtype": dt, "version": v, "ms": t,
+                                        "GB_per_s": moved / (t * 1e-3) / 1e9,
+                                        "fraction_of_copy_bandwidth": moved / (t * 1e-3) / 1e9 / copy_gbs})
+        W16 = dequantize_4bit(packed, qs, kernel="cuda", out_dtype="float16")  # (N, K) float16
+        for M in gemm_m:
+            x = cp.asarray(rng.standard_normal((M, K), dtype=np.float32)).astype(cp.float16)
+            flops = 2.0 * M * N * K
+            t_ref = timed(lambda: x @ W16.T)
+            row = {"M": M, "K": K, "N": N, "dtype": "float16", "cupy_fp16_matmul_ms": t_ref,
+                   "cupy_fp16_matmul_TFLOPs": flops / (t_ref * 1e-3) / 1e12}
+            t_deq = timed(lambda: dequantize_4bit(packed, qs, kernel="cuda", out_dtype="float16"))
+            row["dequant_then_cupy_ms"] = t_deq + t_ref
+            for v in (1, 2):
+                t = timed(lambda: cuda_gemm(x, packed, qs, version=v))
+                row[f"v{v}_ms"] = t
+                row[f"v{v}_TFLOPs"] = flops / (t * 1e-3) / 1e12
+            out["gemm"].append(row)
+    return out
+
+
+def bench_kernel(device: str = "cpu", sizes=None, repeats: int = 5, m_list=None, gemm_m=None,
+                 out: Optional[str] = None, seed: int = 0) -> dict:
+    """Benchmark the dequant-matmul backends; returns (and optionally writes as JSON) the results.
+
+    device "cpu": numpy reference vs the C++ twin, K = N in ``sizes`` (default (4096,)), M in
+    ``m_list`` (default (1, 64)); times are the best of ``repeats`` (ms), speedup = numpy / cpp.
+    device "cuda": GEMV (M in ``m_list``, default (1,)) per version in GB/s and as a fraction of a
+    device-to-device copy measured in the same run; GEMM (M in ``gemm_m``, default (256, 1024)) per
+    version in TFLOP/s vs cupy's float16 matmul on the dequantized weight; sizes default (4096, 8192);
+    medians of ``repeats`` event-timed launches, each after an L2 flush.
+    ``out``: JSON path, written atomically. Raises RuntimeError for "cuda" without a usable GPU.
+    """
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    sizes = [(int(s), int(s)) if np.isscalar(s) else (int(s[0]), int(s[1])) for s in
+             (sizes or ((4096,) if device == "cpu" else (4096, 8192)))]
+    info = {"device": device, "available": available(), "repeats": repeats, "seed": seed,
+            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if device == "cpu":
+        info["threads"] = _C.num_threads() if _C else 1
+        info["results"] = _bench_cpu(sizes, tuple(m_list or (1, 64)), repeats, seed)
+    else:
+        info["results"] = _bench_cuda(sizes, tuple(m_list or (1,)), tuple(gemm_m or (256, 1024)), repeats, seed)
+    if out:
+        d = os.path.dirname(os.path.abspath(out))
+        os.makedirs(d, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(info, f, indent=2)
+        os.replace(tmp, out)
+    return info
+
+
+def main(argv=None) -> int:
+    """``python -m minillm.kernels [--device cpu|cuda] [--sizes 4096 8192] [--repeats 5] [--out f.json]``."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m minillm.kernels", description="NF4 kernel benchmark")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--sizes", type=int, nargs="+", default=None, help="K = N values")
+    p.add_argument("--m", type=int, nargs="+", default=None, help="x rows (cpu matmul / cuda GEMV)")
+    p.add_argument("--gemm-m", type=int, nargs="+", default=None, help="x rows for the cuda GEMM")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    res = bench_kernel(a.device, a.sizes, a.repeats, a.m, a.gemm_m, a.out)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
