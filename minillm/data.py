@@ -31,7 +31,8 @@ Scope
       prompt tokens from the left (after ``keep_first`` tokens, the ``<|bos|>``); an example whose
       trained part alone does not fit is skipped and counted (``CollateReport``), as is one with
       no trained token (PITFALLS B02 property). ``collate_preference`` renders prompt+chosen and
-      prompt+rejected with the same renderer, for the reward model and DPO.
+      prompt+rejected with the same renderer, for the reward model and DPO. Batches are host
+      (NumPy) arrays: data loading is host-side; the trainer moves them to the device.
 
 Sources
     * Chat template: Llama-2 ``chat_completion`` (meta-llama/llama ``llama/generation.py``):

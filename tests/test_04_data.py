@@ -126,6 +126,25 @@ def test_b02_mask_comes_from_the_renderer_right_boundary(tok):
     assert tok.encode(format_chat(msgs), allowed_special="all") == ids
 
 
+def test_b02_toy_bpe_merge_across_newline():
+    """PITFALLS B02 on a toy BPE whose only merge is (10, 35) -> 256 ("\n#"): text "hi\n#A:yo"
+    encodes as [104, 105, 256, 65, 58, 121, 111], and "#A:" alone as [35, 65, 58] (not a
+    subsequence). minillm never searches for a template: [/INST] is a special id and the mask
+    comes from the renderer, so the response labels are exact whatever the merges."""
+    from minillm.tokenizer import Tokenizer
+
+    toy = Tokenizer(merges=[((10, 35), 256)], pattern=None)
+    assert toy.encode("hi\n#A:yo") == [104, 105, 256, 65, 58, 121, 111]
+    assert toy.encode("#A:") == [35, 65, 58]
+    sp = toy.special_tokens
+    msgs = [{"role": "user", "content": "hi\n#A:"}, {"role": "assistant", "content": "yo"}]
+    ids, mask = render_chat(msgs, toy)
+    assert ids == [sp["<|bos|>"], sp["[INST]"], 32, 104, 105, 256, 65, 58, 32, sp["[/INST]"], 32, 121, 111, sp["<|eos|>"]]
+    labels = collate([(ids, mask)], pad_id=sp["<|pad|>"])["labels"][0].tolist()
+    assert labels == [-100] * 10 + [32, 121, 111, sp["<|eos|>"]]
+    assert toy.encode(format_chat(msgs), allowed_special="all") == ids
+
+
 def test_b02_every_yielded_example_has_a_target():
     """PITFALLS B02 property: no silent all-IGNORE row; such examples are skipped and counted."""
     rep = CollateReport()
