@@ -1,0 +1,647 @@
+"""LoRA: low-rank adapters on frozen Linear layers, merge/unmerge, accounting, adapter files.
+
+Scope
+    * ``LoRALinear`` wraps a frozen base layer (any module with ``in_features``, ``out_features``
+      and ``forward(x)``: ``nn.Linear`` or a 4-bit layer) and adds the trainable low-rank update
+      ``y = base(x) + scaling · B(A(dropout(x)))`` with ``lora_A`` (r, in), ``lora_B`` (out, r).
+      ``merge()`` folds ``ΔW = scaling · B·A`` into the base weight (same latency as the base),
+      ``unmerge()`` takes it out again.
+    * ``inject_lora`` replaces the matching Linear sub-modules of a model (matched by name like
+      PEFT's ``target_modules``), ``mark_only_lora_as_trainable``, ``count_parameters`` /
+      ``print_trainable_parameters`` (PEFT's "trainable params: … || all params: … ||
+      trainable%: …"), ``merge_lora`` / ``unmerge_lora`` / ``merge_and_unload``.
+    * Adapter files: ``save_adapter`` / ``load_adapter`` (only the LoRA tensors, safetensors, the
+      config in the file's metadata) and ``export_peft``, which writes PEFT's on-disk layout
+      (``adapter_config.json`` + ``adapter_model.safetensors``) for the Hugging Face GPT-2 module
+      names, so ``peft.PeftModel.from_pretrained(GPT2LMHeadModel, dir)`` reproduces our logits.
+
+Sources
+    * Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.09685,
+      §4.1 Eq. 3 (h = W₀x + ΔWx = W₀x + BAx, scaled by α/r; B = 0 at init so ΔW = 0) and §4.2
+      (merging W = W₀ + BA for inference without extra latency).
+    * huggingface/peft ``src/peft/tuners/lora/layer.py`` (``LoraLayer.update_layer``,
+      ``reset_lora_parameters``, ``Linear.forward/merge/unmerge/get_delta_weight``),
+      ``src/peft/utils/save_and_load.py`` (saved key names), ``src/peft/peft_model.py``
+      (``get_nb_trainable_parameters``: a packed 4-bit tensor counts numel·2). See
+      shared REFERENCE.md §1.
+    * Kalajdzievski 2023, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA" (rsLoRA),
+      arXiv:2312.03732: scaling α/√r.
+
+Deliberate deviations
+    * ``lora_A`` is initialised as PEFT/loralib do (kaiming-uniform with a = √5, i.e.
+      U(−1/√in, 1/√in)), not with the paper's "random Gaussian" (§4.1); ``init_lora_weights=
+      "gaussian"`` restores a Gaussian (PEFT's N(0, 1/r) variant). Either way B = 0 and ΔW = 0 at
+      step 0, so the LoRA model equals the base model exactly.
+    * ``lora_A`` and ``lora_B`` are Parameters of the wrapper (names ``….lora_A``, ``….lora_B``),
+      not sub-modules with an adapter name (PEFT: ``….lora_A.default.weight``); only one adapter
+      per layer. The exported PEFT file uses PEFT's names (``….lora_A.weight``).
+    * Bias LoRA (PEFT ``lora_bias``), DoRA and multiple adapters are not offered.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+import warnings
+from typing import Sequence
+
+import numpy as np
+
+from minillm import backend
+from minillm import functional as F
+from minillm.nn import Dropout, Module, Parameter
+from minillm.tensor import Tensor, no_grad
+
+#: The default target modules: the query and value projections (Hu et al. 2021 §7.1; PEFT's default
+#: for llama-style names). ``"all-linear"`` selects every Linear in the blocks (QLoRA's choice).
+DEFAULT_TARGET_MODULES = ("q_proj", "v_proj")
+
+#: Names of output heads that ``"all-linear"`` leaves out (PEFT excludes the output embedding layer).
+HEAD_NAMES = ("lm_head", "score")
+
+
+def _is_linear_like(m) -> bool:
+    return (isinstance(m, Module) and not isinstance(m, LoRALinear)
+            and hasattr(m, "in_features") and hasattr(m, "out_features") and callable(getattr(m, "forward", None)))
+
+
+class LoRALinear(Module):
+    """A frozen base layer plus a trainable low-rank update (Hu et al. 2021 Eq. 3; PEFT ``lora.Linear``).
+
+    Args:
+        base: the layer to adapt: a Module with ``in_features``, ``out_features`` and
+            ``forward(x)`` mapping (..., in) -> (..., out). Its parameters are frozen
+            (``requires_grad=False``). Merging writes into ``base.weight.data`` (layout (out, in),
+            or (in, out) with ``fan_in_fan_out``) unless the base offers the hooks
+            ``base.merge_delta(delta)`` / ``base.unmerge_delta(delta)`` (delta: float32 (out, in);
+            a 4-bit layer implements them by dequantize → add → re-quantize, with a warning).
+        r: rank (int ≥ 1). lora_alpha: α (> 0); ``scaling = α / r`` (``α / √r`` with use_rslora).
+        lora_dropout: probability p ∈ [0, 1) of the inverted dropout on the LoRA branch input only
+            (the base sees x unchanged); identity in eval mode.
+        use_rslora: rsLoRA scaling α/√r (arXiv 2312.03732).
+        init_lora_weights: True (A ~ U(−1/√in, 1/√in) = kaiming-uniform a=√5, B = 0; PEFT's default),
+            "gaussian" (A ~ N(0, (1/r)²), B = 0) or False (A and B both U(−1/√fan_in, 1/√fan_in),
+            the nn.Linear default: B ≠ 0, for merge tests).
+        rng: numpy Generator for the initialisation (default: seeded with 0).
+        dropout_rng: numpy Generator for the dropout masks (default: one drawn from ``rng``).
+        fan_in_fan_out: the base stores its weight as (in, out) (GPT-2 ``Conv1D``); only ΔW is
+            transposed when merging, A and B keep their shapes.
+
+    Shapes: lora_A (r, in), lora_B (out, r), float32; forward x (..., in) -> (..., out).
+    Raises ValueError for r < 1, α ≤ 0, p outside [0, 1), an unknown init_lora_weights, or a base
+    without in_features/out_features.
+    """
+
+    def __init__(self, base: Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                 use_rslora: bool = False, init_lora_weights=True, rng: np.random.Generator | None = None,
+                 dropout_rng: np.random.Generator | None = None, fan_in_fan_out: bool = False):
+        super().__init__()
+        if not _is_linear_like(base):
+            raise ValueError(f"LoRALinear needs a base Module with in_features, out_features and forward; "
+                             f"got {type(base).__name__}")
+        if int(r) != r or r < 1:
+            raise ValueError(f"LoRA rank r must be an integer ≥ 1, got {r!r}")
+        if not lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be > 0, got {lora_alpha!r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        if init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+        rng = rng if rng is not None else np.random.default_rng(0)
+        if dropout_rng is None:
+            dropout_rng = np.random.default_rng(int(rng.integers(2 ** 63)))
+        base.requires_grad_(False)
+        self.base_layer = base
+        self.in_features, self.out_features = int(base.in_features), int(base.out_features)
+        self.r = int(r)
+        self.lora_alpha = lora_alpha
+        self.use_rslora = bool(use_rslora)
+        self.fan_in_fan_out = bool(fan_in_fan_out)
+        self.init_lora_weights = init_lora_weights
+        # scaling = α/r (Hu et al. §4.1), or α/√r (rsLoRA). Kept as a Python float.
+        self.scaling = float(lora_alpha) / (math.sqrt(self.r) if self.use_rslora else self.r)
+        self.lora_dropout = Dropout(lora_dropout, dropout_rng)
+        self.merged = False
+        self.disable_adapters = False
+        n_in, n_out = self.in_features, self.out_features
+        if init_lora_weights is True:  # kaiming_uniform_(a=√5) on (r, in): bound = √(2/6)·√(3/in) = 1/√in
+            a = rng.uniform(-1.0 / math.sqrt(n_in), 1.0 / math.sqrt(n_in), (self.r, n_in))
+            b = np.zeros((n_out, self.r))
+        elif init_lora_weights == "gaussian":  # PEFT: nn.init.normal_(A, std=1/r)
+            a = rng.normal(0.0, 1.0 / self.r, (self.r, n_in))
+            b = np.zeros((n_out, self.r))
+        else:  # nn.Linear's default init on both (B ≠ 0)
+            a = rng.uniform(-1.0 / math.sqrt(n_in), 1.0 / math.sqrt(n_in), (self.r, n_in))
+            b = rng.uniform(-1.0 / math.sqrt(self.r), 1.0 / math.sqrt(self.r), (n_out, self.r))
+        self.lora_A = Parameter(backend.asarray(a, dtype=backend.DEFAULT_DTYPE))  # (r, in)
+        self.lora_B = Parameter(backend.asarray(b, dtype=backend.DEFAULT_DTYPE))  # (out, r)
+
+    @property
+    def base(self) -> Module:
+        """The wrapped (frozen) layer; PEFT calls it ``base_layer``."""
+        return self.base_layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (..., in) -> base(x) + scaling · (dropout(x) Aᵀ) Bᵀ, (..., out). Merged: base(x) only."""
+        y = self.base_layer(x)  # (..., out)
+        if self.merged or self.disable_adapters:
+            return y
+        h = self.lora_dropout(x)  # (..., in), inverted dropout on the LoRA branch only
+        h = F.linear(h, self.lora_A)  # (..., r)
+        h = F.linear(h, self.lora_B)  # (..., out)
+        return y + h * self.scaling  # Eq. 3 with α/r
+
+    def delta_weight(self):
+        """ΔW = scaling · B·A as an array of the base weight's layout: (out, in), or (in, out) with
+        fan_in_fan_out; float32 (PEFT ``get_delta_weight``). Deterministic: dropout plays no part."""
+        dt = self.lora_A.dtype.type
+        delta = (self.lora_B.data @ self.lora_A.data) * dt(self.scaling)  # (out, r) @ (r, in) -> (out, in)
+        return delta.T if self.fan_in_fan_out else delta
+
+    def merge(self) -> None:
+        """Fold ΔW into the base weight (W ← W + scaling·B·A); afterwards forward = base only.
+
+        In eval mode the merged output equals the unmerged one up to float rounding (inverted
+        dropout needs no (1−p) factor; REFERENCE §8 pitfall 2). Calling it in train mode folds no
+        dropout mask in (ΔW does not depend on it), but the merged layer then applies no dropout.
+        Merging an already merged layer warns and does nothing (as PEFT).
+        """
+        if self.merged:
+            warnings.warn("LoRALinear.merge: already merged; nothing done", stacklevel=2)
+            return
+        delta = self.delta_weight()
+        with no_grad():
+            hook = getattr(self.base_layer, "merge_delta", None)
+            if callable(hook):
+                hook(delta)
+            else:
+                w = self.base_layer.weight
+                if tuple(w.shape) != tuple(delta.shape):
+                    raise ValueError(f"LoRALinear.merge: ΔW {tuple(delta.shape)} does not match the base weight "
+                                     f"{tuple(w.shape)} (fan_in_fan_out={self.fan_in_fan_out})")
+                w.data += delta.astype(w.dtype, copy=False)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Take ΔW out of the base weight again (W ← W − scaling·B·A). Not merged: warns, does nothing.
+
+        Raises NotImplementedError if the base has ``merge_delta`` but no ``unmerge_delta``.
+        """
+        if not self.merged:
+            warnings.warn("LoRALinear.unmerge: not merged; nothing done", stacklevel=2)
+            return
+        delta = self.delta_weight()
+        with no_grad():
+            if callable(getattr(self.base_layer, "merge_delta", None)):
+                hook = getattr(self.base_layer, "unmerge_delta", None)
+                if not callable(hook):
+                    raise NotImplementedError(f"{type(self.base_layer).__name__} has merge_delta but no unmerge_delta")
+                hook(delta)
+            else:
+                w = self.base_layer.weight
+                w.data -= delta.astype(w.dtype, copy=False)
+        self.merged = False
+
+    def __repr__(self) -> str:
+        return (f"LoRALinear(r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, "
+                f"lora_dropout={self.lora_dropout.p}, use_rslora={self.use_rslora}, merged={self.merged},\n"
+                f"  (base_layer): {self.base_layer!r})")
+
+
+# ------------------------------------------------------------------------------ model surgery
+
+
+def _parent(model: Module, dotted: str) -> tuple[Module, str]:
+    *path, name = dotted.split(".")
+    mod = model
+    for part in path:
+        mod = getattr(mod, part)
+    return mod, name
+
+
+def _target_matches(name: str, target_modules) -> bool:
+    """PEFT's rule: a string is a regex matched against the full name (``re.fullmatch``); a list
+    matches a module whose name equals an entry or ends with ``"." + entry``."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def lora_layers(model: Module) -> list[tuple[str, LoRALinear]]:
+    """Every LoRALinear in the model with its dotted name, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def inject_lora(model: Module, target_modules=DEFAULT_TARGET_MODULES, r: int = 8, lora_alpha: float = 8,
+                lora_dropout: float = 0.0, use_rslora: bool = False, init_lora_weights=True, seed: int = 0,
+                freeze_base: bool = True) -> list[str]:
+    """Replace the matching Linear sub-modules of ``model`` by ``LoRALinear`` wrappers, in place.
+
+    Args:
+        target_modules: a list of names matched by the last name components (PEFT: a module
+            matches when its dotted name equals an entry or ends with "." + entry, so "q_proj" and
+            "attn.c_proj" both work), a regex string matched against the whole dotted name, or
+            ``"all-linear"``: every linear layer except the output heads (``lm_head``, ``score``).
+        r, lora_alpha, lora_dropout, use_rslora, init_lora_weights: see ``LoRALinear``.
+        seed: seeds the initialisation of every A (in module order) and the dropout masks.
+        freeze_base: also freeze every non-LoRA parameter (``mark_only_lora_as_trainable``), as
+            PEFT's ``get_peft_model`` does.
+
+    Returns the dotted names of the replaced modules (e.g. ``transformer.h.0.attn.q_proj``).
+    Raises ValueError naming the targets (and the available linear layers) when nothing matched.
+    """
+    if isinstance(target_modules, (list, tuple, set, frozenset)):
+        target_modules = list(target_modules)
+        if not target_modules:
+            raise ValueError("inject_lora: target_modules is empty")
+    rng = np.random.default_rng(seed)
+    dropout_rng = np.random.default_rng([seed, 1])
+    linear = [(n, m) for n, m in model.named_modules() if _is_linear_like(m)
+              and not n.endswith(".base_layer") and n != "base_layer"]
+    if target_modules == "all-linear":
+        chosen = [(n, m) for n, m in linear if n.split(".")[-1] not in HEAD_NAMES]
+    else:
+        chosen = [(n, m) for n, m in linear if _target_matches(n, target_modules)]
+    if not chosen:
+        raise ValueError(f"inject_lora: target_modules {target_modules!r} matched no linear layer; "
+                         f"the model's linear layers are {[n for n, _ in linear]}")
+    replaced = []
+    for name, m in chosen:
+        parent, attr = _parent(model, name)
+        layer = LoRALinear(m, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
+                           init_lora_weights=init_lora_weights, rng=rng, dropout_rng=dropout_rng)
+        layer.train(getattr(m, "training", True))
+        object.__setattr__(parent, attr, layer)
+        replaced.append(name)
+    if freeze_base:
+        mark_only_lora_as_trainable(model)
+    return replaced
+
+
+def mark_only_lora_as_trainable(model: Module) -> int:
+    """Freeze every parameter except ``lora_A``/``lora_B``; returns the number of trainable scalars."""
+    n = 0
+    for name, p in model.named_parameters():
+        is_lora = name.endswith(".lora_A") or name.endswith(".lora_B") or name in ("lora_A", "lora_B")
+        p.requires_grad = is_lora
+        n += p.size if is_lora else 0
+    return int(n)
+
+
+def count_parameters(model: Module) -> dict:
+    """Trainable and total parameter counts as PEFT's ``get_nb_trainable_parameters``.
+
+    Returns ``{"trainable": int, "total": int, "percent": float}`` (percent = 100·trainable/total).
+    A 4-bit packed weight counts as the number of weights it stores: a ``uint8`` Parameter counts
+    numel·2 (two 4-bit codes per byte, as PEFT for ``Params4bit``), and a module that keeps its
+    packed weight in a buffer reports it through the hook ``num_quantized_parameters`` (an int
+    attribute or method: the number of logical weights, e.g. out·in).
+    """
+    trainable = total = 0
+    for _, p in model.named_parameters():
+        n = int(p.size) * (2 if p.dtype == np.uint8 else 1)
+        total += n
+        trainable += n if p.requires_grad else 0
+    for _, m in model.named_modules():
+        q = getattr(m, "num_quantized_parameters", None)
+        if q is not None:
+            total += int(q() if callable(q) else q)
+    return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / total if total else 0.0}
+
+
+def format_parameter_count(counts: dict) -> str:
+    """PEFT's summary line: ``trainable params: 65,536 || all params: 16,842,752 || trainable%: 0.3891``."""
+    return (f"trainable params: {counts['trainable']:,d} || all params: {counts['total']:,d} || "
+            f"trainable%: {counts['percent']:.4f}")
+
+
+def print_trainable_parameters(model: Module) -> str:
+    """Print (and return) the PEFT-style summary line of ``count_parameters(model)``."""
+    line = format_parameter_count(count_parameters(model))
+    print(line)
+    return line
+
+
+def merge_lora(model: Module) -> list[str]:
+    """Merge every (unmerged) LoRALinear of the model; returns their names."""
+    names = []
+    for name, layer in lora_layers(model):
+        if not layer.merged:
+            layer.merge()
+            names.append(name)
+    return names
+
+
+def unmerge_lora(model: Module) -> list[str]:
+    """Unmerge every merged LoRALinear of the model; returns their names."""
+    names = []
+    for name, layer in lora_layers(model):
+        if layer.merged:
+            layer.unmerge()
+            names.append(name)
+    return names
+
+
+def merge_and_unload(model: Module) -> Module:
+    """Merge every adapter into its base and put the base layers back in place of the wrappers
+    (PEFT ``merge_and_unload``). The model is modified in place and returned; base parameters
+    stay frozen. A plain model then has exactly the base model's structure and state_dict keys."""
+    for name, layer in lora_layers(model):
+        if not layer.merged:
+            layer.merge()
+        parent, attr = _parent(model, name)
+        object.__setattr__(parent, attr, layer.base_layer)
+    return model
+
+
+# ------------------------------------------------------------------------------ adapter files
+
+
+def lora_state_dict(model: Module) -> dict:
+    """Name -> host float32 array of every LoRA parameter (``<module path>.lora_A`` (r, in),
+    ``<module path>.lora_B`` (out, r))."""
+    out = {}
+    for name, layer in lora_layers(model):
+        out[f"{name}.lora_A"] = backend.to_numpy(layer.lora_A.data).astype(np.float32)
+        out[f"{name}.lora_B"] = backend.to_numpy(layer.lora_B.data).astype(np.float32)
+    return out
+
+
+def lora_config(model: Module) -> dict:
+    """The LoRA hyperparameters of a model with adapters: r, lora_alpha, lora_dropout, use_rslora,
+    target_modules (sorted last name components), fan_in_fan_out, init_lora_weights.
+    Raises ValueError if the model has no LoRA layer or its layers disagree on r/α/rsLoRA/dropout."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA layer (call inject_lora first)")
+    kinds = {(m.r, m.lora_alpha, m.use_rslora, m.lora_dropout.p) for _, m in layers}
+    if len(kinds) > 1:
+        raise ValueError(f"the model's LoRA layers differ in (r, lora_alpha, use_rslora, lora_dropout): {sorted(kinds)}")
+    r, alpha, rs, p = kinds.pop()
+    first = layers[0][1]
+    return {"r": r, "lora_alpha": alpha, "lora_dropout": p, "use_rslora": rs,
+            "target_modules": sorted({n.split(".")[-1] for n, _ in layers}),
+            "fan_in_fan_out": first.fan_in_fan_out, "init_lora_weights": first.init_lora_weights}
+
+
+def _atomic_write_bytes(path: str, write) -> None:
+    d = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _save_safetensors(tensors: dict, path: str, metadata: dict | None = None) -> None:
+    from safetensors.numpy import save_file
+
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    _atomic_write_bytes(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def save_adapter(model: Module, path: str, config: dict | None = None) -> None:
+    """Write only the adapter (the LoRA tensors) to a safetensors file, atomically.
+
+    Keys are the model's parameter names (``transformer.h.0.attn.q_proj.lora_A`` (r, in) float32,
+    ``….lora_B`` (out, r)); ``config`` (default: ``lora_config(model)``) is stored as JSON in the
+    file's metadata under ``"lora_config"``. Use ``export_peft`` for PEFT's directory layout.
+    """
+    tensors = lora_state_dict(model)
+    if not tensors:
+        raise ValueError("save_adapter: the model has no LoRA layer (call inject_lora first)")
+    cfg = dict(lora_config(model) if config is None else config)
+    _save_safetensors(tensors, path, metadata={"format": "minillm-lora", "lora_config": json.dumps(cfg)})
+
+
+def read_adapter(path: str) -> tuple[dict, dict]:
+    """(tensors, config) of a file written by ``save_adapter``. Raises FileNotFoundError, or
+    ValueError when the file is not a minillm adapter (no "lora_config" metadata)."""
+    from safetensors import safe_open
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"adapter file {path} does not exist")
+    with safe_open(path, framework="numpy") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if "lora_config" not in meta:
+        raise ValueError(f"{path}: not a minillm adapter file (no 'lora_config' in the safetensors metadata)")
+    return tensors, json.loads(meta["lora_config"])
+
+
+def load_adapter(model: Module, path: str) -> list[str]:
+    """Load an adapter written by ``save_adapter`` into ``model``.
+
+    If the model has no LoRA layer yet, adapters are injected first from the file's config
+    (``target_modules``, r, α, dropout, rsLoRA), then the tensors are copied in. Returns the names
+    of the LoRA layers loaded.
+
+    Raises:
+        KeyError: listing every LoRA key of the model missing from the file and every key of the
+            file the model lacks (with the file name).
+        ValueError: listing every shape mismatch ``name: file (a, b) vs model (c, d)``, or when
+            the file's r/α/rsLoRA differ from the model's adapters (the outputs would differ).
+    """
+    tensors, cfg = read_adapter(path)
+    if not lora_layers(model):
+        inject_lora(model, target_modules=cfg["target_modules"], r=cfg["r"], lora_alpha=cfg["lora_alpha"],
+                    lora_dropout=cfg.get("lora_dropout", 0.0), use_rslora=cfg.get("use_rslora", False))
+    layers = lora_layers(model)
+    for name, m in layers:
+        if (m.r, float(m.lora_alpha), m.use_rslora) != (cfg["r"], float(cfg["lora_alpha"]),
+                                                        bool(cfg.get("use_rslora", False))):
+            raise ValueError(f"{path}: adapter config r={cfg['r']}, lora_alpha={cfg['lora_alpha']}, "
+                             f"use_rslora={cfg.get('use_rslora', False)} differs from layer {name}: r={m.r}, "
+                             f"lora_alpha={m.lora_alpha}, use_rslora={m.use_rslora}")
+    own = {f"{n}.{k}": getattr(m, k) for n, m in layers for k in ("lora_A", "lora_B")}
+    missing = [k for k in own if k not in tensors]
+    unexpected = [k for k in tensors if k not in own]
+    if missing or unexpected:
+        raise KeyError(f"{path}: missing keys {missing}; unexpected keys {unexpected}")
+    bad = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(p.shape)}" for k, p in own.items()
+           if tuple(tensors[k].shape) != tuple(p.shape)]
+    if bad:
+        raise ValueError(f"{path}: shape mismatch for " + "; ".join(bad))
+    for k, p in own.items():
+        p.data = backend.asarray(tensors[k], dtype=p.dtype).copy()
+    return [n for n, _ in layers]
+
+
+# ------------------------------------------------------------------------------ PEFT export
+
+_GPT2_ATTN = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
+_GPT2_DIRECT = {"attn.c_proj", "mlp.c_fc", "mlp.c_proj"}
+_BLOCK = re.compile(r"^(transformer\.h\.\d+)\.(attn|mlp)\.(\w+)$")
+
+
+def _gpt2_groups(layers: Sequence[tuple[str, LoRALinear]]) -> list[tuple[str, np.ndarray, np.ndarray, int, float]]:
+    """Map minillm LoRA layers to Hugging Face GPT-2 modules: [(hf path, A, B, r, scaling)].
+
+    q_proj/k_proj/v_proj of block i become ONE LoRA on ``transformer.h.i.attn.c_attn`` (fused q|k|v,
+    out = 3C): A = concat(A_q, A_k, A_v present, axis 0) (Σr, C); B (3C, Σr) block-structured: the q
+    rows [0, C) use the q columns, k rows [C, 2C) the k columns, v rows [2C, 3C) the v columns,
+    zero elsewhere. The fused scaling s' is the first layer's scaling; a layer whose own scaling s
+    differs has its B block multiplied by s/s' (exact when all scalings agree, factor 1).
+    """
+    fused: dict[str, list[tuple[int, LoRALinear]]] = {}
+    out = []
+    for name, m in layers:
+        mt = _BLOCK.match(name)
+        if mt and mt.group(2) == "attn" and mt.group(3) in _GPT2_ATTN:
+            fused.setdefault(f"{mt.group(1)}.attn.c_attn", []).append((_GPT2_ATTN[mt.group(3)], m))
+        elif mt and f"{mt.group(2)}.{mt.group(3)}" in _GPT2_DIRECT:
+            out.append((name, backend.to_numpy(m.lora_A.data), backend.to_numpy(m.lora_B.data), m.r, m.scaling))
+        else:
+            raise ValueError(f"export_peft(layout='gpt2'): no Hugging Face GPT-2 module for LoRA layer {name!r}")
+    for path, parts in fused.items():
+        parts.sort(key=lambda t: t[0])
+        C = parts[0][1].out_features
+        s_ref = parts[0][1].scaling
+        r_tot = sum(m.r for _, m in parts)
+        A = np.concatenate([backend.to_numpy(m.lora_A.data) for _, m in parts], axis=0).astype(np.float32)  # (Σr, C)
+        B = np.zeros((3 * C, r_tot), dtype=np.float32)  # (3C, Σr)
+        col = 0
+        for slot, m in parts:
+            b = backend.to_numpy(m.lora_B.data).astype(np.float32)  # (C, r)
+            if m.scaling != s_ref:
+                b = b * np.float32(m.scaling / s_ref)
+            B[slot * C:(slot + 1) * C, col:col + m.r] = b
+            col += m.r
+        out.append((path, A, B, r_tot, s_ref))
+    return out
+
+
+def _peft_alpha(scaling: float, r: int, use_rslora: bool):
+    """The lora_alpha PEFT needs so that its scaling (α/r, or α/√r) equals ``scaling``."""
+    alpha = scaling * (math.sqrt(r) if use_rslora else r)
+    return int(round(alpha)) if abs(alpha - round(alpha)) < 1e-9 else alpha
+
+
+def _short_targets(paths: list[str], all_paths: list[str]) -> list[str]:
+    """Shortest name suffixes that select exactly ``paths`` among ``all_paths`` (PEFT list matching)."""
+    chosen = set(paths)
+    out = []
+    for p in paths:
+        parts = p.split(".")
+        for k in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-k:])
+            hits = {q for q in all_paths if _target_matches(q, [suffix])}
+            if hits <= chosen:
+                if suffix not in out:
+                    out.append(suffix)
+                break
+    return sorted(out)
+
+
+def peft_adapter_config(target_modules: list[str], r: int, lora_alpha, lora_dropout: float = 0.0,
+                        use_rslora: bool = False, fan_in_fan_out: bool = False, base_model_name_or_path=None,
+                        rank_pattern: dict | None = None, alpha_pattern: dict | None = None,
+                        init_lora_weights=True) -> dict:
+    """PEFT's ``adapter_config.json`` for a LoRA adapter (keys of peft ``LoraConfig``; REFERENCE §1)."""
+    return {
+        "alpha_pattern": alpha_pattern or {}, "auto_mapping": None,
+        "base_model_name_or_path": base_model_name_or_path, "bias": "none",
+        "fan_in_fan_out": fan_in_fan_out, "inference_mode": True, "init_lora_weights": init_lora_weights,
+        "layer_replication": None, "layers_pattern": None, "layers_to_transform": None, "loftq_config": {},
+        "lora_alpha": lora_alpha, "lora_bias": False, "lora_dropout": lora_dropout, "megatron_config": None,
+        "megatron_core": "megatron.core", "modules_to_save": None, "peft_type": "LORA", "r": r,
+        "rank_pattern": rank_pattern or {}, "revision": None, "target_modules": target_modules,
+        "task_type": "CAUSAL_LM", "use_dora": False, "use_rslora": use_rslora,
+    }
+
+
+def export_peft(model: Module, out_dir: str, base_model_name_or_path: str | None = None,
+                layout: str = "gpt2") -> dict:
+    """Write the model's adapter in PEFT's layout: ``out_dir/adapter_config.json`` and
+    ``out_dir/adapter_model.safetensors`` (keys ``base_model.model.<module path>.lora_A.weight`` (r, in)
+    and ``….lora_B.weight`` (out, r), float32, no adapter name; REFERENCE §8 pitfall 5). Both files
+    are written atomically. Returns the config dict.
+
+    layout="gpt2" (default) targets Hugging Face ``GPT2LMHeadModel`` names, whose linear layers
+    are ``Conv1D`` with weight (in, out) (so ``fan_in_fan_out=True``):
+      * ``attn.q_proj``/``k_proj``/``v_proj`` of block i -> ONE LoRA on ``transformer.h.i.attn.c_attn``
+        (fused q|k|v) of rank Σr (2r for q and v): lora_A = concat([A_q, A_v]) (2r, C), lora_B (3C, 2r)
+        with B_q in rows [0, C) × columns [0, r), zero k rows [C, 2C), B_v in rows [2C, 3C) ×
+        columns [r, 2r). PEFT then computes exactly our two updates.
+      * PEFT's scaling for that fused layer is α'/(2r) (α'/√(2r) with rsLoRA), so the exported
+        lora_alpha is α' = s·2r = 2α for plain LoRA and α' = s·√(2r) = √2·α with rsLoRA
+        (``use_rslora`` is kept), where s is our scaling. α' is written as an int when integral.
+      * ``attn.c_proj``, ``mlp.c_fc``, ``mlp.c_proj`` map one to one (A, B unchanged).
+      Modules whose rank/alpha differ from the most common one go to ``rank_pattern`` /
+      ``alpha_pattern`` under their full path. ``target_modules`` lists the shortest name suffixes
+      that select exactly the adapted modules (e.g. ``["c_attn"]``).
+    layout="same": the model's own module names (nn.Linear layout, ``fan_in_fan_out=False``), for
+      models whose names already match the Hugging Face model (e.g. llama-style q_proj/v_proj).
+
+    Raises ValueError for a model without LoRA layers, a merged adapter, an unknown layout, or
+    (gpt2) a LoRA layer with no GPT-2 counterpart (e.g. on ``score``).
+    """
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("export_peft: the model has no LoRA layer (call inject_lora first)")
+    merged = [n for n, m in layers if m.merged]
+    if merged:
+        raise ValueError(f"export_peft: unmerge the adapters first; merged layers: {merged}")
+    rs = {m.use_rslora for _, m in layers}
+    if len(rs) > 1:
+        raise ValueError("export_peft: the LoRA layers mix use_rslora True and False")
+    use_rslora = rs.pop()
+    dropout = max(m.lora_dropout.p for _, m in layers)
+    if layout == "gpt2":
+        groups = _gpt2_groups(layers)
+        n_layer = 1 + max(int(_BLOCK.match(n).group(1).split(".")[-1]) for n, _ in layers)
+        all_paths = [f"transformer.h.{i}.{s}" for i in range(n_layer)
+                     for s in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+        fan_in_fan_out = True
+    elif layout == "same":
+        groups = [(n, backend.to_numpy(m.lora_A.data), backend.to_numpy(m.lora_B.data), m.r, m.scaling)
+                  for n, m in layers]
+        all_paths = [n for n, m in model.named_modules() if _is_linear_like(m) and not n.endswith("base_layer")]
+        all_paths += [n for n, _ in layers]
+        fan_in_fan_out = False
+    else:
+        raise ValueError(f"export_peft: unknown layout {layout!r}; expected 'gpt2' or 'same'")
+    per_module = {path: (r, _peft_alpha(s, r, use_rslora)) for path, _, _, r, s in groups}
+    counts: dict = {}
+    for ra in per_module.values():
+        counts[ra] = counts.get(ra, 0) + 1
+    r0, alpha0 = max(counts, key=lambda k: counts[k])
+    rank_pattern = {p: ra[0] for p, ra in per_module.items() if ra[0] != r0}
+    alpha_pattern = {p: ra[1] for p, ra in per_module.items() if ra[1] != alpha0}
+    cfg = peft_adapter_config(_short_targets(sorted(per_module), all_paths), r0, alpha0, dropout, use_rslora,
+                              fan_in_fan_out, base_model_name_or_path, rank_pattern, alpha_pattern,
+                              layers[0][1].init_lora_weights)
+    tensors = {}
+    for path, A, B, _, _ in groups:
+        tensors[f"base_model.model.{path}.lora_A.weight"] = np.asarray(A, dtype=np.float32)  # (r, in)
+        tensors[f"base_model.model.{path}.lora_B.weight"] = np.asarray(B, dtype=np.float32)  # (out, r)
+    os.makedirs(out_dir, exist_ok=True)
+    _save_safetensors(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
+
+    def _write_json(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    _atomic_write_bytes(os.path.join(out_dir, "adapter_config.json"), _write_json)
+    return cfg
+
+
+def trainable_lora_parameters(model: Module) -> list[Parameter]:
+    """The LoRA parameters (lora_A, lora_B of every layer), in module order, for an optimizer."""
+    return [p for _, m in lora_layers(model) for p in (m.lora_A, m.lora_B)]
+
+
+__all__ = [
+    "DEFAULT_TARGET_MODULES", "LoRALinear", "inject_lora", "lora_layers", "mark_only_lora_as_trainable",
+    "count_parameters", "format_parameter_count", "print_trainable_parameters", "merge_lora", "unmerge_lora",
+    "merge_and_unload", "lora_state_dict", "lora_config", "save_adapter", "read_adapter", "load_adapter",
+    "peft_adapter_config", "export_peft", "trainable_lora_parameters",
+]
