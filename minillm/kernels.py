@@ -324,6 +324,8 @@ def matmul_4bit(x, packed, quant_state: quant.QuantState, *, kernel: Optional[st
     cupy: float32, float16, or bfloat16 given as uint16 bits with ``bfloat16=True``; result in
     x's dtype, float32 accumulation; M = prod(x.shape[:-1]) <= 8 runs the GEMV, larger M the GEMM.
     ``version``: CUDA rung (0 = best; GEMV 1-3, GEMM 1-2), ignored on the CPU.
+    W is dequantized in float32 (code[q] * absmax), NOT first rounded to ``quant_state.dtype``: the
+    compute dtype here is float32 (bitsandbytes casts W to its compute dtype, bf16 in QLoRA).
     Accuracy: cpp equals the NumPy reference to float32 rounding (tests: <= 1e-5 of max|y|); CUDA
     16-bit paths are bounded by 2 * unit roundoff * (|x| @ |W|.T) (see tests/test_11_kernels.py).
     Raises ValueError if x.shape[-1] != K (naming both shapes) or on dtype/size errors;
@@ -335,10 +337,10 @@ def matmul_4bit(x, packed, quant_state: quant.QuantState, *, kernel: Optional[st
     backend = select_backend(x, kernel)
     lead = tuple(x.shape[:-1])
     if backend == "numpy":
-        W = quant.dequantize_4bit(packed, quant_state)  # (N, K)
+        # W in float32, the compute dtype, whatever quant_state.dtype says (as the other backends)
+        W = quant.dequantize_4bit(packed, dataclasses.replace(quant_state, dtype="float32"))  # (N, K)
         if not is_cupy(x):
             x = np.asarray(x, dtype=np.float32)
-            W = W.astype(np.float32, copy=False)
         return x @ W.T  # (..., N)
     _check_state(packed, quant_state)
     if backend == "cpp":
