@@ -17,8 +17,8 @@ Scope
 
 Sources
     * Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.09685,
-      §4.1 Eq. 3 (h = W₀x + ΔWx = W₀x + BAx, scaled by α/r; B = 0 at init so ΔW = 0) and §4.2
-      (merging W = W₀ + BA for inference without extra latency).
+      §4.1 Eq. 3 (h = W₀x + ΔWx = W₀x + BAx, ΔWx scaled by α/r; B = 0 at init so ΔW = 0) and §4.1
+      "No Additional Inference Latency" (merging W = W₀ + BA).
     * huggingface/peft ``src/peft/tuners/lora/layer.py`` (``LoraLayer.update_layer``,
       ``reset_lora_parameters``, ``Linear.forward/merge/unmerge/get_delta_weight``),
       ``src/peft/utils/save_and_load.py`` (saved key names), ``src/peft/peft_model.py``

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from conftest import require
-from minillm import functional as F
 from minillm.lora import (LoRALinear, count_parameters, export_peft, format_parameter_count, inject_lora,
                           load_adapter, lora_layers, merge_and_unload, merge_lora, print_trainable_parameters,
                           save_adapter, trainable_lora_parameters, unmerge_lora)
@@ -116,6 +115,47 @@ def test_count_parameters_4bit_packed_counts_twice():
 
     assert count_parameters(Packed()) == {"trainable": 0, "total": 32, "percent": 0.0}
     assert count_parameters(Buffered())["total"] == 32
+
+
+def test_init_options():
+    g = LoRALinear(Linear(2048, 3, bias=False), r=4, init_lora_weights="gaussian", rng=np.random.default_rng(0))
+    assert abs(float(g.lora_A.data.std()) - 0.25) < 0.01 and not g.lora_B.data.any()  # N(0, (1/r)²), B = 0
+    f = LoRALinear(Linear(8, 3), r=4, init_lora_weights=False)
+    assert np.abs(f.lora_B.data).min() > 0  # nn.Linear default on B: ΔW ≠ 0 (for merge tests)
+    with pytest.raises(ValueError, match="init_lora_weights"):
+        LoRALinear(Linear(8, 3), init_lora_weights="pissa")
+
+
+def test_merge_hook_on_base_is_used():
+    class HookedBase(Module):  # stands in for a 4-bit layer: merging goes through merge_delta/unmerge_delta
+        def __init__(self):
+            super().__init__()
+            self.in_features, self.out_features = 3, 2
+            self.W = np.zeros((2, 3), dtype=np.float32)
+            self.calls = []
+
+        def forward(self, x):
+            return x @ Tensor(self.W.T.copy())
+
+        def merge_delta(self, delta):
+            self.calls.append("merge")
+            self.W = self.W + delta
+
+        def unmerge_delta(self, delta):
+            self.calls.append("unmerge")
+            self.W = self.W - delta
+
+    base = HookedBase()
+    layer = LoRALinear(base, r=1, lora_alpha=3, init_lora_weights=False)
+    x = Tensor(np.ones((1, 3), dtype=np.float32))
+    y = layer(x).data.copy()
+    layer.merge()
+    with pytest.warns(UserWarning, match="already merged"):
+        layer.merge()
+    np.testing.assert_allclose(base.W, layer.delta_weight(), rtol=1e-6)
+    np.testing.assert_allclose(layer(x).data, y, atol=1e-6)
+    layer.unmerge()
+    assert base.calls == ["merge", "unmerge"]
 
 
 # --------------------------------------------------------------------------- scaling (pitfall 1, B12)
