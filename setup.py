@@ -72,10 +72,30 @@ class BuildExt(build_ext):
     failed optional build into a warning (unless MINILLM_REQUIRE_EXTENSIONS=1)."""
 
     def run(self):
+        self._failed = set()  # names of optional extensions whose build failed
         # An editable install builds in place, so `import minillm._C` finds the .so next to the sources.
         if getattr(self, "editable_mode", False):
             self.inplace = True
         super().run()
+
+    def _without_failed(self, method, *args):
+        keep = self.extensions
+        self.extensions = [e for e in keep if e.name not in getattr(self, "_failed", ())]
+        try:
+            return method(*args)
+        finally:
+            self.extensions = keep
+
+    # setuptools copies (in place / editable) and lists (wheel contents) every extension's output;
+    # skip the ones that failed so the pure-Python package still installs.
+    def copy_extensions_to_source(self):
+        return self._without_failed(super().copy_extensions_to_source)
+
+    def get_outputs(self):
+        return self._without_failed(super().get_outputs)
+
+    def get_output_mapping(self):
+        return self._without_failed(super().get_output_mapping)
 
     def build_extension(self, ext):
         t0 = time.time()
@@ -90,6 +110,7 @@ class BuildExt(build_ext):
                 raise RuntimeError(f"building {ext.name} failed and MINILLM_REQUIRE_EXTENSIONS=1: {e}") from e
             _warn(f"building {ext.name} failed ({type(e).__name__}: {e}); installing without it "
                   "(minillm.kernels falls back to the NumPy reference).")
+            self._failed.add(ext.name)
             return
         print(f"minillm setup.py: {ext.name} ready ({time.time() - t0:.1f} s)", flush=True)
 
