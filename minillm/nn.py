@@ -55,6 +55,9 @@ class Module:
     """Base class: subclasses set Parameters/Modules as attributes and define ``forward``."""
 
     training: bool = True
+    #: load_state_dict checks buffer shapes; a module whose buffers are replaced wholesale (a 4-bit
+    #: layer's quantization state) sets this False.
+    strict_buffer_shapes: bool = True
 
     def __init__(self) -> None:
         self.training = True
@@ -72,7 +75,8 @@ class Module:
         if "_buffers" not in self.__dict__:
             self._buffers = {}
         self._buffers[name] = array
-        object.__setattr__(self, name, array)
+        if name.isidentifier():
+            object.__setattr__(self, name, array)
 
     def __setattr__(self, name, value):
         if "_buffers" in self.__dict__ and name in self._buffers:
@@ -164,8 +168,11 @@ class Module:
         unexpected = [k for k in state_dict if k not in own]
         if strict and (missing or unexpected):
             raise KeyError(f"{source}: missing keys {missing}; unexpected keys {unexpected}")
+        mods = dict(self.named_modules())
+        loose = {k for k, _ in self.named_buffers() if not mods[self._owner(k, mods)].strict_buffer_shapes}
         mismatched = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-                      for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+                      for k in own if k in state_dict and k not in loose
+                      and tuple(state_dict[k].shape) != tuple(own[k].shape)]
         if mismatched:
             raise ValueError(f"{source}: shape mismatch for " + "; ".join(mismatched))
         params = dict(self.named_parameters())
@@ -179,13 +186,24 @@ class Module:
                 self._set_buffer(k, value)
 
     def _set_buffer(self, dotted: str, value) -> None:
-        *path, name = dotted.split(".")
-        mod: Module = self
-        for part in path:
-            mod = getattr(mod, part)
-        old = mod._buffers[name]
+        # the owning module is the longest module path that prefixes the key (buffer names may
+        # contain dots, e.g. a 4-bit layer's "weight.absmax")
+        mods = dict(self.named_modules())
+        owner = self._owner(dotted, mods)
+        mods[owner].set_buffer(dotted[len(owner) + 1:] if owner else dotted, value)
+
+    @staticmethod
+    def _owner(dotted: str, mods: dict) -> str:
+        return max((p for p in mods if p == "" or dotted.startswith(p + ".")), key=len)
+
+    def set_buffer(self, name: str, value) -> None:
+        """Copy ``value`` into the registered buffer ``name`` (its dtype and array module kept).
+        Modules whose buffers derive other state (e.g. a 4-bit layer's QuantState) override it."""
+        old = self._buffers[name]
         arr = backend.get_array_module(old).asarray(value, dtype=old.dtype).copy()
-        setattr(mod, name, arr)
+        self._buffers[name] = arr
+        if name.isidentifier():
+            object.__setattr__(self, name, arr)
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__}("]

@@ -718,9 +718,216 @@ def bits_per_parameter(packed, quant_state: QuantState, include_code: bool = Fal
 
 
 # ============================================================================================
-# Linear4bit  (to be added by the lead once minillm.tensor exists)
+# Linear4bit: the frozen 4-bit base layer of QLoRA
 # ============================================================================================
-# The 4-bit frozen-weight linear layer (bitsandbytes nn.Linear4bit / QLoRA §3) goes here: it holds
-# (packed, QuantState) from quantize_4bit, dequantizes with dequantize_4bit (or the fused kernel in
-# minillm.kernels) in the forward pass, gives no gradient to the weight, and saves itself with
-# state_dict_4bit / load_state_dict_4bit.
+
+
+def _autograd():
+    from minillm import functional as F
+    from minillm.nn import Linear, Module, Parameter
+    from minillm.tensor import Function, Tensor
+
+    return F, Linear, Module, Parameter, Function, Tensor
+
+
+F_, _Linear, _Module, _Parameter, _Function, _Tensor = _autograd()
+
+
+class Matmul4bit(_Function):
+    """y = x · dequant(W)ᵀ with W (N, K) stored in 4 bits; backward gives x a gradient, W none.
+
+    QLoRA §3: "we dequantize the storage data type to the computation data type to perform the
+    forward and backward pass, but we only compute weight gradients for the LoRA parameters".
+    The forward goes through ``minillm.kernels.matmul_4bit`` (C++/CUDA fused kernel, or the NumPy
+    reference); backward: ∂L/∂x = ∂L/∂y · W (N, K), with W dequantized for the step.
+    """
+
+    def forward(self, x, packed, quant_state):
+        from minillm import kernels
+
+        self.packed, self.qs, self.xdtype = packed, quant_state, x.dtype
+        return kernels.matmul_4bit(x, packed, quant_state).astype(x.dtype, copy=False)  # (..., N)
+
+    def backward(self, g):
+        from minillm import kernels
+
+        W = kernels.dequantize_4bit(self.packed, self.qs).astype(g.dtype, copy=False)  # (N, K)
+        return (g.reshape(-1, g.shape[-1]) @ W).reshape(*g.shape[:-1], W.shape[1]), None, None
+
+
+class Linear4bit(_Module):
+    """A Linear layer whose weight (out, in) is stored in 4 bits and frozen (bitsandbytes ``nn.Linear4bit``).
+
+    Args:
+        weight: float array (out_features, in_features) to quantize; bias: float array (out,) or None.
+        blocksize, quant_type ("nf4" | "fp4" | "int4"), compress_statistics (double quantization;
+        default True as QLoRA): passed to ``quantize_4bit``.
+
+    The packed weight and its quantization constants are buffers, saved under bitsandbytes' keys
+    (``weight``, ``weight.absmax``, ``weight.quant_map``, ``weight.nested_absmax``, ...); the bias is a
+    frozen Parameter. ``nbytes`` reports the bytes the 4-bit weight occupies (packed codes +
+    constants). ``merge_delta``/``unmerge_delta`` (used by ``LoRALinear.merge``) dequantize, add ΔW
+    and re-quantize, with a warning: that is lossy (PITFALLS B13, peft #2321).
+    Forward: x (..., in) -> (..., out).
+    """
+
+    strict_buffer_shapes = False  # the JSON quant-state blob changes length with its values
+
+    def __init__(self, weight, bias=None, blocksize: int = 64, quant_type: str = "nf4",
+                 compress_statistics: bool = True):
+        super().__init__()
+        weight = np.asarray(to_numpy(weight), dtype=np.float32)
+        if weight.ndim != 2:
+            raise ValueError(f"Linear4bit needs a 2-D weight (out, in), got shape {weight.shape}")
+        self.out_features, self.in_features = weight.shape
+        self.blocksize, self.quant_type, self.compress_statistics = blocksize, quant_type, compress_statistics
+        self._quantize(weight)
+        self.bias = None if bias is None else _Parameter(np.asarray(to_numpy(bias), dtype=np.float32),
+                                                         requires_grad=False)
+
+    def _quantize(self, weight) -> None:
+        from minillm import backend
+
+        packed, qs = quantize_4bit(weight, blocksize=self.blocksize, quant_type=self.quant_type,
+                                   compress_statistics=self.compress_statistics)
+        self._buffers = {}
+        for k, v in state_dict_4bit(packed, qs, prefix="weight").items():
+            self.register_buffer(k, backend.asarray(v) if k == "weight" else v)
+        self.quant_state = qs
+        self.packed = self._buffers["weight"]
+
+    def set_buffer(self, name: str, value) -> None:
+        """Load one saved buffer; the QuantState is rebuilt from the buffers afterwards."""
+        from minillm import backend
+
+        self._buffers[name] = np.asarray(value) if name != "weight" else backend.asarray(value)
+        packed, self.quant_state = load_state_dict_4bit(
+            {k: to_numpy(v) for k, v in self._buffers.items()}, prefix="weight")
+        self.packed = backend.asarray(packed)
+        object.__setattr__(self, "weight", self.packed)
+
+    def num_quantized_parameters(self) -> int:
+        """Logical weights stored in 4 bits (out · in), for parameter accounting (PEFT counts packed ×2)."""
+        return int(self.out_features * self.in_features)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the 4-bit weight: packed codes + quantization constants (not the bias)."""
+        return int(self.packed.nbytes) + quant_state_nbytes(self.quant_state)
+
+    def dequantized_weight(self):
+        """The float32 weight (out, in) the layer computes with."""
+        from minillm import kernels
+
+        return kernels.dequantize_4bit(self.packed, self.quant_state).astype(np.float32, copy=False)
+
+    def forward(self, x):
+        y = Matmul4bit.apply(x, self.packed, self.quant_state)  # (..., out)
+        return y if self.bias is None else F_.add(y, self.bias)
+
+    def merge_delta(self, delta) -> None:
+        """W ← quantize(dequantize(W) + ΔW): re-quantizes, so ΔW entries below half a code gap are lost."""
+        import warnings
+
+        warnings.warn("Merging LoRA into a 4-bit layer re-quantizes the weight: the merged model may give "
+                      "different outputs than the adapter (PITFALLS B13; peft #2321)", stacklevel=3)
+        self._quantize(self.dequantized_weight() + np.asarray(to_numpy(delta), dtype=np.float32))
+
+    def unmerge_delta(self, delta) -> None:
+        """W ← quantize(dequantize(W) − ΔW) (also lossy)."""
+        self._quantize(self.dequantized_weight() - np.asarray(to_numpy(delta), dtype=np.float32))
+
+    def __repr__(self) -> str:
+        return (f"Linear4bit(in_features={self.in_features}, out_features={self.out_features}, "
+                f"quant_type={self.quant_type}, blocksize={self.blocksize}, "
+                f"double_quant={self.compress_statistics})")
+
+
+HEAD_NAMES = ("lm_head", "score")
+
+
+def quantize_model(model, blocksize: int = 64, quant_type: str = "nf4", compress_statistics: bool = True,
+                   skip: tuple = HEAD_NAMES) -> list[str]:
+    """Replace every ``nn.Linear`` of ``model`` (except the output heads) by a frozen ``Linear4bit``, in place.
+
+    As QLoRA: all linear layers of the blocks go to 4 bits; embeddings, LayerNorms and heads stay
+    float32. Returns the replaced module names. Every remaining parameter is frozen.
+    """
+    names = []
+    for name, m in list(model.named_modules()):
+        if type(m) is _Linear and name.split(".")[-1] not in skip:
+            q = Linear4bit(m.weight.data, None if m.bias is None else m.bias.data, blocksize=blocksize,
+                           quant_type=quant_type, compress_statistics=compress_statistics)
+            _replace(model, name, q)
+            names.append(name)
+    model.requires_grad_(False)
+    return names
+
+
+def dequantize_model(model) -> list[str]:
+    """Replace every ``Linear4bit`` by an ``nn.Linear`` with the dequantized float32 weight, in place."""
+    from minillm import backend
+
+    names = []
+    for name, m in list(model.named_modules()):
+        if isinstance(m, Linear4bit):
+            lin = _Linear(m.in_features, m.out_features, bias=m.bias is not None)
+            lin.weight.data = backend.asarray(m.dequantized_weight())
+            if m.bias is not None:
+                lin.bias.data = m.bias.data.copy()
+            _replace(model, name, lin)
+            names.append(name)
+    return names
+
+
+def _replace(model, dotted: str, new) -> None:
+    *path, attr = dotted.split(".")
+    parent = model
+    for p in path:
+        parent = getattr(parent, p)
+    object.__setattr__(parent, attr, new)
+
+
+def bench_quant(repeats: int = 5, n: int = 4096, seed: int = 0) -> dict:
+    """NF4 quantize/dequantize throughput (MB/s of float32 input) and Linear4bit forward vs Linear.
+
+    Shapes: a (n, n) float32 weight (64 MiB for n = 4096); Linear forward on x (16, n).
+    """
+    import time
+
+    from minillm.nn import Linear
+
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal((n, n)).astype(np.float32)
+    mb = W.nbytes / 1e6
+
+    def t(fn):
+        fn()
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return float(np.median(ts))
+
+    out = {"shape": [n, n]}
+    for dq in (False, True):
+        packed, qs = quantize_4bit(W, compress_statistics=dq)
+        tq = t(lambda: quantize_4bit(W, compress_statistics=dq))
+        td = t(lambda: dequantize_4bit(packed, qs))
+        key = "nf4_double_quant" if dq else "nf4"
+        out[key] = {"quantize_MB_per_s": round(mb / tq, 1), "dequantize_MB_per_s": round(mb / td, 1),
+                    "bits_per_parameter": round(bits_per_parameter(packed, qs), 4)}
+    x = _Tensor(rng.standard_normal((16, n)).astype(np.float32))
+    lin = Linear(n, n, bias=False, rng=rng)
+    q4 = Linear4bit(lin.weight.data)
+    from minillm.tensor import no_grad
+
+    with no_grad():
+        out["linear_forward_ms"] = round(1e3 * t(lambda: lin(x)), 3)
+        out["linear4bit_forward_ms"] = round(1e3 * t(lambda: q4(x)), 3)
+    from minillm import kernels
+
+    out["kernel_backend"] = kernels.select_backend(np.zeros(1, np.float32))
+    out["weight_bytes"] = {"float32": int(W.nbytes), "nf4_double_quant": q4.nbytes}
+    return out

@@ -261,6 +261,9 @@ class Tensor:
     def __pow__(self, exponent):
         return F.pow(self, exponent)
 
+    def __rpow__(self, base):
+        return F.pow(base, self)
+
     def __matmul__(self, other):
         return F.matmul(self, other)
 

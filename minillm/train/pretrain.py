@@ -44,7 +44,7 @@ CHECKPOINT_NAME = "checkpoint.safetensors"
 class PretrainConfig:
     """Settings of a pretraining run (CLI: ``--max-steps 1200`` etc.)."""
 
-    corpus: str = ""
+    corpus: str = "builtin"  # a UTF-8 text file, or "builtin" for the task world's corpus
     out_dir: str = "runs/pretrain"
     vocab_size: int = 1024
     block_size: int = 64
@@ -90,6 +90,14 @@ class PretrainResult:
     samples: list = field(default_factory=list)
 
 
+def builtin_texts() -> tuple[str, str]:
+    """(corpus, tokenizer training text) of the built-in task world (``--corpus builtin``)."""
+    from minillm.tasks import default_world, tokenizer_training_text
+
+    world = default_world()
+    return "".join(world.corpus_documents()), tokenizer_training_text(world)
+
+
 def encode_corpus(text: str, tokenizer: Tokenizer) -> np.ndarray:
     """Token ids of the corpus (special-token strings such as ``<|bos|>`` become their ids): int32."""
     return np.asarray(tokenizer.encode(text, allowed_special="all"), dtype=np.int32)
@@ -104,6 +112,8 @@ def pretrain(cfg: PretrainConfig, text: str | None = None, tokenizer_text: str |
     do not match the config (naming the shapes), or a corpus shorter than one window.
     """
     t0 = time.perf_counter()
+    if text is None and cfg.corpus == "builtin":
+        text, tokenizer_text = builtin_texts()
     if text is None:
         text = read_text(cfg.corpus)
     elif not text.strip():
@@ -196,8 +206,6 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     cfg = dataclass_from_args(PretrainConfig, args)
-    if not cfg.corpus:
-        raise SystemExit("minillm pretrain: --corpus FILE is required")
     res = pretrain(cfg)
     summary = {"checkpoint": res.checkpoint, "seconds": round(res.seconds, 1), "n_tokens": res.n_tokens,
                "final_train_loss": res.train_losses[-1] if res.train_losses else None,

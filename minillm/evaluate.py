@@ -1,0 +1,188 @@
+"""Evaluation: exact match, "answer contained", format compliance and gold reward per task type,
+zero-shot and k-shot prompting of a base model, and the KL of a policy to a reference.
+
+Scope
+    ``generate_responses`` runs batched, left-padded generation with the KV cache and decodes
+    each response up to its ``<|eos|>``. ``evaluate_world`` asks the built-in task world's
+    questions (zero-shot in the chat template, or k-shot with ``build_kshot_prompt``) and scores
+    every response with the gold judge (tasks.GoldJudge):
+    exact_match (the answer exactly, after stripping one "Sure!" opener and the final "."),
+    contains (the answer appears as words anywhere: a base model often states a fact it knows but
+    not in the asked form), format_compliance (the response is one line ending in "." and the
+    model stopped with ``<|eos|>``: it answered, then stopped), gold (the judge's total), the opener
+    rate, the mean response length in tokens, and exact match per task type.
+    ``sequence_kl`` is the summed per-token log-ratio log π(y_t) − log π_ref(y_t) over the
+    response tokens of sampled sequences (nats), the KL estimate RLHF reports.
+
+Sources
+    Exact-match/contains metrics as in TASKWORLD-NOTES.md §4; the KL estimator k1 of Schulman,
+    "Approximating KL divergence" (2020), as logged by TRL (``objective/kl``).
+
+Deviations
+    * A k-shot prompt longer than ``block_size − max_new_tokens`` is cut from the left (its first
+      token, ``<|bos|>``, is kept), so the earliest demonstration may lose its beginning; use fewer
+      shots or a larger block_size to avoid it. ``EvalResult.n_truncated_prompts`` counts it.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from minillm import backend
+from minillm.data import render_prompt
+from minillm.model import GPT, left_pad
+from minillm.tasks import GoldJudge, build_kshot_prompt
+from minillm.tensor import no_grad
+
+
+@dataclass
+class Generation:
+    """One decoded response: text (without ``<|eos|>``), ended (emitted EOS), ids (new tokens incl. EOS),
+    logprob (summed log-probability of the sampled tokens, nats)."""
+
+    text: str
+    ended: bool
+    ids: list
+    logprob: float = 0.0
+
+
+def generate_responses(model: GPT, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int = 12,
+                       batch_size: int = 64, temperature: float = 0.0, rng: np.random.Generator | None = None,
+                       top_k: int | None = None, top_p: float | None = None) -> list[Generation]:
+    """Generate after each prompt (lists of ids), batched with left padding; returns Generations in order.
+
+    Prompts are grouped by length to waste little padding; the result does not depend on the
+    grouping (a padded row gives what it gives alone, PITFALLS B08).
+    """
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[Generation | None] = [None] * len(prompts)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        ids, mask = left_pad([list(prompts[i]) for i in idx], tokenizer.pad_id)
+        g = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                           top_k=top_k, top_p=top_p, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, rng=rng)
+        for row, i in enumerate(idx):
+            n = int(g.response_mask[row].sum())
+            toks = [int(t) for t in g.new_tokens[row, :n]]
+            ended = bool(g.finished[row])
+            text_ids = toks[:-1] if ended else toks
+            out[i] = Generation(tokenizer.decode(text_ids), ended, toks, float(g.logprobs[row, :n].sum()))
+    return out  # type: ignore[return-value]
+
+
+def prompt_ids_for(tokenizer, question: str, shots: Sequence[tuple[str, str]] = (), max_len: int | None = None
+                   ) -> tuple[list[int], bool]:
+    """Ids of a zero-shot chat prompt (no shots: ``render_prompt``) or a k-shot prompt
+    (``build_kshot_prompt`` encoded with specials), cut from the left to ``max_len`` keeping ``<|bos|>``.
+    Returns (ids, truncated)."""
+    if shots:
+        ids = tokenizer.encode(build_kshot_prompt(question, shots), allowed_special="all")
+    else:
+        ids = render_prompt([{"role": "user", "content": question}], tokenizer)
+    if max_len is not None and len(ids) > max_len:
+        return [ids[0]] + ids[len(ids) - max_len + 1:], True
+    return list(ids), False
+
+
+@dataclass
+class EvalResult:
+    """Metrics of one evaluation (fractions in [0, 1], gold in judge units, lengths in tokens).
+
+    metrics: exact_match, contains, format_compliance, gold, opener_rate, mean_length, n.
+    per_task: task -> {exact_match, contains, gold, n}. samples: a few (prompt, response) pairs.
+    """
+
+    metrics: dict
+    per_task: dict
+    samples: list = field(default_factory=list)
+    n_truncated_prompts: int = 0
+
+
+def evaluate_world(model: GPT, tokenizer, records: Sequence[dict], judge: GoldJudge | None = None, k_shot: int = 0,
+                   max_new_tokens: int = 12, batch_size: int = 64, max_prompts: int | None = None,
+                   temperature: float = 0.0, seed: int = 0, n_samples: int = 5) -> EvalResult:
+    """Ask the task world's questions and score the answers with the gold judge.
+
+    records: dicts with ``instruction`` and ``task`` (tasks.TaskWorld.sft_test_records() etc.);
+    ``max_prompts`` takes an evenly spaced subset (deterministic). k_shot > 0 builds k-shot prompts
+    from the world's train facts of the same relation (``TaskWorld.kshot_shots``).
+    """
+    judge = judge or GoldJudge()
+    recs = list(records)
+    if max_prompts is not None and max_prompts < len(recs):
+        recs = [recs[int(i)] for i in np.linspace(0, len(recs) - 1, max_prompts).round().astype(int)]
+    limit = model.config.block_size - max_new_tokens
+    prompts, n_trunc = [], 0
+    for r in recs:
+        shots = judge.world.kshot_shots(judge.fact_for(r["instruction"]), k=k_shot) if k_shot else ()
+        ids, cut = prompt_ids_for(tokenizer, r["instruction"], shots, limit)
+        prompts.append(ids)
+        n_trunc += cut
+    rng = np.random.default_rng(seed) if temperature > 0 else None
+    gens = generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size, temperature, rng)
+    return score_generations(recs, gens, judge, n_samples, n_trunc)
+
+
+def score_generations(records: Sequence[dict], gens: Sequence[Generation], judge: GoldJudge,
+                      n_samples: int = 5, n_truncated: int = 0) -> EvalResult:
+    """Aggregate the judge's scores of ``gens`` (one per record) into an EvalResult."""
+    per_task: dict = defaultdict(lambda: defaultdict(float))
+    tot: dict = defaultdict(float)
+    samples = []
+    for r, g in zip(records, gens):
+        j = judge.score(r["instruction"], g.text, ended=g.ended)
+        fmt = float(j.well_formed)
+        vals = {"exact_match": j.correct, "contains": float(j.contains), "format_compliance": fmt,
+                "gold": j.total, "opener_rate": float(j.opener), "mean_length": float(len(g.ids))}
+        for k, v in vals.items():
+            tot[k] += v
+        t = per_task[r.get("task", "all")]
+        t["exact_match"] += j.correct
+        t["contains"] += float(j.contains)
+        t["gold"] += j.total
+        t["n"] += 1
+        if len(samples) < n_samples:
+            samples.append((r["instruction"], g.text))
+    n = max(len(records), 1)
+    metrics = {k: v / n for k, v in tot.items()}
+    metrics["n"] = len(records)
+    tasks = {}
+    for k in sorted(per_task):
+        d = per_task[k]
+        tasks[k] = {m: d[m] / d["n"] for m in ("exact_match", "contains", "gold")} | {"n": int(d["n"])}
+    return EvalResult(metrics, tasks, samples, n_truncated)
+
+
+def response_logprobs(model: GPT, sequences: np.ndarray, attention_mask: np.ndarray, response_mask: np.ndarray,
+                      temperature: float = 1.0) -> np.ndarray:
+    """Per-token log π(y_t | y_<t) / T-scaled for the response part of sampled sequences.
+
+    sequences (B, P + N) = left-padded prompt (length P) + N generated tokens; attention_mask
+    (B, P + N); response_mask (B, N). Returns (B, N) float32 log-probabilities under
+    softmax(logits / T), 0 where response_mask is 0. Under no_grad.
+    """
+    B, L = sequences.shape
+    N = response_mask.shape[1]
+    xp = backend.xp()
+    with no_grad():
+        logits, _ = model(xp.asarray(sequences), attention_mask=xp.asarray(attention_mask))
+        z = backend.to_numpy(logits.data[:, L - N - 1:L - 1, :]).astype(np.float64) / temperature  # (B, N, V)
+    z -= z.max(axis=-1, keepdims=True)
+    lp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    tok = sequences[:, L - N:]
+    out = np.take_along_axis(lp, tok[:, :, None], axis=-1)[:, :, 0]
+    return (out * response_mask).astype(np.float32)
+
+
+def sequence_kl(policy: GPT, reference: GPT, sequences: np.ndarray, attention_mask: np.ndarray,
+                response_mask: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Per-sequence KL estimate Σ_t (log π(y_t) − log π_ref(y_t)) over response tokens (k1), nats: (B,).
+
+    Unbiased for KL(π‖π_ref) when y was sampled from π at this temperature (PITFALLS B18).
+    """
+    lp = response_logprobs(policy, sequences, attention_mask, response_mask, temperature)
+    lr = response_logprobs(reference, sequences, attention_mask, response_mask, temperature)
+    return ((lp - lr) * response_mask).sum(axis=1)

@@ -1,0 +1,292 @@
+"""Supervised fine-tuning (instruction tuning): full, LoRA or QLoRA, with the loss on response tokens.
+
+Scope
+    ``sft(SFTConfig)`` loads a base checkpoint, renders every conversation with the chat template
+    (``data.render_chat``: the loss mask covers exactly the response tokens and their
+    ``<|eos|>``), and trains with AdamW, a cosine schedule and gradient clipping on shuffled
+    batches (right padding; padding known from the attention mask). ``loss_on="all"`` trains on
+    every real token instead (the comparison the chapter makes). ``lora=True`` freezes the base and
+    trains LoRA adapters (``lora.inject_lora``); ``qlora=True`` first replaces the blocks' Linear
+    layers by 4-bit NF4 layers (``quant.Linear4bit``) and trains LoRA on them.
+    On the built-in world it evaluates the base model zero-shot and k-shot and the tuned model on
+    held-out facts, held-out paraphrases and train facts (evaluate.evaluate_world), measures the
+    pretraining-corpus loss before and after (forgetting), and writes ``<out_dir>/metrics.json``
+    and ``<out_dir>/checkpoint.safetensors`` (LoRA merged into full-precision weights).
+
+Sources
+    Ouyang et al. 2022 (InstructGPT) §3.5 SFT; the response-only loss of TRL's
+    ``DataCollatorForCompletionOnlyLM`` / ``assistant_only_loss``; LoRA: Hu et al. 2021; QLoRA:
+    Dettmers et al. 2023 §3. Defaults: TASKWORLD-NOTES.md §3 (B32, 150 steps, lr 3e-4, wd 0).
+
+Deviations
+    * The saved checkpoint of a LoRA/QLoRA run holds the merged full-precision weights (the
+      adapter alone is saved beside it as ``adapter.safetensors``); for QLoRA the base is
+      dequantized first, so nothing is re-quantized (PITFALLS B13, contract (a)).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from minillm.checkpoint import load_model, save_checkpoint
+from minillm.data import CollateReport, SFTExample, collate, load_dataset, tokenize_sft
+from minillm.model import IGNORE_INDEX, GPT
+from minillm.optim import AdamW, clip_grad_norm_, cosine_lr, set_lr, weight_decay_groups
+from minillm.train.common import add_dataclass_arguments, dataclass_from_args, fixed_windows, mean_loss
+
+
+@dataclass
+class SFTConfig:
+    """Settings of an SFT run (CLI: ``minillm sft --lora true --max-steps 150``)."""
+
+    base: str = "runs/base/checkpoint.safetensors"
+    data: str = "builtin"  # "builtin" (the task world) or a file any loader in data.py reads
+    variant: str = "plain"  # built-in SFT data: plain | opener | noisy
+    out_dir: str = "runs/sft"
+    batch_size: int = 32
+    max_steps: int = 150
+    lr: float = 3e-4
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    loss_on: str = "response"  # response | all
+    lora: bool = False
+    qlora: bool = False
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "q_proj,v_proj"  # comma-separated names, or all-linear
+    quant_blocksize: int = 64
+    eval: bool = True
+    eval_base: bool = True
+    eval_max_prompts: int = 0  # 0 = all held-out prompts
+    k_shot: int = 3
+    max_new_tokens: int = 12
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.loss_on not in ("response", "all"):
+            raise ValueError(f"loss_on must be 'response' or 'all', got {self.loss_on!r}")
+        if self.qlora:
+            self.lora = True
+
+
+@dataclass
+class SFTResult:
+    """Losses per step (nats/token), metrics (JSON-able dict), checkpoint path, seconds, counts."""
+
+    losses: list = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+    checkpoint: str = ""
+    seconds: float = 0.0
+
+
+def builtin_sft_records(variant: str = "plain") -> list[dict]:
+    """The task world's SFT rows (Alpaca fields + metadata)."""
+    from minillm.tasks import default_world
+
+    return default_world().sft_records(variant)
+
+
+def records_to_messages(records) -> list[list[dict]]:
+    """Alpaca-style dicts (instruction, input, output) or SFTExamples -> message lists."""
+    out = []
+    for r in records:
+        if isinstance(r, SFTExample):
+            out.append(r.messages)
+        else:
+            user = r["instruction"] if not r.get("input") else f"{r['instruction']}\n\n{r['input']}"
+            out.append([{"role": "user", "content": user}, {"role": "assistant", "content": r["output"]}])
+    return out
+
+
+def batches(n: int, batch_size: int, rng: np.random.Generator):
+    """Endless stream of index batches: a fresh permutation per epoch (no example repeats within one)."""
+    perm: list[int] = []
+    while True:
+        while len(perm) < batch_size:
+            perm += [int(i) for i in rng.permutation(n)]
+        yield perm[:batch_size]
+        perm = perm[batch_size:]
+
+
+def apply_peft(model: GPT, cfg: SFTConfig) -> dict:
+    """Freeze the base and add LoRA (and, for QLoRA, quantize the blocks' Linear layers to NF4 first).
+    Returns {trainable, total, percent} from ``lora.count_parameters``."""
+    from minillm.lora import count_parameters, inject_lora
+
+    targets = "all-linear" if cfg.lora_targets == "all-linear" else [t.strip() for t in cfg.lora_targets.split(",")]
+    if cfg.qlora:
+        from minillm.quant import quantize_model
+
+        quantize_model(model, blocksize=cfg.quant_blocksize)
+    inject_lora(model, targets, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                seed=cfg.seed)
+    return count_parameters(model)
+
+
+def merge_for_saving(model: GPT) -> GPT:
+    """A plain GPT with every LoRA (and 4-bit base) folded into full-precision weights."""
+    from minillm.lora import merge_and_unload
+
+    if any(hasattr(m, "lora_A") for m in model.modules()):
+        model = merge_and_unload(model, dequantize=True)
+    return model
+
+
+def train_sft(model: GPT, tok, examples: list, cfg: SFTConfig, on_step=None) -> list[float]:
+    """The training loop: ``examples`` are (ids, loss_mask) pairs; returns the loss of every step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = AdamW(weight_decay_groups(((n, p) for n, p in model.named_parameters()), cfg.weight_decay),
+                lr=cfg.lr) if not cfg.lora else AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rng = np.random.default_rng(cfg.seed)
+    stream = batches(len(examples), cfg.batch_size, rng)
+    losses = []
+    model.train()
+    bar = tqdm(range(cfg.max_steps), desc="sft" + (" (qlora)" if cfg.qlora else " (lora)" if cfg.lora else ""),
+               disable=not cfg.progress)
+    for step in bar:
+        set_lr(opt, cosine_lr(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio))
+        b = collate([examples[i] for i in next(stream)], tok.pad_id)
+        labels = b["labels"]
+        if cfg.loss_on == "all":  # every real token after the first is a target
+            labels = np.where(b["attention_mask"] == 1, b["input_ids"], IGNORE_INDEX)
+        _, loss = model(b["input_ids"], attention_mask=b["attention_mask"], labels=labels)
+        opt.zero_grad()
+        loss.backward()
+        if cfg.grad_clip > 0:
+            clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        losses.append(float(loss.item()))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if on_step is not None:
+            on_step(step, losses[-1])
+    model.eval()
+    return losses
+
+
+def corpus_loss(model: GPT, tok, n_windows: int = 64) -> float:
+    """Mean next-token loss (nats/token) on the held-out tail of the built-in pretraining corpus."""
+    from minillm.train.pretrain import builtin_texts, encode_corpus
+
+    data = encode_corpus(builtin_texts()[0], tok)
+    tail = data[-int(len(data) * 0.1):]
+    T = model.config.block_size
+    return mean_loss(model, np.array_split(fixed_windows(tail, n_windows, T), max(1, n_windows // 16)))
+
+
+def world_eval(model: GPT, tok, cfg: SFTConfig, k_shot: int = 0, splits=("test", "paraphrase", "train")) -> dict:
+    """Evaluate on the built-in world's held-out facts (and paraphrases / train facts)."""
+    from minillm.evaluate import evaluate_world
+    from minillm.tasks import GoldJudge, default_world
+
+    world = default_world()
+    judge = GoldJudge(world)
+    recs = {"test": world.sft_test_records(),
+            "paraphrase": [r for r in world.sft_paraphrase_records() if r["fact_split"] == "test"],
+            "train": world.sft_records("plain")}
+    out = {}
+    for s in splits:
+        mp = cfg.eval_max_prompts or None
+        if s == "train":
+            mp = min(mp or 200, 200)
+        res = evaluate_world(model, tok, recs[s], judge, k_shot=k_shot, max_new_tokens=cfg.max_new_tokens,
+                             max_prompts=mp)
+        out[s] = {**{k: round(v, 4) for k, v in res.metrics.items()},
+                  "per_task": {t: {m: round(v, 4) for m, v in d.items()} for t, d in res.per_task.items()},
+                  "samples": res.samples[:3]}
+    return out
+
+
+def sft(cfg: SFTConfig) -> SFTResult:
+    """Run SFT as configured; returns an SFTResult and writes metrics.json and the checkpoint.
+
+    Raises FileNotFoundError for a missing base checkpoint, the loaders' errors (file and line) for
+    bad data, and ValueError when no example fits the model's context.
+    """
+    t0 = time.perf_counter()
+    model, tok, _ = load_model(cfg.base)
+    if tok is None:
+        raise ValueError(f"{cfg.base}: the checkpoint has no tokenizer")
+    builtin = cfg.data == "builtin"
+    records = builtin_sft_records(cfg.variant) if builtin else load_dataset(cfg.data, kind="sft").records
+    report = CollateReport()
+    examples = tokenize_sft(records_to_messages(records), tok, max_length=model.config.block_size, report=report)
+    if not examples:
+        raise ValueError(f"SFT data {cfg.data!r}: no example fits block_size={model.config.block_size} "
+                         f"(skipped: {report.skipped})")
+    metrics: dict = {"config": asdict(cfg), "data": {"n_examples": report.n_examples, "n_kept": report.n_kept,
+                                                     "n_truncated": report.n_truncated, "skipped": report.skipped}}
+    if builtin and cfg.eval and cfg.eval_base:
+        metrics["base_zero_shot"] = world_eval(model, tok, cfg, 0, splits=("test",))["test"]
+        if cfg.k_shot:
+            metrics[f"base_{cfg.k_shot}_shot"] = world_eval(model, tok, cfg, cfg.k_shot, splits=("test",))["test"]
+        metrics["corpus_loss_before"] = round(corpus_loss(model, tok), 4)
+    if cfg.lora:
+        metrics["parameters"] = apply_peft(model, cfg)
+    else:
+        n = model.num_parameters()
+        metrics["parameters"] = {"trainable": n, "total": n, "percent": 100.0}
+    t_train = time.perf_counter()
+    losses = train_sft(model, tok, examples, cfg)
+    metrics["train_seconds"] = round(time.perf_counter() - t_train, 1)
+    metrics["final_loss"] = round(float(np.mean(losses[-10:])), 4)
+    if cfg.lora:
+        model = merge_for_saving(model)
+    if builtin and cfg.eval:
+        metrics.update({f"sft_{k}": v for k, v in world_eval(model, tok, cfg).items()})
+        metrics["corpus_loss_after"] = round(corpus_loss(model, tok), 4)
+    out = Path(cfg.out_dir)
+    ckpt = save_checkpoint(out / "checkpoint.safetensors", model, tok, train_state={"sft_config": asdict(cfg)})
+    metrics["seconds"] = round(time.perf_counter() - t0, 1)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return SFTResult(losses=losses, metrics=metrics, checkpoint=str(ckpt), seconds=metrics["seconds"])
+
+
+def summary_lines(m: dict) -> list[str]:
+    """Human-readable lines of an SFT metrics dict."""
+    lines = []
+    for key in ("base_zero_shot", "base_3_shot", "sft_test", "sft_paraphrase", "sft_train"):
+        if key in m:
+            d = m[key]
+            tasks = ", ".join(f"{t} {v['exact_match']:.0%}" for t, v in d.get("per_task", {}).items())
+            lines.append(f"{key:15s} EM {d['exact_match']:6.1%}  contains {d['contains']:6.1%}  "
+                         f"format {d['format_compliance']:6.1%}  gold {d['gold']:+.3f}  [{tasks}]")
+    for key in ("corpus_loss_before", "corpus_loss_after", "final_loss", "train_seconds", "parameters"):
+        if key in m:
+            lines.append(f"{key}: {m[key]}")
+    return lines
+
+
+def add_arguments(parser) -> None:
+    add_dataclass_arguments(parser, SFTConfig)
+    parser.add_argument("--compare-loss-on", action="store_true",
+                        help="also train with the loss on all tokens (same budget) and report both")
+
+
+def run(args) -> int:
+    cfg = dataclass_from_args(SFTConfig, args)
+    res = sft(cfg)
+    report = {"response_only": res.metrics}
+    for line in summary_lines(res.metrics):
+        print(line)
+    if getattr(args, "compare_loss_on", False):
+        other = dataclass_from_args(SFTConfig, args, loss_on="all" if cfg.loss_on == "response" else "response",
+                                    out_dir=cfg.out_dir + "-all-tokens", eval_base=False)
+        res2 = sft(other)
+        report["all_tokens"] = res2.metrics
+        print(f"--- loss on {other.loss_on} tokens (same budget) ---")
+        for line in summary_lines(res2.metrics):
+            print(line)
+        Path(cfg.out_dir, "comparison.json").write_text(json.dumps(
+            {k: {kk: v.get(kk) for kk in ("sft_test", "final_loss", "corpus_loss_after")} for k, v in report.items()},
+            indent=2) + "\n")
+    print(f"metrics: {Path(cfg.out_dir) / 'metrics.json'}")
+    return 0
