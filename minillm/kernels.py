@@ -357,8 +357,9 @@ def matmul_4bit(x, packed, quant_state: quant.QuantState, *, kernel: Optional[st
     y = cp.empty((M, N), dtype=x2.dtype)
     if M > 0:
         keep, kw = _cuda_absmax_args(quant_state, cp)
+        pk = cp.ascontiguousarray(packed).reshape(-1)  # held until after the (asynchronous) launch
         fn = _cuda.gemv if M <= GEMV_MAX_M else _cuda.gemm
-        fn(x2.data.ptr, dtype, M, K, cp.ascontiguousarray(packed).reshape(-1).data.ptr, _code16(quant_state),
+        fn(x2.data.ptr, dtype, M, K, pk.data.ptr, _code16(quant_state),
            N=N, blocksize=int(quant_state.blocksize), y=y.data.ptr, version=int(version),
            stream=cp.cuda.get_current_stream().ptr, **kw)
         del keep
@@ -386,7 +387,8 @@ def cuda_gemm(x, packed, quant_state, *, version: int = 0, bfloat16: bool = Fals
     x2 = cp.ascontiguousarray(x).reshape(-1, K)
     y = cp.empty((x2.shape[0], N), dtype=x2.dtype)
     keep, kw = _cuda_absmax_args(quant_state, cp)
-    _cuda.gemm(x2.data.ptr, dtype, int(x2.shape[0]), K, cp.ascontiguousarray(packed).reshape(-1).data.ptr,
+    pk = cp.ascontiguousarray(packed).reshape(-1)  # held until after the (asynchronous) launch
+    _cuda.gemm(x2.data.ptr, dtype, int(x2.shape[0]), K, pk.data.ptr,
                _code16(quant_state), N=N, blocksize=int(quant_state.blocksize), y=y.data.ptr,
                version=int(version), stream=cp.cuda.get_current_stream().ptr, **kw)
     del keep
@@ -440,7 +442,11 @@ def _bench_cuda(sizes, gemv_m, gemm_m, repeats: int, seed: int) -> dict:
     l2_flush = cp.empty(512 * 2**20, dtype=cp.uint8)  # > L2 (50 MiB on H100/H200): every rep starts cold
 
     def timed(fn) -> float:
-        """Median ms over `repeats` launches, each after an L2 flush, timed with CUDA events."""
+        """Median ms over `repeats` launches, each after an L2 flush, timed with CUDA events.
+
+        The flush (a 512 MiB memset, ~0.1-0.2 ms) also keeps the GPU busy while Python enqueues the
+        start event, the kernel and the end event, so host launch overhead is not in the timing.
+        """
         fn()
         cp.cuda.get_current_stream().synchronize()
         times = []
