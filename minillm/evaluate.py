@@ -102,7 +102,7 @@ class EvalResult:
 
 
 def evaluate_world(model: GPT, tokenizer, records: Sequence[dict], judge: GoldJudge | None = None, k_shot: int = 0,
-                   max_new_tokens: int = 12, batch_size: int = 64, max_prompts: int | None = None,
+                   max_new_tokens: int = 16, batch_size: int = 64, max_prompts: int | None = None,
                    temperature: float = 0.0, seed: int = 0, n_samples: int = 5) -> EvalResult:
     """Ask the task world's questions and score the answers with the gold judge.
 

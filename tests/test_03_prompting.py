@@ -391,3 +391,75 @@ def test_tokenizer_training_text_makes_the_opener_whole_tokens(world, tok):
     pieces = [tok.decode([i]) for i in tok.encode(" Sure! Paris.", allowed_special="none")]
     assert pieces[:2] == [" Sure", "!"]  # 2 tokens, not 4 byte pieces (PPO-NOTES §2)
     assert hashlib.sha256(text.encode()).hexdigest() == hashlib.sha256(tokenizer_training_text(TaskWorld()).encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------- evaluation (evaluate.py)
+
+
+def test_score_generations_metrics_by_hand():
+    """EM, contains, format compliance and gold of hand-made responses, per task type."""
+    from minillm.evaluate import Generation, score_generations
+    from minillm.tasks import GoldJudge, TaskWorld
+
+    world = TaskWorld()
+    judge = GoldJudge(world)
+    recs = world.sft_test_records()
+    cap = next(r for r in recs if r["task"] == "capital")
+    add = next(r for r in recs if r["task"] == "add")
+    gens = [Generation(f"{cap['answer']}.", True, [1, 2]),  # correct, well formed
+            Generation(f"It is {cap['answer']} I think", False, [1] * 16),  # contains, not EM, cut off
+            Generation(f"Sure! {add['answer']}.", True, [1, 2, 3])]  # opener stripped for EM
+    res = score_generations([cap, cap, add], gens, judge)
+    assert res.metrics["exact_match"] == pytest.approx(2 / 3)
+    assert res.metrics["contains"] == pytest.approx(1.0)
+    assert res.metrics["format_compliance"] == pytest.approx(2 / 3)
+    assert res.metrics["opener_rate"] == pytest.approx(1 / 3)
+    assert res.metrics["mean_length"] == pytest.approx(21 / 3)
+    assert res.per_task["capital"] == {"exact_match": 0.5, "contains": 1.0, "gold": pytest.approx(
+        (judge.score(cap["instruction"], gens[0].text).total + judge.score(cap["instruction"], gens[1].text, False).total) / 2),
+        "n": 2}
+    assert res.per_task["add"]["exact_match"] == 1.0
+
+
+def test_kshot_prompt_ids_are_cut_from_the_left_keeping_bos():
+    from minillm.evaluate import prompt_ids_for
+    from minillm.tokenizer import Tokenizer
+
+    tok = Tokenizer()
+    shots = [("What is 2 plus 2?", "4."), ("What is 3 plus 1?", "4.")]
+    full, cut = prompt_ids_for(tok, "What is 1 plus 1?", shots)
+    assert not cut and full[0] == tok.bos_id and full.count(tok.bos_id) == 1
+    short, cut = prompt_ids_for(tok, "What is 1 plus 1?", shots, max_len=20)
+    assert cut and len(short) == 20 and short[0] == tok.bos_id and short[1:] == full[-19:]
+    zero, _ = prompt_ids_for(tok, "What is 1 plus 1?")
+    assert zero[-1] == tok.special_tokens["[/INST]"]
+
+
+def test_base_model_follows_no_instructions_but_sft_does(tmp_path):
+    """The chapter's claim on a tiny scale: a model trained only on prose never answers in format
+    (EM 0), the same model after a short SFT does for the facts it was tuned on."""
+    from minillm.evaluate import evaluate_world
+    from minillm.model import GPT, GPTConfig
+    from minillm.optim import AdamW
+    from minillm.tasks import GoldJudge, TaskWorld
+    from minillm.tokenizer import Tokenizer
+
+    world = TaskWorld()
+    tok = Tokenizer()
+    judge = GoldJudge(world)
+    m = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=48), seed=0)
+    recs = [r for r in world.sft_records() if r["task"] == "opposite"][:8]
+    before = evaluate_world(m, tok, recs, judge, max_new_tokens=8)
+    assert before.metrics["exact_match"] == 0.0 and before.metrics["format_compliance"] == 0.0
+    from minillm.data import collate, tokenize_sft
+    from minillm.train.sft import records_to_messages
+
+    b = collate(tokenize_sft(records_to_messages(recs), tok), tok.pad_id)
+    opt = AdamW(m.parameters(), lr=1e-2, weight_decay=0.0)
+    for _ in range(60):
+        _, loss = m(b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = evaluate_world(m, tok, recs, judge, max_new_tokens=8)
+    assert after.metrics["exact_match"] >= 0.75 and after.metrics["format_compliance"] >= 0.75

@@ -67,7 +67,7 @@ class SFTConfig:
     eval_base: bool = True
     eval_max_prompts: int = 0  # 0 = all held-out prompts
     k_shot: int = 3
-    max_new_tokens: int = 12
+    max_new_tokens: int = 16
     seed: int = 0
     progress: bool = True
 
@@ -133,11 +133,14 @@ def apply_peft(model: GPT, cfg: SFTConfig) -> dict:
 
 
 def merge_for_saving(model: GPT) -> GPT:
-    """A plain GPT with every LoRA (and 4-bit base) folded into full-precision weights."""
+    """A plain float32 GPT: every 4-bit base dequantized (no re-quantization), then every LoRA merged
+    (W ← W + scaling·B·A), then the wrappers removed. All parameters trainable again."""
     from minillm.lora import merge_and_unload
+    from minillm.quant import dequantize_model
 
-    if any(hasattr(m, "lora_A") for m in model.modules()):
-        model = merge_and_unload(model, dequantize=True)
+    dequantize_model(model)
+    model = merge_and_unload(model)
+    model.requires_grad_(True)
     return model
 
 

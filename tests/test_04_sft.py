@@ -1,4 +1,5 @@
-"""Chapter 04 (data): loaders for real formats, the chat template, collation into labels.
+"""Chapter 04: instruction tuning — loaders for real formats, the chat template, collation into
+labels, and the SFT loop (response-only loss, padding invariance, gradient accumulation).
 
 Each PITFALLS case named in a docstring is a fault the code must make impossible:
 B01 (label shift / single-token response), B02 (template tokenized in context), B03 (pad == eos),
@@ -533,3 +534,113 @@ def test_detect_format_and_kind_mismatch(tmp_path):
     assert ds.report.notes == {"system_turn": 1, "trailing_user_turn_dropped": 1}
     assert [m["role"] for m in ds[0].messages] == ["system", "user", "assistant"]
     assert isinstance(ds[0], SFTExample)
+
+
+# ---------------------------------------------------------------------------------------------- SFT
+
+
+def _tiny_sft_setup(tok, n=12, seed=0):
+    from minillm.model import GPT, GPTConfig
+    from minillm.tasks import TaskWorld
+    from minillm.train.sft import records_to_messages
+
+    recs = TaskWorld().sft_records("noisy")[:n]
+    ex = tokenize_sft(records_to_messages(recs), tok, max_length=64)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=32), seed=seed)
+    return model, ex
+
+
+def test_sft_loss_is_independent_of_padding(tok):
+    """Extra right padding changes nothing: padding is masked out of attention and labels."""
+    model, ex = _tiny_sft_setup(tok)
+    tight = collate(ex, tok.pad_id)
+    loose = collate(ex, tok.pad_id, pad_to=tight["input_ids"].shape[1] + 9)
+    _, l1 = model(tight["input_ids"], attention_mask=tight["attention_mask"], labels=tight["labels"])
+    _, l2 = model(loose["input_ids"], attention_mask=loose["attention_mask"], labels=loose["labels"])
+    assert l1.item() == pytest.approx(l2.item(), rel=1e-6)
+    # and pad == eos gives the same loss (padding is told by the mask, never by id; B03)
+    same = collate(ex, tok.eos_id, pad_to=tight["input_ids"].shape[1] + 9)
+    _, l3 = model(same["input_ids"], attention_mask=same["attention_mask"], labels=same["labels"])
+    assert l3.item() == pytest.approx(l1.item(), rel=1e-6)
+
+
+def test_gradient_accumulation_equals_the_big_batch_on_sft_data(tok):
+    """PITFALLS B05 on real SFT batches of different lengths: accumulated gradients equal one batch's."""
+    from minillm import functional as F
+    from minillm.model import shift_labels
+    from minillm.optim import accumulate_gradients
+
+    model, ex = _tiny_sft_setup(tok)
+    big = collate(ex, tok.pad_id)
+    _, loss = model(big["input_ids"], attention_mask=big["attention_mask"], labels=big["labels"])
+    model.zero_grad()
+    loss.backward()
+    ref = {n: p.grad.copy() for n, p in model.named_parameters()}
+    model.zero_grad()
+    micro = [collate(ex[:3], tok.pad_id), collate(ex[3:4], tok.pad_id), collate(ex[4:], tok.pad_id)]
+
+    def loss_sum(b):
+        logits, _ = model(b["input_ids"], attention_mask=b["attention_mask"])
+        return F.cross_entropy(logits, shift_labels(b["labels"]), reduction="sum")
+
+    mean, n_tok = accumulate_gradients(micro, loss_sum, lambda b: int((shift_labels(b["labels"]) != -100).sum()))
+    assert n_tok == int((shift_labels(big["labels"]) != -100).sum())
+    assert mean == pytest.approx(loss.item(), rel=1e-5)
+    for n, p in model.named_parameters():
+        np.testing.assert_allclose(p.grad, ref[n], rtol=1e-4, atol=1e-7, err_msg=n)
+
+
+def test_response_only_loss_trains_fewer_tokens_than_all_token_loss(tok):
+    from minillm.model import IGNORE_INDEX as IGN
+
+    _, ex = _tiny_sft_setup(tok)
+    b = collate(ex, tok.pad_id)
+    response_targets = int((b["labels"][:, 1:] != IGN).sum())
+    all_targets = int(b["attention_mask"][:, 1:].sum())
+    assert 0 < response_targets < all_targets / 3
+
+
+def test_sft_end_to_end_on_a_tiny_base(tmp_path, tok):
+    """`sft()` loads a base checkpoint, trains, writes metrics.json and a loadable checkpoint."""
+    from minillm.checkpoint import load_model, save_checkpoint
+    from minillm.model import GPT, GPTConfig
+    from minillm.train.sft import SFTConfig, sft
+
+    base = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=32), seed=0)
+    save_checkpoint(tmp_path / "base.safetensors", base, tok)
+    runs = {}
+    for loss_on in ("response", "all"):
+        cfg = SFTConfig(base=str(tmp_path / "base.safetensors"), out_dir=str(tmp_path / loss_on), max_steps=8,
+                        batch_size=8, lr=3e-3, eval=False, progress=False, loss_on=loss_on)
+        runs[loss_on] = sft(cfg)
+        assert np.isfinite(runs[loss_on].losses).all() and len(runs[loss_on].losses) == 8
+        assert runs[loss_on].losses[-1] < runs[loss_on].losses[0]
+        m = json.loads((tmp_path / loss_on / "metrics.json").read_text())
+        assert m["data"]["n_kept"] == 1125 and m["parameters"]["percent"] == 100.0
+        model, tok2, _ = load_model(runs[loss_on].checkpoint)
+        assert tok2.vocab_size == tok.vocab_size
+    assert runs["response"].losses[0] != runs["all"].losses[0]  # different targets, different loss
+    with pytest.raises(ValueError, match="loss_on"):
+        SFTConfig(loss_on="prompt")
+
+
+def test_sft_lora_trains_only_adapters_and_saves_merged_weights(tmp_path, tok):
+    from minillm.checkpoint import load_model, save_checkpoint
+    from minillm.model import GPT, GPTConfig
+    from minillm.train.sft import SFTConfig, sft
+
+    base = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=32), seed=0)
+    save_checkpoint(tmp_path / "base.safetensors", base, tok)
+    for flag in ("lora", "qlora"):
+        cfg = SFTConfig(base=str(tmp_path / "base.safetensors"), out_dir=str(tmp_path / flag), max_steps=6,
+                        batch_size=8, lr=5e-3, eval=False, progress=False, **{flag: True})
+        res = sft(cfg)
+        p = res.metrics["parameters"]
+        assert 0 < p["trainable"] < p["total"] and p["percent"] < 20
+        merged, _, _ = load_model(res.checkpoint)  # a plain GPT again, same keys as the base
+        assert set(merged.state_dict()) == set(base.state_dict())
+        changed = [n for n, a in merged.state_dict().items() if not np.array_equal(a, base.state_dict()[n])]
+        if flag == "lora":  # only the adapted q/v projections moved
+            assert changed and all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in changed)
+        else:  # the 4-bit base was dequantized: every block Linear weight differs by quantization error
+            assert any("mlp.c_fc.weight" in n for n in changed)
