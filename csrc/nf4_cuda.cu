@@ -270,6 +270,10 @@ gemv_v3(const T* __restrict__ x, int M, int64_t K, const uint8_t* __restrict__ p
   if (n >= N) return;  // whole warps leave together; no barrier follows
   const uint8_t* wrow = packed + n * (K / 2);
   float acc[GEMV_MAX_M] = {};
+  // Unrolled so the 128-bit loads of several iterations are issued before the first one is used:
+  // a memory-bound kernel needs many bytes in flight per SM (Little's law), not just one load per
+  // warp. (K = 4096 is 4 iterations per lane.)
+#pragma unroll 4
   for (int64_t k = lane * 32; k < K; k += 32 * 32) {
     float w[32];
     decode32(load128(wrow + k / 2), lut, am.at((n * K + k) / bs), w);
