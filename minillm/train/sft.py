@@ -61,7 +61,7 @@ class SFTConfig:
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
-    lora_targets: str = "q_proj,v_proj"  # comma-separated names, or all-linear
+    lora_targets: str = ""  # comma-separated names or all-linear; "" = q_proj,v_proj (LoRA), all-linear (QLoRA)
     quant_blocksize: int = 64
     eval: bool = True
     eval_base: bool = True
@@ -122,7 +122,8 @@ def apply_peft(model: GPT, cfg: SFTConfig) -> dict:
     Returns {trainable, total, percent} from ``lora.count_parameters``."""
     from minillm.lora import count_parameters, inject_lora
 
-    targets = "all-linear" if cfg.lora_targets == "all-linear" else [t.strip() for t in cfg.lora_targets.split(",")]
+    spec = cfg.lora_targets or ("all-linear" if cfg.qlora else "q_proj,v_proj")
+    targets = "all-linear" if spec == "all-linear" else [t.strip() for t in spec.split(",")]
     if cfg.qlora:
         from minillm.quant import quantize_model
 

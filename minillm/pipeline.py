@@ -1,0 +1,431 @@
+"""The whole fine-tuning spectrum end to end, with one report (chapter 12; ``minillm pipeline``).
+
+Scope
+    On the built-in task world by default, the stages run in order, each in
+    ``runs/<name>/<stage>/``: pretrain → prompting (base model zero-/few-shot) → SFT (full) →
+    SFT (LoRA) → SFT (QLoRA) → SFT on noisy demonstrations (DPO's start) → reward model →
+    best-of-n (n = 1, 2, 4, 8) → PPO (β > 0) → PPO (β = 0) → PPO with the gold judge as reward
+    (the control) → DPO. A stage is done when its ``summary.json`` exists (written last,
+    atomically); finished stages are reused and a crashed run resumes from the first unfinished
+    stage, its earlier checkpoints intact. ``report.md`` holds one table (method, trainable
+    parameters, memory estimate, exact-match, format compliance, gold reward, RM score, KL to
+    SFT, wall time) and PNG plots. ``--quick`` runs every stage for a handful of steps (the CI
+    smoke test). ``--corpus``, ``--sft-data``, ``--pref-data`` switch stages to user files in any
+    format data.py reads; stages that need the world's gold judge are then skipped, and say so.
+
+    ``ensure(stage)`` is the one helper notebooks use to get a stage's output, created on the fly
+    and cached when missing.
+
+Sources
+    The stage recipes are the measured ones of TASKWORLD-NOTES.md and PPO-NOTES.md (see each
+    train/*.py); best-of-n: Nakano et al. 2021 (WebGPT) §3 / Gao et al. 2022 §3.
+
+Deviations
+    * Exact-match, format and gold in the table are measured with greedy decoding on the held-out
+      facts; the KL column is measured on responses sampled at the PPO temperature.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+STAGES = ("pretrain", "prompting", "sft", "sft_lora", "sft_qlora", "sft_noisy", "reward", "best_of_n",
+          "ppo", "ppo_beta0", "ppo_gold", "dpo")
+
+
+@dataclass
+class PipelineConfig:
+    """Settings of ``minillm pipeline`` (CLI: ``--quick true``, ``--name demo``)."""
+
+    name: str = "default"
+    runs_dir: str = "runs"
+    quick: bool = False
+    corpus: str = "builtin"
+    sft_data: str = "builtin"
+    pref_data: str = "builtin"
+    stages: str = "all"  # comma-separated subset of STAGES (earlier stages still run if missing)
+    seed: int = 0
+    eval_prompts: int = 0  # held-out prompts per evaluation; 0 = all (485)
+    progress: bool = True
+
+
+class Context:
+    """What stages share: the config, the run directory and the summaries of finished stages."""
+
+    def __init__(self, cfg: PipelineConfig):
+        self.cfg = cfg
+        self.dir = Path(cfg.runs_dir) / cfg.name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.summaries: dict[str, dict] = {}
+
+    @property
+    def builtin(self) -> bool:
+        return self.cfg.sft_data == "builtin"
+
+    def path(self, stage: str, name: str = "checkpoint.safetensors") -> Path:
+        return self.dir / stage / name
+
+    def steps(self, full: int, quick: int) -> int:
+        return quick if self.cfg.quick else full
+
+    @property
+    def eval_prompts(self) -> int:
+        return 24 if self.cfg.quick else self.cfg.eval_prompts
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------- stages
+
+
+def stage_pretrain(ctx: Context) -> dict:
+    from minillm.train.pretrain import PretrainConfig, pretrain
+
+    cfg = PretrainConfig(corpus=ctx.cfg.corpus, out_dir=str(ctx.dir / "pretrain"), seed=ctx.cfg.seed,
+                         max_steps=ctx.steps(1200, 30), eval_interval=ctx.steps(300, 15),
+                         checkpoint_interval=ctx.steps(300, 15), progress=ctx.cfg.progress, resume=True)
+    res = pretrain(cfg)
+    return {"checkpoint": res.checkpoint, "losses": res.train_losses, "val_losses": res.val_losses,
+            "seconds": res.seconds, "n_tokens": res.n_tokens}
+
+
+def _sft_cfg(ctx: Context, out: str, **kw):
+    from minillm.train.sft import SFTConfig
+
+    base = dict(base=str(ctx.path("pretrain")), data=ctx.cfg.sft_data, out_dir=str(ctx.dir / out),
+                max_steps=ctx.steps(200, 8), seed=ctx.cfg.seed, eval_max_prompts=ctx.eval_prompts,
+                progress=ctx.cfg.progress, eval_base=False, variant="opener")
+    base.update(kw)
+    return SFTConfig(**base)
+
+
+def _sft_summary(res) -> dict:
+    return {"checkpoint": res.checkpoint, "losses": res.losses, "metrics": res.metrics, "seconds": res.seconds}
+
+
+def stage_prompting(ctx: Context) -> dict:
+    """The base model asked zero-shot and 3-shot (chapter 03): EM, contains, format."""
+    if not ctx.builtin:
+        return {"skipped": "prompting is measured on the built-in world only"}
+    from minillm.checkpoint import load_model
+    from minillm.train.sft import world_eval
+
+    t0 = time.perf_counter()
+    model, tok, _ = load_model(ctx.path("pretrain"))
+    cfg = _sft_cfg(ctx, "prompting")
+    out = {"zero_shot": world_eval(model, tok, cfg, 0, splits=("test",))["test"],
+           "three_shot": world_eval(model, tok, cfg, 3, splits=("test",))["test"]}
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def stage_sft(ctx: Context) -> dict:
+    from minillm.train.sft import sft
+
+    return _sft_summary(sft(_sft_cfg(ctx, "sft")))
+
+
+def stage_sft_lora(ctx: Context) -> dict:
+    from minillm.train.sft import sft
+
+    return _sft_summary(sft(_sft_cfg(ctx, "sft_lora", lora=True, lr=2e-3)))
+
+
+def stage_sft_qlora(ctx: Context) -> dict:
+    from minillm.train.sft import sft
+
+    return _sft_summary(sft(_sft_cfg(ctx, "sft_qlora", qlora=True, lr=2e-3)))
+
+
+def stage_sft_noisy(ctx: Context) -> dict:
+    """SFT on demonstrations of which ~20 % ramble or are rude (as real SFT data): DPO's start."""
+    from minillm.train.sft import sft
+
+    return _sft_summary(sft(_sft_cfg(ctx, "sft_noisy", variant="noisy")))
+
+
+def _not_available(stage: str, module: str) -> dict:
+    return {"skipped": f"{stage}: {module} is not available in this version"}
+
+
+def stage_reward(ctx: Context) -> dict:
+    try:
+        from minillm.train.reward import RewardConfig, train_reward
+    except ImportError:
+        return _not_available("reward", "minillm.train.reward")
+    cfg = RewardConfig(sft=str(ctx.path("sft")), data=ctx.cfg.pref_data, out_dir=str(ctx.dir / "reward"),
+                       max_steps=ctx.steps(150, 6), seed=ctx.cfg.seed, progress=ctx.cfg.progress)
+    res = train_reward(cfg)
+    return {"checkpoint": res.checkpoint, "losses": res.losses, "metrics": res.metrics, "seconds": res.seconds}
+
+
+def stage_best_of_n(ctx: Context) -> dict:
+    """Sample n responses per held-out prompt, keep the one the reward model scores highest."""
+    if not ctx.builtin or "checkpoint" not in ctx.summaries.get("reward", {}):
+        return {"skipped": "best-of-n needs the built-in world and a reward model"}
+    from minillm.checkpoint import load_model
+    from minillm.data import render_prompt
+    from minillm.evaluate import Generation, generate_responses, score_generations
+    from minillm.model import left_pad
+    from minillm.tasks import GoldJudge, default_world
+    from minillm.train.reward import load_reward_model, reward_scores
+
+    t0 = time.perf_counter()
+    policy, tok, _ = load_model(ctx.path("sft"))
+    rm, _ = load_reward_model(ctx.path("reward"))
+    world = default_world()
+    judge = GoldJudge(world)
+    recs = world.sft_test_records()
+    k = ctx.eval_prompts or 160
+    recs = [recs[int(i)] for i in np.linspace(0, len(recs) - 1, min(k, len(recs))).round().astype(int)]
+    prompts = [render_prompt([{"role": "user", "content": r["instruction"]}], tok) for r in recs]
+    rng = np.random.default_rng(ctx.cfg.seed)
+    n_max = 8
+    samples = [generate_responses(policy, tok, prompts, 16, temperature=0.7, rng=rng) for _ in range(n_max)]
+    scores = []
+    for s in samples:
+        seqs = [p + g.ids for p, g in zip(prompts, s)]
+        ids, mask = _right_pad(seqs, tok.pad_id)
+        scores.append(reward_scores(rm, ids, mask))
+    scores = np.stack(scores)  # (n_max, P)
+    out = {"n": {}}
+    for n in (1, 2, 4, 8):
+        best = scores[:n].argmax(axis=0)
+        gens = [samples[int(b)][i] for i, b in enumerate(best)]
+        res = score_generations(recs, gens, judge)
+        out["n"][n] = {"rm_score": float(scores[:n].max(axis=0).mean()), **res.metrics}
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _right_pad(seqs, pad_id):
+    T = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), T), pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), T), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = s
+        mask[i, :len(s)] = 1
+    return ids, mask
+
+
+def _ppo_stage(ctx: Context, out: str, **kw) -> dict:
+    try:
+        from minillm.train.ppo import PPOConfig, train_ppo
+    except ImportError:
+        return _not_available(out, "minillm.train.ppo")
+    reward = kw.pop("reward", str(ctx.path("reward")))
+    if reward != "gold" and "checkpoint" not in ctx.summaries.get("reward", {}):
+        return {"skipped": f"{out}: no reward model"}
+    if reward == "gold" and not ctx.builtin:
+        return {"skipped": f"{out}: the gold judge exists only for the built-in world"}
+    cfg = PPOConfig(sft=str(ctx.path("sft")), reward=reward, out_dir=str(ctx.dir / out), seed=ctx.cfg.seed,
+                    iterations=ctx.steps(60, 2), progress=ctx.cfg.progress, **kw)
+    res = train_ppo(cfg)
+    return {"checkpoint": res.checkpoint, "history": res.history, "metrics": res.metrics, "seconds": res.seconds}
+
+
+def stage_ppo(ctx: Context) -> dict:
+    return _ppo_stage(ctx, "ppo", beta=0.1)
+
+
+def stage_ppo_beta0(ctx: Context) -> dict:
+    return _ppo_stage(ctx, "ppo_beta0", beta=0.0)
+
+
+def stage_ppo_gold(ctx: Context) -> dict:
+    return _ppo_stage(ctx, "ppo_gold", beta=0.1, reward="gold")
+
+
+def stage_dpo(ctx: Context) -> dict:
+    try:
+        from minillm.train.dpo import DPOConfig, train_dpo
+    except ImportError:
+        return _not_available("dpo", "minillm.train.dpo")
+    start = ctx.path("sft_noisy") if ctx.builtin else ctx.path("sft")
+    cfg = DPOConfig(sft=str(start), data=ctx.cfg.pref_data, out_dir=str(ctx.dir / "dpo"),
+                    max_steps=ctx.steps(100, 4), seed=ctx.cfg.seed, progress=ctx.cfg.progress,
+                    eval_max_prompts=ctx.eval_prompts)
+    res = train_dpo(cfg)
+    return {"checkpoint": res.checkpoint, "losses": res.losses, "history": res.history, "metrics": res.metrics,
+            "seconds": res.seconds}
+
+
+STAGE_FUNCTIONS = {name: globals()[f"stage_{name}"] for name in STAGES}
+
+
+# ----------------------------------------------------------------------------------- driver
+
+
+def run_stage(ctx: Context, stage: str) -> dict:
+    """Run one stage unless its summary exists; returns the summary (cached or new)."""
+    path = ctx.dir / stage / "summary.json"
+    if path.exists():
+        summary = json.loads(path.read_text())
+        ctx.summaries[stage] = summary
+        return summary
+    t0 = time.perf_counter()
+    summary = STAGE_FUNCTIONS[stage](ctx)
+    summary.setdefault("seconds", time.perf_counter() - t0)
+    _write_json(path, summary)
+    ctx.summaries[stage] = summary
+    return summary
+
+
+def one_line(stage: str, s: dict) -> str:
+    """The terminal summary of one finished stage."""
+    if "skipped" in s:
+        return f"[{stage}] skipped: {s['skipped']}"
+    m = s.get("metrics", {})
+    bits = [f"{s.get('seconds', 0):.0f}s"]
+    if stage == "pretrain":
+        bits.append(f"val loss {s['val_losses'][-1][1]:.3f}")
+    elif stage == "prompting":
+        bits.append(f"EM 0-shot {s['zero_shot']['exact_match']:.1%}, 3-shot {s['three_shot']['exact_match']:.1%}; "
+                    f"contains {s['zero_shot']['contains']:.1%} -> {s['three_shot']['contains']:.1%}")
+    elif "sft_test" in m:
+        bits.append(f"held-out EM {m['sft_test']['exact_match']:.1%}, format {m['sft_test']['format_compliance']:.1%}, "
+                    f"gold {m['sft_test']['gold']:+.3f}")
+    elif stage == "best_of_n":
+        bits.append(", ".join(f"n={n}: RM {v['rm_score']:+.2f} gold {v['gold']:+.3f}" for n, v in s["n"].items()))
+    for key in ("heldout_accuracy", "final_gold", "final_kl"):
+        if key in m:
+            bits.append(f"{key} {m[key]:.3f}")
+    return f"[{stage}] " + "; ".join(bits)
+
+
+def _memory_mb(model_cfg: dict, method: str, targets) -> float:
+    from minillm import memory
+    from minillm.model import GPTConfig
+
+    shape = memory.ModelShape.from_gpt_config(GPTConfig.from_dict(model_cfg))
+    est = memory.estimate(shape, method=method, dtype="fp32", batch=32, seq_len=model_cfg["block_size"],
+                          lora_r=8, lora_targets=targets)
+    return est["total"] / 1e6
+
+
+def build_rows(ctx: Context) -> list[dict]:
+    """The report table, one row per method, from the stage summaries."""
+    S = ctx.summaries
+    rows: list[dict] = []
+    model_cfg = None
+    try:
+        from minillm.checkpoint import load_checkpoint
+
+        model_cfg = load_checkpoint(ctx.path("pretrain")).config
+    except (FileNotFoundError, ValueError):
+        pass
+    p = S.get("prompting", {})
+    for key, label in (("zero_shot", "base model, zero-shot"), ("three_shot", "base model, 3-shot")):
+        if key in p:
+            rows.append({"method": label, "trainable": 0, "exact_match": p[key]["exact_match"],
+                         "format": p[key]["format_compliance"], "gold": p[key]["gold"],
+                         "notes": f"answer contained {p[key]['contains']:.1%}"})
+    for stage, label, method, targets in (("sft", "SFT (full)", "full", "all"),
+                                          ("sft_lora", "SFT (LoRA r=8, q,v)", "lora", ["q_proj", "v_proj"]),
+                                          ("sft_qlora", "SFT (QLoRA NF4+DQ, r=8 all linear)", "qlora", "all"),
+                                          ("sft_noisy", "SFT (full, noisy demos)", "full", "all")):
+        s = S.get(stage, {})
+        if "metrics" not in s:
+            continue
+        m = s["metrics"]
+        t = m.get("sft_test", {})
+        rows.append({"method": label, "trainable": m["parameters"]["trainable"],
+                     "memory_mb": _memory_mb(model_cfg, method, targets) if model_cfg else None,
+                     "exact_match": t.get("exact_match"), "format": t.get("format_compliance"),
+                     "gold": t.get("gold"), "seconds": s.get("seconds"),
+                     "notes": f"corpus loss {m.get('corpus_loss_after', float('nan')):.3f}; "
+                              f"paraphrase EM {m.get('sft_paraphrase', {}).get('exact_match', float('nan')):.1%}"})
+    r = S.get("reward", {})
+    if "metrics" in r:
+        m = r["metrics"]
+        rows.append({"method": "reward model (Bradley-Terry)", "trainable": m.get("trainable"),
+                     "seconds": r.get("seconds"),
+                     "notes": f"held-out pair accuracy {m.get('heldout_accuracy', float('nan')):.1%}; "
+                              f"cue bonus {m.get('cue_bonus', float('nan')):+.2f}"})
+    b = S.get("best_of_n", {})
+    for n, v in b.get("n", {}).items():
+        rows.append({"method": f"best-of-{n}", "trainable": 0, "exact_match": v["exact_match"],
+                     "format": v["format_compliance"], "gold": v["gold"], "rm_score": v["rm_score"],
+                     "notes": f"opener rate {v['opener_rate']:.1%}"})
+    for stage, label in (("ppo", "PPO (β = 0.1)"), ("ppo_beta0", "PPO (β = 0)"),
+                         ("ppo_gold", "PPO, gold judge as reward (control)"), ("dpo", "DPO (β = 0.1)")):
+        s = S.get(stage, {})
+        if "metrics" not in s:
+            continue
+        m = s["metrics"]
+        e = m.get("eval", {})
+        rows.append({"method": label, "trainable": m.get("trainable"), "exact_match": e.get("exact_match"),
+                     "format": e.get("format_compliance"), "gold": e.get("gold"), "rm_score": m.get("final_rm_score"),
+                     "kl": m.get("final_kl"), "seconds": s.get("seconds"), "notes": m.get("notes", "")})
+    return rows
+
+
+def write(ctx: Context) -> Path:
+    """Write report.md and its plots from the finished stages."""
+    from minillm import report
+
+    plots = []
+    curves = {k: v.get("losses") for k, v in ctx.summaries.items() if v.get("losses")}
+    if curves:
+        plots.append(str(report.plot_losses(curves, ctx.dir / "losses.png")))
+    ppo = {k: v["history"] for k, v in ctx.summaries.items() if k.startswith("ppo") and v.get("history")}
+    if ppo:
+        plots.append(str(report.plot_ppo(ppo, ctx.dir / "ppo.png")))
+    if ctx.summaries.get("dpo", {}).get("history"):
+        plots.append(str(report.plot_dpo(ctx.summaries["dpo"]["history"], ctx.dir / "dpo.png")))
+    sections = ["## Stages", ""] + [f"- {one_line(k, v)}" for k, v in ctx.summaries.items()]
+    sections.append("\nTimes are wall-clock seconds on this machine; exact-match, format and gold are greedy "
+                    "answers to held-out facts judged by tasks.GoldJudge.")
+    return report.write_report(ctx.dir, build_rows(ctx), sections, plots)
+
+
+def run_pipeline(cfg: PipelineConfig) -> Path:
+    """Run every stage in order (reusing finished ones) and write the report; returns its path."""
+    ctx = Context(cfg)
+    wanted = STAGES if cfg.stages == "all" else tuple(s.strip() for s in cfg.stages.split(","))
+    unknown = [s for s in wanted if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stages {unknown}; choose from {STAGES}")
+    last = max(STAGES.index(s) for s in wanted)
+    for stage in STAGES[:last + 1]:
+        summary = run_stage(ctx, stage)
+        print(one_line(stage, summary), flush=True)
+    return write(ctx)
+
+
+def ensure(stage: str, quick: bool = False, runs_dir: str = "runs") -> Path:
+    """The checkpoint of ``stage`` (creating it and every stage it needs when missing, then cached).
+
+    The one helper notebooks use: ``ensure("sft")`` returns ``runs/cache[-quick]/sft/checkpoint.safetensors``.
+    """
+    cfg = PipelineConfig(name="cache-quick" if quick else "cache", runs_dir=runs_dir, quick=quick,
+                         stages=stage, progress=False)
+    ctx = Context(cfg)
+    for s in STAGES[:STAGES.index(stage) + 1]:
+        run_stage(ctx, s)
+    return ctx.path(stage)
+
+
+def add_arguments(parser) -> None:
+    from minillm.train.common import add_dataclass_arguments
+
+    add_dataclass_arguments(parser, PipelineConfig)
+
+
+def run(args) -> int:
+    from minillm.train.common import dataclass_from_args
+
+    cfg = dataclass_from_args(PipelineConfig, args)
+    path = run_pipeline(cfg)
+    print(f"report: {path}")
+    return 0
