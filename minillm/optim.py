@@ -6,7 +6,9 @@ Scope
     weights can skip weight decay), ``cosine_lr`` with linear warmup, ``clip_grad_norm_``, and
     ``accumulate_gradients`` whose loss and gradient equal the big-batch loss: the mean over
     *all* supervised tokens of the window, not a mean of micro-batch means (PITFALLS B05).
-    Optimizer state saves to and loads from plain host arrays (``state_dict``).
+    Optimizer state saves to and loads from plain host arrays (``state_dict``). ``PagedAdamW``
+    (end of the file, with its own sources and deviations) is AdamW whose state lives in pages
+    that move between a budgeted device pool and host memory (QLoRA §3 "Paged Optimizers").
 
 Sources
     * Adam: Kingma & Ba 2015, Algorithm 1. AdamW: Loshchilov & Hutter 2019, Algorithm 2
