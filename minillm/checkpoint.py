@@ -50,8 +50,9 @@ def read_safetensors(path) -> tuple[dict, dict]:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     with open(path, "rb") as f:
-        head = f.read(8)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+        head = f.read(9)
+    # safetensors: an 8-byte little-endian header length, then the JSON header's "{"
+    if head[8:9] != b"{" and (head[:2] == b"PK" or head[:1] == b"\x80"):
         raise ValueError(f"{path}: looks like a pickle/zip (PyTorch .bin/.pt) file; minillm reads only safetensors")
     try:
         tensors = load_file(str(path))

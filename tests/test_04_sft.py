@@ -597,7 +597,7 @@ def test_response_only_loss_trains_fewer_tokens_than_all_token_loss(tok):
     b = collate(ex, tok.pad_id)
     response_targets = int((b["labels"][:, 1:] != IGN).sum())
     all_targets = int(b["attention_mask"][:, 1:].sum())
-    assert 0 < response_targets < all_targets / 3
+    assert 0 < response_targets < all_targets / 2  # instructions and template carry no loss
 
 
 def test_sft_end_to_end_on_a_tiny_base(tmp_path, tok):
