@@ -1,0 +1,1042 @@
+"""RLHF with PPO and a per-token KL penalty to the SFT model (chapter 09).
+
+Scope
+    ``ppo(PPOConfig)`` fine-tunes an SFT policy against a reward: a learned reward model (a
+    checkpoint path; chapter 08) or the task world's gold judge (``reward="gold"``, the control run
+    that shows PPO itself works). One iteration:
+
+    1. **Rollout.** ``batch_size`` prompts are drawn (with replacement) from the world's 1,610 fact
+       prompts (train and test facts x 5 question templates) or from a prompt file; the policy
+       samples up to ``max_new_tokens`` at ``temperature`` T (no top-k / top-p: PITFALLS B18), and
+       a row stops at ``<|eos|>`` (``GPT.generate``; the response mask covers the tokens up to and
+       including ``<|eos|>``; the slots after it are padding).
+    2. **Scoring.** The policy's log-probabilities and values are *recomputed* with the very
+       forward used in training, under softmax(logits / T) (REFERENCE §8.19), in the minibatches
+       of the first epoch, so the first minibatch of the first epoch has ratio exactly 1 and
+       approx KL exactly 0. The frozen reference (the SFT model) is scored at the same T. The
+       reward is read at the last real token of prompt + response, normalised by the mean and
+       standard deviation of the scores of the SFT policy's own samples (PPO-NOTES §3;
+       lm-human-preferences ``set_reward_norm``), and a response that never emitted
+       ``<|eos|>`` loses ``missing_eos_penalty`` (trl ``missing_eos_penalty``).
+    3. **Per-token reward.** r_t = −β·KL_t on the real response tokens (k1 = log π − log π_ref,
+       or Schulman's k3 = (e^{logr} − 1) − logr with logr = log π_ref − log π), plus the normalised
+       score at the response's last real token; nothing on the padding after ``<|eos|>``
+       (PITFALLS B18).
+    4. **GAE** (γ = 1, λ = 0.95) over the response tokens, returns = A + V, advantages whitened
+       over the batch's real tokens (masked, unbiased variance).
+    5. **Update.** ``ppo_epochs`` passes of ``num_mini_batches`` shuffled minibatches (a fresh
+       permutation per epoch); loss = clipped surrogate + ``vf_coef`` · clipped value loss; AdamW,
+       gradient clipping. β is fixed or follows the adaptive controller of Ziegler et al. 2019.
+
+    Value function (``value_model``):
+      * ``"shared_head"`` (default): a zero-initialised ``Linear(C, 1)`` on the policy's own trunk
+        (the policy's hidden state before each response token), trained through the trunk with
+        ``vf_coef`` 0.1. This is what PPO-NOTES §3/§6.5 measured on this world (zero init =
+        lm-human-preferences' value head, ``init_scale=0``): one forward serves policy and value,
+        half the compute of a second model.
+      * ``"reward_model"``: a separate GPT initialised from the reward model with its scalar head
+        (InstructGPT §3.5; TRL ``examples/scripts/ppo/ppo.py``), trained by its own AdamW with the
+        same learning rate. Needs a reward-model checkpoint.
+
+    Logged every iteration (``PPOResult.history``, ``metrics.json``): the raw RM score, the gold
+    reward and correctness of the same samples, the KL (mean over sequences of the summed k1, nats),
+    the mean per-token entropy, clipfrac, approx KL, the policy and value losses, the mean response
+    length (tokens, incl. ``<|eos|>``), the opener ("Sure!") and EOS rates, β, and the largest
+    difference between the sampler's and the trainer's log-probabilities (a sampler/scorer
+    mismatch, the cause of negative KL in trl #736, shows there). Before and after training the
+    policy is evaluated on ``eval_prompts`` held-out-fact and train-fact prompts (one sample each at
+    T, a fixed seed): gold, correctness, RM score, KL to the reference, opener rate.
+
+Sources
+    Schulman et al. 2017 (PPO) Eq. 7 (clipped surrogate), Eq. 9; Schulman et al. 2016 (GAE) Eq. 16;
+    Ziegler et al. 2019 "Fine-Tuning LMs from Human Preferences" §2.2 (KL-penalised reward,
+    adaptive β); Stiennon et al. 2020 Eq. 1; Ouyang et al. 2022 (InstructGPT) §3.5; Schulman,
+    "Approximating KL divergence" (2020) for k1/k3. Reference code: trl ``trl/experimental/ppo/
+    ppo_trainer.py`` (PPOv2: masks, INVALID_LOGPROB, whitening, loss), trl ``trl/trainer/utils.py
+    @v0.11.0`` (``AdaptiveKLController``, ``masked_whiten``), openai/lm-human-preferences
+    ``train_policy.py``, vwxyzjn/lm-human-preference-details (recomputed rollout log-probs).
+    Defaults: PPO-NOTES.md §3 (T 0.7, B 64, 4 epochs x 2 minibatches, lr 3e-5, vf_coef 0.1).
+
+Deviations (each with the option that restores the reference behaviour)
+    * The score lands on the response's **last real token** (the ``<|eos|>`` when emitted), as in
+      legacy trl and lm-human-preferences; trl PPOv2 puts it one slot later when there is one
+      (REFERENCE §9). No option: with γ = 1 the advantages of real tokens are the same once the
+      value there is learned, and the slot after ``<|eos|>`` is not an action of the policy.
+    * Rollout log-probabilities come from a recomputed forward (lm-human-preference-details), not
+      from the sampler (trl uses generate's scores); both are logged and compared.
+    * Values are masked on exactly the response tokens (trl masks one token later,
+      ``padding_mask_p1``).
+    * The score is normalised by SFT-sample statistics (``score_norm_samples``; 0 disables it, as
+      trl, which does not normalise).
+    * ``value_model="shared_head"`` by default instead of TRL's separate value model initialised
+      from the reward model (``value_model="reward_model"`` restores it); see above.
+    * Constant learning rate (trl anneals linearly to 0 by default).
+    * One optimizer step per minibatch, no gradient accumulation and no entropy bonus (as trl).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from minillm import backend
+from minillm import functional as F
+from minillm.model import GPT
+from minillm.nn import Linear
+from minillm.optim import AdamW, clip_grad_norm_
+from minillm.tensor import Tensor, no_grad
+from minillm.train.common import add_dataclass_arguments, dataclass_from_args
+
+OPENER = "Sure!"
+
+
+# ================================================================================================
+# Pure functions (arrays in, arrays out; the losses take Tensors for the new log-probs/values)
+
+def _mask_and_count(x, mask):
+    xp = backend.get_array_module(x.data if isinstance(x, Tensor) else x)
+    dtype = x.dtype if x.dtype.kind == "f" else np.float32
+    if mask is None:
+        m = xp.ones(x.shape, dtype=dtype)
+    else:
+        m = xp.asarray(mask.data if isinstance(mask, Tensor) else mask).astype(dtype, copy=False)
+        if m.shape != tuple(x.shape):
+            raise ValueError(f"mask shape {m.shape} does not match values {tuple(x.shape)}")
+    return m, float(m.sum())
+
+
+def masked_mean(values, mask=None):
+    """Mean of ``values`` over the entries where ``mask`` is 1 (trl ``masked_mean``).
+
+    values: array or Tensor of any shape; mask: same shape, 0/1 (None = all). Returns a float for
+    an array input and a one-element Tensor (differentiable) for a Tensor input.
+    Raises ValueError when the mask selects nothing (the mean of no tokens is undefined) or the
+    shapes differ.
+    """
+    m, n = _mask_and_count(values, mask)
+    if n == 0:
+        raise ValueError("masked_mean: the mask selects no entries")
+    keep = m > 0  # select, not multiply: a non-finite value on padding must not leak in (inf·0 = NaN)
+    if isinstance(values, Tensor):
+        return F.where(keep, values, 0.0).sum() / n
+    xp = backend.get_array_module(values)
+    return float(xp.where(keep, values, 0).sum() / n)
+
+
+def masked_var(values, mask=None, unbiased: bool = True) -> float:
+    """Variance of ``values`` over the masked entries; unbiased (× n/(n−1)) as trl ``masked_var``.
+
+    Raises ValueError when the mask selects no entry, or exactly one with ``unbiased`` (n/(n−1)
+    divides by zero: REFERENCE §8.21, DLR-RM/stable-baselines3 #325).
+    """
+    values = values.data if isinstance(values, Tensor) else values
+    xp = backend.get_array_module(values)
+    x = xp.asarray(values, dtype=np.float64)
+    m, n = _mask_and_count(x, mask)
+    if n == 0:
+        raise ValueError("masked_var: the mask selects no entries")
+    if unbiased and n < 2:
+        raise ValueError(f"masked_var: the unbiased variance needs at least 2 entries, the mask selects {n:g}")
+    mean = (x * m).sum() / n
+    var = (((x - mean) ** 2) * m).sum() / n
+    return float(var * n / (n - 1) if unbiased else var)
+
+
+def masked_whiten(values, mask=None, shift_mean: bool = True, eps: float = 1e-8):
+    """(x − mean)/√(var + eps) over the masked entries (var unbiased), as trl ``masked_whiten``.
+
+    shift_mean=False adds the mean back (reward whitening). Returns an array of values' dtype and
+    shape; masked-out entries are whitened too (zero them afterwards if needed).
+    Example: whiten([1, 2, 3, 4]) = [−1.161895, −0.387298, 0.387298, 1.161895].
+    Raises ValueError (from ``masked_var``) for an empty or one-entry mask — never NaN.
+    """
+    x = values.data if isinstance(values, Tensor) else values
+    xp = backend.get_array_module(x)
+    x = xp.asarray(x)
+    x64 = x.astype(np.float64)
+    var = masked_var(x64, mask)
+    m, n = _mask_and_count(x64, mask)
+    mean = float((x64 * m).sum() / n)
+    out = (x64 - mean) / math.sqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out.astype(x.dtype if x.dtype.kind == "f" else np.float32)
+
+
+def compute_gae(rewards, values, mask=None, gamma: float = 1.0, lam: float = 0.95):
+    """Generalised advantage estimation over response tokens (Schulman et al. 2016, Eq. 16).
+
+    rewards, values: (B, N) or (N,) per-token rewards and values V(s_t) (the value of the state
+    before token t); mask: same shape, 1 on real response tokens (contiguous from 0; None = all).
+    For t = N−1..0: δ_t = r_t + γ·V_{t+1} − V_t (V_N = 0 and V = 0 after the last real token),
+    A_t = δ_t + γλ·A_{t+1}. Returns (advantages, returns = A + V), both zero outside the mask, in
+    the floating dtype of ``rewards``/``values``.
+    Example: r [0, 0, 1], V [0.5, 0.5, 0.5], γ 1, λ 0.95 → A [0.45125, 0.475, 0.5],
+    returns [0.95125, 0.975, 1.0] (REFERENCE §8.25).
+    Raises ValueError on a shape mismatch.
+    """
+    xp = backend.get_array_module(rewards)
+    r = xp.asarray(rewards)
+    v = xp.asarray(values)
+    if r.shape != v.shape:
+        raise ValueError(f"compute_gae: rewards {r.shape} and values {v.shape} differ in shape")
+    dtype = np.result_type(r.dtype, v.dtype) if (r.dtype.kind == "f" or v.dtype.kind == "f") else np.float64
+    squeeze = r.ndim == 1
+    r2 = r.reshape(1, -1) if squeeze else r
+    v2 = v.reshape(1, -1) if squeeze else v
+    m = xp.ones(r2.shape, dtype=np.float64) if mask is None else xp.asarray(mask, dtype=np.float64).reshape(r2.shape)
+    r2 = r2.astype(np.float64) * m
+    v2 = v2.astype(np.float64) * m
+    B, N = r2.shape
+    adv = xp.zeros((B, N), dtype=np.float64)
+    last = xp.zeros(B, dtype=np.float64)
+    for t in reversed(range(N)):
+        next_v = v2[:, t + 1] if t + 1 < N else 0.0
+        delta = r2[:, t] + gamma * next_v - v2[:, t]
+        last = delta + gamma * lam * last
+        adv[:, t] = last
+    ret = (adv + v2) * m
+    adv = adv * m
+    if squeeze:
+        adv, ret = adv[0], ret[0]
+    return adv.astype(dtype), ret.astype(dtype)
+
+
+def kl_per_token(logprobs, ref_logprobs, kl_estimator: str = "k1"):
+    """Per-token KL estimates for tokens sampled from π (Schulman 2020, "Approximating KL").
+
+    k1 = log π − log π_ref (unbiased, can be < 0 for one sample); k3 = (e^{logr} − 1) − logr with
+    logr = log π_ref − log π (unbiased, always ≥ 0). Shapes and dtype of ``logprobs``.
+    Raises ValueError for an unknown estimator.
+    """
+    xp = backend.get_array_module(logprobs)
+    lp = xp.asarray(logprobs)
+    logr = xp.asarray(ref_logprobs, dtype=lp.dtype) - lp
+    if kl_estimator == "k1":
+        return -logr
+    if kl_estimator == "k3":
+        return xp.expm1(logr) - logr
+    raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {kl_estimator!r}")
+
+
+def last_real_index(mask) -> np.ndarray:
+    """Index of the last 1 in each row of a (B, N) response mask. Raises ValueError for an empty row."""
+    xp = backend.get_array_module(mask)
+    m = xp.asarray(mask).astype(bool)
+    if not bool(m.any(axis=1).all()):
+        raise ValueError("a response has no real token (its mask row is all 0)")
+    return (m.shape[1] - 1 - xp.argmax(m[:, ::-1], axis=1)).astype(np.int64)
+
+
+def per_token_rewards(logprobs, ref_logprobs, mask, scores, beta: float, kl_estimator: str = "k1"):
+    """KL-penalised per-token rewards (Ziegler et al. 2019 §2.2; trl PPOv2).
+
+    logprobs, ref_logprobs: (B, N) log π(y_t) and log π_ref(y_t) of the sampled response tokens
+    (same temperature); mask: (B, N) 1 on real response tokens (up to and including ``<|eos|>``);
+    scores: (B,) the sequence score; beta: the KL coefficient (≥ 0).
+    Returns (rewards (B, N), kl (B, N)) in the dtype of ``logprobs``: kl_t from ``kl_per_token``,
+    zero outside the mask; rewards_t = −β·kl_t, plus the score at each row's last real token (not
+    at a padding slot after ``<|eos|>``: PITFALLS B18).
+    Example: logp −1, ref −1.5, β 0.05: k1 0.5, r −0.025; k3 0.1065307, r −0.0053265.
+    Raises ValueError for shape mismatches, an empty mask row, or β < 0.
+    """
+    xp = backend.get_array_module(logprobs)
+    lp = xp.asarray(logprobs)
+    if lp.dtype.kind != "f":
+        lp = lp.astype(np.float32)
+    ref = xp.asarray(ref_logprobs, dtype=lp.dtype)
+    m = xp.asarray(mask)
+    if lp.shape != ref.shape or lp.shape != m.shape or lp.ndim != 2:
+        raise ValueError(f"per_token_rewards: logprobs {lp.shape}, ref_logprobs {ref.shape} and mask {m.shape} "
+                         "must be the same (B, N) shape")
+    s = xp.asarray(scores, dtype=lp.dtype).reshape(-1)
+    if s.shape[0] != lp.shape[0]:
+        raise ValueError(f"per_token_rewards: {s.shape[0]} scores for {lp.shape[0]} responses")
+    if beta < 0:
+        raise ValueError(f"beta must be ≥ 0, got {beta}")
+    kl = kl_per_token(lp, ref, kl_estimator) * m.astype(lp.dtype)
+    rewards = (kl * lp.dtype.type(-beta)).astype(lp.dtype)
+    last = last_real_index(m)
+    rewards[xp.arange(lp.shape[0]), last] += s
+    return rewards, kl
+
+
+def _as_float_tensor(x) -> Tensor:
+    if isinstance(x, Tensor):
+        return x
+    arr = np.asarray(x)
+    return Tensor(backend.asarray(arr, dtype=arr.dtype if arr.dtype.kind == "f" else np.float32))
+
+
+def ppo_policy_loss(new_logprobs, old_logprobs, advantages, mask, cliprange: float = 0.2):
+    """PPO's clipped surrogate (Schulman et al. 2017, Eq. 7), as a loss to minimise.
+
+    ratio = exp(logp_new − logp_old); loss = masked_mean(max(−A·ratio, −A·clip(ratio, 1−ε, 1+ε))).
+    new_logprobs: Tensor (or array) (B, N); old_logprobs, advantages, mask: arrays (B, N).
+    Returns (loss Tensor (one element), clipfrac float = fraction of tokens where the clipped term
+    is the larger, approxkl float = 0.5·mean((Δlogp)²)). Example: A = 1, Δlogp = 0.5: ratio
+    1.6487213, loss −1.2; A = −1: loss 1.6487213.
+    Raises ValueError when the mask selects nothing.
+    """
+    new = _as_float_tensor(new_logprobs)
+    xp = backend.get_array_module(new.data)
+    old = xp.asarray(old_logprobs, dtype=new.dtype)
+    adv = xp.asarray(advantages, dtype=new.dtype)
+    m = xp.asarray(mask, dtype=new.dtype)
+    logratio = F.where(m > 0, new - old, 0.0)  # padding: ratio 1 and no gradient, whatever it holds
+    ratio = F.exp(logratio)  # (B, N)
+    pg1 = ratio * (-adv)
+    pg2 = F.clip(ratio, 1.0 - cliprange, 1.0 + cliprange) * (-adv)
+    loss = masked_mean(F.maximum(pg1, pg2), m)
+    clipfrac = masked_mean((pg2.data > pg1.data).astype(new.dtype), m)
+    approxkl = 0.5 * masked_mean(logratio.data ** 2, m)
+    return loss, clipfrac, approxkl
+
+
+def ppo_value_loss(new_values, old_values, returns, mask, cliprange_value: float = 0.2):
+    """Clipped value loss (trl PPOv2; PPO2 baselines): 0.5·masked_mean(max((V−R)², (V_clip−R)²)),
+    V_clip = clip(V, V_old − ε_v, V_old + ε_v).
+
+    new_values: Tensor (or array) (B, N); old_values, returns, mask: arrays (B, N).
+    Returns (loss Tensor, vf_clipfrac float). Example: V 1.0, V_old 0.5, R 0.8, ε_v 0.2 → 0.02.
+    """
+    v = _as_float_tensor(new_values)
+    xp = backend.get_array_module(v.data)
+    old = xp.asarray(old_values, dtype=v.dtype)
+    ret = xp.asarray(returns, dtype=v.dtype)
+    m = xp.asarray(mask, dtype=v.dtype)
+    v = F.where(m > 0, v, old)  # padding holds no value to fit
+    v_clip = F.clip(v, old - cliprange_value, old + cliprange_value)
+    e1 = (v - ret) * (v - ret)
+    e2 = (v_clip - ret) * (v_clip - ret)
+    loss = 0.5 * masked_mean(F.maximum(e1, e2), m)
+    vf_clipfrac = masked_mean((e2.data > e1.data).astype(v.dtype), m)
+    return loss, vf_clipfrac
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient (Ziegler et al. 2019 §2.2; lm-human-preferences ``train_policy.py``,
+    trl ``utils.py@v0.11.0``).
+
+    ``update(current_kl, n_steps)``: e = clip(KL/target − 1, −0.2, 0.2);
+    β ← β·(1 + e·n_steps/horizon); KL in nats (batch mean of the per-sequence summed KL), n_steps
+    = episodes in the batch. Example: β 0.2, KL 9, target 6, 256 steps, horizon 10000 → 0.201024
+    (KL 3 → 0.198976). Raises ValueError for target ≤ 0 or horizon ≤ 0.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        if target <= 0 or horizon <= 0:
+            raise ValueError(f"AdaptiveKLController: target ({target}) and horizon ({horizon}) must be > 0")
+        self.value = float(init_kl_coef)
+        self.target = float(target)
+        self.horizon = float(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        proportional_error = float(np.clip(current_kl / self.target - 1.0, -0.2, 0.2))
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+        return self.value
+
+
+class FixedKLController:
+    """A constant KL coefficient with the controller's interface (trl ``FixedKLController``)."""
+
+    def __init__(self, kl_coef: float):
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        return self.value
+
+
+def token_entropy(logits) -> np.ndarray:
+    """Entropy (nats) of softmax(logits) over the last axis: logsumexp(l) − Σ p·l. (..., V) -> (...)."""
+    xp = backend.get_array_module(logits)
+    z = logits.astype(np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = xp.exp(z)
+    s = e.sum(axis=-1)
+    return xp.log(s) - (e * z).sum(axis=-1) / s
+
+
+# ================================================================================================
+# Configuration
+
+@dataclass
+class PPOConfig:
+    """Settings of a PPO run (CLI: ``minillm ppo --beta 0 --iterations 60``). Defaults: PPO-NOTES §3.
+
+    sft: the policy's initial weights and the frozen reference. reward: a reward-model checkpoint
+    (chapter 08) or "gold" (the world's gold judge as the reward: the control run). value_model:
+    "shared_head" or "reward_model" (see the module docstring). prompts: "world" (the 1,610 fact
+    prompts) or a file (one prompt per line, or JSONL with "prompt"/"instruction").
+    beta: the initial KL coefficient (fixed unless ``adaptive_kl``); kl_estimator "k1" or "k3".
+    missing_eos_penalty: subtracted from the (normalised) score of a response without <|eos|>.
+    score_norm_samples: SFT samples for the score's mean/sd (0: no normalisation).
+    eval_prompts: per split (held-out facts, train facts), before and after training (0: skip).
+    """
+
+    sft: str = "runs/sft-opener/checkpoint.safetensors"
+    reward: str = "runs/reward/checkpoint.safetensors"
+    value_model: str = "shared_head"
+    prompts: str = "world"
+    out_dir: str = "runs/ppo"
+    iterations: int = 60
+    batch_size: int = 64
+    max_new_tokens: int = 16
+    temperature: float = 0.7
+    beta: float = 0.1
+    adaptive_kl: bool = False
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    kl_estimator: str = "k1"
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    ppo_epochs: int = 4
+    num_mini_batches: int = 2
+    lr: float = 3e-5
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    missing_eos_penalty: float = 1.0
+    score_norm_samples: int = 256
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: str = "q_proj,v_proj"
+    eval_prompts: int = 200
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.value_model not in ("shared_head", "reward_model"):
+            raise ValueError(f"value_model must be 'shared_head' or 'reward_model', got {self.value_model!r}")
+        if self.kl_estimator not in ("k1", "k3"):
+            raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}")
+        if self.value_model == "reward_model" and self.reward == "gold":
+            raise ValueError("value_model='reward_model' needs a reward-model checkpoint, not reward='gold'")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for PPO sampling, got {self.temperature}")
+        if self.beta < 0:
+            raise ValueError(f"beta must be ≥ 0, got {self.beta}")
+        for name in ("iterations", "batch_size", "max_new_tokens", "ppo_epochs", "num_mini_batches"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"PPOConfig.{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.batch_size % self.num_mini_batches:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by num_mini_batches {self.num_mini_batches}")
+        if self.batch_size // self.num_mini_batches < 1:
+            raise ValueError("a minibatch needs at least one row")
+
+
+# ================================================================================================
+# Rollouts and the training forward
+
+@dataclass
+class Rollout:
+    """One batch of sampled responses.
+
+    input_ids: (B, P + N) int64, left-padded prompt (length P) then the response (``pad_id`` after
+    ``<|eos|>``); attention_mask: (B, P + N) 1 on real tokens; response_mask: (B, N) 1 on response
+    tokens up to and including ``<|eos|>``; finished: (B,) emitted ``<|eos|>``; sample_logprobs:
+    (B, N) the sampler's log-probabilities; prompts: the prompt texts (or None); texts: decoded
+    responses without ``<|eos|>`` (or None without a tokenizer).
+    """
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    prompt_length: int
+    response_mask: np.ndarray
+    finished: np.ndarray
+    sample_logprobs: np.ndarray
+    prompts: list | None = None
+    texts: list | None = None
+
+    @property
+    def responses(self) -> np.ndarray:
+        """(B, N) response token ids."""
+        return self.input_ids[:, self.prompt_length:]
+
+    def subset(self, idx) -> "Rollout":
+        idx = np.asarray(idx)
+        return Rollout(self.input_ids[idx], self.attention_mask[idx], self.prompt_length, self.response_mask[idx],
+                       self.finished[idx], self.sample_logprobs[idx],
+                       None if self.prompts is None else [self.prompts[i] for i in idx],
+                       None if self.texts is None else [self.texts[i] for i in idx])
+
+
+def sample_rollout(policy: GPT, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, temperature: float,
+                   rng: np.random.Generator, eos_id: int | None, pad_id: int, tokenizer=None,
+                   prompts: list | None = None) -> Rollout:
+    """Sample one response per prompt (``GPT.generate``: left-padded prompts, KV cache, plain
+    sampling at ``temperature``) and assemble a ``Rollout``."""
+    g = policy.generate([list(p) for p in prompt_ids], max_new_tokens=max_new_tokens, temperature=temperature,
+                        eos_id=eos_id, pad_id=pad_id, rng=rng)
+    P = g.prompt_mask.shape[1]
+    attn = np.concatenate([g.prompt_mask.astype(np.int64), g.response_mask.astype(np.int64)], axis=1)
+    texts = None
+    if tokenizer is not None:
+        texts = []
+        for row in range(g.new_tokens.shape[0]):
+            n = int(g.response_mask[row].sum())
+            toks = [int(t) for t in g.new_tokens[row, :n]]
+            texts.append(tokenizer.decode(toks[:-1] if g.finished[row] else toks))
+    return Rollout(g.sequences.astype(np.int64), attn, P, g.response_mask.astype(np.int64), g.finished.copy(),
+                   g.logprobs.astype(np.float32), prompts, texts)
+
+
+def policy_forward(policy: GPT, input_ids, attention_mask, prompt_length: int, response_mask, temperature: float,
+                   value_head: Linear | None = None, value_model: GPT | None = None):
+    """The one forward used both to score rollouts and to train (REFERENCE §8.19).
+
+    input_ids, attention_mask: (B, P + N); response_mask (B, N). The hidden state before response
+    token t is h[:, P − 1 + t] (B, N, C); logits / T give log π(y_t) (B, N) (0 on padding);
+    the value V(s_t) comes from ``value_head`` on that same hidden state, or from
+    ``value_model.scores`` at the same positions. Returns (logprobs Tensor (B, N),
+    values Tensor (B, N) or None, scaled logits array (B, N, V)).
+    """
+    ids = backend.asarray(np.asarray(input_ids))
+    mask = backend.asarray(np.asarray(attention_mask))
+    B, L = ids.shape
+    P = prompt_length
+    N = L - P
+    h = policy.hidden_states(ids, mask)                            # (B, P+N, C)
+    h_resp = h[:, P - 1:L - 1, :]                                  # (B, N, C): state before each response token
+    logits = policy.lm_logits(h_resp) / temperature               # (B, N, V), softmax(logits / T)
+    rm = backend.asarray(np.asarray(response_mask)).astype(bool)
+    targets = backend.xp().where(rm, ids[:, P:], -100)            # (B, N)
+    logp = -F.cross_entropy(logits, targets, reduction="none")    # (B, N), 0 where masked
+    values = None
+    if value_head is not None:
+        values = value_head(h_resp).reshape(B, N)                 # (B, N, C) -> (B, N)
+    elif value_model is not None:
+        values = value_model.scores(ids, mask)[:, P - 1:L - 1]    # (B, N)
+    return logp, values, logits.data
+
+
+def reference_logprobs(ref: GPT, rollout: Rollout, temperature: float) -> np.ndarray:
+    """log π_ref(y_t) under softmax(logits / T): (B, N) float32, 0 on padding. Under no_grad."""
+    with no_grad():
+        lp, _, _ = policy_forward(ref, rollout.input_ids, rollout.attention_mask, rollout.prompt_length,
+                                  rollout.response_mask, temperature)
+    return backend.to_numpy(lp.data).astype(np.float32)
+
+
+# ================================================================================================
+# Rewards
+
+class GoldReward:
+    """The world's gold judge as the reward (the control run): ``judge.score(prompt, text, ended).total``."""
+
+    name = "gold"
+
+    def __init__(self, judge):
+        self.judge = judge
+
+    def __call__(self, rollout: Rollout) -> np.ndarray:
+        if rollout.prompts is None or rollout.texts is None:
+            raise ValueError("the gold reward needs prompt texts and a tokenizer to decode the responses")
+        return np.array([self.judge.score(p, t, ended=bool(e)).total
+                         for p, t, e in zip(rollout.prompts, rollout.texts, rollout.finished)], dtype=np.float64)
+
+
+class ModelReward:
+    """A reward model's scalar at the last real token of prompt + response (chapter 08)."""
+
+    name = "reward_model"
+
+    def __init__(self, model: GPT, batch_size: int = 64):
+        self.model = model
+        self.batch_size = batch_size
+
+    def __call__(self, rollout: Rollout) -> np.ndarray:
+        scores = _reward_scores_fn()
+        out = []
+        for s in range(0, rollout.input_ids.shape[0], self.batch_size):
+            out.append(np.asarray(scores(self.model, rollout.input_ids[s:s + self.batch_size],
+                                         rollout.attention_mask[s:s + self.batch_size]), dtype=np.float64))
+        return np.concatenate(out)
+
+
+def _reward_scores_fn():
+    """``minillm.train.reward.reward_scores`` (the chapter-08 module)."""
+    from minillm.train.reward import reward_scores
+
+    return reward_scores
+
+
+def disable_dropout(model: GPT) -> GPT:
+    """Set every dropout probability of ``model`` (and its config) to 0 and put it in eval mode
+    (trl ``disable_dropout_in_model``; REFERENCE §8.20). Returns the model."""
+    from minillm.nn import Dropout
+
+    model.config.dropout = 0.0
+    for m in model.modules():
+        if isinstance(m, Dropout):
+            m.p = 0.0
+    model.eval()
+    return model
+
+
+def load_reward(path: str):
+    """(model, tokenizer) of a reward-model checkpoint via ``minillm.train.reward.load_reward_model``."""
+    from minillm.train.reward import load_reward_model
+
+    return load_reward_model(path)
+
+
+# ================================================================================================
+# The trainer
+
+@dataclass
+class PPOResult:
+    """history: one dict of logged values per iteration; metrics: the JSON-able summary (config,
+    evaluations before/after, history, seconds); checkpoint: path of the saved policy."""
+
+    history: list = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+    checkpoint: str = ""
+    seconds: float = 0.0
+
+
+class PPOTrainer:
+    """PPO on a GPT policy against a frozen reference and a reward function.
+
+    Args:
+        policy: the GPT being trained (dropout must be 0). ref: the frozen reference GPT.
+        reward_fn: ``Rollout -> (B,) raw scores`` (``GoldReward``, ``ModelReward`` or any callable).
+        cfg: PPOConfig (only the algorithm fields are read here).
+        tokenizer: decodes responses (needed by the gold reward and the text metrics); may be None.
+        judge: a ``tasks.GoldJudge`` for the gold/correct/opener metrics (None: not logged).
+        value_model: a GPT with a scalar head (``cfg.value_model == "reward_model"``); otherwise a
+            zero-initialised value head on the policy trunk is created.
+        eos_id, pad_id: default to the tokenizer's.
+    Raises ValueError when a model has dropout > 0 (REFERENCE §8.20).
+    """
+
+    def __init__(self, policy: GPT, ref: GPT, reward_fn: Callable, cfg: PPOConfig, tokenizer=None, judge=None,
+                 value_model: GPT | None = None, eos_id: int | None = None, pad_id: int | None = None):
+        for name, m in (("policy", policy), ("reference", ref), ("value model", value_model)):
+            if m is not None and m.config.dropout != 0:
+                raise ValueError(f"the {name} has dropout {m.config.dropout}; PPO needs dropout off "
+                                 "(load it with config_overrides={'dropout': 0.0})")
+        self.policy, self.ref, self.reward_fn, self.cfg = policy, ref, reward_fn, cfg
+        self.tokenizer, self.judge = tokenizer, judge
+        self.eos_id = eos_id if eos_id is not None else (tokenizer.eos_id if tokenizer is not None else None)
+        self.pad_id = pad_id if pad_id is not None else (tokenizer.pad_id if tokenizer is not None else 0)
+        self.rng = np.random.default_rng([cfg.seed, 9])
+        ref.eval()
+        ref.requires_grad_(False)
+        policy.eval()  # dropout is 0; eval mode keeps every forward deterministic
+        self.value_model = value_model
+        self.value_head = None
+        if value_model is None:
+            self.value_head = Linear(policy.config.n_embd, 1, bias=True)
+            for p in self.value_head.parameters():  # zero init: lm-human-preferences value head, init_scale 0
+                p.data[...] = 0
+            self.value_params = self.value_head.parameters()
+        else:
+            value_model.eval()
+            self.value_params = [p for p in value_model.parameters() if p.requires_grad]
+        self.policy_params = [p for p in policy.parameters() if p.requires_grad]
+        if value_model is None:
+            self.opt = AdamW(self.policy_params + self.value_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            self.value_opt = None
+        else:
+            self.opt = AdamW(self.policy_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            self.value_opt = AdamW(self.value_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.kl_ctl = (AdaptiveKLController(cfg.beta, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
+                       else FixedKLController(cfg.beta))
+        self.score_mean, self.score_std = 0.0, 1.0
+        self.whiten_skipped = 0
+
+    # ------------------------------------------------------------------ pieces
+    def sample(self, prompt_ids, prompts=None, rng=None) -> Rollout:
+        return sample_rollout(self.policy, prompt_ids, self.cfg.max_new_tokens, self.cfg.temperature,
+                              rng or self.rng, self.eos_id, self.pad_id, self.tokenizer, prompts)
+
+    def forward(self, rollout: Rollout):
+        return policy_forward(self.policy, rollout.input_ids, rollout.attention_mask, rollout.prompt_length,
+                              rollout.response_mask, self.cfg.temperature, self.value_head, self.value_model)
+
+    def fit_score_norm(self, prompt_pool: Sequence[Sequence[int]], prompt_texts=None, n: int | None = None) -> dict:
+        """Mean and sd of the raw scores of ``n`` samples of the current (SFT) policy (PPO-NOTES §3)."""
+        n = self.cfg.score_norm_samples if n is None else n
+        if n <= 0:
+            return {"mean": 0.0, "std": 1.0, "n": 0}
+        rng = np.random.default_rng([self.cfg.seed, 7])
+        scores = []
+        B = self.cfg.batch_size
+        for s in range(0, n, B):
+            idx = rng.integers(0, len(prompt_pool), size=min(B, n - s))
+            r = self.sample([prompt_pool[i] for i in idx], None if prompt_texts is None else
+                            [prompt_texts[i] for i in idx], rng)
+            scores.append(self.reward_fn(r))
+        s = np.concatenate(scores)
+        self.score_mean = float(s.mean())
+        self.score_std = float(s.std()) if float(s.std()) > 1e-6 else 1.0
+        return {"mean": self.score_mean, "std": self.score_std, "n": int(s.size)}
+
+    def normalised_scores(self, rollout: Rollout, raw: np.ndarray) -> np.ndarray:
+        s = (np.asarray(raw, dtype=np.float64) - self.score_mean) / self.score_std
+        return s - self.cfg.missing_eos_penalty * (~rollout.finished.astype(bool))
+
+    def text_metrics(self, rollout: Rollout) -> dict:
+        """Gold, correctness, opener and EOS rates of a rollout (gold/correct None without a judge)."""
+        out = {"eos_rate": float(rollout.finished.mean()),
+               "response_length": float(rollout.response_mask.sum(axis=1).mean())}
+        if rollout.texts is None:
+            return out
+        out["opener_rate"] = float(np.mean([t.strip().startswith(OPENER) for t in rollout.texts]))
+        if self.judge is not None and rollout.prompts is not None:
+            try:
+                js = [self.judge.score(p, t, ended=bool(e)) for p, t, e in
+                      zip(rollout.prompts, rollout.texts, rollout.finished)]
+                out["gold"] = float(np.mean([j.total for j in js]))
+                out["correct"] = float(np.mean([j.correct for j in js]))
+            except KeyError:  # prompts that are not world questions: no gold
+                pass
+        return out
+
+    # ------------------------------------------------------------------ one iteration
+    def step(self, prompt_ids: Sequence[Sequence[int]], prompts: list | None = None) -> dict:
+        """One PPO iteration on these prompts: rollout, scoring, GAE, epochs of minibatch updates.
+
+        Returns the iteration's logged values (see the module docstring) plus ``minibatches``: a
+        list of per-minibatch dicts (epoch, ratio_min, ratio_max, approxkl, clipfrac, ...).
+        """
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        rollout = self.sample(prompt_ids, prompts)
+        B, N = rollout.response_mask.shape
+        mb = B // cfg.num_mini_batches
+        if mb < 1:
+            raise ValueError(f"{B} prompts cannot make {cfg.num_mini_batches} minibatches")
+        perms = [self.rng.permutation(B) for _ in range(cfg.ppo_epochs)]
+        # old log-probs and values: the training forward, in epoch 0's minibatches (REFERENCE §8.19)
+        old_logp = np.zeros((B, N), dtype=np.float32)
+        old_values = np.zeros((B, N), dtype=np.float32)
+        ref_logp = np.zeros((B, N), dtype=np.float32)
+        entropy = np.zeros((B, N), dtype=np.float64)
+        with no_grad():
+            for s in range(0, B, mb):
+                idx = perms[0][s:s + mb]
+                sub = rollout.subset(idx)
+                lp, v, logits = self.forward(sub)
+                old_logp[idx] = backend.to_numpy(lp.data)
+                old_values[idx] = backend.to_numpy(v.data)
+                entropy[idx] = backend.to_numpy(token_entropy(logits))
+                # the reference in the same minibatches: at init (policy == ref) the KL is exactly 0
+                ref_logp[idx] = reference_logprobs(self.ref, sub, cfg.temperature)
+        mask = rollout.response_mask.astype(np.float32)
+        raw = np.asarray(self.reward_fn(rollout), dtype=np.float64)
+        scores = self.normalised_scores(rollout, raw)
+        beta = self.kl_ctl.value
+        rewards, kl = per_token_rewards(old_logp, ref_logp, mask, scores, beta, cfg.kl_estimator)
+        k1 = (old_logp - ref_logp) * mask
+        old_values = old_values * mask
+        advantages, returns = compute_gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            if mask.sum() >= 2:
+                advantages = masked_whiten(advantages, mask) * mask
+            else:  # one real token in the whole batch: whitening is undefined (REFERENCE §8.21)
+                self.whiten_skipped += 1
+        advantages = advantages.astype(np.float32)
+        returns = returns.astype(np.float32)
+
+        t_update = time.perf_counter()
+        mstats = []
+        for epoch in range(cfg.ppo_epochs):
+            for s in range(0, B, mb):
+                idx = perms[epoch][s:s + mb]
+                sub = rollout.subset(idx)
+                m = mask[idx]
+                if m.sum() == 0:
+                    continue
+                lp, v, _ = self.forward(sub)
+                pg_loss, clipfrac, approxkl = ppo_policy_loss(lp, old_logp[idx], advantages[idx], m, cfg.cliprange)
+                vf_loss, vf_clipfrac = ppo_value_loss(v, old_values[idx], returns[idx], m, cfg.cliprange_value)
+                ratio = np.exp(backend.to_numpy(lp.data) - old_logp[idx])[m > 0]
+                self.opt.zero_grad()
+                if self.value_opt is None:
+                    loss = pg_loss + cfg.vf_coef * vf_loss
+                    loss.backward()
+                    gnorm = clip_grad_norm_(self.policy_params + self.value_params, cfg.grad_clip) \
+                        if cfg.grad_clip > 0 else 0.0
+                    self.opt.step()
+                else:
+                    self.value_opt.zero_grad()
+                    (pg_loss + cfg.vf_coef * vf_loss).backward()
+                    gnorm = clip_grad_norm_(self.policy_params, cfg.grad_clip) if cfg.grad_clip > 0 else 0.0
+                    if cfg.grad_clip > 0:
+                        clip_grad_norm_(self.value_params, cfg.grad_clip)
+                    self.opt.step()
+                    self.value_opt.step()
+                mstats.append({"epoch": epoch, "pg_loss": float(pg_loss.item()), "value_loss": float(vf_loss.item()),
+                               "clipfrac": clipfrac, "vf_clipfrac": vf_clipfrac, "approxkl": approxkl,
+                               "ratio_min": float(ratio.min()), "ratio_max": float(ratio.max()),
+                               "ratio_mean": float(ratio.mean()), "grad_norm": float(gnorm)})
+        seq_kl = k1.sum(axis=1)
+        self.kl_ctl.update(float(seq_kl.mean()), B)
+        stats = {
+            "rm_score": float(raw.mean()),
+            "score": float(scores.mean()),
+            "kl": float(seq_kl.mean()),
+            "kl_penalty_estimate": float(kl.sum(axis=1).mean()),
+            "non_score_reward": float((-beta * kl).sum(axis=1).mean()),
+            "entropy": float((entropy * mask).sum() / max(mask.sum(), 1)),
+            "beta": beta,
+            "logprob_mismatch": float(np.abs((rollout.sample_logprobs - old_logp) * mask).max()),
+            **self.text_metrics(rollout),
+            **{k: float(np.mean([d[k] for d in mstats])) for k in
+               ("pg_loss", "value_loss", "clipfrac", "vf_clipfrac", "approxkl", "grad_norm")},
+            "update_seconds": time.perf_counter() - t_update,
+            "seconds": time.perf_counter() - t0,
+            "minibatches": mstats,
+        }
+        return stats
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, prompt_ids, prompts=None, seed: int = 1234, batch_size: int = 64) -> dict:
+        """One sample per prompt at T (fixed seed): raw score, KL (mean summed k1), gold, correct,
+        opener/EOS rates, response length. Under no_grad; does not touch the training rng."""
+        rng = np.random.default_rng(seed)
+        raws, kls, rows = [], [], []
+        for s in range(0, len(prompt_ids), batch_size):
+            r = self.sample(prompt_ids[s:s + batch_size], None if prompts is None else prompts[s:s + batch_size], rng)
+            with no_grad():
+                lp, _, _ = self.forward(r)
+            ref = reference_logprobs(self.ref, r, self.cfg.temperature)
+            kls.append(((backend.to_numpy(lp.data) - ref) * r.response_mask).sum(axis=1))
+            raws.append(np.asarray(self.reward_fn(r), dtype=np.float64))
+            rows.append((r, self.text_metrics(r)))
+        n = len(prompt_ids)
+        out = {"rm_score": float(np.concatenate(raws).mean()), "kl": float(np.concatenate(kls).mean()), "n": n}
+        for key in rows[0][1]:
+            out[key] = float(sum(m[key] * r.input_ids.shape[0] for r, m in rows) / n)
+        first = rows[0][0]
+        if first.texts is not None:
+            out["samples"] = [(p, t) for p, t in zip(first.prompts or [""] * 4, first.texts)][:4]
+        return out
+
+
+# ================================================================================================
+# Prompts, the run, the CLI
+
+def world_prompts() -> tuple[list[str], dict]:
+    """The 1,610 fact prompts of the built-in world (train facts, then held-out facts; 5 templates
+    each) and evaluation subsets {"test": 485 held-out-fact prompts, "train": 1,125 train-fact prompts}."""
+    from minillm.tasks import default_world
+
+    w = default_world()
+    train = [r["instruction"] for r in w.sft_records("plain")]
+    test = [r["instruction"] for r in w.sft_test_records()]
+    return train + test, {"test": test, "train": train}
+
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts from a file: JSONL/JSON records with "prompt" or "instruction", or plain text (one per line).
+
+    Raises FileNotFoundError naming the file, ValueError naming the file and line of a bad record,
+    or of an empty file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"prompt file not found: {p}")
+    out = []
+    text = p.read_text(encoding="utf-8")
+    if p.suffix in (".jsonl", ".json"):
+        lines = text.splitlines()
+        if p.suffix == ".json":
+            recs = json.loads(text)
+            lines = [json.dumps(r) for r in recs]
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{p}:{i}: not valid JSON ({e.msg})") from None
+            q = rec.get("prompt", rec.get("instruction")) if isinstance(rec, dict) else None
+            if not isinstance(q, str) or not q.strip():
+                raise ValueError(f"{p}:{i}: a record needs a non-empty 'prompt' or 'instruction' string")
+            out.append(q)
+    else:
+        out = [line.strip() for line in text.splitlines() if line.strip()]
+    if not out:
+        raise ValueError(f"{p}: no prompts")
+    return out
+
+
+def _evenly(items: list, n: int) -> list:
+    if n <= 0 or n >= len(items):
+        return list(items)
+    return [items[int(i)] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _round(d):
+    if isinstance(d, dict):
+        return {k: _round(v) for k, v in d.items()}
+    if isinstance(d, (list, tuple)):
+        return [_round(v) for v in d]
+    if isinstance(d, float):
+        return round(d, 5)
+    return d
+
+
+def build_trainer(cfg: PPOConfig):
+    """Load policy, reference, reward and value models as configured; returns (trainer, tokenizer).
+
+    Raises FileNotFoundError for a missing checkpoint and ValueError when the SFT checkpoint has no
+    tokenizer or the reward model's tokenizer differs from the policy's.
+    """
+    from minillm.checkpoint import load_model
+    from minillm.tasks import GoldJudge, default_world
+
+    nodrop = {"dropout": 0.0}
+    policy, tok, _ = load_model(cfg.sft, config_overrides=nodrop)
+    if tok is None:
+        raise ValueError(f"{cfg.sft}: the checkpoint has no tokenizer")
+    ref, _, _ = load_model(cfg.sft, config_overrides=nodrop)
+    judge = GoldJudge(default_world())
+    value_model = None
+    if cfg.reward == "gold":
+        reward_fn = GoldReward(judge)
+    else:
+        rm, rm_tok = load_reward(cfg.reward)
+        if rm_tok is not None and rm_tok.to_dict() != tok.to_dict():
+            raise ValueError(f"{cfg.reward}: the reward model's tokenizer differs from the policy's ({cfg.sft})")
+        rm.requires_grad_(False)
+        reward_fn = ModelReward(disable_dropout(rm), cfg.batch_size)
+        if cfg.value_model == "reward_model":
+            value_model, _ = load_reward(cfg.reward)
+            disable_dropout(value_model).requires_grad_(True)
+    if cfg.lora:
+        from minillm.lora import inject_lora
+
+        targets = "all-linear" if cfg.lora_targets == "all-linear" else [t.strip() for t in cfg.lora_targets.split(",")]
+        inject_lora(policy, targets, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, seed=cfg.seed)
+    trainer = PPOTrainer(policy, ref, reward_fn, cfg, tokenizer=tok, judge=judge, value_model=value_model)
+    return trainer, tok
+
+
+def ppo(cfg: PPOConfig, on_iteration: Callable | None = None) -> PPOResult:
+    """Run PPO as configured; returns a PPOResult and writes ``<out_dir>/metrics.json`` and
+    ``<out_dir>/checkpoint.safetensors`` (LoRA merged; the value head in ``extra.value_head.*``).
+
+    Raises the loaders' errors for missing/bad checkpoints and prompt files.
+    """
+    from minillm.checkpoint import save_checkpoint
+    from minillm.data import render_prompt
+
+    t0 = time.perf_counter()
+    trainer, tok = build_trainer(cfg)
+
+    def render(q: str) -> list[int]:
+        return render_prompt([{"role": "user", "content": q}], tok)
+
+    if cfg.prompts == "world":
+        pool_texts, eval_sets = world_prompts()
+    else:
+        pool_texts, eval_sets = read_prompts(cfg.prompts), {}
+    limit = trainer.policy.config.block_size - cfg.max_new_tokens
+    pool_ids = [render(q) for q in pool_texts]
+    keep = [i for i, ids in enumerate(pool_ids) if len(ids) <= limit]
+    if not keep:
+        raise ValueError(f"no prompt fits block_size − max_new_tokens = {limit} tokens")
+    n_too_long = len(pool_ids) - len(keep)
+    pool_texts = [pool_texts[i] for i in keep]
+    pool_ids = [pool_ids[i] for i in keep]
+    metrics: dict = {"config": asdict(cfg), "n_prompts": len(pool_ids), "n_prompts_too_long": n_too_long}
+    metrics["score_norm"] = trainer.fit_score_norm(pool_ids, pool_texts)
+
+    evals = {k: _evenly(v, cfg.eval_prompts) for k, v in eval_sets.items()} if cfg.eval_prompts > 0 else {}
+
+    def run_eval() -> dict:
+        return {k: trainer.evaluate([render(q) for q in v], v, seed=cfg.seed + 1234) for k, v in evals.items()}
+
+    if evals:
+        metrics["eval_start"] = run_eval()
+    rng = np.random.default_rng([cfg.seed, 11])
+    history = []
+    t_train = time.perf_counter()
+    bar = tqdm(range(cfg.iterations), desc="ppo", disable=not cfg.progress)
+    for it in bar:
+        idx = rng.integers(0, len(pool_ids), size=cfg.batch_size)
+        st = trainer.step([pool_ids[i] for i in idx], [pool_texts[i] for i in idx])
+        st = {"iteration": it, **{k: v for k, v in st.items() if k != "minibatches"},
+              "first_minibatch": st["minibatches"][0] if st["minibatches"] else None}
+        history.append(st)
+        bar.set_postfix(rm=f"{st['rm_score']:.2f}", gold=f"{st.get('gold', float('nan')):.2f}", kl=f"{st['kl']:.2f}")
+        if on_iteration is not None:
+            on_iteration(it, st)
+    metrics["train_seconds"] = round(time.perf_counter() - t_train, 1)
+    if evals:
+        metrics["eval_end"] = run_eval()
+    metrics["history"] = history
+    metrics["whiten_skipped"] = trainer.whiten_skipped
+    policy = trainer.policy
+    if cfg.lora:
+        from minillm.lora import merge_and_unload
+
+        policy = merge_and_unload(policy)
+    extra = {}
+    if trainer.value_head is not None:
+        extra = {"value_head.weight": trainer.value_head.weight.data, "value_head.bias": trainer.value_head.bias.data}
+    out = Path(cfg.out_dir)
+    ckpt = save_checkpoint(out / "checkpoint.safetensors", policy, tok, train_state={"ppo_config": asdict(cfg)},
+                           extra_tensors=extra)
+    metrics["seconds"] = round(time.perf_counter() - t0, 1)
+    metrics = _round(metrics)
+    _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    return PPOResult(history=metrics["history"], metrics=metrics, checkpoint=str(ckpt), seconds=metrics["seconds"])
+
+
+def summary_lines(m: dict) -> list[str]:
+    """Human-readable lines of a PPO metrics dict: start → end per split, and the rollout curves."""
+    lines = []
+    for split in ("test", "train"):
+        a, b = m.get("eval_start", {}).get(split), m.get("eval_end", {}).get(split)
+        if a and b:
+            lines.append(f"{split:5s} gold {a.get('gold', float('nan')):+.3f} → {b.get('gold', float('nan')):+.3f}  "
+                         f"correct {a.get('correct', float('nan')):.3f} → {b.get('correct', float('nan')):.3f}  "
+                         f"RM {a['rm_score']:+.2f} → {b['rm_score']:+.2f}  KL {a['kl']:.2f} → {b['kl']:.2f}  "
+                         f"opener {a.get('opener_rate', float('nan')):.2f} → {b.get('opener_rate', float('nan')):.2f}")
+    h = m.get("history", [])
+    if h:
+        def avg(rows, k):
+            vals = [r[k] for r in rows if r.get(k) is not None]
+            return float(np.mean(vals)) if vals else float("nan")
+        first, last = h[:5], h[-10:]
+        lines.append("rollouts (iters 0-4 → last 10): " + "  ".join(
+            f"{k} {avg(first, k):.2f} → {avg(last, k):.2f}"
+            for k in ("rm_score", "gold", "kl", "opener_rate", "response_length")))
+    lines.append(f"train_seconds: {m.get('train_seconds')}  iterations: {len(h)}")
+    return lines
+
+
+def add_arguments(parser) -> None:
+    add_dataclass_arguments(parser, PPOConfig)
+
+
+def run(args) -> int:
+    cfg = dataclass_from_args(PPOConfig, args)
+    res = ppo(cfg)
+    for line in summary_lines(res.metrics):
+        print(line)
+    print(f"metrics: {Path(cfg.out_dir) / 'metrics.json'}")
+    return 0
