@@ -276,8 +276,9 @@ def accumulate_gradients(micro_batches: Sequence, loss_sum_fn: Callable[[object]
 #       one chunk at a time (the AdamW update is elementwise, so chunking changes no value).
 #     * 32-bit state only (bitsandbytes also offers 8-bit paged state).
 #     * On NumPy the "device" pool and the host store are both host arrays (the copies are real
-#       copies). On CuPy the pool is a cupy array; ``_to_device`` / ``_to_host`` are the hooks where
-#       a faster path would use pinned host memory and copies on a side stream.
+#       copies). On CuPy the pool is a cupy array, the host store pinned memory, and pages move on
+#       a side stream (``_to_device`` / ``_to_host``); each copy is waited for before use, so
+#       copies do not yet overlap the update (prefetching the next page would).
 
 from collections import OrderedDict  # noqa: E402  (kept with the paged optimizer it serves)
 
@@ -328,17 +329,44 @@ class PagedAdamW(Optimizer):
         self.page_ins = self.page_outs = self.allocations = 0
 
     # ---------------------------------------------------------------- transfer hooks
+    @property
+    def _on_gpu(self) -> bool:
+        return backend.is_cupy(self._pool)
+
+    def _side_stream(self):  # pragma: no cover - GPU only
+        """The CUDA stream page copies run on (created on first use), apart from the compute stream."""
+        if getattr(self, "_stream", None) is None:
+            import cupy
+
+            self._stream = cupy.cuda.Stream(non_blocking=True)
+        return self._stream
+
     def _to_device(self, key: tuple[int, int], slot: int) -> None:
         """Copy page ``key`` (param index, page index) from the host store into pool ``slot``.
-        CuPy hook: pinned host memory + ``cupy.ndarray.set(..., stream=side_stream)``."""
+
+        On CuPy: an asynchronous host-to-device copy from pinned memory on the side stream, then a
+        wait for that stream, so the update that follows reads the whole page."""
         i, k = key
-        self._pool[slot][...] = backend.get_array_module(self._pool).asarray(self._host[i][k])
+        if self._on_gpu:  # pragma: no cover - GPU only
+            stream = self._side_stream()
+            self._pool[slot].set(self._host[i][k], stream=stream)
+            stream.synchronize()
+        else:
+            self._pool[slot][...] = self._host[i][k]
 
     def _to_host(self, key: tuple[int, int], slot: int) -> None:
-        """Copy pool ``slot`` back to page ``key`` of the host store.
-        CuPy hook: ``cupy.ndarray.get(out=pinned, stream=side_stream)``."""
+        """Copy pool ``slot`` back to page ``key`` of the host store (on CuPy: a device-to-host
+        copy into pinned memory on the side stream, after the compute stream's pending work)."""
         i, k = key
-        self._host[i][k][...] = backend.to_numpy(self._pool[slot])
+        if self._on_gpu:  # pragma: no cover - GPU only
+            import cupy
+
+            stream = self._side_stream()
+            stream.wait_event(cupy.cuda.get_current_stream().record())
+            self._pool[slot].get(stream=stream, out=self._host[i][k])
+            stream.synchronize()
+        else:
+            self._host[i][k][...] = self._pool[slot]
 
     # ---------------------------------------------------------------- paging
     def _evict_one(self) -> int:
@@ -365,8 +393,17 @@ class PagedAdamW(Optimizer):
         return slot
 
     def _host_store(self, i: int) -> np.ndarray:
+        """Parameter i's host backing store (n_pages, 2, page_elems) float32; page-locked (pinned)
+        memory on CuPy so copies can run asynchronously (cudaHostAlloc, as bitsandbytes' managed
+        memory is host-resident when evicted)."""
         if i not in self._host:
-            self._host[i] = np.zeros((self._n_pages[i], 2, self.page_elems), dtype=np.float32)
+            shape = (self._n_pages[i], 2, self.page_elems)
+            if self._on_gpu:  # pragma: no cover - GPU only
+                import cupyx
+
+                self._host[i] = cupyx.zeros_pinned(shape, dtype=np.float32)
+            else:
+                self._host[i] = np.zeros(shape, dtype=np.float32)
         return self._host[i]
 
     def step(self) -> None:
