@@ -36,6 +36,8 @@ Scope
       a ``GPT2BPETokenizer`` or from a tokenizer minillm trained itself.
     * ``load_any(path)``: a Hugging Face directory or a minillm checkpoint, as ``sft``/``dpo``
       ``--base`` take it; ``tokenizer_from_dict`` reads either tokenizer form from a checkpoint.
+    * Command line (``add_arguments`` / ``run``): ``minillm hf export CKPT DIR`` and
+      ``minillm hf import DIR CKPT.safetensors [--add-chat-specials]``.
 
 Sources
     * openai/gpt-2 ``src/encoder.py``: ``bytes_to_unicode`` (the 256 bytes as printable
@@ -107,7 +109,8 @@ def bytes_to_unicode() -> dict[int, str]:
     byte order, so the token strings in ``vocab.json`` / ``merges.txt`` contain no whitespace
     (space 0x20 -> 'Ġ' U+0120, newline 0x0A -> 'Ċ' U+010A).
     """
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -511,7 +514,8 @@ def _gpt2_tables(tokenizer: Tokenizer) -> tuple[dict[str, int], list[tuple[str, 
     for i in range(256 + len(tokenizer.merges)):
         s = bytes_to_token(tokenizer.id_to_token(i))
         if s in vocab:
-            raise ValueError(f"save_gpt2_files: ids {vocab[s]} and {i} are both the bytes {tokenizer.id_to_token(i)!r}; "
+            raise ValueError(f"save_gpt2_files: ids {vocab[s]} and {i} are both the bytes "
+                             f"{tokenizer.id_to_token(i)!r}; "
                              f"a GPT-2 vocabulary maps each string to one id")
         vocab[s] = i
         strings.append(s)
@@ -991,6 +995,37 @@ def load_any(path, special_tokens: Sequence[str] = DEFAULT_SPECIALS, config_over
     if not p.exists():
         raise FileNotFoundError(f"base model not found: {p}")
     return load_model(p, config_overrides=dict(config_overrides or {}) or None)
+
+
+# ----------------------------------------------------------------------------------------------
+# command line: ``minillm hf export|import`` (module convention: add_arguments / run)
+
+def add_arguments(parser) -> None:
+    """``export SRC OUT``: a minillm checkpoint (or any ``load_any`` source) -> a Hugging Face GPT-2
+    directory; ``import SRC OUT``: a Hugging Face directory -> a minillm checkpoint file."""
+    parser.add_argument("action", choices=("export", "import"), help="export: minillm -> HF dir; import: HF dir -> "
+                                                                     "minillm checkpoint")
+    parser.add_argument("src", help="export: a checkpoint file or run directory; import: a Hugging Face directory")
+    parser.add_argument("out", help="export: the directory to write; import: the .safetensors file to write")
+    parser.add_argument("--add-chat-specials", action="store_true",
+                        help="import: add minillm's chat-template special tokens (<|pad|> <|bos|> ...) if missing")
+
+
+def run(args) -> int:
+    """Run ``add_arguments``' command; prints what was written. Returns 0."""
+    from minillm.checkpoint import save_checkpoint
+
+    if args.action == "export":
+        model, tok, _ = load_any(args.src, special_tokens=())
+        out = save_hf_gpt2(model, args.out, tok)
+        print(f"wrote {out} (config.json, model.safetensors{', tokenizer files' if tok is not None else ''})")
+    else:
+        if not is_hf_dir(args.src):
+            raise FileNotFoundError(f"{args.src}: not a Hugging Face directory (no config.json)")
+        model, tok = load_hf_gpt2(args.src, special_tokens=DEFAULT_SPECIALS if args.add_chat_specials else ())
+        path = save_checkpoint(args.out, model, tok, train_state={"source": "huggingface-gpt2", "path": args.src})
+        print(f"wrote {path} (vocab_size {model.config.vocab_size}, tokenizer: {tok!r})")
+    return 0
 
 
 __all__ = [

@@ -329,6 +329,25 @@ def test_load_any_dispatch_and_chat_specials(tmp_path):
         np.testing.assert_array_equal(logits_of(m3, ids), logits_of(model, ids))
 
 
+def test_command_line_export_and_import(tmp_path, capsys):
+    import argparse
+
+    tok = _minillm_tokenizer()
+    model = tiny_gpt(6, vocab_size=tok.vocab_size)
+    save_checkpoint(tmp_path / "ck.safetensors", model, tok)
+    parser = argparse.ArgumentParser()
+    hf.add_arguments(parser)
+    assert hf.run(parser.parse_args(["export", str(tmp_path / "ck.safetensors"), str(tmp_path / "hfdir")])) == 0
+    assert {"config.json", "model.safetensors", "vocab.json", "merges.txt"} <= set(os.listdir(tmp_path / "hfdir"))
+    assert hf.run(parser.parse_args(["import", str(tmp_path / "hfdir"), str(tmp_path / "back.safetensors")])) == 0
+    assert "wrote" in capsys.readouterr().out
+    ck = load_checkpoint(tmp_path / "back.safetensors")
+    back_tok = hf.tokenizer_from_dict(ck.tokenizer)
+    assert back_tok.encode(TRICKY[20]) == tok.encode(TRICKY[20])
+    with pytest.raises(FileNotFoundError, match="not a Hugging Face directory"):
+        hf.run(parser.parse_args(["import", str(tmp_path / "ck.safetensors"), str(tmp_path / "x.safetensors")]))
+
+
 def test_sft_loop_on_a_hugging_face_base(tmp_path):
     """What ``minillm sft --base DIR`` does after loading: render chats, train LoRA, merge, save."""
     from minillm.data import tokenize_sft
