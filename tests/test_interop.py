@@ -573,3 +573,22 @@ def test_crosscheck_lora_adapter_loads_with_peft(hf_tiny, tmp_path, torch, offli
     ref = transformers.GPT2LMHeadModel.from_pretrained(hf.save_hf_gpt2(merged, tmp_path / "merged")).eval()
     with torch.no_grad():
         np.testing.assert_allclose(ref(torch.from_numpy(ids)).logits.numpy(), ours, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.crosscheck
+def test_crosscheck_two_merges_making_one_token(tmp_path):
+    """Two merges may make the same string ("a bc" and "ab c" both make "abc"): the file gives it one
+    id, which later merges ("abc d") use. minillm's own layout (merge k = id 256+k) could not hold it."""
+    tokenizers = require("tokenizers")
+    vocab = {c: i for i, c in enumerate(hf.bytes_to_unicode().values())}
+    for t in ("bc", "abc", "ab", "abcd", "Ġabc"):
+        vocab[t] = len(vocab)
+    merges = [("b", "c"), ("a", "bc"), ("a", "b"), ("ab", "c"), ("abc", "d"), ("Ġ", "abc")]
+    ours = hf.GPT2BPETokenizer(vocab, merges)
+    ref = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, merges))
+    ref.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        s = "".join(rng.choice(list("abcd x"), size=rng.integers(1, 14)))
+        assert ours.encode(s) == ref.encode(s).ids, repr(s)
+    assert ours.encode("abcd abc") == [vocab["abcd"], vocab["Ġabc"]]
