@@ -869,7 +869,8 @@ def load_hf_gpt2(folder, special_tokens: Sequence[str] = (), config_overrides: M
     ``GPT2BPETokenizer`` with the file's ids). special_tokens: specials to make sure of (e.g.
     ``tokenizer.DEFAULT_SPECIALS`` for the chat template): missing ones are added to the tokenizer
     and the embedding grows by one row each (``add_special_tokens``). config_overrides: GPTConfig
-    fields to replace (e.g. ``{"dropout": 0.0}``).
+    fields to replace (e.g. ``{"dropout": 0.0}``; ``{"scalar_head": True}`` adds a freshly
+    initialised ``score`` head for a reward or value model, as ``checkpoint.load_model`` does).
 
     Raises FileNotFoundError (no directory, no config.json, no weights), ValueError naming the file
     and field or tensor: an architecture that is not GPT-2 (``gpt_config_from_hf``), a missing /
@@ -891,6 +892,8 @@ def load_hf_gpt2(folder, special_tokens: Sequence[str] = (), config_overrides: M
     tensors, where = _read_hf_weights(folder)
     sd = gpt_state_from_hf(tensors, config, where, source=str(folder))
     model = GPT(config)
+    if config.scalar_head:  # a reward/value head asked for by config_overrides: keep its fresh init
+        sd.update({k: v for k, v in model.state_dict().items() if k.startswith("score.")})
     model.load_state_dict(sd, source=str(folder))
     tok = load_hf_tokenizer(folder)
     if special_tokens:

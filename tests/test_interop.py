@@ -321,6 +321,10 @@ def test_load_any_dispatch_and_chat_specials(tmp_path):
     base, _ = hf.load_hf_gpt2(d)
     np.testing.assert_allclose(logits_of(m2, ids)[..., :377], logits_of(base, ids), rtol=1e-5, atol=1e-6)
     assert t2.encode("<|bos|>[INST] hi") [:2] == [t2.bos_id, t2.special_id("[INST]")]
+    # a reward model's scalar head on a Hugging Face base (reward.py's config_overrides)
+    rm, _, _ = hf.load_any(d, config_overrides={"scalar_head": True, "dropout": 0.0})
+    assert rm.score is not None and rm.config.dropout == 0.0
+    np.testing.assert_array_equal(rm.transformer.wte.weight.data, m2.transformer.wte.weight.data)
     # a minillm checkpoint file and a run directory
     save_checkpoint(tmp_path / "run" / "checkpoint.safetensors", model, tok)
     for p in (tmp_path / "run" / "checkpoint.safetensors", tmp_path / "run"):
