@@ -61,7 +61,11 @@ Deviations (each with the option that restores the reference)
       ``gelu_pytorch_tanh``; other values are refused rather than approximated.
     * The pre-split uses the ``regex`` package's Unicode tables (``GPT2_SPLIT_PATTERN``;
       tokenizers uses Oniguruma's): code points assigned in one Unicode version and not the other
-      may split differently. ``regex`` is installed with transformers; GPT-2 files need it.
+      may split differently. ``regex`` is installed with transformers; GPT-2 parity needs it.
+      Without it the tokenizer readers fall back, with a warning, to minillm's stdlib twin
+      ``GPT2_SPLIT_PATTERN_STDLIB`` (it differs only on Nl/No numerals such as '½', U+001C..U+001F
+      and code points newer than Python's Unicode database); ``pip install regex`` restores
+      parity, and ``pattern=`` chooses explicitly.
     * Added tokens' ``lstrip`` / ``rstrip`` / ``single_word`` flags are not applied (GPT-2's own
       ``<|endoftext|>`` has none).
     * New special tokens (``add_special_tokens``) get embedding rows equal to the mean of the
@@ -70,11 +74,13 @@ Deviations (each with the option that restores the reference)
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import mmap
 import os
 import struct
 import tempfile
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -90,6 +96,9 @@ ENDOFTEXT = "<|endoftext|>"
 #: ``format`` of ``GPT2BPETokenizer.to_dict`` (minillm's own tokenizer uses "minillm.tokenizer").
 GPT2_FORMAT = "minillm.gpt2-bpe"
 GPT2_FORMAT_VERSION = 1
+
+#: ``pattern="auto"``: GPT-2's regex if the ``regex`` package is installed, else the stdlib twin.
+AUTO = "auto"
 
 _ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
 _BLOCK_TENSORS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
@@ -139,6 +148,19 @@ def bytes_to_token(b: bytes) -> str:
     return "".join(_BYTE_ENCODER[x] for x in b)
 
 
+def gpt2_pattern(pattern: str | None = AUTO) -> str | None:
+    """Resolve ``pattern``: ``"auto"`` -> ``GPT2_SPLIT_PATTERN`` when ``regex`` is importable, else
+    ``GPT2_SPLIT_PATTERN_STDLIB`` with a ``UserWarning`` saying what differs; anything else as given."""
+    if pattern != AUTO:
+        return pattern
+    if importlib.util.find_spec("regex") is not None:
+        return GPT2_SPLIT_PATTERN
+    warnings.warn("the `regex` package is not installed: GPT-2's pre-split uses minillm's stdlib twin, which "
+                  "splits Nl/No numerals ('½', 'Ⅻ'), U+001C..U+001F and very new code points differently from "
+                  "GPT-2 (pip install regex for exact parity)", UserWarning, stacklevel=3)
+    return GPT2_SPLIT_PATTERN_STDLIB
+
+
 # ----------------------------------------------------------------------------------------------
 # The tokenizer
 
@@ -161,7 +183,7 @@ class GPT2BPETokenizer(Tokenizer):
         vocab: token string (GPT-2 byte characters, or a special's text) -> id (int ≥ 0).
         merges: ``[(a, b), ...]`` token strings in rank order (line order of merges.txt).
         special_tokens: special string -> id; a special not in ``vocab`` is added with its id.
-        pattern: the pre-split regex (default GPT-2's, needs the ``regex`` package).
+        pattern: the pre-split regex; ``"auto"`` (default): GPT-2's (``gpt2_pattern``).
         source: a file name for error messages.
     Raises:
         ValueError: naming the source and the bad entry: a byte missing from the vocabulary, a
@@ -170,9 +192,9 @@ class GPT2BPETokenizer(Tokenizer):
     """
 
     def __init__(self, vocab: Mapping[str, int], merges: Sequence[tuple[str, str]],
-                 special_tokens: Mapping[str, int] | None = None, pattern: str | None = GPT2_SPLIT_PATTERN,
+                 special_tokens: Mapping[str, int] | None = None, pattern: str | None = AUTO,
                  source: str = "vocab"):
-        super().__init__(merges=(), special_tokens=(), pattern=pattern)  # validates + compiles the pattern
+        super().__init__(merges=(), special_tokens=(), pattern=gpt2_pattern(pattern))  # validates + compiles the pattern
         special_tokens = dict(special_tokens or {})
         vocab = dict(vocab)
         for s, i in special_tokens.items():
@@ -412,14 +434,15 @@ def _special_tokens_from_config(folder: Path, vocab: Mapping[str, int]) -> dict[
 
 
 def tokenizer_from_gpt2_files(vocab_json, merges_txt, special_tokens: Sequence[str] | Mapping[str, int] | None = None,
-                              pattern: str | None = GPT2_SPLIT_PATTERN) -> GPT2BPETokenizer:
+                              pattern: str | None = AUTO) -> GPT2BPETokenizer:
     """Read GPT-2's ``vocab.json`` (token -> id) and ``merges.txt`` (one "a b" merge per line in
     rank order, optional ``#version`` header) into a ``GPT2BPETokenizer``.
 
     special_tokens: None -> those named in ``tokenizer_config.json`` / ``special_tokens_map.json``
     / ``added_tokens.json`` next to ``vocab.json`` plus ``<|endoftext|>`` if the vocabulary has
     it; a sequence of strings -> their vocabulary ids (new ones get ids after the largest); a dict
-    string -> id as given. pattern: GPT-2's pre-split regex by default (needs ``regex``).
+    string -> id as given. pattern: ``"auto"`` = GPT-2's pre-split regex (``gpt2_pattern``: needs
+    ``regex`` for exact parity).
 
     Encodes exactly like ``transformers.GPT2Tokenizer`` on these files (see the interop tests).
     Raises FileNotFoundError / ValueError naming the file and the line or entry at fault.
@@ -447,7 +470,7 @@ def tokenizer_from_gpt2_files(vocab_json, merges_txt, special_tokens: Sequence[s
     return GPT2BPETokenizer(vocab, merges, specials, pattern, source=f"{vocab_json} + {merges_txt}")
 
 
-def tokenizer_from_hf_json(path, pattern: str | None = GPT2_SPLIT_PATTERN) -> GPT2BPETokenizer:
+def tokenizer_from_hf_json(path, pattern: str | None = AUTO) -> GPT2BPETokenizer:
     """Read a ``tokenizers`` ``tokenizer.json`` of GPT-2's kind (what transformers ≥ 5 saves):
     ``model`` of type BPE (``vocab``, ``merges`` as "a b" strings or [a, b] lists), a ByteLevel
     pre-tokenizer without prefix space, no normalizer; every entry of ``added_tokens`` becomes a
@@ -1032,7 +1055,7 @@ def run(args) -> int:
 
 
 __all__ = [
-    "ENDOFTEXT", "bytes_to_unicode", "token_to_bytes", "bytes_to_token", "GPT2BPETokenizer",
+    "ENDOFTEXT", "AUTO", "gpt2_pattern", "bytes_to_unicode", "token_to_bytes", "bytes_to_token", "GPT2BPETokenizer",
     "tokenizer_from_gpt2_files", "tokenizer_from_hf_json", "tokenizer_from_dict", "load_hf_tokenizer",
     "save_gpt2_files", "read_safetensors_any", "gpt_config_from_hf", "hf_config_from_gpt", "gpt_state_from_hf",
     "hf_state_from_gpt", "load_hf_gpt2", "add_special_tokens", "save_hf_gpt2", "is_hf_dir", "load_any",

@@ -11,6 +11,7 @@ merged model's logits. Nothing is downloaded (HF_HUB_OFFLINE=1).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import struct
@@ -23,7 +24,11 @@ from minillm import hf
 from minillm.checkpoint import load_checkpoint, save_checkpoint
 from minillm.model import GPT, GPTConfig, IGNORE_INDEX
 from minillm.tensor import no_grad
-from minillm.tokenizer import DEFAULT_SPECIALS, GPT2_SPLIT_PATTERN, Tokenizer
+from minillm.tokenizer import DEFAULT_SPECIALS, GPT2_SPLIT_PATTERN, GPT2_SPLIT_PATTERN_STDLIB, Tokenizer
+
+HAS_REGEX = importlib.util.find_spec("regex") is not None
+#: GPT-2's pre-split; the stdlib twin where ``regex`` is missing (tests without the crosscheck extra)
+PATTERN = GPT2_SPLIT_PATTERN if HAS_REGEX else GPT2_SPLIT_PATTERN_STDLIB
 
 TINY = dict(vocab_size=1000, block_size=64, n_layer=2, n_head=2, n_embd=64)
 
@@ -71,6 +76,16 @@ def test_bytes_to_unicode_is_gpt2s_table():
     b = bytes(range(256))
     assert hf.token_to_bytes(hf.bytes_to_token(b)) == b
     assert hf.token_to_bytes("a b") is None  # a real space is not a byte character
+
+
+def test_pattern_auto_falls_back_with_a_warning(monkeypatch):
+    assert hf.gpt2_pattern(None) is None and hf.gpt2_pattern(GPT2_SPLIT_PATTERN_STDLIB) == GPT2_SPLIT_PATTERN_STDLIB
+    if HAS_REGEX:
+        assert hf.gpt2_pattern() == GPT2_SPLIT_PATTERN
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "regex" else real(name, *a))
+    with pytest.warns(UserWarning, match="pip install regex"):
+        assert hf.gpt2_pattern() == GPT2_SPLIT_PATTERN_STDLIB
 
 
 def test_save_and_load_roundtrip_without_torch(tmp_path):
@@ -244,7 +259,7 @@ def test_export_refuses_lora_and_scalar_head(tmp_path):
 
 def _minillm_tokenizer():
     text = CORPUS * 3 + "<|bos|>[INST] hi [/INST] hello<|eos|>"
-    return Tokenizer.train(text, vocab_size=256 + 120 + len(DEFAULT_SPECIALS), pattern=GPT2_SPLIT_PATTERN)
+    return Tokenizer.train(text, vocab_size=256 + 120 + len(DEFAULT_SPECIALS), pattern=PATTERN)
 
 
 def test_minillm_tokenizer_as_gpt2_files_roundtrip(tmp_path):
@@ -308,7 +323,7 @@ def test_load_any_dispatch_and_chat_specials(tmp_path):
     model, tok = tiny_gpt(2, vocab_size=500), _minillm_tokenizer()
     # a Hugging Face directory whose tokenizer has only <|endoftext|>: the chat specials are added
     gtok = Tokenizer.train(CORPUS * 3, vocab_size=256 + 120 + 1, special_tokens=[hf.ENDOFTEXT],
-                           pattern=GPT2_SPLIT_PATTERN)
+                           pattern=PATTERN)
     assert gtok.special_tokens == {hf.ENDOFTEXT: 376}
     d = hf.save_hf_gpt2(tiny_gpt(2, vocab_size=gtok.vocab_size), tmp_path / "hfdir", gtok)
     m2, t2, ck = hf.load_any(d)
@@ -508,6 +523,7 @@ def gpt2_files(tmp_path_factory):
 @pytest.mark.crosscheck
 def test_crosscheck_tokenizer_files_encode_like_transformers(gpt2_files, offline):
     transformers = require("transformers")
+    require("regex")
     d = gpt2_files
     ref = transformers.GPT2Tokenizer.from_pretrained(d)
     ours = hf.tokenizer_from_gpt2_files(d / "vocab.json", d / "merges.txt")
@@ -533,6 +549,7 @@ def test_crosscheck_tokenizer_files_encode_like_transformers(gpt2_files, offline
 @pytest.mark.crosscheck
 def test_crosscheck_saved_tokenizer_loads_in_transformers(tmp_path, gpt2_files, offline):
     transformers = require("transformers")
+    require("regex")
     for tok in (_minillm_tokenizer(), hf.tokenizer_from_gpt2_files(gpt2_files / "vocab.json",
                                                                   gpt2_files / "merges.txt")):
         d = tmp_path / type(tok).__name__
@@ -584,6 +601,7 @@ def test_crosscheck_two_merges_making_one_token(tmp_path):
     """Two merges may make the same string ("a bc" and "ab c" both make "abc"): the file gives it one
     id, which later merges ("abc d") use. minillm's own layout (merge k = id 256+k) could not hold it."""
     tokenizers = require("tokenizers")
+    require("regex")
     vocab = {c: i for i, c in enumerate(hf.bytes_to_unicode().values())}
     for t in ("bc", "abc", "ab", "abcd", "Ġabc"):
         vocab[t] = len(vocab)
