@@ -194,7 +194,8 @@ class GPT2BPETokenizer(Tokenizer):
     def __init__(self, vocab: Mapping[str, int], merges: Sequence[tuple[str, str]],
                  special_tokens: Mapping[str, int] | None = None, pattern: str | None = AUTO,
                  source: str = "vocab"):
-        super().__init__(merges=(), special_tokens=(), pattern=gpt2_pattern(pattern))  # validates + compiles the pattern
+        # the base validates and compiles the pattern; GPT-2's tables replace its merges and specials
+        super().__init__(merges=(), special_tokens=(), pattern=gpt2_pattern(pattern))
         special_tokens = dict(special_tokens or {})
         vocab = dict(vocab)
         for s, i in special_tokens.items():
