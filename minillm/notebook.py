@@ -1,0 +1,455 @@
+"""Helpers the chapter notebooks share: versions, claims, cached runs and exercise checkers.
+
+Scope
+    * ``versions()``: the first cell of every notebook prints the versions in use.
+    * ``claim(key, value)``: prints one parseable line ``CLAIM 04.heldout_em = 0.893 ...`` with
+      the range the chapter states. The ranges live here, in ``CLAIM_RANGES``, and nowhere else:
+      the notebook prose quotes them through ``claim``/``claim_range`` and
+      ``tests/test_notebooks.py`` reads every executed notebook's stored outputs and checks each
+      printed value against the same table, so prose and code cannot drift apart.
+    * ``checkpoint(stage)``: a pipeline stage's checkpoint, created on the fly and cached under
+      ``<repo>/runs/cache`` (``minillm.pipeline.ensure``), and ``summary(stage)`` its metrics.
+    * ``check_exercise(exercise_id, fn)``: the checker of each notebook exercise. It runs the
+      learner's function against the library; a function that still raises ``NotImplementedError``
+      is reported as "not attempted". ``tests/test_notebooks.py`` runs every checker on a reference
+      solution (must pass) and on a wrong one (must fail).
+
+Sources
+    The claims are those of the chapter table in DESIGN.md; each range is justified in the
+    chapter's notebook, next to the number it checks.
+
+Deviations
+    None: this module teaches nothing itself.
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+# key -> (lo, hi, what the chapter states). lo/hi are inclusive; None = unbounded.
+CLAIM_RANGES: dict[str, tuple] = {
+    # 01 autograd
+    "01.ops_failing_gradcheck": (0, 0, "every op's backward equals central finite differences (float64)"),
+    "01.max_abs_diff_vs_torch": (0.0, 1e-10, "a whole transformer block's gradients equal PyTorch's (float64)"),
+    # 02 transformer and pretraining
+    "02.bytes_per_token": (2.0, 6.0, "the 1024-token byte-level BPE compresses the corpus several bytes per token"),
+    "02.val_loss": (0.0, 2.0, "pretraining takes the held-out loss far below uniform ln(1024) = 6.93 nats"),
+    "02.fact_completion_contains": (0.5, 1.0, "the base model continues corpus-style text with the right fact"),
+    "02.instruction_em": (0.0, 0.05, "the base model does not answer instructions (exact match ~ 0)"),
+    # 03 prompting vs fine-tuning
+    "03.em_zero_shot": (0.0, 0.02, "the base model answers no held-out question exactly, zero-shot"),
+    "03.em_three_shot": (0.0, 0.02, "... nor with three demonstrations"),
+    "03.contains_gain": (0.0, 0.2, "few-shot prompting helps a little: answer contained rises by 0 to 20 points"),
+    "03.format_three_shot": (0.0, 0.2, "the format stays inconsistent: few 3-shot answers are one line + eos"),
+    # 04 instruction tuning
+    "04.prompt_tokens_with_loss": (0, 0, "the loss mask covers the response and its eos only"),
+    "04.heldout_em": (0.8, 1.0, "SFT turns the base model into an instruction follower (held-out EM >= 80 %)"),
+    "04.heldout_format": (0.8, 1.0, "... that answers in the format (one line, then eos)"),
+    # 05 LoRA
+    "05.lora_params_4096_r8": (65536, 65536, "r=8 on a 4096x4096 layer adds 65,536 parameters"),
+    "05.lora_percent_4096_r8": (0.385, 0.395, "... 0.39 % of the layer"),
+    "05.merged_max_abs_diff": (0.0, 1e-5, "merged LoRA gives the same outputs as the adapter"),
+    "05.merged_latency_ratio": (0.7, 1.4, "merged LoRA runs at the base model's latency"),
+    "05.lora_em_fraction_of_full": (0.85, 1.2, "LoRA (0.1-2 % of the parameters) approaches full fine-tuning's EM"),
+    # 06 NF4
+    "06.nf4_over_int4_mse": (0.0, 0.9, "NF4 has lower error than INT4 on normally distributed weights"),
+    "06.create_normal_map_max_diff": (0.0, 1e-6, "the NF4 table is the N(0,1) quantile construction"),
+    "06.bits_per_param": (4.5, 4.5, "blocksize 64 costs 4 + 32/64 = 4.5 bits/parameter"),
+    "06.bits_per_param_dq": (4.12, 4.13, "double quantization: 4 + 8/64 + 32/(64*256) ~ 4.127 bits/parameter"),
+    # 07 QLoRA and paged optimizers
+    "07.qlora_minus_lora_em": (-0.05, 0.05, "4-bit base + LoRA ~ 16-bit LoRA quality (|EM difference| <= 5 points)"),
+    "07.paged_max_param_diff": (0.0, 0.0, "paged AdamW under a device budget gives bit-identical results"),
+    "07.paged_page_ins": (1, None, "... while optimizer state really pages to the host and back"),
+    "07.qlora_7b_gb": (3.5, 10.0, "QLoRA fine-tunes a 7B model in single-digit GB"),
+    "07.qlora_70b_gb": (35.0, 48.0, "... and a 70B model on one 48 GB GPU"),
+    "07.full_7b_gb": (100.0, 200.0, "full 16-bit fine-tuning of 7B needs > 100 GB (16 bytes/param + activations)"),
+    "07.dq_saving_70b_gb": (3.2, 3.3, "double quantization saves ~3.26 GB at 70B"),
+    # 11 CUDA kernel
+    "11.dequant_max_abs_diff": (0.0, 0.0, "the C++ twin dequantizes bit-exactly like the NumPy reference"),
+    "11.matmul_max_rel_err": (0.0, 1e-5, "the fused C++ dequant-matmul equals the reference (float32 rounding)"),
+    "11.cpp_speedup": (1.0, None, "the fused path is faster than dequantize-then-matmul"),
+}
+
+#: Claims a notebook may skip with ``claim_skipped`` (they need an optional extension).
+OPTIONAL_CLAIMS = {"11.dequant_max_abs_diff", "11.matmul_max_rel_err", "11.cpp_speedup", "01.max_abs_diff_vs_torch"}
+
+
+def versions() -> dict:
+    """Print and return the versions in use: Python, NumPy, minillm, matplotlib, torch (if installed)
+    and which compiled extensions are available."""
+    import minillm
+
+    out = {"python": platform.python_version(), "numpy": np.__version__,
+           "minillm": getattr(minillm, "__version__", "?")}
+    for name in ("matplotlib", "torch", "cupy"):
+        try:
+            mod = __import__(name)
+            out[name] = mod.__version__
+        except Exception:  # noqa: BLE001 - any import failure means "not installed" here
+            out[name] = "not installed"
+    try:
+        from minillm import kernels
+
+        out["extensions"] = kernels.available()
+    except Exception as e:  # noqa: BLE001
+        out["extensions"] = f"unavailable ({e})"
+    out["platform"] = platform.platform()
+    for k, v in out.items():
+        print(f"{k:>11}: {v}")
+    return out
+
+
+def claim_range(key: str) -> str:
+    """The stated range of a claim as text, e.g. "[0.8, 1.0]" (raises KeyError for an unknown key)."""
+    lo, hi, _ = CLAIM_RANGES[key]
+    return f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+
+
+def in_range(key: str, value: float) -> bool:
+    lo, hi, _ = CLAIM_RANGES[key]
+    v = float(value)
+    return not math.isnan(v) and (lo is None or v >= lo) and (hi is None or v <= hi)
+
+
+def claim(key: str, value: float) -> None:
+    """Print ``CLAIM <key> = <value>`` with the chapter's stated range and whether it holds.
+
+    The line is what tests/test_notebooks.py parses (``CLAIM (\\S+) = (\\S+)``). Raises KeyError for a
+    key missing from ``CLAIM_RANGES``.
+    """
+    if key not in CLAIM_RANGES:
+        raise KeyError(f"unknown claim {key!r}; add it to minillm.notebook.CLAIM_RANGES")
+    v = float(value)
+    ok = in_range(key, v)
+    print(f"CLAIM {key} = {v:.6g}   stated range {claim_range(key)}: {CLAIM_RANGES[key][2]}"
+          f" -> {'holds' if ok else 'DOES NOT HOLD'}")
+
+
+def claim_skipped(key: str, reason: str) -> None:
+    """Print ``CLAIM-SKIPPED <key>: reason`` (allowed only for ``OPTIONAL_CLAIMS``)."""
+    if key not in OPTIONAL_CLAIMS:
+        raise KeyError(f"claim {key!r} is not optional; measure it")
+    print(f"CLAIM-SKIPPED {key}: {reason}")
+
+
+# ------------------------------------------------------------------------------- runs and paths
+
+
+def repo_root() -> Path:
+    """The repository root (the folder holding ``pyproject.toml`` above this package)."""
+    here = Path(__file__).resolve().parent.parent
+    if (here / "pyproject.toml").exists():
+        return here
+    return Path.cwd()
+
+
+def checkpoint(stage: str) -> Path:
+    """The checkpoint of a pipeline stage (``pretrain``, ``sft``, ``sft_lora``, ``sft_qlora``, ...),
+    created on the fly and cached in ``<repo>/runs/cache/<stage>/`` (``minillm.pipeline.ensure``)."""
+    from minillm.pipeline import ensure
+
+    return ensure(stage, runs_dir=str(repo_root() / "runs"))
+
+
+def summary(stage: str) -> dict:
+    """The ``summary.json`` of a cached pipeline stage (created first when missing)."""
+    path = checkpoint(stage).parent / "summary.json"
+    return json.loads(path.read_text())
+
+
+def sft_run(name: str, **config) -> dict:
+    """An SFT run of ``train.sft.sft`` from the cached pretrained model, itself cached.
+
+    ``config``: ``SFTConfig`` fields (e.g. ``variant="plain", loss_on="all", lora=True``); ``base``,
+    ``out_dir`` and ``progress`` are set here. The run lives in ``<repo>/runs/cache/notebooks/<name>/``
+    and is reused while its config is unchanged. Returns {"metrics", "losses", "checkpoint",
+    "seconds"} (the SFTResult fields; losses: one float per step, nats/token).
+    """
+    from dataclasses import asdict
+
+    from minillm.train.sft import SFTConfig, sft
+
+    out = repo_root() / "runs" / "cache" / "notebooks" / name
+    cfg = SFTConfig(base=str(checkpoint("pretrain")), out_dir=str(out), progress=False, **config)
+    path = out / "result.json"
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if cached["metrics"].get("config") == json.loads(json.dumps(asdict(cfg))) and Path(cached["checkpoint"]).exists():
+            return cached
+    res = sft(cfg)
+    result = {"metrics": res.metrics, "losses": res.losses, "checkpoint": res.checkpoint, "seconds": res.seconds}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, default=float) + "\n")
+    tmp.replace(path)
+    return result
+
+
+def load(stage: str):
+    """(model, tokenizer) of a cached pipeline stage."""
+    from minillm.checkpoint import load_model
+
+    model, tok, _ = load_model(checkpoint(stage))
+    model.eval()
+    return model, tok
+
+
+# ------------------------------------------------------------------------------- exercises
+
+
+class ExerciseFailed(AssertionError):
+    """A learner's answer disagrees with the library; the message says where."""
+
+
+def _close(name: str, got, want, atol: float = 1e-6, rtol: float = 1e-5) -> None:
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    if got.shape != want.shape:
+        raise ExerciseFailed(f"{name}: shape {got.shape}, expected {want.shape}")
+    if not np.allclose(got, want, atol=atol, rtol=rtol):
+        i = int(np.argmax(np.abs(got - want)))
+        raise ExerciseFailed(f"{name}: element {np.unravel_index(i, got.shape)} is {got.reshape(-1)[i]:.6g}, "
+                             f"expected {want.reshape(-1)[i]:.6g}")
+
+
+def _ex_01_1(fn: Callable) -> str:
+    """fn(x: float64 array) -> d/dx sum(tanh(x)^2), analytically."""
+    from minillm import functional as F
+    from minillm.tensor import Tensor
+
+    x = np.random.default_rng(1).standard_normal((3, 4))
+    t = Tensor(x, requires_grad=True)
+    F.sum(F.mul(F.tanh(t), F.tanh(t))).backward()
+    _close("gradient of sum(tanh(x)^2)", fn(x.copy()), t.grad, atol=1e-9)
+    return "matches minillm's backward of sum(tanh(x)**2)"
+
+
+def _ex_01_2(fn: Callable) -> str:
+    """fn(logits (N, V) float64, targets (N,) int with -100 = ignore) -> d mean-CE / d logits."""
+    from minillm import functional as F
+    from minillm.tensor import Tensor
+
+    rng = np.random.default_rng(2)
+    z = rng.standard_normal((5, 7))
+    y = rng.integers(0, 7, 5)
+    y[1] = -100
+    t = Tensor(z, requires_grad=True)
+    F.cross_entropy(t, y).backward()
+    _close("d cross_entropy / d logits", fn(z.copy(), y.copy()), t.grad, atol=1e-9)
+    return "matches functional.cross_entropy's backward (with ignore_index=-100)"
+
+
+def _ex_02_1(fn: Callable) -> str:
+    """fn(ids: list[int], pair: tuple[int, int], new_id: int) -> ids with every occurrence of pair merged."""
+    from minillm.tokenizer import merge_pair
+
+    cases = [([1, 2, 3, 1, 2], (1, 2), 9), ([5, 5, 5, 5], (5, 5), 7), ([5, 5, 5], (5, 5), 7), ([], (1, 2), 3),
+             ([1, 3, 2], (1, 2), 4)]
+    for ids, pair, new in cases:
+        got, want = list(fn(list(ids), pair, new)), merge_pair(ids, pair, new)
+        if got != want:
+            raise ExerciseFailed(f"merge {pair}->{new} in {ids}: got {got}, expected {want}")
+    return "matches tokenizer.merge_pair on 5 cases (overlapping pairs included)"
+
+
+def _ex_02_2(fn: Callable) -> str:
+    """fn(T: int) -> (T, T) boolean causal mask, True where query t may attend to key s (s <= t)."""
+    from minillm import functional as F
+    from minillm.tensor import Tensor
+
+    rng = np.random.default_rng(3)
+    T = 5
+    q, k, v = (Tensor(rng.standard_normal((1, 1, T, 4))) for _ in range(3))
+    ref = F.scaled_dot_product_attention(q, k, v, causal=True).data
+    mask = np.asarray(fn(T), dtype=bool)
+    if mask.shape != (T, T):
+        raise ExerciseFailed(f"mask shape {mask.shape}, expected {(T, T)}")
+    s = (q.data @ k.data.swapaxes(-1, -2)) / math.sqrt(4)
+    s = np.where(mask, s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    _close("attention with your mask", p @ v.data, ref, atol=1e-6)
+    return "attention with this mask equals functional.scaled_dot_product_attention(causal=True)"
+
+
+def _ex_03_1(fn: Callable) -> str:
+    """fn(question, shots) -> the 'plain' k-shot prompt text."""
+    from minillm.tasks import build_kshot_prompt
+
+    shots = [("What is the capital of Peru?", "Lima."), ("What is the opposite of hot?", "Cold.")]
+    for k in (0, 1, 2):
+        got, want = fn("What sound does a cow make?", shots[:k]), build_kshot_prompt(
+            "What sound does a cow make?", shots[:k], template="plain")
+        if got != want:
+            raise ExerciseFailed(f"{k}-shot prompt:\n{got!r}\nexpected\n{want!r}")
+    return "matches tasks.build_kshot_prompt(template='plain') for k = 0, 1, 2"
+
+
+def _ex_03_2(fn: Callable) -> str:
+    """fn(response: str, answer: str) -> bool: the answer appears as words in the response (case-insensitive)."""
+    cases = [("The capital of Peru is Lima.", "Lima", True), ("Limassol is in Cyprus.", "Lima", False),
+             ("lima, of course", "Lima", True), ("Sure! Red.", "red", True), ("", "red", False),
+             ("It is dark red.", "dark red", True), ("It is darker red.", "dark red", False)]
+    for resp, ans, want in cases:
+        got = bool(fn(resp, ans))
+        if got != want:
+            raise ExerciseFailed(f"contains({resp!r}, {ans!r}) = {got}, expected {want}")
+    return "answers 7 cases as the 'contains' metric does (whole words, case-insensitive)"
+
+
+def _ex_04_1(fn: Callable) -> str:
+    """fn(input_ids (T,), loss_mask (T,)) -> labels (T,) with -100 where no loss (unshifted, as HF)."""
+    from minillm.data import render_chat
+    from minillm.tokenizer import Tokenizer
+    from minillm.tasks import tokenizer_training_text
+
+    tok = Tokenizer.train(tokenizer_training_text()[:20000], vocab_size=300)
+    msgs = [{"role": "user", "content": "What is the capital of Peru?"}, {"role": "assistant", "content": "Lima."}]
+    ids, mask = render_chat(msgs, tok)
+    want = np.where(np.asarray(mask) == 1, np.asarray(ids), -100)
+    got = np.asarray(fn(np.asarray(ids), np.asarray(mask)))
+    if got.shape != want.shape or not np.array_equal(got, want):
+        raise ExerciseFailed(f"labels {got.tolist()}\nexpected {want.tolist()}")
+    return "labels equal the collated labels: ids on response tokens, -100 elsewhere"
+
+
+def _ex_04_2(fn: Callable) -> str:
+    """fn(logits (B, T, V), labels (B, T)) -> mean next-token CE over labels != -100 (shift inside)."""
+    from minillm import functional as F
+    from minillm.model import shift_labels
+    from minillm.tensor import Tensor
+
+    rng = np.random.default_rng(4)
+    z = rng.standard_normal((2, 6, 11)).astype(np.float32)
+    y = rng.integers(0, 11, (2, 6))
+    y[:, :3] = -100
+    want = F.cross_entropy(Tensor(z.reshape(-1, 11)), shift_labels(y).reshape(-1)).item()
+    _close("response-only loss", fn(z.copy(), y.copy()), want, atol=1e-5)
+    return "equals the model's shifted cross-entropy with ignore_index=-100"
+
+
+def _ex_05_1(fn: Callable) -> str:
+    """fn(in_features, out_features, r) -> number of LoRA parameters."""
+    for (i, o, r) in ((4096, 4096, 8), (4096, 11008, 16), (128, 384, 1), (7, 3, 2)):
+        want = r * (i + o)
+        if int(fn(i, o, r)) != want:
+            raise ExerciseFailed(f"LoRA on Linear({i}, {o}) with r={r}: got {fn(i, o, r)}, expected {want}")
+    return "r * (in + out) for 4 shapes, e.g. 65,536 for r=8 on 4096x4096"
+
+
+def _ex_05_2(fn: Callable) -> str:
+    """fn(W (out, in), A (r, in), B (out, r), alpha, r) -> merged weight."""
+    from minillm.lora import LoRALinear
+    from minillm.nn import Linear
+
+    base = Linear(6, 5, rng=np.random.default_rng(5))
+    layer = LoRALinear(base, r=3, lora_alpha=6, init_lora_weights=False, rng=np.random.default_rng(6))
+    W = base.weight.data.copy()
+    A, B = layer.lora_A.data.copy(), layer.lora_B.data.copy()
+    layer.merge()
+    _close("merged weight", fn(W, A, B, 6.0, 3), base.weight.data, atol=1e-6)
+    return "equals LoRALinear.merge(): W + (alpha / r) * B @ A"
+
+
+def _ex_06_1(fn: Callable) -> str:
+    """fn(blocksize, double_quant) -> bits per parameter of NF4 storage (no code tables)."""
+    from minillm.quant import bits_per_parameter, quantize_4bit
+
+    W = np.random.default_rng(7).standard_normal((256, 1024)).astype(np.float32)
+    for bs in (64, 128):
+        for dq in (False, True):
+            packed, qs = quantize_4bit(W, blocksize=bs, compress_statistics=dq)
+            want = bits_per_parameter(packed, qs)
+            _close(f"bits/param (blocksize {bs}, double quant {dq})", fn(bs, dq), want, atol=2e-3, rtol=0)
+    return "matches bits measured from quantize_4bit's arrays for blocksize 64/128, with and without DQ"
+
+
+def _ex_06_2(fn: Callable) -> str:
+    """fn(x (n,) float32, code (16,), blocksize) -> dequantized x (absmax scaling, nearest code)."""
+    from minillm.quant import NF4_CODE, dequantize_4bit, quantize_4bit
+
+    x = np.random.default_rng(8).standard_normal(1024).astype(np.float32)
+    want = dequantize_4bit(*quantize_4bit(x, blocksize=64))
+    got = np.asarray(fn(x.copy(), NF4_CODE.copy(), 64), dtype=np.float32)
+    _close("NF4 round trip", got, want, atol=1e-6, rtol=0)
+    return "equals dequantize_4bit(quantize_4bit(x)) on 1024 normal values"
+
+
+def _ex_07_1(fn: Callable) -> str:
+    """fn(n_params) -> bytes saved by double quantization (blocksize 64, second blocksize 256)."""
+    from minillm.memory import quant_constants_bytes
+
+    for n in (64 * 256 * 1000, 70_000_000_000):
+        want = quant_constants_bytes(n, double_quant=False) - quant_constants_bytes(n, double_quant=True)
+        _close(f"DQ saving for {n:,} parameters", fn(n), want, rtol=1e-3, atol=8)
+    return "matches memory.quant_constants_bytes (about 3.26 GB at 70e9 parameters)"
+
+
+def _ex_07_2(fn: Callable) -> str:
+    """fn(n_elements, page_size, device_budget) -> (pages needed, pages resident at most)."""
+    for n, ps, budget in ((100_000, 65536, 2 * 65536), (8192, 65536, None), (1, 64, 640), (10**6, 4096, 4096 * 7)):
+        pages = max(1, -(-n * 8 // ps))
+        want = (pages, pages if budget is None else min(pages, budget // ps))
+        got = tuple(int(v) for v in fn(n, ps, budget))
+        if got != want:
+            raise ExerciseFailed(f"n={n}, page_size={ps}, budget={budget}: got {got}, expected {want}")
+    return "matches PagedAdamW's page accounting (8 bytes of state per element)"
+
+
+def _ex_11_1(fn: Callable) -> str:
+    """fn(x (M, K) float32, packed, quant_state) -> x @ W.T without materialising all of W at once."""
+    from minillm.kernels import matmul_4bit
+    from minillm.quant import quantize_4bit
+
+    rng = np.random.default_rng(9)
+    W = rng.standard_normal((48, 256)).astype(np.float32)
+    packed, qs = quantize_4bit(W, blocksize=64, compress_statistics=True)
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    _close("x @ W.T", fn(x, packed, qs), matmul_4bit(x, packed, qs, kernel="numpy"), atol=1e-4, rtol=1e-4)
+    return "equals kernels.matmul_4bit(kernel='numpy') on a 48x256 NF4 weight with DQ"
+
+
+def _ex_11_2(fn: Callable) -> str:
+    """fn(M, K, N) -> bytes a fused NF4 GEMV moves (packed W + fp32 absmax per 64, x and y in fp16)."""
+    for M, K, N in ((1, 4096, 4096), (1, 8192, 8192), (4, 4096, 11008)):
+        want = K * N // 2 + 4 * (K * N // 64) + 2 * M * K + 2 * M * N
+        if int(fn(M, K, N)) != want:
+            raise ExerciseFailed(f"M={M}, K={K}, N={N}: got {fn(M, K, N)}, expected {want}")
+    return "byte counts match for 3 shapes (4-bit codes + fp32 absmax + fp16 x and y)"
+
+
+EXERCISES: dict[str, Callable] = {
+    "01.1": _ex_01_1, "01.2": _ex_01_2, "02.1": _ex_02_1, "02.2": _ex_02_2, "03.1": _ex_03_1, "03.2": _ex_03_2,
+    "04.1": _ex_04_1, "04.2": _ex_04_2, "05.1": _ex_05_1, "05.2": _ex_05_2, "06.1": _ex_06_1, "06.2": _ex_06_2,
+    "07.1": _ex_07_1, "07.2": _ex_07_2, "11.1": _ex_11_1, "11.2": _ex_11_2,
+}
+
+
+def check_exercise(exercise_id: str, fn: Callable, quiet: bool = False) -> bool | None:
+    """Check a learner's answer to exercise ``exercise_id`` (e.g. "05.1").
+
+    Returns True (correct), None (``fn`` still raises NotImplementedError: not attempted yet) and
+    raises ``ExerciseFailed`` naming the first disagreement otherwise. KeyError for an unknown id.
+    The same checkers run in tests/test_notebooks.py against reference solutions.
+    """
+    checker = EXERCISES[exercise_id]
+    try:
+        msg = checker(fn)
+    except NotImplementedError:
+        if not quiet:
+            print(f"exercise {exercise_id}: not attempted yet (replace the NotImplementedError and re-run this cell)")
+        return None
+    if not quiet:
+        print(f"exercise {exercise_id}: correct - {msg}")
+    return True
+
+
+__all__ = ["CLAIM_RANGES", "OPTIONAL_CLAIMS", "EXERCISES", "ExerciseFailed", "versions", "claim", "claim_range",
+           "claim_skipped", "in_range", "repo_root", "checkpoint", "summary", "sft_run", "load", "check_exercise"]
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("minillm.notebook is imported by the notebooks; nothing to run")

@@ -1,0 +1,317 @@
+"""The chapter notebooks: claims, links to source, versions cell, exercises.
+
+Runs after ``pytest --nbmake --overwrite notebooks`` (``make test``) has executed every notebook in
+place, so the stored outputs are fresh. It checks that
+
+* every notebook was executed without an error output and its first code cell printed the versions;
+* every ``CLAIM <key> = <value>`` line a notebook printed falls in the range of
+  ``minillm.notebook.CLAIM_RANGES`` (the one table of stated ranges), and every claim of the
+  notebook's chapter was printed (or, for an optional claim, explicitly skipped);
+* every Markdown link from a notebook to source (``[`functional.layer_norm`](../minillm/functional.py)``)
+  points at an existing file and, for Python, at a function/class that exists in it (parsed with ast);
+  for C++/CUDA, at a name that the file defines;
+* every exercise checker accepts a reference solution and rejects a wrong one (these are the tests
+  that check a learner's answer: ``minillm.notebook.check_exercise``), and each notebook's exercise
+  cells name a checker that exists.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import math
+import re
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minillm import notebook as nb
+
+ROOT = Path(__file__).resolve().parent.parent
+NB_DIR = ROOT / "notebooks"
+NOTEBOOKS = sorted(NB_DIR.glob("[0-9][0-9]_*.ipynb"))
+CLAIM_LINE = re.compile(r"^CLAIM (\S+) = (\S+)", re.M)
+SKIP_LINE = re.compile(r"^CLAIM-SKIPPED (\S+):", re.M)
+LINK = re.compile(r"\[([^\]]+)\]\((\.\./(?:minillm|csrc)/[^)#\s]+)(?:#[^)]*)?\)")
+EXERCISE_CALL = re.compile(r"check_exercise\(\s*[\"'](\d\d\.\d+)[\"']")
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _outputs_text(cell: dict) -> str:
+    parts = []
+    for out in cell.get("outputs", []):
+        if out.get("output_type") == "stream":
+            parts.append("".join(out.get("text", "")))
+        elif out.get("output_type") in ("execute_result", "display_data"):
+            parts.append("".join(out.get("data", {}).get("text/plain", "")))
+    return "\n".join(parts)
+
+
+def _ids(paths):
+    return [p.name for p in paths]
+
+
+def test_notebooks_exist():
+    chapters = {p.name[:2] for p in NOTEBOOKS}
+    mine = {"01", "02", "03", "04", "05", "06", "07", "11"}
+    assert mine <= chapters, f"missing chapter notebooks: {sorted(mine - chapters)}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
+def test_executed_without_errors_and_prints_versions(path):
+    cells = _load(path)["cells"]
+    code = [c for c in cells if c["cell_type"] == "code"]
+    assert code, f"{path.name}: no code cells"
+    errors = [o for c in code for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors, f"{path.name}: error output {errors[0].get('ename')}: {errors[0].get('evalue')}"
+    unexecuted = [i for i, c in enumerate(code) if c.get("source") and c.get("execution_count") is None]
+    assert not unexecuted, f"{path.name}: code cells {unexecuted} were never executed (commit with outputs)"
+    first = "".join(code[0]["source"])
+    assert "versions()" in first, f"{path.name}: the first code cell must print the versions (notebook.versions())"
+    assert "numpy" in _outputs_text(code[0]), f"{path.name}: the versions cell printed nothing"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
+def test_claims_in_stated_range(path):
+    text = "\n".join(_outputs_text(c) for c in _load(path)["cells"] if c["cell_type"] == "code")
+    found = {k: float(v) for k, v in CLAIM_LINE.findall(text)}
+    skipped = set(SKIP_LINE.findall(text))
+    chapter = path.name[:2]
+    expected = {k for k in nb.CLAIM_RANGES if k.startswith(chapter + ".")}
+    unknown = set(found) - set(nb.CLAIM_RANGES)
+    assert not unknown, f"{path.name}: claims without a stated range: {sorted(unknown)}"
+    bad_skips = skipped - nb.OPTIONAL_CLAIMS
+    assert not bad_skips, f"{path.name}: skipped claims that are not optional: {sorted(bad_skips)}"
+    missing = expected - set(found) - skipped
+    assert not missing, f"{path.name}: the chapter's claims {sorted(missing)} were not printed"
+    out = {k: v for k, v in found.items() if not nb.in_range(k, v)}
+    assert not out, "; ".join(f"{path.name}: {k} = {v} outside {nb.claim_range(k)} ({nb.CLAIM_RANGES[k][2]})"
+                              for k, v in out.items())
+
+
+def test_claim_parser_and_ranges():
+    """The test above can fail: a value outside its range is detected, NaN never passes."""
+    assert nb.in_range("04.heldout_em", 0.9) and not nb.in_range("04.heldout_em", 0.79)
+    assert not nb.in_range("06.bits_per_param", math.nan)
+    assert nb.in_range("07.paged_page_ins", 10**9)  # open upper bound
+    line = "CLAIM 04.heldout_em = 0.893   stated range [0.8, 1.0]: ..."
+    assert CLAIM_LINE.findall(line) == [("04.heldout_em", "0.893")]
+    with pytest.raises(KeyError):
+        nb.claim("99.nothing", 1.0)
+    with pytest.raises(KeyError):
+        nb.claim_skipped("04.heldout_em", "no")
+
+
+# ------------------------------------------------------------------------------------- links
+
+
+@lru_cache(maxsize=None)
+def _py_names(path: Path) -> frozenset:
+    """Qualified names defined in a Python file: functions, classes, Class.method, module constants."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = set()
+
+    def visit(node, prefix=""):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                q = prefix + child.name
+                names.add(q)
+                if isinstance(child, ast.ClassDef):
+                    visit(child, q + ".")
+            elif isinstance(child, (ast.Assign, ast.AnnAssign)) and not prefix:
+                targets = child.targets if isinstance(child, ast.Assign) else [child.target]
+                names.update(t.id for t in targets if isinstance(t, ast.Name))
+
+    visit(tree)
+    return frozenset(names)
+
+
+def _check_link(nb_path: Path, text: str, target: str) -> str | None:
+    text = text.strip().strip("`").removesuffix("()")
+    file = (nb_path.parent / target).resolve()
+    if not file.is_file():
+        return f"{target} does not exist"
+    rel = file.relative_to(ROOT)
+    if text in (file.name, str(rel), str(Path(*rel.parts[1:]))):  # a link to the whole file
+        return None
+    if file.suffix == ".py":
+        module = ".".join(rel.with_suffix("").parts[1:])  # minillm/train/sft.py -> train.sft
+        if not text.startswith(module + "."):
+            return f"link text {text!r} must start with the module name {module!r}"
+        qual = text[len(module) + 1:]
+        if qual not in _py_names(file):
+            return f"{qual!r} is not defined in {rel}"
+    else:  # C++ / CUDA: the name must be defined (followed by '(' or a template/struct body)
+        name = text.split(".")[-1]
+        if not re.search(rf"\b{re.escape(name)}\s*(\(|<|\{{)", file.read_text()):
+            return f"{name!r} is not defined in {rel}"
+    return None
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
+def test_links_to_source_exist(path):
+    links = []
+    for c in _load(path)["cells"]:
+        if c["cell_type"] == "markdown":
+            links += LINK.findall("".join(c["source"]))
+    if path.name[:2] in {"01", "02", "03", "04", "05", "06", "07", "11"}:
+        assert len(links) >= 3, f"{path.name}: link each equation to its source (found {len(links)} links)"
+    problems = [f"[{t}]({u}): {msg}" for t, u in links if (msg := _check_link(path, t, u))]
+    assert not problems, f"{path.name}: " + "; ".join(problems)
+
+
+def test_link_checker_can_fail(tmp_path):
+    fake = NB_DIR / "00_fake.ipynb"
+    assert _check_link(fake, "functional.layer_norm", "../minillm/functional.py") is None
+    assert _check_link(fake, "train.sft.sft", "../minillm/train/sft.py") is None
+    assert _check_link(fake, "nn.Linear.forward", "../minillm/nn.py") is None
+    assert _check_link(fake, "functional.no_such_op", "../minillm/functional.py")
+    assert _check_link(fake, "lora.LoRALinear", "../minillm/functional.py")
+    assert _check_link(fake, "gone.f", "../minillm/gone.py")
+    assert _check_link(fake, "quant.py", "../minillm/quant.py") is None
+    assert _check_link(fake, "train/sft.py", "../minillm/train/sft.py") is None
+    assert _check_link(fake, "nf4_cpu.matmul_cpu", "../csrc/nf4_cpu.cpp") is None
+    assert _check_link(fake, "nf4_cpu.no_such_kernel", "../csrc/nf4_cpu.cpp")
+
+
+# --------------------------------------------------------------------------------- exercises
+
+
+def _ref_01_1(x):
+    t = np.tanh(x)
+    return 2 * t * (1 - t ** 2)
+
+
+def _ref_01_2(z, y):
+    keep = y != -100
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    g = p.copy()
+    g[np.arange(len(y))[keep], y[keep]] -= 1
+    g[~keep] = 0
+    return g / keep.sum()
+
+
+def _ref_02_1(ids, pair, new_id):
+    out, i = [], 0
+    while i < len(ids):
+        if i + 1 < len(ids) and (ids[i], ids[i + 1]) == pair:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def _ref_02_2(T):
+    return np.tril(np.ones((T, T), dtype=bool))
+
+
+def _ref_03_1(question, shots):
+    body = "".join(f"Question: {q}\nAnswer: {r}\n\n" for q, r in shots)
+    return f"<|bos|>{body}Question: {question}\nAnswer:"
+
+
+def _ref_03_2(response, answer):
+    w = re.findall(r"[a-z0-9]+(?:[-'][a-z0-9]+)*", response.lower())
+    a = re.findall(r"[a-z0-9]+(?:[-'][a-z0-9]+)*", answer.lower())
+    return any(w[i:i + len(a)] == a for i in range(len(w) - len(a) + 1))
+
+
+def _ref_04_1(ids, mask):
+    return np.where(mask == 1, ids, -100)
+
+
+def _ref_04_2(logits, labels):
+    z, y = logits[:, :-1].reshape(-1, logits.shape[-1]).astype(np.float64), labels[:, 1:].reshape(-1)
+    keep = y != -100
+    lse = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)
+    return float((lse[keep] - z[keep, y[keep]]).mean())
+
+
+def _ref_05_1(i, o, r):
+    return r * (i + o)
+
+
+def _ref_05_2(W, A, B, alpha, r):
+    return W + (alpha / r) * B @ A
+
+
+def _ref_06_1(blocksize, dq):
+    return 4 + (8 / blocksize + 32 / (blocksize * 256) if dq else 32 / blocksize)
+
+
+def _ref_06_2(x, code, blocksize):
+    b = x.reshape(-1, blocksize)
+    absmax = np.abs(b).max(1, keepdims=True)
+    q = np.abs(b / absmax - code[:, None, None]).argmin(0)
+    return (code[q] * absmax).reshape(-1)
+
+
+def _ref_07_1(n):
+    nb_ = -(-n // 64)
+    return 4 * nb_ - (nb_ + 4 * -(-nb_ // 256) + 4)
+
+
+def _ref_07_2(n, page_size, budget):
+    pages = max(1, -(-n * 8 // page_size))
+    return pages, pages if budget is None else min(pages, budget // page_size)
+
+
+def _ref_11_1(x, packed, qs):
+    from minillm.quant import dequantize_4bit
+
+    W = dequantize_4bit(packed, qs)
+    return np.concatenate([x @ W[i:i + 16].T for i in range(0, W.shape[0], 16)], axis=1)
+
+
+def _ref_11_2(M, K, N):
+    return K * N // 2 + 4 * (K * N // 64) + 2 * M * K + 2 * M * N
+
+
+REFERENCES = {k: globals()[f"_ref_{k.replace('.', '_')}"] for k in nb.EXERCISES}
+
+
+def _wrong(ex_id):
+    """A plausible wrong answer per exercise (a sign, a factor or an off-by-one)."""
+    ref = REFERENCES[ex_id]
+
+    def off(*a):
+        out = ref(*a)
+        if isinstance(out, (bool, np.bool_)):
+            return not out
+        if isinstance(out, str):
+            return out.replace("Answer:", "A:")
+        if isinstance(out, list):
+            return out + [0]
+        if isinstance(out, tuple):
+            return tuple(v + 1 for v in out)
+        return np.asarray(out) * 1.01 + 1e-3
+    return off
+
+
+@pytest.mark.parametrize("ex_id", sorted(nb.EXERCISES))
+def test_exercise_reference_passes_and_wrong_answer_fails(ex_id, capsys):
+    assert nb.check_exercise(ex_id, REFERENCES[ex_id]) is True
+    with pytest.raises(nb.ExerciseFailed):
+        nb.check_exercise(ex_id, _wrong(ex_id), quiet=True)
+
+    def todo(*a):
+        raise NotImplementedError
+
+    assert nb.check_exercise(ex_id, todo) is None
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
+def test_exercise_cells_name_existing_checkers(path):
+    src = "\n".join("".join(c["source"]) for c in _load(path)["cells"] if c["cell_type"] == "code")
+    ids = EXERCISE_CALL.findall(src)
+    unknown = [i for i in ids if i not in nb.EXERCISES]
+    assert not unknown, f"{path.name}: exercises without a checker: {unknown}"
+    if path.name[:2] in {"01", "02", "03", "04", "05", "06", "07", "11"}:
+        assert len(set(ids)) >= 2, f"{path.name}: 2-3 exercises expected, found {sorted(set(ids))}"
