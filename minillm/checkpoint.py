@@ -133,13 +133,19 @@ def load_checkpoint(path) -> Checkpoint:
 
 
 def load_model(path, config_overrides: dict | None = None):
-    """Build a GPT from a checkpoint: returns (model, tokenizer or None, Checkpoint).
+    """Build a GPT from a checkpoint file, a run directory or a Hugging Face GPT-2 directory:
+    returns (model, tokenizer or None, Checkpoint).
 
     Raises ValueError naming the file and every mismatched shape when the weights do not fit the
     stored config.
     """
     from minillm.model import GPT, GPTConfig
-    from minillm.tokenizer import Tokenizer
+
+    if Path(path).is_dir():  # a Hugging Face GPT-2 directory or a run directory
+        from minillm.hf import load_any
+
+        return load_any(path, config_overrides=config_overrides)
+    from minillm.hf import tokenizer_from_dict
 
     ck = load_checkpoint(path)
     cfg = dict(ck.config)
@@ -150,5 +156,5 @@ def load_model(path, config_overrides: dict | None = None):
         state = dict(state)
         state.update({k: v for k, v in model.state_dict().items() if k.startswith("score.")})
     model.load_state_dict(state, source=str(path))
-    tok = Tokenizer.from_dict(ck.tokenizer) if ck.tokenizer is not None else None
+    tok = tokenizer_from_dict(ck.tokenizer) if ck.tokenizer is not None else None
     return model, tok, ck

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "memory": ("minillm.memory", "memory calculator: bytes by component for full / LoRA / QLoRA"),
     "bench": ("minillm.bench", "speed and memory benchmarks (JSON)"),
     "datasets": ("minillm.tasks", "write the built-in task world's data files"),
+    "hf": ("minillm.hf", "import/export Hugging Face GPT-2 directories"),
 }
 
 
