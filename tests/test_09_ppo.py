@@ -348,3 +348,24 @@ def test_end_to_end_ppo_run_with_the_gold_judge(tmp_path):
     loaded, _, _ = load_model(res.checkpoint)
     assert loaded.config.block_size == 128
     assert "extra.value_head.weight" not in load_checkpoint(res.checkpoint).model_state
+
+
+def test_value_model_initialised_from_a_reward_model_and_lora_policy():
+    """value_model="reward_model": a separate scalar-head GPT is trained by its own optimizer; a LoRA
+    policy trains only its adapters (and the value model), the base weights stay bit-identical."""
+    from minillm.lora import inject_lora
+
+    policy, ref = GPT(TINY, seed=3), GPT(TINY, seed=3)
+    inject_lora(policy, ["q_proj", "v_proj"], r=2, lora_alpha=4, seed=0)
+    vm = GPT(GPTConfig(vocab_size=32, block_size=24, n_layer=1, n_head=2, n_embd=16, scalar_head=True), seed=9)
+    cfg = PPOConfig(reward="rm.safetensors", value_model="reward_model", batch_size=8, max_new_tokens=6, lr=1e-2,
+                    score_norm_samples=0)
+    tr = PPOTrainer(policy, ref, _count_token(5), cfg, eos_id=EOS, pad_id=PAD, value_model=vm)
+    assert tr.value_head is None
+    before = {n: p.data.copy() for n, p in policy.named_parameters()}
+    vm_before = {n: p.data.copy() for n, p in vm.named_parameters()}
+    st = tr.step(_prompts(8))
+    assert st["minibatches"][0]["ratio_max"] == 1.0 and st["minibatches"][0]["approxkl"] == 0.0
+    changed = {n for n, p in policy.named_parameters() if not np.array_equal(p.data, before[n])}
+    assert changed and all(n.endswith(("lora_A", "lora_B")) for n in changed), changed
+    assert any(not np.array_equal(p.data, vm_before[n]) for n, p in vm.named_parameters())

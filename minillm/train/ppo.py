@@ -465,6 +465,7 @@ class Rollout:
         return self.input_ids[:, self.prompt_length:]
 
     def subset(self, idx) -> "Rollout":
+        """The rows ``idx`` (a minibatch), with the same prompt length P and response length N."""
         idx = np.asarray(idx)
         return Rollout(self.input_ids[idx], self.attention_mask[idx], self.prompt_length, self.response_mask[idx],
                        self.finished[idx], self.sample_logprobs[idx],
@@ -659,10 +660,13 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ pieces
     def sample(self, prompt_ids, prompts=None, rng=None) -> Rollout:
+        """One response per prompt (lists of ids) at the configured temperature (``sample_rollout``)."""
         return sample_rollout(self.policy, prompt_ids, self.cfg.max_new_tokens, self.cfg.temperature,
                               rng or self.rng, self.eos_id, self.pad_id, self.tokenizer, prompts)
 
     def forward(self, rollout: Rollout):
+        """``policy_forward`` of the policy (and its value function) on a rollout:
+        (logprobs Tensor (B, N), values Tensor (B, N), scaled logits array (B, N, V))."""
         return policy_forward(self.policy, rollout.input_ids, rollout.attention_mask, rollout.prompt_length,
                               rollout.response_mask, self.cfg.temperature, self.value_head, self.value_model)
 
@@ -685,6 +689,7 @@ class PPOTrainer:
         return {"mean": self.score_mean, "std": self.score_std, "n": int(s.size)}
 
     def normalised_scores(self, rollout: Rollout, raw: np.ndarray) -> np.ndarray:
+        """(raw − mean)/sd of the SFT samples, minus ``missing_eos_penalty`` where no ``<|eos|>``: (B,) float64."""
         s = (np.asarray(raw, dtype=np.float64) - self.score_mean) / self.score_std
         return s - self.cfg.missing_eos_penalty * (~rollout.finished.astype(bool))
 
@@ -1030,10 +1035,12 @@ def summary_lines(m: dict) -> list[str]:
 
 
 def add_arguments(parser) -> None:
+    """``minillm ppo`` options: one per PPOConfig field."""
     add_dataclass_arguments(parser, PPOConfig)
 
 
 def run(args) -> int:
+    """``minillm ppo``: run, print the summary, return 0."""
     cfg = dataclass_from_args(PPOConfig, args)
     res = ppo(cfg)
     for line in summary_lines(res.metrics):
