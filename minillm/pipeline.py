@@ -92,6 +92,7 @@ def stage_pretrain(ctx: Context) -> dict:
     from minillm.train.pretrain import PretrainConfig, pretrain
 
     cfg = PretrainConfig(corpus=ctx.cfg.corpus, out_dir=str(ctx.dir / "pretrain"), seed=ctx.cfg.seed,
+                         vocab_size=ctx.steps(1024, 512),
                          max_steps=ctx.steps(1200, 30), eval_interval=ctx.steps(300, 15),
                          checkpoint_interval=ctx.steps(300, 15), progress=ctx.cfg.progress, resume=True)
     res = pretrain(cfg)
@@ -154,18 +155,14 @@ def stage_sft_noisy(ctx: Context) -> dict:
     return _sft_summary(sft(_sft_cfg(ctx, "sft_noisy", variant="noisy")))
 
 
-def _not_available(stage: str, module: str) -> dict:
-    return {"skipped": f"{stage}: {module} is not available in this version"}
-
-
 def stage_reward(ctx: Context) -> dict:
-    try:
-        from minillm.train.reward import RewardConfig, train_reward
-    except ImportError:
-        return _not_available("reward", "minillm.train.reward")
+    """A Bradley-Terry reward model from the SFT model, on preference pairs (recipe "e" of the world)."""
+    from minillm.train.reward import RewardConfig, reward
+
     cfg = RewardConfig(sft=str(ctx.path("sft")), data=ctx.cfg.pref_data, out_dir=str(ctx.dir / "reward"),
-                       max_steps=ctx.steps(150, 6), seed=ctx.cfg.seed, progress=ctx.cfg.progress)
-    res = train_reward(cfg)
+                       max_steps=ctx.steps(300, 6), seed=ctx.cfg.seed, progress=ctx.cfg.progress,
+                       cue_prompts=ctx.steps(200, 16))
+    res = reward(cfg)
     return {"checkpoint": res.checkpoint, "losses": res.losses, "metrics": res.metrics, "seconds": res.seconds}
 
 
@@ -219,18 +216,17 @@ def _right_pad(seqs, pad_id):
 
 
 def _ppo_stage(ctx: Context, out: str, **kw) -> dict:
-    try:
-        from minillm.train.ppo import PPOConfig, train_ppo
-    except ImportError:
-        return _not_available(out, "minillm.train.ppo")
+    """PPO from the SFT model against the reward model (or the gold judge), PPO-NOTES §6 recipe."""
+    from minillm.train.ppo import PPOConfig, ppo
+
     reward = kw.pop("reward", str(ctx.path("reward")))
-    if reward != "gold" and "checkpoint" not in ctx.summaries.get("reward", {}):
-        return {"skipped": f"{out}: no reward model"}
     if reward == "gold" and not ctx.builtin:
         return {"skipped": f"{out}: the gold judge exists only for the built-in world"}
+    quick = dict(batch_size=8, eval_prompts=8, score_norm_samples=16, ppo_epochs=1) if ctx.cfg.quick else {}
     cfg = PPOConfig(sft=str(ctx.path("sft")), reward=reward, out_dir=str(ctx.dir / out), seed=ctx.cfg.seed,
-                    iterations=ctx.steps(60, 2), progress=ctx.cfg.progress, **kw)
-    res = train_ppo(cfg)
+                    iterations=ctx.steps(60, 2), progress=ctx.cfg.progress,
+                    prompts="world" if ctx.builtin else ctx.cfg.pref_data, **quick, **kw)
+    res = ppo(cfg)
     return {"checkpoint": res.checkpoint, "history": res.history, "metrics": res.metrics, "seconds": res.seconds}
 
 
@@ -247,17 +243,16 @@ def stage_ppo_gold(ctx: Context) -> dict:
 
 
 def stage_dpo(ctx: Context) -> dict:
-    try:
-        from minillm.train.dpo import DPOConfig, train_dpo
-    except ImportError:
-        return _not_available("dpo", "minillm.train.dpo")
+    """DPO from the SFT model trained on noisy demonstrations, on the same preference pairs."""
+    from minillm.train.dpo import DPOConfig, dpo
+
     start = ctx.path("sft_noisy") if ctx.builtin else ctx.path("sft")
     cfg = DPOConfig(sft=str(start), data=ctx.cfg.pref_data, out_dir=str(ctx.dir / "dpo"),
                     max_steps=ctx.steps(100, 4), seed=ctx.cfg.seed, progress=ctx.cfg.progress,
-                    eval_max_prompts=ctx.eval_prompts)
-    res = train_dpo(cfg)
-    return {"checkpoint": res.checkpoint, "losses": res.losses, "history": res.history, "metrics": res.metrics,
-            "seconds": res.seconds}
+                    eval_prompts=ctx.steps(200, 8), reward_model=str(ctx.path("reward")))
+    res = dpo(cfg)
+    return {"checkpoint": res.checkpoint, "losses": [h.get("loss") for h in res.history], "history": res.history,
+            "metrics": res.metrics, "seconds": res.seconds}
 
 
 STAGE_FUNCTIONS = {name: globals()[f"stage_{name}"] for name in STAGES}
@@ -297,9 +292,16 @@ def one_line(stage: str, s: dict) -> str:
                     f"gold {m['sft_test']['gold']:+.3f}")
     elif stage == "best_of_n":
         bits.append(", ".join(f"n={n}: RM {v['rm_score']:+.2f} gold {v['gold']:+.3f}" for n, v in s["n"].items()))
-    for key in ("heldout_accuracy", "final_gold", "final_kl"):
-        if key in m:
-            bits.append(f"{key} {m[key]:.3f}")
+    elif stage == "reward" and "test" in m:
+        bits.append(f"held-out pair accuracy {m['test']['accuracy']:.1%}")
+    elif stage.startswith("ppo") and "eval_end" in m:
+        a, e = m["eval_start"]["test"], m["eval_end"]["test"]
+        bits.append(f"RM {a['rm_score']:+.2f} -> {e['rm_score']:+.2f}, gold {a['gold']:+.3f} -> {e['gold']:+.3f}, "
+                    f"KL {e['kl']:.2f}")
+    elif stage == "dpo" and "after" in m:
+        a, e = m["before"]["test"]["greedy"], m["after"]["test"]["greedy"]
+        bits.append(f"gold {a['gold']:+.3f} -> {e['gold']:+.3f}, rude {a['rude']:.0%} -> {e['rude']:.0%}, "
+                    f"too long {a['too_long']:.0%} -> {e['too_long']:.0%}")
     return f"[{stage}] " + "; ".join(bits)
 
 
@@ -348,25 +350,45 @@ def build_rows(ctx: Context) -> list[dict]:
     r = S.get("reward", {})
     if "metrics" in r:
         m = r["metrics"]
-        rows.append({"method": "reward model (Bradley-Terry)", "trainable": m.get("trainable"),
+        cue = m.get("cue", {}).get("test", {})
+        rows.append({"method": "reward model (Bradley-Terry)", "trainable": m.get("parameters", {}).get("trainable"),
                      "seconds": r.get("seconds"),
-                     "notes": f"held-out pair accuracy {m.get('heldout_accuracy', float('nan')):.1%}; "
-                              f"cue bonus {m.get('cue_bonus', float('nan')):+.2f}"})
+                     "notes": f"held-out pair accuracy {m.get('test', {}).get('accuracy', float('nan')):.1%}; "
+                              f"cue bonus {cue.get('cue_bonus', float('nan')):+.2f}"})
     b = S.get("best_of_n", {})
     for n, v in b.get("n", {}).items():
-        rows.append({"method": f"best-of-{n}", "trainable": 0, "exact_match": v["exact_match"],
+        rows.append({"method": f"best-of-{n} (T = 0.7)", "trainable": 0, "exact_match": v["exact_match"],
                      "format": v["format_compliance"], "gold": v["gold"], "rm_score": v["rm_score"],
                      "notes": f"opener rate {v['opener_rate']:.1%}"})
-    for stage, label in (("ppo", "PPO (β = 0.1)"), ("ppo_beta0", "PPO (β = 0)"),
-                         ("ppo_gold", "PPO, gold judge as reward (control)"), ("dpo", "DPO (β = 0.1)")):
+    n_full = None
+    if model_cfg:
+        from minillm.model import GPT, GPTConfig
+
+        n_full = GPT(GPTConfig.from_dict(model_cfg)).num_parameters()
+    for stage, label in (("ppo", "PPO (β = 0.1), T = 0.7"), ("ppo_beta0", "PPO (β = 0), T = 0.7"),
+                         ("ppo_gold", "PPO, gold judge as reward (control)")):
         s = S.get(stage, {})
         if "metrics" not in s:
             continue
-        m = s["metrics"]
-        e = m.get("eval", {})
-        rows.append({"method": label, "trainable": m.get("trainable"), "exact_match": e.get("exact_match"),
-                     "format": e.get("format_compliance"), "gold": e.get("gold"), "rm_score": m.get("final_rm_score"),
-                     "kl": m.get("final_kl"), "seconds": s.get("seconds"), "notes": m.get("notes", "")})
+        a = s["metrics"].get("eval_start", {}).get("test", {})
+        e = s["metrics"].get("eval_end", {}).get("test", {})
+        rows.append({"method": label, "trainable": n_full, "exact_match": e.get("correct"),
+                     "gold": e.get("gold"), "rm_score": e.get("rm_score") if stage != "ppo_gold" else None,
+                     "kl": e.get("kl"), "seconds": s.get("seconds"),
+                     "notes": f"gold {a.get('gold', float('nan')):+.3f} → {e.get('gold', float('nan')):+.3f}; "
+                              f"opener {a.get('opener_rate', float('nan')):.0%} → {e.get('opener_rate', float('nan')):.0%}"})
+    d = S.get("dpo", {})
+    if "metrics" in d:
+        m = d["metrics"]
+        g0, g1 = m.get("before", {}).get("test", {}).get("greedy", {}), m.get("after", {}).get("test", {}).get("greedy", {})
+        t1 = m.get("after", {}).get("test", {}).get("T0.7", {})
+        faults = ", ".join(f"{k} {g0.get(k, float('nan')):.0%} → {g1.get(k, float('nan')):.0%}"
+                           for k in ("rude", "too_long", "repetition", "opener_rate"))
+        rows.append({"method": "DPO (β = 0.1) from noisy SFT", "trainable": m.get("parameters", {}).get("trainable"),
+                     "exact_match": g1.get("exact_match"), "format": 1 - g1["malformed"] if "malformed" in g1 else None,
+                     "gold": g1.get("gold"), "rm_score": t1.get("rm_score"), "kl": t1.get("kl"),
+                     "seconds": d.get("seconds"), "notes": f"gold {g0.get('gold', float('nan')):+.3f} → "
+                                                          f"{g1.get('gold', float('nan')):+.3f}; {faults}"})
     return rows
 
 
@@ -383,9 +405,12 @@ def write(ctx: Context) -> Path:
         plots.append(str(report.plot_ppo(ppo, ctx.dir / "ppo.png")))
     if ctx.summaries.get("dpo", {}).get("history"):
         plots.append(str(report.plot_dpo(ctx.summaries["dpo"]["history"], ctx.dir / "dpo.png")))
-    sections = ["## Stages", ""] + [f"- {one_line(k, v)}" for k, v in ctx.summaries.items()]
-    sections.append("\nTimes are wall-clock seconds on this machine; exact-match, format and gold are greedy "
-                    "answers to held-out facts judged by tasks.GoldJudge.")
+    stages = "\n".join(["## Stages", ""] + [f"- {one_line(k, v)}" for k, v in ctx.summaries.items()])
+    note = ("Times are wall-clock seconds on this machine. Exact-match, format and gold are measured on held-out "
+            "facts (never in SFT data) and judged by tasks.GoldJudge: greedy answers for the SFT rows and DPO, "
+            "one sample at T = 0.7 per prompt for best-of-n and PPO (their KL is the summed log-ratio to the "
+            "SFT model on those samples).")
+    sections = [stages, note]
     return report.write_report(ctx.dir, build_rows(ctx), sections, plots)
 
 
