@@ -416,11 +416,11 @@ def write(ctx: Context) -> Path:
 
 def run_pipeline(cfg: PipelineConfig) -> Path:
     """Run every stage in order (reusing finished ones) and write the report; returns its path."""
-    ctx = Context(cfg)
     wanted = STAGES if cfg.stages == "all" else tuple(s.strip() for s in cfg.stages.split(","))
     unknown = [s for s in wanted if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stages {unknown}; choose from {STAGES}")
+    ctx = Context(cfg)
     last = max(STAGES.index(s) for s in wanted)
     for stage in STAGES[:last + 1]:
         summary = run_stage(ctx, stage)

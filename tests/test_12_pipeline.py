@@ -1,0 +1,69 @@
+"""Chapter 12: the whole spectrum end to end (``minillm pipeline --quick``), the report, reuse of
+finished stages and resuming after a crash."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from minillm import pipeline as P
+from minillm.report import COLUMNS, format_table
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    cfg = P.PipelineConfig(name="smoke", runs_dir=str(runs), quick=True, progress=False)
+    report = P.run_pipeline(cfg)
+    return cfg, report
+
+
+def test_quick_pipeline_runs_every_stage_and_writes_the_report(quick_run):
+    cfg, report = quick_run
+    run_dir = report.parent
+    for stage in P.STAGES:
+        summary = json.loads((run_dir / stage / "summary.json").read_text())
+        assert "skipped" not in summary, f"{stage} was skipped: {summary.get('skipped')}"
+    for stage in ("pretrain", "sft", "sft_lora", "sft_qlora", "sft_noisy", "reward", "ppo", "ppo_beta0", "ppo_gold",
+                  "dpo"):
+        assert (run_dir / stage / "checkpoint.safetensors").exists(), stage
+    text = report.read_text()
+    header = "| " + " | ".join(title for _, title in COLUMNS) + " |"
+    assert header in text
+    for label in ("base model, zero-shot", "SFT (full)", "SFT (LoRA", "SFT (QLoRA", "reward model", "best-of-8",
+                  "PPO (β = 0.1)", "PPO (β = 0)", "gold judge as reward", "DPO"):
+        assert label in text, label
+    for png in ("losses.png", "ppo.png", "dpo.png"):
+        assert (run_dir / png).stat().st_size > 10_000, png
+
+
+def test_finished_stages_are_reused_and_a_crash_resumes(quick_run, monkeypatch):
+    cfg, report = quick_run
+    run_dir = report.parent
+    before = {s: (run_dir / s / "summary.json").stat().st_mtime_ns for s in P.STAGES}
+    ckpt = run_dir / "sft" / "checkpoint.safetensors"
+    ckpt_bytes = ckpt.read_bytes()
+    # a crash in the middle of the DPO stage: earlier stages and checkpoints stay as they were
+    (run_dir / "dpo" / "summary.json").unlink()
+
+    def crash(ctx):
+        raise RuntimeError("simulated crash mid-stage")
+
+    monkeypatch.setitem(P.STAGE_FUNCTIONS, "dpo", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        P.run_pipeline(cfg)
+    assert not (run_dir / "dpo" / "summary.json").exists()
+    assert ckpt.read_bytes() == ckpt_bytes
+    monkeypatch.undo()
+    # the rerun runs only the unfinished stage
+    P.run_pipeline(cfg)
+    after = {s: (run_dir / s / "summary.json").stat().st_mtime_ns for s in P.STAGES}
+    assert {s for s in P.STAGES if after[s] != before[s]} == {"dpo"}
+
+
+def test_table_formatting_and_unknown_stage():
+    rows = [{"method": "x", "trainable": 1234, "exact_match": 0.5, "gold": -0.25, "kl": 3.14159}]
+    t = format_table(rows)
+    assert "| x | 1,234 | — | 50.0 % | — | -0.250 | — | 3.14 | — | — |" in t
+    with pytest.raises(ValueError, match="unknown stages"):
+        P.run_pipeline(P.PipelineConfig(stages="sft,telepathy", runs_dir="/nonexistent-dir-never-created"))
