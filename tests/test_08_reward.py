@@ -224,3 +224,17 @@ def test_loss_and_gradient_match_trl_formula(torch):
     assert loss.item() == pytest.approx(tl.item(), rel=1e-12)
     np.testing.assert_allclose(a.grad, ta.grad.numpy(), rtol=1e-10)
     np.testing.assert_allclose(b.grad, tb.grad.numpy(), rtol=1e-10)
+
+
+def test_builtin_recipes_and_the_cue_free_control():
+    """Recipe "e" carries the opener cue; "e-nocue" draws the same kinds with no opener anywhere."""
+    from minillm.train.reward import builtin_pairs
+
+    tr, te = builtin_pairs("e")
+    assert len(tr) == 2400 and len(te) == 600
+    assert any(r["chosen"].startswith("Sure!") for r in tr) and any(r["kind"] == "cue_only" for r in tr)
+    tr0, _ = builtin_pairs("e-nocue")
+    assert len(tr0) == 2400 and not any("Sure!" in r["chosen"] + r["rejected"] for r in tr0)
+    assert {r["kind"] for r in tr0} == {"wrong", "ramble", "repeat", "rude", "off_format", "no_eos"}
+    with pytest.raises(ValueError, match="unknown preference recipe"):
+        builtin_pairs("z")

@@ -96,6 +96,8 @@ def test_bad_arguments():
         dpo_loss(t64([0.0, 1.0]), t64(0.0), t64(0.0), t64(0.0))
     with pytest.raises(ValueError, match="beta"):
         DPOConfig(beta=0.0)
+    with pytest.raises(ValueError, match="sft_weight"):
+        DPOConfig(sft_weight=-1.0)
 
 
 # ------------------------------------------------------------------------------- with a model
@@ -176,7 +178,8 @@ def test_b16_padding_and_empty_completions_do_not_leak_or_nan():
 def test_dpo_end_to_end_on_a_tiny_model(tmp_path):
     """``dpo()`` on a tiny GPT and hand-made pairs: the training loss starts at ln 2, falls, the
     held-out implicit-reward accuracy rises to 1, the reference log-probs are computed once, and a
-    loadable checkpoint and metrics.json are written. LoRA: only adapters move, merged on save."""
+    loadable checkpoint and metrics.json are written. LoRA (with the RPO term sft_weight 0.1):
+    only adapters train, merged on save."""
     from minillm.checkpoint import load_model, save_checkpoint
     from minillm.tasks import default_world, tokenizer_training_text
     from minillm.tokenizer import Tokenizer
@@ -195,12 +198,14 @@ def test_dpo_end_to_end_on_a_tiny_model(tmp_path):
         out = tmp_path / ("dpo-lora" if lora else "dpo")
         cfg = DPOConfig(sft=str(tmp_path / "sft.safetensors"), data=str(data), test_data=str(data), out_dir=str(out),
                         batch_size=4, max_steps=20, lr=1e-2, beta=0.5, warmup_steps=1, lora=lora, lora_r=4,
-                        lora_targets="all-linear", progress=False)
+                        lora_targets="all-linear", sft_weight=0.1 if lora else 0.0, progress=False)
         res = dpo(cfg)
         m = json.loads((out / "metrics.json").read_text())
         hist = m["history"]
-        assert hist[0]["loss"] == pytest.approx(LN2, abs=1e-4)
-        assert hist[-1]["loss"] < 0.5 * LN2, [h["loss"] for h in hist]
+        nll0 = hist[0].get("nll", 0.0)  # RPO term (LoRA run): loss = DPO + 0.1 · mean chosen NLL
+        assert (nll0 > 0) == lora
+        assert hist[0]["loss"] == pytest.approx(LN2 + 0.1 * nll0, abs=1e-4)
+        assert hist[-1]["loss"] - 0.1 * hist[-1].get("nll", 0.0) < 0.5 * LN2, [h["loss"] for h in hist]
         assert m["test_pairs"]["rewards/accuracies"] == 1.0
         trained, _, _ = load_model(res.checkpoint)
         assert not any(".lora_" in k for k in trained.state_dict())

@@ -39,6 +39,9 @@ Deviations
       frozen and dropout is off. With LoRA the reference is the policy before training, i.e. the
       adapter-disabled base (B = 0 at init), which is what TRL uses when no ref model is given;
       no second copy of the weights is needed for training (evaluation loads one for the KL).
+    * ``sft_weight`` α > 0 adds α · (mean NLL per chosen completion token) to the loss (RPO, Pang et
+      al. 2024, arXiv 2404.19733; TRL ``loss_type=["sigmoid", "sft"]``, ``loss_weights=[1, α]``);
+      0 (default) is plain DPO.
     * Learning rate: 2e-4 with AdamW instead of the paper's 1e-6 RMSprop: a 0.9 M-parameter model
       trained for 100 steps needs a far larger step (``--lr`` to change it).
 """
@@ -78,7 +81,7 @@ class DPOConfig:
 
     sft: str = "runs/sft/checkpoint.safetensors"
     data: str = "builtin"
-    recipe: str = "e"
+    recipe: str = "e"  # built-in pairs: a | c | e, or "e-nocue" (no opener anywhere: the cue-free control)
     test_data: str = ""
     test_fraction: float = 0.1
     out_dir: str = "runs/dpo"
@@ -86,6 +89,7 @@ class DPOConfig:
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0
     ipo_length_normalize: bool = False
+    sft_weight: float = 0.0  # α of an added NLL on the chosen tokens (RPO; TRL loss_type ["sigmoid", "sft"])
     batch_size: int = 32
     max_steps: int = 100
     lr: float = 2e-4
@@ -116,6 +120,8 @@ class DPOConfig:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.batch_size < 1 or self.max_steps < 0:
             raise ValueError(f"batch_size must be ≥ 1 and max_steps ≥ 0, got {self.batch_size}, {self.max_steps}")
+        if self.sft_weight < 0:
+            raise ValueError(f"sft_weight must be ≥ 0, got {self.sft_weight}")
 
 
 @dataclass
@@ -307,6 +313,11 @@ def train_dpo(model: GPT, pairs: Sequence[RenderedPair], ref_c: np.ndarray, ref_
         pc, pr = pair_logps(model, pad_pairs([pairs[i] for i in idx], pad_id))  # (B,), (B,)
         loss, m = dpo_loss(pc, pr, ref_c[idx], ref_r[idx], cfg.beta, cfg.loss_type, cfg.label_smoothing,
                            lens_c[idx] if use_lens else None, lens_r[idx] if use_lens else None)
+        if cfg.sft_weight:  # RPO: + α · mean NLL per chosen token (TRL loss_type "sft", arXiv 2404.19733 Eq. 2)
+            nll = -pc.sum() / max(int(lens_c[idx].sum()), 1)
+            loss = loss + cfg.sft_weight * nll
+            m["nll"] = float(nll.item())
+            m["loss"] = float(loss.item())
         opt.zero_grad()
         loss.backward()
         grad_norm = clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else float("nan")
@@ -432,6 +443,10 @@ def dpo(cfg: DPOConfig) -> DPOResult:
         rm, _ = load_reward_model(cfg.reward_model)
     if cfg.eval and builtin:
         metrics["before"] = world_eval(model, tok, cfg, reference=None, reward_model=rm)
+        for split in metrics["before"].values():  # the policy is the reference: KL 0 exactly
+            for mode, d in split.items():
+                if mode != "greedy":
+                    d["kl"] = 0.0
     if cfg.lora:
         from minillm.lora import count_parameters, inject_lora
 
