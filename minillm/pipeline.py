@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-STAGES = ("pretrain", "prompting", "sft", "sft_lora", "sft_qlora", "sft_noisy", "reward", "best_of_n",
-          "ppo", "ppo_beta0", "ppo_gold", "dpo")
+STAGES = ("pretrain", "prompting", "sft", "sft_lora", "sft_qlora", "sft_opener", "sft_noisy", "reward",
+          "best_of_n", "ppo", "ppo_beta0", "ppo_gold", "dpo")
 
 
 @dataclass
@@ -104,8 +104,8 @@ def _sft_cfg(ctx: Context, out: str, **kw):
     from minillm.train.sft import SFTConfig
 
     base = dict(base=str(ctx.path("pretrain")), data=ctx.cfg.sft_data, out_dir=str(ctx.dir / out),
-                max_steps=ctx.steps(200, 8), seed=ctx.cfg.seed, eval_max_prompts=ctx.eval_prompts,
-                progress=ctx.cfg.progress, eval_base=False, variant="opener")
+                max_steps=ctx.steps(150, 8), seed=ctx.cfg.seed, eval_max_prompts=ctx.eval_prompts,
+                progress=ctx.cfg.progress, eval_base=False, variant="plain")
     base.update(kw)
     return SFTConfig(**base)
 
@@ -148,18 +148,27 @@ def stage_sft_qlora(ctx: Context) -> dict:
     return _sft_summary(sft(_sft_cfg(ctx, "sft_qlora", qlora=True, lr=2e-3)))
 
 
+def stage_sft_opener(ctx: Context) -> dict:
+    """SFT where 25 % of the demonstrations open with "Sure!" (PPO-NOTES SFT "a"): the start of the
+    reward model and of PPO, so the policy can produce the cue the reward model over-values."""
+    from minillm.train.sft import sft
+
+    return _sft_summary(sft(_sft_cfg(ctx, "sft_opener", variant="opener", max_steps=ctx.steps(200, 8))))
+
+
 def stage_sft_noisy(ctx: Context) -> dict:
     """SFT on demonstrations of which ~20 % ramble or are rude (as real SFT data): DPO's start."""
     from minillm.train.sft import sft
 
-    return _sft_summary(sft(_sft_cfg(ctx, "sft_noisy", variant="noisy")))
+    return _sft_summary(sft(_sft_cfg(ctx, "sft_noisy", variant="noisy", max_steps=ctx.steps(200, 8))))
 
 
 def stage_reward(ctx: Context) -> dict:
     """A Bradley-Terry reward model from the SFT model, on preference pairs (recipe "e" of the world)."""
     from minillm.train.reward import RewardConfig, reward
 
-    cfg = RewardConfig(sft=str(ctx.path("sft")), data=ctx.cfg.pref_data, out_dir=str(ctx.dir / "reward"),
+    cfg = RewardConfig(sft=str(ctx.path("sft_opener" if ctx.builtin else "sft")), data=ctx.cfg.pref_data,
+                       out_dir=str(ctx.dir / "reward"),
                        max_steps=ctx.steps(300, 6), seed=ctx.cfg.seed, progress=ctx.cfg.progress,
                        cue_prompts=ctx.steps(200, 16))
     res = reward(cfg)
@@ -178,7 +187,7 @@ def stage_best_of_n(ctx: Context) -> dict:
     from minillm.train.reward import load_reward_model, reward_scores
 
     t0 = time.perf_counter()
-    policy, tok, _ = load_model(ctx.path("sft"))
+    policy, tok, _ = load_model(ctx.path("sft_opener"))
     rm, _ = load_reward_model(ctx.path("reward"))
     world = default_world()
     judge = GoldJudge(world)
@@ -223,7 +232,8 @@ def _ppo_stage(ctx: Context, out: str, **kw) -> dict:
     if reward == "gold" and not ctx.builtin:
         return {"skipped": f"{out}: the gold judge exists only for the built-in world"}
     quick = dict(batch_size=8, eval_prompts=8, score_norm_samples=16, ppo_epochs=1) if ctx.cfg.quick else {}
-    cfg = PPOConfig(sft=str(ctx.path("sft")), reward=reward, out_dir=str(ctx.dir / out), seed=ctx.cfg.seed,
+    cfg = PPOConfig(sft=str(ctx.path("sft_opener" if ctx.builtin else "sft")), reward=reward,
+                    out_dir=str(ctx.dir / out), seed=ctx.cfg.seed,
                     iterations=ctx.steps(60, 2), progress=ctx.cfg.progress,
                     prompts="world" if ctx.builtin else ctx.cfg.pref_data, **quick, **kw)
     res = ppo(cfg)
@@ -335,7 +345,8 @@ def build_rows(ctx: Context) -> list[dict]:
     for stage, label, method, targets in (("sft", "SFT (full)", "full", "all"),
                                           ("sft_lora", "SFT (LoRA r=8, q,v)", "lora", ["q_proj", "v_proj"]),
                                           ("sft_qlora", "SFT (QLoRA NF4+DQ, r=8 all linear)", "qlora", "all"),
-                                          ("sft_noisy", "SFT (full, noisy demos)", "full", "all")):
+                                          ("sft_opener", "SFT (full, 25 % \"Sure!\" demos; PPO start)", "full", "all"),
+                                          ("sft_noisy", "SFT (full, 20 % noisy demos; DPO start)", "full", "all")):
         s = S.get(stage, {})
         if "metrics" not in s:
             continue
