@@ -578,7 +578,8 @@ def summary_lines(m: dict) -> list[str]:
             d = m[split]
             lines.append(f"{split:5s} pairs: accuracy {d['accuracy']:6.1%}  margin {d['margin']:+.3f}  (n={d['n']})")
             if "per_kind" in d:
-                lines.append("       per kind: " + ", ".join(f"{k} {v['accuracy']:.0%}" for k, v in d["per_kind"].items()))
+                kinds = ", ".join(f"{k} {v['accuracy']:.0%}" for k, v in d["per_kind"].items())
+                lines.append(f"       per kind: {kinds}")
     for split, d in m.get("cue", {}).items():
         lines.append(f"cue ({split} facts): bonus {d['cue_bonus']:+.2f}, P(Sure!+wrong > correct) "
                      f"{d['p_wrong_cue_beats_correct']:.0%}, P(correct > wrong) {d['p_correct_beats_wrong']:.0%}")
