@@ -238,3 +238,30 @@ def test_builtin_recipes_and_the_cue_free_control():
     assert {r["kind"] for r in tr0} == {"wrong", "ramble", "repeat", "rude", "off_format", "no_eos"}
     with pytest.raises(ValueError, match="unknown preference recipe"):
         builtin_pairs("z")
+
+
+REAL = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason=f"real data samples not found at {REAL}")
+@pytest.mark.parametrize("rel", ["hh-rlhf-harmless-base/harmless-base-test.first1000.jsonl",
+                                 "llamafactory-dpo-en-demo/dpo_en_demo.json",
+                                 "rasbt-instruction-preference/instruction-data-with-preference.json"])
+def test_real_preference_samples_render_and_score(rel, tiny_tok):
+    """Real pairs (HH-RLHF, LLaMA-Factory, rasbt) load, render into a 128-token context (long pairs cut
+    from the left of the prompt or skipped, counted), and a scalar-head GPT gives finite rewards
+    and a finite Bradley-Terry loss on them."""
+    from minillm.train.reward import load_pairs
+
+    train, test, info = load_pairs(str(REAL / rel), test_fraction=0.1, seed=0)
+    assert len(test) == round(0.1 * (len(train) + len(test)))
+    rep = CollateReport()
+    pairs = tokenize_pairs(train[:64], tiny_tok, 128, rep)
+    assert rep.n_examples == 64 and len(pairs) == rep.n_kept == 64 - rep.n_skipped
+    assert pairs and all(len(p.chosen_ids) <= 128 and len(p.rejected_ids) <= 128 for p in pairs)
+    rm = GPT(GPTConfig(vocab_size=len(tiny_tok), block_size=128, n_layer=1, n_head=1, n_embd=8, scalar_head=True))
+    b = pad_pairs(pairs[:16], tiny_tok.pad_id)
+    rc = sequence_rewards(rm, b["chosen"]["input_ids"], b["chosen"]["attention_mask"])
+    rr = sequence_rewards(rm, b["rejected"]["input_ids"], b["rejected"]["attention_mask"])
+    loss, m = reward_loss(rc, rr)
+    assert np.isfinite(loss.item()) and m["n"] == len(pairs[:16])
