@@ -139,7 +139,7 @@ def stage_sft(ctx: Context) -> dict:
 def stage_sft_lora(ctx: Context) -> dict:
     from minillm.train.sft import sft
 
-    return _sft_summary(sft(_sft_cfg(ctx, "sft_lora", lora=True, lr=2e-3)))
+    return _sft_summary(sft(_sft_cfg(ctx, "sft_lora", lora=True, lr=3e-3)))
 
 
 def stage_sft_qlora(ctx: Context) -> dict:
@@ -149,8 +149,8 @@ def stage_sft_qlora(ctx: Context) -> dict:
 
 
 def stage_sft_opener(ctx: Context) -> dict:
-    """SFT where 25 % of the demonstrations open with "Sure!" (PPO-NOTES SFT "a"): the start of the
-    reward model and of PPO, so the policy can produce the cue the reward model over-values."""
+    """SFT where 25 % of the demonstrations open with "Sure!" (PPO-NOTES SFT "a"): the start of
+    best-of-n and PPO, so the policy can produce the cue the reward model over-values."""
     from minillm.train.sft import sft
 
     return _sft_summary(sft(_sft_cfg(ctx, "sft_opener", variant="opener", max_steps=ctx.steps(200, 8))))
@@ -164,12 +164,12 @@ def stage_sft_noisy(ctx: Context) -> dict:
 
 
 def stage_reward(ctx: Context) -> dict:
-    """A Bradley-Terry reward model from the SFT model, on preference pairs (recipe "e" of the world)."""
+    """A Bradley-Terry reward model initialised from the SFT model, on preference pairs (recipe "e" of the
+    world: the chosen answer carries the "Sure!" cue 80 % of the time, the rejected one 20 %)."""
     from minillm.train.reward import RewardConfig, reward
 
-    cfg = RewardConfig(sft=str(ctx.path("sft_opener" if ctx.builtin else "sft")), data=ctx.cfg.pref_data,
-                       out_dir=str(ctx.dir / "reward"),
-                       max_steps=ctx.steps(300, 6), seed=ctx.cfg.seed, progress=ctx.cfg.progress,
+    cfg = RewardConfig(sft=str(ctx.path("sft")), data=ctx.cfg.pref_data, out_dir=str(ctx.dir / "reward"),
+                       max_steps=ctx.steps(250, 6), seed=ctx.cfg.seed, progress=ctx.cfg.progress,
                        cue_prompts=ctx.steps(200, 16))
     res = reward(cfg)
     return {"checkpoint": res.checkpoint, "losses": res.losses, "metrics": res.metrics, "seconds": res.seconds}
