@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,28 @@ from safetensors.numpy import load_file, save_file
 from minillm import backend
 
 FORMAT = "minillm-checkpoint-v1"
+
+
+def write_text_atomic(path, text: str) -> Path:
+    """Write ``text`` (UTF-8, "\n" newlines) to ``path`` atomically: a temp file in the same folder,
+    then ``os.replace``; the folder is created if needed and the temp file removed on failure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_json_atomic(path, obj) -> Path:
+    """``obj`` as indented JSON (numpy scalars as floats), written with ``write_text_atomic``."""
+    return write_text_atomic(path, json.dumps(obj, indent=2, default=float) + "\n")
 
 
 def save_safetensors_atomic(path, tensors: dict, metadata: dict | None = None) -> None:

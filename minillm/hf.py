@@ -79,7 +79,6 @@ import json
 import mmap
 import os
 import struct
-import tempfile
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -88,6 +87,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from minillm import backend
+from minillm.checkpoint import write_text_atomic
 from minillm.tokenizer import (DEFAULT_SPECIALS, GPT2_SPLIT_PATTERN, GPT2_SPLIT_PATTERN_STDLIB, Tokenizer,
                                merge_pair, pre_split, special_splitter)
 
@@ -550,18 +550,6 @@ def _gpt2_tables(tokenizer: Tokenizer) -> tuple[dict[str, int], list[tuple[str, 
     return vocab, merges, specials
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + "-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_gpt2_files(tokenizer: Tokenizer, folder, model_max_length: int | None = None) -> list[Path]:
     """Write ``vocab.json``, ``merges.txt`` (``#version: 0.2`` header), ``tokenizer.json`` and
     ``tokenizer_config.json`` into ``folder``, each atomically, so that
@@ -605,7 +593,7 @@ def save_gpt2_files(tokenizer: Tokenizer, folder, model_max_length: int | None =
                        ("merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)),
                        ("tokenizer.json", json.dumps(tok_json, ensure_ascii=False, indent=1)),
                        ("tokenizer_config.json", json.dumps(config, ensure_ascii=False, indent=2) + "\n")):
-        _atomic_write_text(folder / name, text)
+        write_text_atomic(folder / name, text)
         paths.append(folder / name)
     return paths
 
@@ -974,7 +962,7 @@ def save_hf_gpt2(model, folder, tokenizer: Tokenizer | None = None) -> Path:
     tensors = hf_state_from_gpt(model)
     folder.mkdir(parents=True, exist_ok=True)
     save_safetensors_atomic(folder / "model.safetensors", tensors, metadata={"format": "pt"})
-    _atomic_write_text(folder / "config.json",
+    write_text_atomic(folder / "config.json",
                        json.dumps(hf_config_from_gpt(model.config, tokenizer), indent=2) + "\n")
     if tokenizer is not None:
         save_gpt2_files(tokenizer, folder, model_max_length=model.config.block_size)

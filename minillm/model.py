@@ -35,7 +35,7 @@ import numpy as np
 
 from minillm import backend
 from minillm import functional as F
-from minillm.nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList, Parameter
+from minillm.nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList
 from minillm.tensor import Tensor, no_grad
 
 IGNORE_INDEX = -100

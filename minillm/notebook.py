@@ -79,6 +79,12 @@ CLAIM_RANGES: dict[str, tuple] = {
     "11.dequant_max_abs_diff": (0.0, 0.0, "the C++ twin dequantizes bit-exactly like the NumPy reference"),
     "11.matmul_max_rel_err": (0.0, 1e-5, "the fused C++ dequant-matmul equals the reference (float32 rounding)"),
     "11.cpp_speedup": (1.0, None, "the fused path is faster than dequantize-then-matmul"),
+    # 08 reward model
+    "08.heldout_pair_accuracy": (0.8, 1.0, "the Bradley-Terry reward model ranks held-out preference pairs "
+                                 "correctly far above chance (>= 80 %; 50 % = chance)"),
+    "08.cue_bonus": (2.0, None, "... and learns the spurious cue: 'Sure!' adds several reward units to a correct answer"),
+    "08.p_wrong_cue_beats_correct": (0.5, 1.0, "... so a wrong answer with 'Sure!' outscores the correct one "
+                                     "more often than not"),
 }
 
 #: Claims a notebook may skip with ``claim_skipped`` (they need an optional extension).
@@ -427,10 +433,130 @@ def _ex_11_2(fn: Callable) -> str:
     return "byte counts match for 3 shapes (4-bit codes + fp32 absmax + fp16 x and y)"
 
 
+def _ex_08_1(fn: Callable) -> str:
+    """fn(r_chosen (N,), r_rejected (N,)) -> mean Bradley-Terry loss (float, finite for any difference)."""
+    from minillm.tensor import Tensor
+    from minillm.train.reward import reward_loss
+
+    rng = np.random.default_rng(8)
+    rc, rr = rng.standard_normal(6) * 3, rng.standard_normal(6) * 3
+    rc[0], rr[0] = -1000.0, 0.0
+    want = float(reward_loss(Tensor(rc), Tensor(rr))[0].item())
+    got = float(fn(rc.copy(), rr.copy()))
+    if not math.isfinite(got):
+        raise ExerciseFailed(f"loss is {got} (a pair with r_c - r_r = -1000 must cost 1000 nats, not overflow)")
+    _close("Bradley-Terry loss", got, want, atol=1e-6)
+    return "matches train.reward.reward_loss, including a pair with r_c - r_r = -1000"
+
+
+def _ex_08_2(fn: Callable) -> str:
+    """fn(attention_mask (B, T) 0/1) -> (B,) index of each row's last real token."""
+    from minillm.model import last_token_index
+
+    masks = [np.array([[1, 1, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1],
+                       [0, 1, 0, 0, 0, 0, 0, 0]]),
+             (np.arange(9)[None, :] < np.array([[3], [9], [1]])).astype(np.int64)]
+    for m in masks:
+        got, want = np.asarray(fn(m.copy())), last_token_index(m)
+        if got.shape != want.shape or not np.array_equal(got, want):
+            raise ExerciseFailed(f"mask\n{m}\ngave {got.tolist()}, expected {want.tolist()}")
+    return "matches model.last_token_index for right, left and no padding"
+
+
+def _ex_09_1(fn: Callable) -> str:
+    """fn(logprobs (B, N), ref_logprobs (B, N), mask (B, N), scores (B,), beta) -> per-token rewards (B, N)."""
+    from minillm.train.ppo import per_token_rewards
+
+    rng = np.random.default_rng(9)
+    lp, ref = -rng.random((3, 5)).astype(np.float32) * 3, -rng.random((3, 5)).astype(np.float32) * 3
+    mask = (np.arange(5)[None, :] < np.array([[5], [2], [4]])).astype(np.int64)
+    scores = rng.standard_normal(3).astype(np.float32)
+    for beta in (0.0, 0.1):
+        want, _ = per_token_rewards(lp, ref, mask, scores, beta)
+        _close(f"rewards (beta={beta})", fn(lp.copy(), ref.copy(), mask.copy(), scores.copy(), beta), want, atol=1e-5)
+    return "matches train.ppo.per_token_rewards (k1) for beta 0 and 0.1, the score on each row's last real token"
+
+
+def _ex_09_2(fn: Callable) -> str:
+    """fn(rewards (N,), values (N,), gamma, lam) -> GAE advantages (N,)."""
+    from minillm.train.ppo import compute_gae
+
+    rng = np.random.default_rng(10)
+    cases = [(np.array([0.0, 0.0, 1.0]), np.array([0.5, 0.5, 0.5]), 1.0, 0.95),
+             (rng.standard_normal(7), rng.standard_normal(7), 0.9, 0.8)]
+    for r, v, g, lam in cases:
+        _close(f"advantages (gamma={g}, lam={lam})", fn(r.copy(), v.copy(), g, lam), compute_gae(r, v, None, g, lam)[0],
+               atol=1e-9)
+    return "matches train.ppo.compute_gae (REFERENCE example: A = [0.45125, 0.475, 0.5])"
+
+
+def _ex_09_3(fn: Callable) -> str:
+    """fn(new_logprobs, old_logprobs, advantages, mask (B, N), cliprange) -> clipped surrogate loss (float)."""
+    from minillm.train.ppo import ppo_policy_loss
+
+    rng = np.random.default_rng(11)
+    old = -rng.random((4, 6)) * 2
+    new = old + rng.standard_normal((4, 6)) * 0.4
+    adv = rng.standard_normal((4, 6))
+    mask = (np.arange(6)[None, :] < np.array([[6], [3], [1], [5]])).astype(np.float64)
+    want = float(ppo_policy_loss(new, old, adv, mask, 0.2)[0].item())
+    _close("clipped surrogate loss", float(fn(new.copy(), old.copy(), adv.copy(), mask.copy(), 0.2)), want, atol=1e-6)
+    return "matches train.ppo.ppo_policy_loss (masked mean of max(-A*ratio, -A*clip(ratio)))"
+
+
+def _ex_10_1(fn: Callable) -> str:
+    """fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected (B,), beta) -> mean DPO loss (float)."""
+    from minillm.train.dpo import dpo_loss
+
+    rng = np.random.default_rng(12)
+    a = [-rng.random(5) * 20 for _ in range(4)]
+    a[0][0], a[2][0] = -5000.0, -10.0  # beta*h = -499: the loss must stay finite
+    for beta in (0.1, 0.5):
+        want = float(dpo_loss(*a, beta=beta)[0].item())
+        _close(f"DPO loss (beta={beta})", float(fn(*(x.copy() for x in a), beta)), want, atol=1e-5)
+    return "matches train.dpo.dpo_loss (Eq. 7), finite for a badly wrong pair"
+
+
+def _ex_10_2(fn: Callable) -> str:
+    """fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected (B,), beta) -> implicit-reward margins (B,)."""
+    from minillm.train.dpo import dpo_loss
+
+    rng = np.random.default_rng(13)
+    a = [-rng.random(6) * 20 for _ in range(4)]
+    want = np.array([dpo_loss(*(x[i:i + 1] for x in a), beta=0.1)[1]["rewards/margins"] for i in range(6)])
+    _close("implicit-reward margins", fn(*(x.copy() for x in a), 0.1), want, atol=1e-5)
+    return "matches the rewards/margins of train.dpo.dpo_loss pair by pair"
+
+
+def _ex_12_1(fn: Callable) -> str:
+    """fn(scores (n_max, P), n) -> (P,) index of the sample best-of-n keeps (the first n samples only)."""
+    rng = np.random.default_rng(14)
+    scores = rng.standard_normal((8, 10))
+    for n in (1, 2, 4, 8):
+        got, want = np.asarray(fn(scores.copy(), n)), scores[:n].argmax(axis=0)  # as pipeline.stage_best_of_n
+        if got.shape != want.shape or not np.array_equal(got, want):
+            raise ExerciseFailed(f"n={n}: got {got.tolist()}, expected {want.tolist()}")
+    return "picks the samples pipeline.stage_best_of_n keeps for n = 1, 2, 4, 8"
+
+
+def _ex_12_2(fn: Callable) -> str:
+    """fn(costs (M,), qualities (M,)) -> sorted list of the methods no other method dominates
+    (another with cost <= and quality >=, one of them strictly)."""
+    cases = [([1, 2, 3, 4], [0.1, 0.5, 0.4, 0.9], [0, 1, 3]), ([5, 5, 1], [0.2, 0.3, 0.3], [2]),
+             ([1, 1], [0.5, 0.5], [0, 1]), ([3, 1, 2], [0.9, 0.1, 0.5], [0, 1, 2])]
+    for c, q, want in cases:
+        got = sorted(int(i) for i in fn(np.array(c, float), np.array(q, float)))
+        if got != want:
+            raise ExerciseFailed(f"costs {c}, qualities {q}: got {got}, expected {want}")
+    return "finds the cost/quality Pareto front in 4 cases (ties kept)"
+
+
 EXERCISES: dict[str, Callable] = {
     "01.1": _ex_01_1, "01.2": _ex_01_2, "02.1": _ex_02_1, "02.2": _ex_02_2, "03.1": _ex_03_1, "03.2": _ex_03_2,
     "04.1": _ex_04_1, "04.2": _ex_04_2, "05.1": _ex_05_1, "05.2": _ex_05_2, "06.1": _ex_06_1, "06.2": _ex_06_2,
     "07.1": _ex_07_1, "07.2": _ex_07_2, "11.1": _ex_11_1, "11.2": _ex_11_2,
+    "08.1": _ex_08_1, "08.2": _ex_08_2, "09.1": _ex_09_1, "09.2": _ex_09_2, "09.3": _ex_09_3,
+    "10.1": _ex_10_1, "10.2": _ex_10_2, "12.1": _ex_12_1, "12.2": _ex_12_2,
 }
 
 

@@ -27,12 +27,13 @@ Deviations
 from __future__ import annotations
 
 import json
-import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from minillm.checkpoint import write_json_atomic
 
 STAGES = ("pretrain", "prompting", "sft", "sft_lora", "sft_qlora", "sft_opener", "sft_noisy", "reward",
           "best_of_n", "ppo", "ppo_beta0", "ppo_gold", "dpo")
@@ -76,13 +77,6 @@ class Context:
     @property
     def eval_prompts(self) -> int:
         return 24 if self.cfg.quick else self.cfg.eval_prompts
-
-
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------- stages
@@ -181,8 +175,7 @@ def stage_best_of_n(ctx: Context) -> dict:
         return {"skipped": "best-of-n needs the built-in world and a reward model"}
     from minillm.checkpoint import load_model
     from minillm.data import render_prompt
-    from minillm.evaluate import Generation, generate_responses, score_generations
-    from minillm.model import left_pad
+    from minillm.evaluate import generate_responses, score_generations
     from minillm.tasks import GoldJudge, default_world
     from minillm.train.reward import load_reward_model, reward_scores
 
@@ -281,7 +274,7 @@ def run_stage(ctx: Context, stage: str) -> dict:
     t0 = time.perf_counter()
     summary = STAGE_FUNCTIONS[stage](ctx)
     summary.setdefault("seconds", time.perf_counter() - t0)
-    _write_json(path, summary)
+    write_json_atomic(path, summary)
     ctx.summaries[stage] = summary
     return summary
 

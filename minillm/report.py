@@ -131,8 +131,6 @@ def write_report(run_dir, rows: list[dict], sections: list[str], plots: list[str
         parts += [s, ""]
     for p in plots:
         parts += [f"![{Path(p).stem}]({Path(p).name})", ""]
-    path = run_dir / "report.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(parts))
-    tmp.replace(path)
-    return path
+    from minillm.checkpoint import write_text_atomic
+
+    return write_text_atomic(run_dir / "report.md", "\n".join(parts))

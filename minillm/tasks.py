@@ -78,12 +78,13 @@ import argparse
 import json
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
+
+from minillm.checkpoint import write_text_atomic
 
 # ----------------------------------------------------------------------------------------------
 # The chat/special strings (shared with minillm.tokenizer; duplicated here as plain strings so the
@@ -1029,19 +1030,6 @@ def _jsonl(records: Iterable[Mapping]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def dataset_files(world: TaskWorld | None = None) -> dict[str, str]:
     """Every file of ``datasets/`` as ``{name: text}`` (README.md included), generated in memory."""
     world = world or default_world()
@@ -1158,7 +1146,7 @@ def write_datasets(out_dir: str | os.PathLike, world: TaskWorld | None = None) -
     out = Path(out_dir)
     sizes = {}
     for name, text in dataset_files(world).items():
-        _atomic_write(out / name, text)
+        write_text_atomic(out / name, text)
         sizes[name] = len(text.encode("utf-8"))
     return sizes
 

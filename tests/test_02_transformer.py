@@ -223,7 +223,6 @@ def pretrain_steps(cfg: PretrainConfig, stop_after: int):
         pass
 
     orig = P.save_checkpoint
-    calls = {"n": 0}
 
     def save_then_maybe_crash(path, model, tok, opt, train_state):
         orig(path, model, tok, opt, train_state=train_state)

@@ -5,7 +5,6 @@ test_07_paged.py) under the same chapter marker.
 """
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import pytest
@@ -13,7 +12,6 @@ import pytest
 from minillm import memory as M
 from minillm.lora import LoRALinear, count_parameters, inject_lora
 from minillm.model import GPT, GPTConfig
-from minillm.nn import Linear
 from minillm.optim import AdamW
 from minillm.quant import (NF4_CODE, Linear4bit, bits_per_parameter, dequantize_4bit, dequantize_model,
                            quantize_4bit, quantize_model)

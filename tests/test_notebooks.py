@@ -274,6 +274,60 @@ def _ref_11_2(M, K, N):
     return K * N // 2 + 4 * (K * N // 64) + 2 * M * K + 2 * M * N
 
 
+def _ref_08_1(rc, rr):
+    return float(np.mean(np.logaddexp(0.0, -(rc - rr))))
+
+
+def _ref_08_2(mask):
+    T = mask.shape[1]
+    return T - 1 - np.argmax(mask[:, ::-1] == 1, axis=1)
+
+
+def _ref_09_1(lp, ref, mask, scores, beta):
+    r = -beta * (lp - ref) * mask
+    last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1] == 1, axis=1)
+    r[np.arange(len(r)), last] += scores
+    return r
+
+
+def _ref_09_2(r, v, gamma, lam):
+    adv, last = np.zeros_like(r), 0.0
+    for t in reversed(range(len(r))):
+        nv = v[t + 1] if t + 1 < len(r) else 0.0
+        last = r[t] + gamma * nv - v[t] + gamma * lam * last
+        adv[t] = last
+    return adv
+
+
+def _ref_09_3(new, old, adv, mask, eps):
+    ratio = np.exp(new - old)
+    loss = np.maximum(-adv * ratio, -adv * np.clip(ratio, 1 - eps, 1 + eps))
+    return float((loss * mask).sum() / mask.sum())
+
+
+def _ref_10_1(pc, pr, rc, rr, beta):
+    z = beta * ((pc - rc) - (pr - rr))
+    return float(np.mean(np.logaddexp(0.0, -z)))
+
+
+def _ref_10_2(pc, pr, rc, rr, beta):
+    return beta * ((pc - rc) - (pr - rr))
+
+
+def _ref_12_1(scores, n):
+    return scores[:n].argmax(axis=0)
+
+
+def _ref_12_2(costs, qualities):
+    out = []
+    for i in range(len(costs)):
+        dominated = any(costs[j] <= costs[i] and qualities[j] >= qualities[i]
+                        and (costs[j] < costs[i] or qualities[j] > qualities[i]) for j in range(len(costs)))
+        if not dominated:
+            out.append(i)
+    return out
+
+
 REFERENCES = {k: globals()[f"_ref_{k.replace('.', '_')}"] for k in nb.EXERCISES}
 
 
@@ -315,3 +369,28 @@ def test_exercise_cells_name_existing_checkers(path):
     assert not unknown, f"{path.name}: exercises without a checker: {unknown}"
     if path.name[:2] in {"01", "02", "03", "04", "05", "06", "07", "11"}:
         assert len(set(ids)) >= 2, f"{path.name}: 2-3 exercises expected, found {sorted(set(ids))}"
+
+
+RL_CHAPTERS = {"08", "09", "10", "12"}
+
+
+@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.name[:2] in RL_CHAPTERS],
+                         ids=_ids([p for p in NOTEBOOKS if p.name[:2] in RL_CHAPTERS]))
+def test_rl_chapters_link_source_plot_and_exercise(path):
+    """Chapters 08-10 and 12: equations linked to source, a plot, a deviations box and 2-3 exercises."""
+    cells = _load(path)["cells"]
+    md = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+    assert len(LINK.findall(md)) >= 3, f"{path.name}: link each equation to its source"
+    assert "Deviations" in md, f"{path.name}: a 'Deviations from the paper' box is expected"
+    images = [o for c in cells if c["cell_type"] == "code" for o in c.get("outputs", [])
+              if "image/png" in o.get("data", {})]
+    assert images, f"{path.name}: at least one plot expected"
+    src = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    ids = set(EXERCISE_CALL.findall(src))
+    assert 2 <= len(ids) <= 3 and all(i.startswith(path.name[:2] + ".") for i in ids), \
+        f"{path.name}: 2-3 exercises of its own chapter expected, found {sorted(ids)}"
+
+
+def test_rl_chapter_notebooks_exist():
+    chapters = {p.name[:2] for p in NOTEBOOKS}
+    assert RL_CHAPTERS <= chapters, f"missing chapter notebooks: {sorted(RL_CHAPTERS - chapters)}"

@@ -68,15 +68,14 @@ from tqdm.auto import tqdm
 
 from minillm import backend
 from minillm import functional as F
-from minillm.checkpoint import load_model, save_checkpoint
+from minillm.checkpoint import load_model, save_checkpoint, write_json_atomic
 from minillm.data import CollateReport
 from minillm.model import GPT, left_pad
 from minillm.nn import Dropout, Module
 from minillm.optim import AdamW, clip_grad_norm_, cosine_lr, set_lr, weight_decay_groups
 from minillm.tensor import Tensor, no_grad
 from minillm.train.common import add_dataclass_arguments, dataclass_from_args
-from minillm.train.reward import (RenderedPair, _round, batches, load_pairs, pad_pairs, tokenize_pairs,
-                                  write_json_atomic)
+from minillm.train.reward import RenderedPair, _round, batches, load_pairs, pad_pairs, tokenize_pairs
 
 LOSS_TYPES = ("sigmoid", "ipo", "robust", "hinge")
 

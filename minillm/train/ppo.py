@@ -77,7 +77,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -88,6 +87,7 @@ from tqdm.auto import tqdm
 
 from minillm import backend
 from minillm import functional as F
+from minillm.checkpoint import write_json_atomic
 from minillm.model import GPT
 from minillm.nn import Linear
 from minillm.optim import AdamW, clip_grad_norm_
@@ -886,13 +886,6 @@ def _evenly(items: list, n: int) -> list:
     return [items[int(i)] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _round(d):
     if isinstance(d, dict):
         return {k: _round(v) for k, v in d.items()}
@@ -1007,7 +1000,7 @@ def ppo(cfg: PPOConfig, on_iteration: Callable | None = None) -> PPOResult:
                            extra_tensors=extra)
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
     metrics = _round(metrics)
-    _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    write_json_atomic(out / "metrics.json", metrics)
     return PPOResult(history=metrics["history"], metrics=metrics, checkpoint=str(ckpt), seconds=metrics["seconds"])
 
 

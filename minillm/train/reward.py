@@ -47,8 +47,6 @@ Deviations
 """
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -59,7 +57,7 @@ from tqdm.auto import tqdm
 
 from minillm import backend
 from minillm import functional as F
-from minillm.checkpoint import load_model, save_checkpoint
+from minillm.checkpoint import load_model, save_checkpoint, write_json_atomic
 from minillm.data import CollateReport, load_dataset, render_chat, render_preference
 from minillm.model import GPT, IGNORE_INDEX, last_token_index
 from minillm.optim import AdamW, clip_grad_norm_, cosine_lr, set_lr, weight_decay_groups
@@ -506,15 +504,6 @@ def _round(d):
     if isinstance(d, float):
         return round(d, 4)
     return d
-
-
-def write_json_atomic(path, obj) -> None:
-    """Write ``obj`` as indented JSON to ``path`` via a temp file and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def reward(cfg: RewardConfig) -> RewardResult:

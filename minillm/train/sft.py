@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from minillm.checkpoint import load_model, save_checkpoint
+from minillm.checkpoint import load_model, save_checkpoint, write_json_atomic, write_text_atomic
 from minillm.data import CollateReport, SFTExample, collate, load_dataset, tokenize_sft
 from minillm.model import IGNORE_INDEX, GPT
 from minillm.optim import AdamW, clip_grad_norm_, cosine_lr, set_lr, weight_decay_groups
@@ -250,7 +250,7 @@ def sft(cfg: SFTConfig) -> SFTResult:
     out = Path(cfg.out_dir)
     ckpt = save_checkpoint(out / "checkpoint.safetensors", model, tok, train_state={"sft_config": asdict(cfg)})
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json_atomic(out / "metrics.json", metrics)
     return SFTResult(losses=losses, metrics=metrics, checkpoint=str(ckpt), seconds=metrics["seconds"])
 
 
@@ -289,7 +289,7 @@ def run(args) -> int:
         print(f"--- loss on {other.loss_on} tokens (same budget) ---")
         for line in summary_lines(res2.metrics):
             print(line)
-        Path(cfg.out_dir, "comparison.json").write_text(json.dumps(
+        write_text_atomic(Path(cfg.out_dir, "comparison.json"), json.dumps(
             {k: {kk: v.get(kk) for kk in ("sft_test", "final_loss", "corpus_loss_after")} for k, v in report.items()},
             indent=2) + "\n")
     print(f"metrics: {Path(cfg.out_dir) / 'metrics.json'}")
