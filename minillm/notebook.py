@@ -85,6 +85,20 @@ CLAIM_RANGES: dict[str, tuple] = {
     "08.cue_bonus": (2.0, None, "... and learns the spurious cue: 'Sure!' adds several reward units to a correct answer"),
     "08.p_wrong_cue_beats_correct": (0.5, 1.0, "... so a wrong answer with 'Sure!' outscores the correct one "
                                      "more often than not"),
+    # 09 RLHF with PPO (30-iteration runs in the notebook; the pipeline's 60-iteration stages are in chapter 12)
+    "09.gold_reward_gold_gain": (0.03, None, "PPO raises the reward it is given: with the gold judge as the reward, "
+                                 "gold rises"),
+    "09.beta0_rm_gain": (1.5, None, "without the KL penalty the proxy (RM score) rises by > 1.5 units ..."),
+    "09.beta0_gold_drop": (0.15, None, "... while gold falls by > 0.15 (the policy hacks the reward model) ..."),
+    "09.beta0_kl": (3.5, None, "... and drifts far from the SFT model (KL > 3.5 nats)"),
+    "09.beta01_kl": (0.0, 4.0, "with beta = 0.1 the KL to the SFT model stays bounded (< 4 nats) ..."),
+    "09.gold_kept_beta01_minus_beta0": (0.15, None, "... and far more gold is kept than with beta = 0 (> 0.15)"),
+    # 10 DPO
+    "10.heldout_implicit_accuracy": (0.8, 1.0, "DPO's implicit reward ranks held-out preference pairs correctly (>= 80 %)"),
+    "10.style_fault_ratio": (0.0, 0.5, "DPO at least halves the rambles, repeats and rude answers its pairs reject "
+                             "(greedy, fault rate after / before)"),
+    "10.opener_rate_gain": (0.3, 1.0, "... and copies the pairs' spurious cue: the 'Sure!' rate rises by > 30 points"),
+    "10.nocue_opener_rate": (0.0, 0.1, "on the same pairs without the cue the opener does not appear (< 10 %)"),
 }
 
 #: Claims a notebook may skip with ``claim_skipped`` (they need an optional extension).
