@@ -522,7 +522,11 @@ def summary_lines(m: dict) -> list[str]:
 
 
 def add_arguments(parser) -> None:
+    import argparse
+
     add_dataclass_arguments(parser, DPOConfig)
+    parser.add_argument("--base", dest="sft", default=argparse.SUPPRESS,
+                        help="alias of --sft: the starting model (checkpoint, run or Hugging Face GPT-2 directory)")
 
 
 def run(args) -> int:

@@ -133,6 +133,24 @@ def apply_peft(model: GPT, cfg: SFTConfig) -> dict:
     return count_parameters(model)
 
 
+def memory_estimate(model: GPT, cfg: SFTConfig) -> dict:
+    """Training memory of this run by component (bytes, float32, memory.estimate): weights, quantization
+    constants, LoRA weights, gradients, AdamW states, activations of one batch."""
+    from minillm import memory
+
+    shape = memory.ModelShape.from_gpt_config(model.config)
+    method = "qlora" if cfg.qlora else "lora" if cfg.lora else "full"
+    spec = cfg.lora_targets or ("all-linear" if cfg.qlora else "q_proj,v_proj")
+    names = {"c_fc": "fc_in", "mlp.c_fc": "fc_in", "attn.c_proj": "o_proj", "mlp.c_proj": "fc_out"}
+    targets = "all" if spec == "all-linear" else [names.get(t.strip(), t.strip()) for t in spec.split(",")]
+    try:
+        est = memory.estimate(shape, method=method, dtype="fp32", batch=cfg.batch_size,
+                              seq_len=model.config.block_size, lora_r=cfg.lora_r, lora_targets=targets)
+    except ValueError as e:  # a target name the calculator does not know: say so, do not fail the run
+        return {"error": str(e)}
+    return {k: int(v) for k, v in est.items() if isinstance(v, (int, float))}
+
+
 def merge_for_saving(model: GPT) -> GPT:
     """A plain float32 GPT: every 4-bit base dequantized (no re-quantization), then every LoRA merged
     (W ← W + scaling·B·A), then the wrappers removed. All parameters trainable again."""
@@ -238,6 +256,7 @@ def sft(cfg: SFTConfig) -> SFTResult:
     else:
         n = model.num_parameters()
         metrics["parameters"] = {"trainable": n, "total": n, "percent": 100.0}
+    metrics["memory_estimate"] = memory_estimate(model, cfg)
     t_train = time.perf_counter()
     losses = train_sft(model, tok, examples, cfg)
     metrics["train_seconds"] = round(time.perf_counter() - t_train, 1)
@@ -266,6 +285,10 @@ def summary_lines(m: dict) -> list[str]:
     for key in ("corpus_loss_before", "corpus_loss_after", "final_loss", "train_seconds", "parameters"):
         if key in m:
             lines.append(f"{key}: {m[key]}")
+    if "total" in m.get("memory_estimate", {}):
+        lines.append(f"memory estimate: {m['memory_estimate']['total'] / 1e6:.1f} MB in all (weights "
+                     f"{m['memory_estimate']['weights'] / 1e6:.1f} MB, optimizer states "
+                     f"{m['memory_estimate']['optimizer_states'] / 1e6:.1f} MB)")
     return lines
 
 
