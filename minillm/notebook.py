@@ -99,6 +99,12 @@ CLAIM_RANGES: dict[str, tuple] = {
                              "(greedy, fault rate after / before)"),
     "10.opener_rate_gain": (0.3, 1.0, "... and copies the pairs' spurious cue: the 'Sure!' rate rises by > 30 points"),
     "10.nocue_opener_rate": (0.0, 0.1, "on the same pairs without the cue the opener does not appear (< 10 %)"),
+    # 12 choosing a method
+    "12.finetune_minus_prompting_gold": (0.5, None, "on one task and one judge, fine-tuning (SFT) beats prompting the "
+                                         "base model by far (gold difference > 0.5)"),
+    "12.peft_gold_fraction_of_full": (0.85, None, "LoRA and QLoRA reach >= 85 % of full SFT's gold with a few percent "
+                                      "of the trainable parameters"),
+    "12.methods_in_table": (8, None, "the spectrum side by side in one table (>= 8 methods from the cached stages)"),
 }
 
 #: Claims a notebook may skip with ``claim_skipped`` (they need an optional extension).
