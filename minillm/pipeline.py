@@ -147,6 +147,8 @@ def stage_sft_opener(ctx: Context) -> dict:
     best-of-n and PPO, so the policy can produce the cue the reward model over-values."""
     from minillm.train.sft import sft
 
+    if not ctx.builtin:
+        return {"skipped": "the \"Sure!\"-demo variant exists only for the built-in world (PPO starts from sft)"}
     return _sft_summary(sft(_sft_cfg(ctx, "sft_opener", variant="opener", max_steps=ctx.steps(200, 8))))
 
 
@@ -154,6 +156,8 @@ def stage_sft_noisy(ctx: Context) -> dict:
     """SFT on demonstrations of which ~20 % ramble or are rude (as real SFT data): DPO's start."""
     from minillm.train.sft import sft
 
+    if not ctx.builtin:
+        return {"skipped": "the noisy-demo variant exists only for the built-in world (DPO starts from sft)"}
     return _sft_summary(sft(_sft_cfg(ctx, "sft_noisy", variant="noisy", max_steps=ctx.steps(200, 8))))
 
 

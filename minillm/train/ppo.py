@@ -847,7 +847,10 @@ def world_prompts() -> tuple[list[str], dict]:
 
 
 def read_prompts(path: str) -> list[str]:
-    """Prompts from a file: JSONL/JSON records with "prompt" or "instruction", or plain text (one per line).
+    """Prompts from a file: JSONL/JSON records with "prompt" or "instruction", plain text (one per
+    line), or any chat/preference format data.load_dataset reads (HH-RLHF transcripts, ShareGPT,
+    OpenAI messages): then the last user turn of each conversation's prompt (earlier turns are
+    dropped — PPO here renders single-turn prompts).
 
     Raises FileNotFoundError naming the file, ValueError naming the file and line of a bad record,
     or of an empty file.
@@ -862,6 +865,17 @@ def read_prompts(path: str) -> list[str]:
         if p.suffix == ".json":
             recs = json.loads(text)
             lines = [json.dumps(r) for r in recs]
+        first = next((json.loads(x) for x in lines if x.strip()), None)
+        if isinstance(first, dict) and not isinstance(first.get("prompt", first.get("instruction")), str) and \
+                any(k in first for k in ("chosen", "messages", "conversations")):
+            from minillm.data import load_dataset
+
+            for ex in load_dataset(p).records:
+                msgs = ex.prompt if hasattr(ex, "prompt") else ex.messages[:-1]
+                users = [m["content"] for m in msgs if m["role"] == "user"]
+                if users:
+                    out.append(users[-1])
+            lines = []
         for i, line in enumerate(lines, 1):
             if not line.strip():
                 continue
