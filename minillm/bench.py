@@ -150,7 +150,9 @@ def _qualnames() -> dict:
 
 def bench_train_step(repeats: int = 5, profile: bool = False, with_torch: bool = True) -> dict:
     """Seconds per step of the reference config in minillm and (if installed) PyTorch eager."""
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    # numpy's BLAS uses OPENBLAS_NUM_THREADS (or OMP_NUM_THREADS) threads, else one per core: torch gets the same
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = int(os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or cores)
     step = _minillm_step()
     out: dict = {"config": {**REFERENCE, "batch_size": 16}, "threads": threads}
     out["minillm_seconds_per_step"] = round(_median_time(step, repeats), 4)
