@@ -8,6 +8,10 @@ PYTHON := $(BIN)/python
 TORCH ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export PYTHONHASHSEED := 0
+# One BLAS thread: minillm's matrices are small (C = 128), so a second OpenBLAS thread gains little
+# on a quiet 2-core machine and loses 3-5x when anything else runs (measured: a PPO iteration 2 s
+# vs 7-11 s, pretraining 121 s vs 329 s). Override with `make demo OPENBLAS_NUM_THREADS=2`.
+export OPENBLAS_NUM_THREADS ?= 1
 
 BASE_STAMP := $(VENV)/.base-installed
 DEV_STAMP := $(VENV)/.dev-installed
