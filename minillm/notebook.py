@@ -92,7 +92,8 @@ CLAIM_RANGES: dict[str, tuple] = {
     "09.beta0_gold_drop": (0.15, None, "... while gold falls by > 0.15 (the policy hacks the reward model) ..."),
     "09.beta0_kl": (3.5, None, "... and drifts far from the SFT model (KL > 3.5 nats)"),
     "09.beta01_kl": (0.0, 4.0, "with beta = 0.1 the KL to the SFT model stays bounded (< 4 nats) ..."),
-    "09.gold_kept_beta01_minus_beta0": (0.15, None, "... and far more gold is kept than with beta = 0 (> 0.15)"),
+    "09.gold_kept_beta01_minus_beta0": (0.05, None, "... and more gold is kept than with beta = 0 (> 0.05; measured "
+                                        "0.11-0.41 over seeds and reward models in 30 iterations)"),
     # 10 DPO
     "10.heldout_implicit_accuracy": (0.8, 1.0, "DPO's implicit reward ranks held-out preference pairs correctly (>= 80 %)"),
     "10.style_fault_ratio": (0.0, 0.5, "DPO at least halves the rambles, repeats and rude answers its pairs reject "
