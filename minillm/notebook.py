@@ -82,7 +82,8 @@ CLAIM_RANGES: dict[str, tuple] = {
     # 08 reward model
     "08.heldout_pair_accuracy": (0.8, 1.0, "the Bradley-Terry reward model ranks held-out preference pairs "
                                  "correctly far above chance (>= 80 %; 50 % = chance)"),
-    "08.cue_bonus": (2.0, None, "... and learns the spurious cue: 'Sure!' adds several reward units to a correct answer"),
+    "08.cue_bonus": (2.0, None, "... and learns the spurious cue: 'Sure!' adds several reward units to a "
+                     "correct answer"),
     "08.p_wrong_cue_beats_correct": (0.5, 1.0, "... so a wrong answer with 'Sure!' outscores the correct one "
                                      "more often than not"),
     # 09 RLHF with PPO (30-iteration runs in the notebook; the pipeline's 60-iteration stages are in chapter 12)
@@ -95,7 +96,8 @@ CLAIM_RANGES: dict[str, tuple] = {
     "09.gold_kept_beta01_minus_beta0": (0.05, None, "... and more gold is kept than with beta = 0 (> 0.05; measured "
                                         "0.11-0.41 over seeds and reward models in 30 iterations)"),
     # 10 DPO
-    "10.heldout_implicit_accuracy": (0.8, 1.0, "DPO's implicit reward ranks held-out preference pairs correctly (>= 80 %)"),
+    "10.heldout_implicit_accuracy": (0.8, 1.0, "DPO's implicit reward ranks held-out preference pairs correctly "
+                                     "(>= 80 %)"),
     "10.style_fault_ratio": (0.0, 0.5, "DPO at least halves the rambles, repeats and rude answers its pairs reject "
                              "(greedy, fault rate after / before)"),
     "10.opener_rate_gain": (0.3, 1.0, "... and copies the pairs' spurious cue: the 'Sure!' rate rises by > 30 points"),
