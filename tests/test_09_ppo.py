@@ -369,3 +369,20 @@ def test_value_model_initialised_from_a_reward_model_and_lora_policy():
     changed = {n for n, p in policy.named_parameters() if not np.array_equal(p.data, before[n])}
     assert changed and all(n.endswith(("lora_A", "lora_B")) for n in changed), changed
     assert any(not np.array_equal(p.data, vm_before[n]) for n, p in vm.named_parameters())
+
+
+def test_a_reward_that_becomes_nan_is_a_clear_error():
+    """Bad input: a NaN score would poison every advantage of the batch; PPO stops and says so."""
+    policy, ref = GPT(TINY, seed=3), GPT(TINY, seed=3)
+    cfg = PPOConfig(batch_size=8, max_new_tokens=6, score_norm_samples=0)
+
+    def nan_reward(rollout):
+        out = _count_token(5)(rollout)
+        out[2] = np.nan
+        return out
+
+    tr = PPOTrainer(policy, ref, nan_reward, cfg, eos_id=EOS, pad_id=PAD)
+    before = [p.data.copy() for p in policy.parameters()]
+    with pytest.raises(FloatingPointError, match=r"not finite for 1 of 8 responses"):
+        tr.step(_prompts(8))
+    assert all(np.array_equal(a, p.data) for a, p in zip(before, policy.parameters()))  # no update applied

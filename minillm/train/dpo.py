@@ -328,6 +328,8 @@ def train_dpo(model: GPT, pairs: Sequence[RenderedPair], ref_c: np.ndarray, ref_
             loss = loss + cfg.sft_weight * nll
             m["nll"] = float(nll.item())
             m["loss"] = float(loss.item())
+        if not np.isfinite(loss.item()):
+            raise FloatingPointError(f"DPO: the loss became {loss.item()} at step {step}")
         opt.zero_grad()
         loss.backward()
         grad_norm = clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else float("nan")

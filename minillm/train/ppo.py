@@ -742,6 +742,10 @@ class PPOTrainer:
                 ref_logp[idx] = reference_logprobs(self.ref, sub, cfg.temperature)
         mask = rollout.response_mask.astype(np.float32)
         raw = np.asarray(self.reward_fn(rollout), dtype=np.float64)
+        if not np.isfinite(raw).all():  # a NaN score would silently poison every advantage of the batch
+            bad = int((~np.isfinite(raw)).sum())
+            raise FloatingPointError(f"PPO: the reward is not finite for {bad} of {len(raw)} responses "
+                                     f"(values {raw[~np.isfinite(raw)][:3].tolist()}); check the reward model")
         scores = self.normalised_scores(rollout, raw)
         beta = self.kl_ctl.value
         rewards, kl = per_token_rewards(old_logp, ref_logp, mask, scores, beta, cfg.kl_estimator)

@@ -394,6 +394,8 @@ def train_reward(model: GPT, pairs: Sequence[RenderedPair], pad_id: int, cfg: Re
                                xp.asarray(b["rejected"]["attention_mask"]))  # (B,) each
         margin = b["margin"] if b["margin"] is not None else (cfg.margin or None)
         loss, m = reward_loss(r_c, r_r, margin, cfg.center_rewards_coefficient)
+        if not np.isfinite(loss.item()):
+            raise FloatingPointError(f"reward model: the loss became {loss.item()} at step {step}")
         opt.zero_grad()
         loss.backward()
         if cfg.grad_clip > 0:
