@@ -206,7 +206,9 @@ def run(args) -> int:
     text = json.dumps(res, indent=2)
     print(text)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        from minillm.checkpoint import write_text_atomic
+
+        write_text_atomic(args.out, text + "\n")
     return 0
 
 

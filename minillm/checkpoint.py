@@ -59,9 +59,15 @@ def save_safetensors_atomic(path, tensors: dict, metadata: dict | None = None) -
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     host = {k: np.ascontiguousarray(backend.to_numpy(v)) for k, v in tensors.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(host, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(host, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def read_safetensors(path) -> tuple[dict, dict]:

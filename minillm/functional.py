@@ -282,6 +282,8 @@ class Linear(Function):
     def forward(self, x, w, b=None):
         if x.shape[-1] != w.shape[1]:
             raise ValueError(f"linear: input (..., {x.shape[-1]}) does not match weight {w.shape} (out, in)")
+        if b is not None and b.shape != (w.shape[0],):
+            raise ValueError(f"linear: bias {b.shape} does not match weight {w.shape} (out, in)")
         self.x, self.w, self.has_b = x, w, b is not None
         y = x.reshape(-1, x.shape[-1]) @ w.T  # (N, in) @ (in, out) -> (N, out)
         if b is not None:
@@ -663,6 +665,8 @@ def stack(tensors: Sequence[Tensor], axis: int = 0) -> Tensor:
 def split(x: Tensor, split_size_or_sections, axis: int = 0) -> list[Tensor]:
     """Split into chunks of ``split_size`` (int) or of the listed sizes (``torch.split``)."""
     n = x.shape[axis]
+    if isinstance(split_size_or_sections, int) and split_size_or_sections < 1:
+        raise ValueError(f"split size must be ≥ 1, got {split_size_or_sections}")
     if isinstance(split_size_or_sections, int):
         sizes = [split_size_or_sections] * (n // split_size_or_sections)
         if n % split_size_or_sections:
@@ -945,8 +949,9 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
     Matches ``torch.nn.functional.scaled_dot_product_attention`` with ``is_causal=True`` when
     Tq == Tk and no padding.
     """
-    if q.shape[-1] != k.shape[-1] or k.shape != v.shape:
-        raise ValueError(f"attention shape mismatch: q {q.shape}, k {k.shape}, v {v.shape}")
+    if q.shape[-1] != k.shape[-1] or k.shape != v.shape or q.shape[:-2] != k.shape[:-2]:
+        raise ValueError(f"attention shape mismatch: q {q.shape}, k {k.shape}, v {v.shape} "
+                         "(need q (B, H, Tq, D), k and v (B, H, Tk, D))")
     if key_padding_mask is not None:
         key_padding_mask = key_padding_mask.data if isinstance(key_padding_mask, Tensor) else key_padding_mask
         if key_padding_mask.shape != (k.shape[0], k.shape[-2]):

@@ -25,6 +25,9 @@ Deviations
     * Separate q/k/v projections instead of GPT-2's fused ``c_attn`` (numerically identical: the
       fused weight is the three stacked; interop code splits/joins them).
     * Weight tying is an option (``tie_weights``, default True as in GPT-2).
+    * Dropout (``config.dropout``) acts on the embeddings and the residual branches; GPT-2's dropout
+      on the attention probabilities (``attn_pdrop``) is not implemented (the fused attention
+      backward would need the mask); there is no option to restore it.
 """
 from __future__ import annotations
 
@@ -179,7 +182,8 @@ class GenerateOutput:
     sequences: (B, T_prompt + N) int64, prompt (as given, left-padded) then new tokens, ``pad_id``
     after a row's EOS. new_tokens: (B, N). logprobs: (B, N) float32, log-probability of each sampled
     token under softmax(logits / temperature) (0 after EOS). response_mask: (B, N) 1 for generated
-    tokens up to and including EOS. finished: (B,) True where EOS was emitted.
+    tokens up to and including EOS. finished: (B,) True where EOS was emitted. prompt_mask: (B,
+    T_prompt) 1 on real prompt tokens (0 on left padding).
     """
 
     sequences: np.ndarray
@@ -285,6 +289,9 @@ class GPT(Module):
             position_ids = _as_ids(position_ids)
             if position_ids.shape != (B, T):
                 raise ValueError(f"position_ids {position_ids.shape} does not match input_ids {(B, T)}")
+            if T and (int(position_ids.min()) < 0 or int(position_ids.max()) >= self.config.block_size):
+                raise ValueError(f"position_ids must be in [0, block_size={self.config.block_size}), got "
+                                 f"{int(position_ids.min())}..{int(position_ids.max())}")
         key_padding_mask = None
         if kv_cache is not None:
             m = attention_mask if attention_mask is not None else xp.ones((B, T), dtype=bool)
@@ -322,6 +329,9 @@ class GPT(Module):
         logits = self.lm_logits(h)
         loss = None
         if labels is not None:
+            labels = _as_ids(labels)
+            if labels.shape != logits.shape[:2]:
+                raise ValueError(f"labels {labels.shape} do not match input_ids {logits.shape[:2]}")
             loss = F.cross_entropy(logits, shift_labels(labels))
         return logits, loss
 
@@ -356,7 +366,8 @@ class GPT(Module):
         ``use_cache=False`` recomputes the whole sequence each step (the reference the cache is
         tested against). Runs in eval mode under no_grad; restores the previous mode.
 
-        Raises ValueError if prompt + max_new_tokens exceeds block_size, or temperature < 0.
+        Raises ValueError if prompt + max_new_tokens exceeds block_size, temperature < 0, or
+        temperature > 0 without an ``rng``.
         """
         if temperature < 0:
             raise ValueError(f"temperature must be ≥ 0, got {temperature}")
@@ -380,7 +391,8 @@ class GPT(Module):
         finished = np.zeros(B, dtype=bool)
         try:
             with no_grad():
-                cache = KVCache(self.config, B, T + max_new_tokens) if use_cache else None
+                cache = (KVCache(self.config, B, T + max_new_tokens, dtype=self.transformer.wte.weight.dtype)
+                         if use_cache else None)
                 step_ids, step_mask = seq, seq_mask
                 for t in range(max_new_tokens):
                     if use_cache:

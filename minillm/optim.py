@@ -90,7 +90,13 @@ class Optimizer:
         self.state = {}
         for i, s in sd["state"].items():
             i = int(i)
+            if i not in params:
+                raise ValueError(f"optimizer state for parameter {i}, but the optimizer has {len(params)} parameters")
             p = params[i]
+            for k, v in s.items():
+                if hasattr(v, "shape") and tuple(v.shape) != tuple(p.shape):
+                    raise ValueError(f"optimizer state {k!r} of parameter {i} has shape {tuple(v.shape)}, "
+                                     f"the parameter {tuple(p.shape)}")
             xp = backend.get_array_module(p.data)
             self.state[i] = {k: (xp.asarray(v, dtype=p.dtype).copy() if hasattr(v, "shape") else v)
                              for k, v in s.items()}

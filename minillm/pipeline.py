@@ -3,7 +3,8 @@
 Scope
     On the built-in task world by default, the stages run in order, each in
     ``runs/<name>/<stage>/``: pretrain → prompting (base model zero-/few-shot) → SFT (full) →
-    SFT (LoRA) → SFT (QLoRA) → SFT on noisy demonstrations (DPO's start) → reward model →
+    SFT (LoRA) → SFT (QLoRA) → SFT with "Sure!" demonstrations (the start of best-of-n and PPO) →
+    SFT on noisy demonstrations (DPO's start) → reward model →
     best-of-n (n = 1, 2, 4, 8) → PPO (β > 0) → PPO (β = 0) → PPO with the gold judge as reward
     (the control) → DPO. A stage is done when its ``summary.json`` exists (written last,
     atomically); finished stages are reused and a crashed run resumes from the first unfinished
@@ -43,7 +44,7 @@ STAGES = ("pretrain", "prompting", "sft", "sft_lora", "sft_qlora", "sft_opener",
 class PipelineConfig:
     """Settings of ``minillm pipeline`` (CLI: ``--quick true``, ``--name demo``)."""
 
-    name: str = "default"
+    name: str = ""  # runs/<name>; "" = "default", or "quick" with --quick (never mixed with full runs)
     runs_dir: str = "runs"
     quick: bool = False
     corpus: str = "builtin"
@@ -60,7 +61,7 @@ class Context:
 
     def __init__(self, cfg: PipelineConfig):
         self.cfg = cfg
-        self.dir = Path(cfg.runs_dir) / cfg.name
+        self.dir = Path(cfg.runs_dir) / (cfg.name or ("quick" if cfg.quick else "default"))
         self.dir.mkdir(parents=True, exist_ok=True)
         self.summaries: dict[str, dict] = {}
 
@@ -164,7 +165,7 @@ def stage_sft_noisy(ctx: Context) -> dict:
 def stage_reward(ctx: Context) -> dict:
     """A Bradley-Terry reward model initialised from the SFT model, on preference pairs of recipe "a"
     (TASKWORLD-NOTES §7: 20 % wrong-fact rejections; the chosen answer carries the "Sure!" cue 80 % of
-    the time, the rejected one 20 %) — measured 96.2 % held-out accuracy and a +3.8 cue bonus."""
+    the time, the rejected one 20 %), which gave the stronger held-out accuracy on this world."""
     from minillm.train.reward import RewardConfig, reward
 
     cfg = RewardConfig(sft=str(ctx.path("sft")), data=ctx.cfg.pref_data, recipe="a", out_dir=str(ctx.dir / "reward"),

@@ -720,6 +720,21 @@ def bits_per_parameter(packed, quant_state: QuantState, include_code: bool = Fal
 # ============================================================================================
 # Linear4bit: the frozen 4-bit base layer of QLoRA
 # ============================================================================================
+#
+# Scope
+#     ``Linear4bit``: a Linear layer whose weight is stored as NF4 (or FP4/INT4) codes with
+#     (double-quantized) absmax constants and never trained; ``Matmul4bit`` its autograd op (forward
+#     through the fused kernels of minillm/kernels.py, backward to the input only);
+#     ``quantize_model`` / ``dequantize_model`` swap a model's Linear layers in and out.
+# Sources
+#     QLoRA (Dettmers et al. 2023) §3; bitsandbytes ``nn.Linear4bit``, ``matmul_4bit`` /
+#     ``MatMul4Bit`` (``bitsandbytes/autograd/_functions.py``); peft ``bnb.Linear4bit.merge``.
+# Deviations
+#     * Compute is float32 (QLoRA: bf16): the weight is dequantized to float32 for both passes.
+#       There is no option for bf16 compute on the CPU; the CUDA kernels take float16/bfloat16.
+#     * The bias stays a frozen float32 Parameter (bitsandbytes keeps it in the compute dtype).
+#     * Merging LoRA re-quantizes (as peft) and warns; ``train.sft.merge_for_saving`` instead
+#       dequantizes first, so a saved merged model loses nothing (PITFALLS B13, contract (a)).
 
 
 def _autograd():
@@ -745,12 +760,14 @@ class Matmul4bit(_Function):
     def forward(self, x, packed, quant_state):
         from minillm import kernels
 
-        self.packed, self.qs, self.xdtype = packed, quant_state, x.dtype
+        self.packed, self.qs = packed, quant_state
         return kernels.matmul_4bit(x, packed, quant_state).astype(x.dtype, copy=False)  # (..., N)
 
     def backward(self, g):
         from minillm import kernels
 
+        if not self.needs_input_grad[0]:
+            return None, None, None
         W = kernels.dequantize_4bit(self.packed, self.qs).astype(g.dtype, copy=False)  # (N, K)
         return (g.reshape(-1, g.shape[-1]) @ W).reshape(*g.shape[:-1], W.shape[1]), None, None
 
@@ -782,7 +799,9 @@ class Linear4bit(_Module):
         self.out_features, self.in_features = weight.shape
         self.blocksize, self.quant_type, self.compress_statistics = blocksize, quant_type, compress_statistics
         self._quantize(weight)
-        self.bias = None if bias is None else _Parameter(np.asarray(to_numpy(bias), dtype=np.float32),
+        from minillm import backend
+
+        self.bias = None if bias is None else _Parameter(backend.asarray(to_numpy(bias), dtype=np.float32),
                                                          requires_grad=False)
 
     def _quantize(self, weight) -> None:
@@ -793,18 +812,43 @@ class Linear4bit(_Module):
         self._buffers = {}
         for k, v in state_dict_4bit(packed, qs, prefix="weight").items():
             self.register_buffer(k, backend.asarray(v) if k == "weight" else v)
-        self.quant_state = qs
-        self.packed = self._buffers["weight"]
+        self._quant_state = qs
+        self._packed = self._buffers["weight"]
+        self._stale = False
 
     def set_buffer(self, name: str, value) -> None:
-        """Load one saved buffer; the QuantState is rebuilt from the buffers afterwards."""
+        """Load one saved buffer (``load_state_dict``); the QuantState is rebuilt from all of them
+        on first use, and checked against (out_features, in_features) then."""
         from minillm import backend
 
         self._buffers[name] = np.asarray(value) if name != "weight" else backend.asarray(value)
-        packed, self.quant_state = load_state_dict_4bit(
-            {k: to_numpy(v) for k, v in self._buffers.items()}, prefix="weight")
-        self.packed = backend.asarray(packed)
-        object.__setattr__(self, "weight", self.packed)
+        self._stale = True
+
+    def _sync(self) -> None:
+        if not self._stale:
+            return
+        from minillm import backend
+
+        packed, qs = load_state_dict_4bit({k: to_numpy(v) for k, v in self._buffers.items()}, prefix="weight")
+        if tuple(qs.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"Linear4bit: loaded a 4-bit weight of shape {tuple(qs.shape)} into a layer of "
+                             f"shape {(self.out_features, self.in_features)} (out, in)")
+        self._packed, self._quant_state = backend.asarray(packed), qs
+        self.blocksize, self.quant_type, self.compress_statistics = qs.blocksize, qs.quant_type, qs.nested
+        object.__setattr__(self, "weight", self._packed)
+        self._stale = False
+
+    @property
+    def packed(self):
+        """The packed 4-bit codes: uint8 ((out·in + 1) // 2, 1), two codes per byte, high nibble first."""
+        self._sync()
+        return self._packed
+
+    @property
+    def quant_state(self) -> QuantState:
+        """The ``QuantState`` (absmax, possibly double-quantized; code; shape; blocksize)."""
+        self._sync()
+        return self._quant_state
 
     def num_quantized_parameters(self) -> int:
         """Logical weights stored in 4 bits (out · in), for parameter accounting (PEFT counts packed ×2)."""
@@ -822,6 +866,7 @@ class Linear4bit(_Module):
         return kernels.dequantize_4bit(self.packed, self.quant_state).astype(np.float32, copy=False)
 
     def forward(self, x):
+        """x (..., in) float32 -> (..., out)."""
         y = Matmul4bit.apply(x, self.packed, self.quant_state)  # (..., out)
         return y if self.bias is None else F_.add(y, self.bias)
 

@@ -48,6 +48,15 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join([head, sep, *body])
 
 
+def _save(fig, path) -> Path:
+    """Save a figure as PNG via a temp file and rename (no half-written image on a crash)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+    return path
+
+
 def _plt():
     import matplotlib
 
@@ -73,7 +82,7 @@ def plot_losses(curves: dict, path) -> Path:
     for ax in list(axes.flat)[len(curves):]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
     return Path(path)
 
@@ -102,7 +111,7 @@ def plot_ppo(histories: dict, path) -> Path:
         ax.set_xlabel("iteration" if title != "gold / RM vs KL" else "KL (nats)")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
     return Path(path)
 
@@ -118,7 +127,7 @@ def plot_dpo(history: list[dict], path) -> Path:
     ax.set_ylabel("implicit reward")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
     return Path(path)
 

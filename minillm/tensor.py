@@ -20,7 +20,7 @@ Sources
 
 Deviations from PyTorch
     * The graph is freed after ``backward()`` (as PyTorch's default ``retain_graph=False``); pass
-      ``retain_graph=True`` to keep it.
+      ``retain_graph=True`` to keep it. Going through a freed graph again raises, as in PyTorch.
     * Gradients of non-leaf tensors are never stored (PyTorch's ``retain_grad`` is not offered).
 """
 from __future__ import annotations
@@ -83,6 +83,19 @@ class Function:
             t._ctx = ctx
             return t
         return Tensor(out)
+
+
+class _Freed:
+    """Stands in for the Function of a non-leaf tensor whose graph ``backward`` has freed."""
+
+    inputs = ()
+
+    def backward(self, grad):
+        raise RuntimeError("backward through a graph a second time: its buffers were freed by the first "
+                           "backward(); pass retain_graph=True to the first call")
+
+
+_FREED = _Freed()
 
 
 class Tensor:
@@ -172,7 +185,9 @@ class Tensor:
             retain_graph: keep the graph so backward can run again through it.
 
         Raises:
-            RuntimeError: if self does not require grad, or grad is omitted for a non-scalar.
+            RuntimeError: if self does not require grad, grad is omitted for a non-scalar, or the
+            graph was already freed by an earlier backward without retain_graph (as PyTorch).
+            ValueError: if grad's shape differs from self's.
 
         Leaf gradients accumulate into ``.grad`` (``+=``), as in PyTorch.
         """
@@ -184,6 +199,8 @@ class Tensor:
                 raise RuntimeError(f"backward() needs an explicit grad for a tensor of shape {self.shape}")
             grad = xp.ones_like(self.data)
         grad = grad.data if isinstance(grad, Tensor) else xp.asarray(grad, dtype=self.dtype)
+        if grad.shape != self.shape:
+            raise ValueError(f"backward: grad of shape {grad.shape} for a tensor of shape {self.shape}")
 
         # Topological order by iterative depth-first search (post-order).
         order: list[Tensor] = []
@@ -227,7 +244,7 @@ class Tensor:
                 key = id(parent)
                 grads[key] = pg if key not in grads else grads[key] + pg
             if not retain_graph:
-                node._ctx = None
+                node._ctx = _FREED
 
     # ---------------------------------------------------- operator sugar
     # Implemented in functional.py; imported lazily to keep this file about the graph.

@@ -88,6 +88,14 @@ def read_text(path) -> str:
     return text
 
 
+def check_finite(loss, step: int, what: str) -> None:
+    """Raise FloatingPointError naming the stage and step when a loss is NaN or infinite, so a
+    diverged run stops instead of training on (and saving) garbage."""
+    value = float(loss.item())
+    if not math.isfinite(value):
+        raise FloatingPointError(f"{what}: the loss became {value} at step {step}")
+
+
 def rng_state(rng: np.random.Generator) -> dict:
     """A JSON-able snapshot of a numpy Generator (its bit generator state)."""
     return rng.bit_generator.state

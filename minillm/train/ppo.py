@@ -381,7 +381,7 @@ class PPOConfig:
     eval_prompts: per split (held-out facts, train facts), before and after training (0: skip).
     """
 
-    sft: str = "runs/sft-opener/checkpoint.safetensors"
+    sft: str = "runs/sft/checkpoint.safetensors"  # the pipeline starts from its "Sure!"-demo SFT
     reward: str = "runs/reward/checkpoint.safetensors"
     value_model: str = "shared_head"
     prompts: str = "world"

@@ -30,12 +30,12 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from minillm.checkpoint import load_checkpoint, save_checkpoint
+from minillm.checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
 from minillm.model import GPT, GPTConfig
 from minillm.optim import AdamW, clip_grad_norm_, cosine_lr, set_lr, weight_decay_groups
 from minillm.tokenizer import Tokenizer
-from minillm.train.common import (add_dataclass_arguments, dataclass_from_args, fixed_windows, mean_loss,
-                                  random_windows, read_text, rng_state, set_rng_state)
+from minillm.train.common import (add_dataclass_arguments, check_finite, dataclass_from_args, fixed_windows,
+                                  mean_loss, random_windows, read_text, rng_state, set_rng_state)
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 
@@ -45,7 +45,7 @@ class PretrainConfig:
     """Settings of a pretraining run (CLI: ``--max-steps 1200`` etc.)."""
 
     corpus: str = "builtin"  # a UTF-8 text file, or "builtin" for the task world's corpus
-    out_dir: str = "runs/pretrain"
+    out_dir: str = "runs/base"
     vocab_size: int = 1024
     block_size: int = 64
     n_layer: int = 4
@@ -73,8 +73,9 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction < 0.5:
             raise ValueError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
-        if self.max_steps < 1 or self.batch_size < 1:
-            raise ValueError(f"max_steps and batch_size must be ≥ 1, got {self.max_steps}, {self.batch_size}")
+        for name in ("max_steps", "batch_size", "eval_interval", "checkpoint_interval", "eval_windows"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"PretrainConfig.{name} must be ≥ 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -167,6 +168,7 @@ def pretrain(cfg: PretrainConfig, text: str | None = None, tokenizer_text: str |
         set_lr(opt, lr)
         batch = random_windows(train_data, cfg.batch_size, cfg.block_size, rng)
         _, loss = model(batch, labels=batch)
+        check_finite(loss, step, "pretrain")
         opt.zero_grad()
         loss.backward()
         if cfg.grad_clip > 0:
@@ -212,5 +214,5 @@ def run(args) -> int:
                "val_losses": res.val_losses}
     print(json.dumps(summary, indent=2))
     if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2))
+        write_json_atomic(args.json, summary)
     return 0

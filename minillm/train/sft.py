@@ -37,7 +37,8 @@ from minillm.checkpoint import load_model, save_checkpoint, write_json_atomic, w
 from minillm.data import CollateReport, SFTExample, collate, load_dataset, tokenize_sft
 from minillm.model import IGNORE_INDEX, GPT
 from minillm.optim import AdamW, clip_grad_norm_, cosine_lr, set_lr, weight_decay_groups
-from minillm.train.common import add_dataclass_arguments, dataclass_from_args, fixed_windows, mean_loss
+from minillm.train.common import (add_dataclass_arguments, check_finite, dataclass_from_args, fixed_windows,
+                                  mean_loss)
 
 
 @dataclass
@@ -74,6 +75,11 @@ class SFTConfig:
     def __post_init__(self) -> None:
         if self.loss_on not in ("response", "all"):
             raise ValueError(f"loss_on must be 'response' or 'all', got {self.loss_on!r}")
+        if self.variant not in ("plain", "opener", "noisy"):
+            raise ValueError(f"variant must be plain, opener or noisy, got {self.variant!r}")
+        for name in ("batch_size", "max_steps", "lora_r", "max_new_tokens"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"SFTConfig.{name} must be ≥ 1, got {getattr(self, name)}")
         if self.qlora:
             self.lora = True
 
@@ -181,6 +187,7 @@ def train_sft(model: GPT, tok, examples: list, cfg: SFTConfig, on_step=None) -> 
         if cfg.loss_on == "all":  # every real token after the first is a target
             labels = np.where(b["attention_mask"] == 1, b["input_ids"], IGNORE_INDEX)
         _, loss = model(b["input_ids"], attention_mask=b["attention_mask"], labels=labels)
+        check_finite(loss, step, "sft")
         opt.zero_grad()
         loss.backward()
         if cfg.grad_clip > 0:
