@@ -128,19 +128,21 @@ def fixed_windows(data: np.ndarray, n_windows: int, block_size: int) -> np.ndarr
 
 
 def mean_loss(model, batches, loss_fn: Callable | None = None) -> float:
-    """Mean of ``loss_fn(model, batch)`` (default: next-token loss on ids as labels) under no_grad, eval mode."""
+    """Mean of ``loss_fn(model, batch)`` (default: next-token loss on ids as labels) under no_grad, eval
+    mode, weighted by each batch's number of rows, so unequal batches of equal-length windows give the
+    per-token mean (nats/token)."""
     was = model.training
     model.eval()
     try:
         with no_grad():
-            losses = []
+            losses, weights = [], []
             for b in batches:
                 if loss_fn is None:
                     _, loss = model(b, labels=b)
                 else:
                     loss = loss_fn(model, b)
                 losses.append(float(loss.item()))
+                weights.append(len(b))
     finally:
         model.train(was)
-    out = float(np.mean(losses)) if losses else math.nan
-    return out
+    return float(np.average(losses, weights=weights)) if losses else math.nan

@@ -206,7 +206,7 @@ def corpus_loss(model: GPT, tok, n_windows: int = 64) -> float:
     from minillm.train.pretrain import builtin_texts, encode_corpus
 
     data = encode_corpus(builtin_texts()[0], tok)
-    tail = data[-int(len(data) * 0.1):]
+    tail = data[-max(int(len(data) * 0.1), model.config.block_size + 1):]  # pretrain's validation split
     T = model.config.block_size
     return mean_loss(model, np.array_split(fixed_windows(tail, n_windows, T), max(1, n_windows // 16)))
 
