@@ -4,7 +4,9 @@ Each command lives in its own module, which defines ``add_arguments(parser)`` an
 Modules are imported only when their command runs, so ``minillm --help`` is fast and a command whose
 optional dependencies are missing fails alone, with a message naming what is missing.
 
+Scope: dispatch only; every command's options come from its config dataclass.
 Source: argparse (Python standard library) sub-commands; no exec-style configuration.
+Deviations: none.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser: one sub-command per entry of COMMANDS (their options are parsed later)."""
     parser = argparse.ArgumentParser(prog="minillm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_) in COMMANDS.items():
@@ -36,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``minillm <command> [options]``; returns the exit status (0 ok, 2 usage/missing module)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
@@ -50,8 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as e:
         if e.name == module_name:
             print(f"minillm {name}: not available in this version ({module_name} is missing)", file=sys.stderr)
-            return 2
-        raise
+        else:
+            print(f"minillm {name}: needs the Python package {e.name!r}, which is not installed "
+                  f"(pip install -e '.[dev,crosscheck]' installs every optional dependency)", file=sys.stderr)
+        return 2
     sub = argparse.ArgumentParser(prog=f"minillm {name}", description=help_)
     module.add_arguments(sub)
     args = sub.parse_args(rest)

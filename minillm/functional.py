@@ -106,6 +106,8 @@ def _expand_reduced(g, in_shape: tuple, axis: tuple, keepdims: bool):
 
 
 class Add(Function):
+    """a + b (broadcasting); backward sums the gradient back to each input's shape."""
+
     def forward(self, a, b):
         self.shapes = (a.shape, b.shape)
         return a + b
@@ -117,6 +119,8 @@ class Add(Function):
 
 
 class Sub(Function):
+    """a − b (broadcasting); d/da = g, d/db = −g, unbroadcast."""
+
     def forward(self, a, b):
         self.shapes = (a.shape, b.shape)
         return a - b
@@ -128,6 +132,8 @@ class Sub(Function):
 
 
 class Mul(Function):
+    """a · b elementwise (broadcasting); d/da = g·b, d/db = g·a."""
+
     def forward(self, a, b):
         self.a, self.b = a, b
         return a * b
@@ -139,6 +145,8 @@ class Mul(Function):
 
 
 class Div(Function):
+    """a / b elementwise (broadcasting); d/da = g/b, d/db = −g·a/b²."""
+
     def forward(self, a, b):
         self.a, self.b = a, b
         return a / b
@@ -313,6 +321,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 
 class Sum(Function):
+    """Σ over axes; backward broadcasts g back over the summed axes."""
+
     def forward(self, x, axis=None, keepdims=False):
         self.shape, self.axis, self.keepdims = x.shape, _norm_axis(axis, x.ndim), keepdims
         return x.sum(axis=self.axis, keepdims=keepdims)
@@ -322,6 +332,8 @@ class Sum(Function):
 
 
 class Max(Function):
+    """max over axes; backward sends g to the arg-max entries (shared equally on ties)."""
+
     def forward(self, x, axis=None, keepdims=False):
         self.x, self.axis, self.keepdims = x, _norm_axis(axis, x.ndim), keepdims
         self.out = x.max(axis=self.axis, keepdims=True)
@@ -375,6 +387,8 @@ def var(x: Tensor, axis=None, keepdims: bool = False, correction: int = 0) -> Te
 
 
 class Exp(Function):
+    """eˣ; d/dx = eˣ (the saved output)."""
+
     def forward(self, x):
         self.out = _xp(x).exp(x)
         return self.out
@@ -384,6 +398,8 @@ class Exp(Function):
 
 
 class Log(Function):
+    """ln x; d/dx = 1/x."""
+
     def forward(self, x):
         self.x = x
         return _xp(x).log(x)
@@ -393,6 +409,8 @@ class Log(Function):
 
 
 class Tanh(Function):
+    """tanh x; d/dx = 1 − tanh² x."""
+
     def forward(self, x):
         self.out = _xp(x).tanh(x)
         return self.out
@@ -402,6 +420,8 @@ class Tanh(Function):
 
 
 class Sqrt(Function):
+    """√x; d/dx = 1/(2√x)."""
+
     def forward(self, x):
         self.out = _xp(x).sqrt(x)
         return self.out
@@ -411,6 +431,8 @@ class Sqrt(Function):
 
 
 class ReLU(Function):
+    """max(x, 0); d/dx = 1 where x > 0, else 0."""
+
     def forward(self, x):
         self.pos = x > 0
         return x * self.pos
@@ -464,6 +486,8 @@ class GELU(Function):
 
 
 class Sigmoid(Function):
+    """σ(x) = 1/(1 + e^{−x}) computed without overflow; d/dx = σ(1 − σ)."""
+
     def forward(self, x):
         xp = _xp(x)
         # stable: e^{-|x|} never overflows
@@ -539,6 +563,8 @@ def logsigmoid(x: Tensor) -> Tensor:
 
 
 class Reshape(Function):
+    """x.reshape(shape); backward reshapes g back."""
+
     def forward(self, x, shape):
         self.shape = x.shape
         return x.reshape(shape)
@@ -548,6 +574,8 @@ class Reshape(Function):
 
 
 class Permute(Function):
+    """x.transpose(axes); backward applies the inverse permutation."""
+
     def forward(self, x, axes):
         self.axes = tuple(a % x.ndim for a in axes)
         return x.transpose(self.axes)
@@ -639,6 +667,8 @@ def gather(x: Tensor, axis: int, index) -> Tensor:
 
 
 class Concat(Function):
+    """concatenate along ``axis``; backward splits g at the same boundaries."""
+
     def forward(self, *xs, axis=0):
         xp = _xp(xs[0])
         self.axis = axis
@@ -685,6 +715,8 @@ def split(x: Tensor, split_size_or_sections, axis: int = 0) -> list[Tensor]:
 
 
 class Where(Function):
+    """where(cond, a, b); g goes to a where cond, to b elsewhere (unbroadcast)."""
+
     def forward(self, cond, a, b):
         self.cond, self.shapes = cond, (a.shape, b.shape)
         return _xp(a).where(cond, a, b)
@@ -738,6 +770,8 @@ def embedding(ids, weight: Tensor) -> Tensor:
 
 
 class Softmax(Function):
+    """softmax over ``axis`` (max subtracted first); backward y·(g − Σ g·y)."""
+
     def forward(self, x, axis=-1):
         xp = _xp(x)
         self.axis = axis
@@ -751,6 +785,8 @@ class Softmax(Function):
 
 
 class LogSoftmax(Function):
+    """log-softmax over ``axis`` (stable); backward g − softmax·Σ g."""
+
     def forward(self, x, axis=-1):
         xp = _xp(x)
         self.axis = axis
