@@ -54,8 +54,9 @@ def generate_responses(model: GPT, tokenizer, prompts: Sequence[Sequence[int]], 
                        top_k: int | None = None, top_p: float | None = None) -> list[Generation]:
     """Generate after each prompt (lists of ids), batched with left padding; returns Generations in order.
 
-    Prompts are grouped by length to waste little padding; the result does not depend on the
-    grouping (a padded row gives what it gives alone, PITFALLS B08).
+    Prompts are grouped by length to waste little padding; with greedy decoding the result does not
+    depend on the grouping (a padded row gives what it gives alone, PITFALLS B08); when sampling, the
+    shared ``rng`` is drawn in that grouped order (reproducible for the same prompts and seed).
     """
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[Generation | None] = [None] * len(prompts)

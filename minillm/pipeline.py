@@ -371,10 +371,11 @@ def build_rows(ctx: Context) -> list[dict]:
                      "format": v["format_compliance"], "gold": v["gold"], "rm_score": v["rm_score"],
                      "notes": f"opener rate {v['opener_rate']:.1%}"})
     n_full = None
-    if model_cfg:
-        from minillm.model import GPT, GPTConfig
+    if model_cfg:  # PPO and DPO fine-tune every weight
+        from minillm import memory
+        from minillm.model import GPTConfig
 
-        n_full = GPT(GPTConfig.from_dict(model_cfg)).num_parameters()
+        n_full = memory.ModelShape.from_gpt_config(GPTConfig.from_dict(model_cfg)).n_params()
     for stage, label in (("ppo", "PPO (β = 0.1), T = 0.7"), ("ppo_beta0", "PPO (β = 0), T = 0.7"),
                          ("ppo_gold", "PPO, gold judge as reward (control)")):
         s = S.get(stage, {})
