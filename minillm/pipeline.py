@@ -270,16 +270,33 @@ STAGE_FUNCTIONS = {name: globals()[f"stage_{name}"] for name in STAGES}
 # ----------------------------------------------------------------------------------- driver
 
 
+#: Bump when a stage's recipe changes, so cached stages made by an older recipe are rebuilt.
+RECIPE_VERSION = 2
+
+
+def stage_fingerprint(ctx: Context) -> dict:
+    """What a cached stage must have been made with to be reused: the recipe version and every
+    pipeline setting that changes results (not the run name, folder or progress bars)."""
+    c = ctx.cfg
+    return {"recipe_version": RECIPE_VERSION, "quick": c.quick, "seed": c.seed, "corpus": c.corpus,
+            "sft_data": c.sft_data, "pref_data": c.pref_data, "eval_prompts": c.eval_prompts}
+
+
 def run_stage(ctx: Context, stage: str) -> dict:
-    """Run one stage unless its summary exists; returns the summary (cached or new)."""
+    """Run one stage unless its summary exists and was made with the same settings (stage_fingerprint);
+    returns the summary (cached or new). A stage rebuilt for new settings makes every later stage
+    rebuild too, since they share the fingerprint."""
     path = ctx.dir / stage / "summary.json"
     if path.exists():
         summary = json.loads(path.read_text())
-        ctx.summaries[stage] = summary
-        return summary
+        if summary.get("fingerprint") == stage_fingerprint(ctx):
+            ctx.summaries[stage] = summary
+            return summary
+        path.unlink()  # made by another recipe or settings: rebuild (the checkpoint is overwritten)
     t0 = time.perf_counter()
     summary = STAGE_FUNCTIONS[stage](ctx)
     summary.setdefault("seconds", time.perf_counter() - t0)
+    summary["fingerprint"] = stage_fingerprint(ctx)
     write_json_atomic(path, summary)
     ctx.summaries[stage] = summary
     return summary

@@ -85,3 +85,18 @@ def test_quick_pipeline_on_real_samples(tmp_path):
     rm = json.loads((report.parent / "reward" / "summary.json").read_text())["metrics"]
     assert rm["test"]["n"] > 0 and 0.0 <= rm["test"]["accuracy"] <= 1.0
     assert "reward model (Bradley-Terry)" in report.read_text()
+
+
+def test_a_cached_stage_made_with_other_settings_is_rebuilt(quick_run):
+    """A summary whose fingerprint (recipe version, quick, seed, data) differs is not reused."""
+    cfg, report = quick_run
+    path = report.parent / "prompting" / "summary.json"
+    summary = json.loads(path.read_text())
+    assert summary["fingerprint"]["quick"] is True
+    summary["fingerprint"]["recipe_version"] = -1
+    path.write_text(json.dumps(summary))
+    before = path.stat().st_mtime_ns
+    ctx = P.Context(cfg)
+    P.run_stage(ctx, "prompting")
+    assert path.stat().st_mtime_ns != before
+    assert json.loads(path.read_text())["fingerprint"] == P.stage_fingerprint(ctx)
