@@ -842,6 +842,19 @@ class CollateReport:
     def skip(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
 
+    def record(self, result) -> bool:
+        """Count one example's ``truncate`` result (a skip reason, or ``(ids, mask, n_cut)``);
+        returns True when the example is kept."""
+        self.n_examples += 1
+        if isinstance(result, str):
+            self.skip(result)
+            return False
+        if result[2]:
+            self.n_truncated += 1
+            self.n_tokens_cut += result[2]
+        self.n_kept += 1
+        return True
+
     @property
     def n_skipped(self) -> int:
         return sum(self.skipped.values())
@@ -910,18 +923,10 @@ def collate(examples: Sequence, pad_id: int, max_length: int | None = None, keep
     report = report if report is not None else CollateReport()
     rows = []
     for ex in examples:
-        report.n_examples += 1
         ids, mask = _example(ex)
         res = truncate(ids, mask, max_length, keep_first)
-        if isinstance(res, str):
-            report.skip(res)
-            continue
-        ids, mask, cut = res
-        if cut:
-            report.n_truncated += 1
-            report.n_tokens_cut += cut
-        rows.append((ids, mask))
-    report.n_kept += len(rows)
+        if report.record(res):
+            rows.append(res[:2])
     T = max((len(r[0]) for r in rows), default=0)
     if pad_to is not None:
         if pad_to < T:
@@ -952,16 +957,9 @@ def tokenize_sft(examples: Iterable, tokenizer, max_length: int | None = None, k
     for ex in examples:
         msgs = ex.messages if isinstance(ex, SFTExample) else ex
         ids, mask = render_chat(msgs, tokenizer, train_on=train_on)
-        report.n_examples += 1
         res = truncate(ids, mask, max_length, keep_first)
-        if isinstance(res, str):
-            report.skip(res)
-            continue
-        if res[2]:
-            report.n_truncated += 1
-            report.n_tokens_cut += res[2]
-        report.n_kept += 1
-        out.append((res[0], res[1]))
+        if report.record(res):
+            out.append((res[0], res[1]))
     return out
 
 
@@ -1024,15 +1022,9 @@ def collate_preference(examples: Sequence, tokenizer, max_length: int | None = N
     report = report if report is not None else CollateReport()
     chosen, rejected = [], []
     for ex in examples:
-        report.n_examples += 1
         res = _render_preference(ex, tokenizer, max_length, keep_first)
-        if isinstance(res, str):
-            report.skip(res)
+        if not report.record(res):
             continue
-        if res[2]:
-            report.n_truncated += 1
-            report.n_tokens_cut += res[2]
-        report.n_kept += 1
         chosen.append(res[0])
         rejected.append(res[1])
     T = max((len(s[0]) for s in chosen + rejected), default=0)

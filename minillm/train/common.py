@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -86,6 +87,17 @@ def read_text(path) -> str:
     if not text.strip():
         raise ValueError(f"{path}: the corpus is empty")
     return text
+
+
+@dataclass
+class TrainResult:
+    """What a training run returns: loss per step (nats), metrics (JSON-able dict), checkpoint path,
+    wall time in seconds."""
+
+    losses: list = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+    checkpoint: str = ""
+    seconds: float = 0.0
 
 
 def check_finite(loss, step: int, what: str) -> None:

@@ -62,7 +62,7 @@ from minillm.data import CollateReport, load_dataset, render_chat, render_prefer
 from minillm.model import GPT, IGNORE_INDEX, last_token_index
 from minillm.optim import AdamW, clip_grad_norm_, cosine_lr, set_lr, weight_decay_groups
 from minillm.tensor import Tensor, no_grad
-from minillm.train.common import add_dataclass_arguments, dataclass_from_args
+from minillm.train.common import TrainResult, add_dataclass_arguments, dataclass_from_args
 
 
 @dataclass
@@ -122,14 +122,7 @@ class RenderedPair:
     rejected_mask: list = field(default_factory=list)
 
 
-@dataclass
-class RewardResult:
-    """Losses per step (nats), metrics (JSON-able dict), checkpoint path, seconds."""
-
-    losses: list = field(default_factory=list)
-    metrics: dict = field(default_factory=dict)
-    checkpoint: str = ""
-    seconds: float = 0.0
+RewardResult = TrainResult  # losses per step (nats), metrics, checkpoint path, seconds
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +37,8 @@ from minillm.checkpoint import load_model, save_checkpoint, write_json_atomic, w
 from minillm.data import CollateReport, SFTExample, collate, load_dataset, tokenize_sft
 from minillm.model import IGNORE_INDEX, GPT
 from minillm.optim import AdamW, clip_grad_norm_, cosine_lr, set_lr, weight_decay_groups
-from minillm.train.common import (add_dataclass_arguments, check_finite, dataclass_from_args, fixed_windows,
-                                  mean_loss)
+from minillm.train.common import (TrainResult, add_dataclass_arguments, check_finite, dataclass_from_args,
+                                  fixed_windows, mean_loss)
 
 
 @dataclass
@@ -84,14 +84,7 @@ class SFTConfig:
             self.lora = True
 
 
-@dataclass
-class SFTResult:
-    """Losses per step (nats/token), metrics (JSON-able dict), checkpoint path, seconds, counts."""
-
-    losses: list = field(default_factory=list)
-    metrics: dict = field(default_factory=dict)
-    checkpoint: str = ""
-    seconds: float = 0.0
+SFTResult = TrainResult  # losses per step (nats/token), metrics, checkpoint path, seconds
 
 
 def builtin_sft_records(variant: str = "plain") -> list[dict]:
