@@ -30,8 +30,9 @@ Scope
       never by token id, so ``pad_id == eos_id`` is safe (PITFALLS B03). Too-long examples lose
       prompt tokens from the left (after ``keep_first`` tokens, the ``<|bos|>``); an example whose
       trained part alone does not fit is skipped and counted (``CollateReport``), as is one with
-      no trained token (PITFALLS B02 property). ``collate_preference`` renders prompt+chosen and
-      prompt+rejected with the same renderer, for the reward model and DPO. Batches are host
+      no trained token (docs/bugs.md B02). ``render_preference_pairs`` renders prompt+chosen and
+      prompt+rejected with the same renderer (once per pair, counting cuts and skips in the same
+      ``CollateReport``) and ``collate_preference`` pads a batch of them, for the reward model and DPO. Batches are host
       (NumPy) arrays: data loading is host-side; the trainer moves them to the device.
 
 Sources
@@ -1005,32 +1006,72 @@ def _render_preference(example, tokenizer, max_length, keep_first):
     return seqs[0], seqs[1], cut
 
 
-def collate_preference(examples: Sequence, tokenizer, max_length: int | None = None, keep_first: int = 1,
-                       report: CollateReport | None = None) -> dict[str, np.ndarray]:
-    """Batch preference pairs for a reward model or DPO.
+@dataclass
+class RenderedPair:
+    """One rendered preference pair: chosen/rejected ids (lists of int, the same prompt ids first),
+    their response masks (1 on response tokens and their ``<|eos|>``), the per-pair margin (float or
+    None) and the record's metadata (kind, cue flags, ...)."""
+
+    chosen_ids: list
+    rejected_ids: list
+    margin: float | None = None
+    meta: dict = field(default_factory=dict)
+    chosen_mask: list = field(default_factory=list)
+    rejected_mask: list = field(default_factory=list)
+
+
+_PAIR_TEXT_KEYS = {"prompt", "chosen", "rejected", "chosen_eos", "rejected_eos"}
+
+
+def render_preference_pairs(examples: Iterable, tokenizer, max_length: int | None = None, keep_first: int = 1,
+                            report: CollateReport | None = None, default_margin: float | None = None
+                            ) -> list[RenderedPair]:
+    """Render preference pairs once, for the reward model and DPO (each pair is padded per batch
+    later by ``collate_preference``).
 
     Args:
-        examples: ``PreferenceExample`` or dicts with prompt/chosen/rejected (+ ``*_eos``).
-        tokenizer: as for ``render_chat``; its ``pad_id`` pads.
-        max_length, keep_first, report: as for ``collate`` (a pair is skipped as a whole).
+        examples: ``PreferenceExample``s or dicts (prompt, chosen, rejected, optional ``*_eos``,
+            ``margin`` and metadata such as ``kind``).
+        tokenizer: as for ``render_chat``.
+        max_length: longest sequence; the shared prompt is cut from the left by the same amount for
+            both halves (after ``keep_first`` tokens), counted in ``report.n_truncated`` /
+            ``n_tokens_cut``.
+        report: a ``CollateReport``; skips ``response_too_long`` and ``chosen_equals_rejected``
+            (identical token sequences carry no preference).
+        default_margin: margin of a pair without a ``margin`` field.
     Returns:
-        ``chosen_input_ids``, ``chosen_attention_mask``, ``chosen_labels``, ``rejected_input_ids``,
-        ``rejected_attention_mask``, ``rejected_labels``: each (B, T) int64, both halves padded to
-        the same T (so they can be stacked into (2B, T)); labels are -100 except on the response
-        tokens (and their ``<|eos|>``).
+        list of RenderedPair (metadata: the dict's non-text fields or the example's ``meta``).
     """
     report = report if report is not None else CollateReport()
-    chosen, rejected = [], []
+    out = []
     for ex in examples:
+        meta = dict(ex.meta) if hasattr(ex, "meta") else {k: v for k, v in ex.items() if k not in _PAIR_TEXT_KEYS}
         res = _render_preference(ex, tokenizer, max_length, keep_first)
+        if not isinstance(res, str) and res[0][0] == res[1][0]:
+            res = "chosen_equals_rejected"
         if not report.record(res):
             continue
-        chosen.append(res[0])
-        rejected.append(res[1])
-    T = max((len(s[0]) for s in chosen + rejected), default=0)
-    pad = tokenizer.pad_id
-    c = collate(chosen, pad, pad_to=T)
-    r = collate(rejected, pad, pad_to=T)
-    return {"chosen_input_ids": c["input_ids"], "chosen_attention_mask": c["attention_mask"],
-            "chosen_labels": c["labels"], "rejected_input_ids": r["input_ids"],
-            "rejected_attention_mask": r["attention_mask"], "rejected_labels": r["labels"]}
+        (ci, cm), (ri, rm) = res[0], res[1]
+        m = meta.get("margin", default_margin)
+        out.append(RenderedPair(ci, ri, None if m is None else float(m), meta, cm, rm))
+    return out
+
+
+def collate_preference(pairs: Sequence[RenderedPair], pad_id: int) -> dict:
+    """Right-pad a batch of rendered pairs for a reward model or DPO.
+
+    Args:
+        pairs: from ``render_preference_pairs``.
+        pad_id: id written into padding (found by ``attention_mask``, never by id).
+    Returns:
+        ``{"chosen": collate(...), "rejected": collate(...), "margin": (B,) float32 or None}``; each
+        half is ``{"input_ids", "attention_mask", "labels"}`` (B, T_half) int64, padded to its own
+        longest row (less padding than one (2B, T) block; the model sees the same tokens either
+        way); labels are -100 except on the response tokens and their ``<|eos|>``.
+    """
+    chosen = collate([(p.chosen_ids, p.chosen_mask) for p in pairs], pad_id)
+    rejected = collate([(p.rejected_ids, p.rejected_mask) for p in pairs], pad_id)
+    margins = [p.margin for p in pairs]
+    margin = None if all(m is None for m in margins) else np.array(
+        [0.0 if m is None else m for m in margins], dtype=np.float32)
+    return {"chosen": chosen, "rejected": rejected, "margin": margin}

@@ -17,7 +17,7 @@ from minillm.tokenizer import Tokenizer
 from minillm.train.common import read_text
 from minillm.train.pretrain import PretrainConfig, pretrain
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+REAL = Path(__file__).resolve().parents[1] / "datasets" / "real"
 
 
 def tiny(**kw) -> GPT:

@@ -1,9 +1,9 @@
 """Chapter 04: instruction tuning — loaders for real formats, the chat template, collation into
 labels, and the SFT loop (response-only loss, padding invariance, gradient accumulation).
 
-Each PITFALLS case named in a docstring is a fault the code must make impossible:
+Each case of docs/bugs.md named in a docstring is a fault the code must make impossible:
 B01 (label shift / single-token response), B02 (template tokenized in context), B03 (pad == eos),
-B09 (one BOS; specials never split). Real samples: ../shared/data/real/*/SOURCE.md.
+B09 (one BOS; specials never split). Real samples: datasets/real/*/SOURCE.md.
 """
 from __future__ import annotations
 
@@ -17,14 +17,13 @@ from hypothesis import strategies as st
 
 from minillm.data import (IGNORE_INDEX, CollateReport, DataError, PreferenceExample, SFTExample, collate,
                           collate_preference, detect_format, format_chat, load_alpaca, load_chat, load_dataset,
-                          load_oasst, load_preference, load_text, render_chat, render_preference, render_prompt,
+                          load_oasst, load_preference, load_text, render_chat, render_preference,
+                          render_preference_pairs, render_prompt,
                           tokenize_sft, truncate)
 
 REPO = Path(__file__).resolve().parents[1]
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 DATASETS = REPO / "datasets"
-
-needs_real = pytest.mark.skipif(not REAL.is_dir(), reason=f"real data samples not found at {REAL}")
+REAL = DATASETS / "real"
 
 
 @pytest.fixture(scope="module")
@@ -305,18 +304,18 @@ def test_tokenize_sft_and_collate_builtin_batch(tok, world):
     assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
 
 
-def test_collate_preference(tok, world):
+def test_collate_preference_pads_pairs_with_the_shared_prompt_and_response_labels(tok, world):
     recs = world.preference_records("test")[:16]
     rep = CollateReport()
-    b = collate_preference(recs, tok, report=rep)
-    assert set(b) == {"chosen_input_ids", "chosen_attention_mask", "chosen_labels", "rejected_input_ids",
-                      "rejected_attention_mask", "rejected_labels"}
-    assert b["chosen_input_ids"].shape == b["rejected_input_ids"].shape and b["chosen_labels"].dtype == np.int64
+    b = collate_preference(render_preference_pairs(recs, tok, report=rep), tok.pad_id)
+    assert set(b) == {"chosen", "rejected", "margin"} and b["margin"] is None and rep.n_kept == 16
+    assert set(b["chosen"]) == set(b["rejected"]) == {"input_ids", "attention_mask", "labels"}
+    assert b["chosen"]["labels"].dtype == np.int64 and b["chosen"]["input_ids"].shape[0] == 16
     for i, r in enumerate(recs):
         p = render_prompt([{"role": "user", "content": r["prompt"]}], tok)
-        assert b["chosen_input_ids"][i, :len(p)].tolist() == p == b["rejected_input_ids"][i, :len(p)].tolist()
-        n_c = int((b["chosen_labels"][i] != IGNORE_INDEX).sum())
-        n_r = int((b["rejected_labels"][i] != IGNORE_INDEX).sum())
+        assert b["chosen"]["input_ids"][i, :len(p)].tolist() == p == b["rejected"]["input_ids"][i, :len(p)].tolist()
+        n_c = int((b["chosen"]["labels"][i] != IGNORE_INDEX).sum())
+        n_r = int((b["rejected"]["labels"][i] != IGNORE_INDEX).sum())
         assert n_c == len(tok.encode(" " + r["chosen"], allowed_special="none")) + 1
         assert n_r == len(tok.encode(" " + r["rejected"], allowed_special="none")) + int(r["rejected_eos"])
     # truncation cuts the shared prompt by the same amount for both halves
@@ -325,7 +324,7 @@ def test_collate_preference(tok, world):
     assert len(ri) == 16 and ci[:cm.index(1)] == ri[:rm.index(1)] and ci[0] == tok.bos_id
     assert render_preference(ex, tok, max_length=3) == "response_too_long"
     rep = CollateReport()
-    collate_preference([ex, ex], tok, max_length=16, report=rep)
+    render_preference_pairs([ex, ex], tok, max_length=16, report=rep)
     full = render_chat(list(ex.prompt) + [{"role": "assistant", "content": ex.rejected}], tok)[0]
     assert (rep.n_kept, rep.n_truncated, rep.n_tokens_cut) == (2, 2, 2 * (len(full) - 16))
 
@@ -351,32 +350,40 @@ def test_load_builtin_datasets(world):
 
 # ---------------------------------------------------------------------------------------------- loaders: real samples
 
-@needs_real
-def test_real_alpaca_sample():
-    ds = load_dataset(REAL / "alpaca-data-sample" / "alpaca_data_sample.json")
+def test_alpaca_quirks_empty_and_nooutput_records_are_skipped_and_counted(tmp_path):
+    """Alpaca-format quirks (as in Stanford Alpaca's data): an empty output and a ``<nooutput>`` output
+    are skipped and counted; an input is appended to the instruction after a blank line."""
+    recs = [{"instruction": "Give a tip.", "input": "", "output": "Sleep."},
+            {"instruction": "Name one.", "input": "", "output": ""},
+            {"instruction": "Odd one out?", "input": "Twitter, Instagram, Telegram", "output": "Telegram"},
+            {"instruction": "Draw it.", "input": "", "output": "<nooutput> This needs an image."}]
+    p = tmp_path / "alpaca.json"
+    p.write_text(json.dumps(recs))
+    ds = load_dataset(p)
     r = ds.report
-    assert (r.n_records, r.n_examples) == (1727, 1722)
-    assert r.skipped == {"empty_output": 3, "nooutput": 2}  # SOURCE.md: indices 284/1223/1347; 8/1299
-    assert ds[0].messages[0] == {"role": "user", "content": "Give three tips for staying healthy."}
-    assert ds[0].messages[1]["content"].startswith("1.Eat a balanced diet and make sure")
-    # record 5 has an input; record 0..4 are all kept
-    assert ds[5].messages[0]["content"] == "Identify the odd one out.\n\nTwitter, Instagram, Telegram"
-    assert ds[5].messages[1]["content"] == "Telegram"
-    assert r.format == "alpaca-json"
+    assert (r.n_records, r.n_examples) == (4, 2) and r.format == "alpaca-json"
+    assert r.skipped == {"empty_output": 1, "nooutput": 1}
+    assert ds[1].messages[0]["content"] == "Odd one out?\n\nTwitter, Instagram, Telegram"
+    assert ds[1].messages[1]["content"] == "Telegram"
 
 
-@needs_real
-def test_real_seed_tasks_flattened():
-    ds = load_dataset(REAL / "alpaca-seed-tasks" / "seed_tasks.jsonl")
-    assert len(ds) == 175 and ds.report.notes == {"instances_flattened": 175, "with_input": 125}
-    assert ds[0].meta == {"id": "seed_task_0", "name": "breakfast_suggestion", "is_classification": False}
-    assert ds[0].messages[0]["content"].startswith("Is there anything I can eat for a breakfast")
+def test_self_instruct_seed_tasks_are_flattened(tmp_path):
+    """Self-Instruct seed tasks (``instances``: a list of input/output) give one example per instance."""
+    recs = [{"id": "seed_task_0", "name": "breakfast", "instruction": "Suggest a breakfast.",
+             "instances": [{"input": "", "output": "Oats."}], "is_classification": False},
+            {"id": "seed_task_1", "name": "sentiment", "instruction": "Label the sentiment.",
+             "instances": [{"input": "I love it.", "output": "positive"}], "is_classification": True}]
+    p = tmp_path / "seed_tasks.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    ds = load_dataset(p)
+    assert len(ds) == 2 and ds.report.notes == {"instances_flattened": 2, "with_input": 1}
+    assert ds[0].meta == {"id": "seed_task_0", "name": "breakfast", "is_classification": False}
+    assert ds[1].messages[0]["content"] == "Label the sentiment.\n\nI love it."
 
 
-@needs_real
 def test_real_sharegpt_conversations():
     ds = load_dataset(REAL / "fastchat-dummy-conversation" / "dummy_conversation.json")
-    assert len(ds) == 500 and ds.report.n_skipped == 0
+    assert len(ds) == 150 and ds.report.n_skipped == 0
     assert ds[0].messages == [
         {"role": "user", "content": "Who are you?"},
         {"role": "assistant", "content": "I am Vicuna, a language model trained by researchers from Large Model "
@@ -386,27 +393,25 @@ def test_real_sharegpt_conversations():
     assert sorted({len(e.messages) for e in ds}) == [2, 4, 6]
 
 
-@needs_real
 def test_real_oasst_trees():
-    path = REAL / "oasst-en-100-trees" / "en_100_tree.jsonl"
+    path = REAL / "oasst-en-100-trees" / "en_100_tree.first25.jsonl"
     sft = load_oasst(path)
-    assert len(sft) == 400 and sft.report.skipped == {"prompter_leaf": 226}  # 626 paths - 226
+    assert len(sft) == 88 and sft.report.skipped == {"prompter_leaf": 51}  # 139 root-to-leaf paths - 51
     assert all(e.messages[-1]["role"] == "assistant" for e in sft)
     assert sft[0].messages[0] == {"role": "user", "content": "How can I find the best 401k plan for my needs?"}
     assert sft[0].meta["message_tree_id"] == "054e1df3-35e0-4bb8-a585-607dbdcd24e0"
     pref = load_dataset(path, kind="preference")
-    assert len(pref) == 754  # SOURCE.md: 754 ranked sibling pairs
+    assert len(pref) == 171  # ranked assistant siblings in the first 25 trees
     assert pref[0].meta["chosen_rank"] < pref[0].meta["rejected_rank"]
     assert pref[0].prompt == [{"role": "user", "content": "How can I find the best 401k plan for my needs?"}]
 
 
-@needs_real
 def test_real_hh_rlhf_transcripts():
-    ds = load_dataset(REAL / "hh-rlhf-harmless-base" / "harmless-base-test.first1000.jsonl")
+    ds = load_dataset(REAL / "hh-rlhf-harmless-base" / "harmless-base-test.sample.jsonl")
     r = ds.report
-    assert (r.n_records, len(ds)) == (1000, 997)
-    assert r.skipped == {"empty_response": 3}  # SOURCE.md: lines 87, 517, 926
-    assert r.notes == {"consecutive_turns_merged": 2}  # lines 668 and 764 have two Assistant turns in a row
+    assert (r.n_records, len(ds)) == (304, 301)
+    assert r.skipped == {"empty_response": 3}  # SOURCE.md: lines 87, 301, 304
+    assert r.notes == {"consecutive_turns_merged": 2}  # lines 302 and 303 have two Assistant turns in a row
     first = ds[0]
     assert [m["role"] for m in first.prompt] == ["user", "assistant", "user", "assistant", "user"]
     assert first.prompt[0]["content"] == "what are some pranks with a pen i can do?"
@@ -414,16 +419,14 @@ def test_real_hh_rlhf_transcripts():
     assert all(p.prompt[-1]["role"] == "user" and p.chosen.strip() for p in ds)
 
 
-@needs_real
 def test_real_llamafactory_pairs():
     ds = load_preference(REAL / "llamafactory-dpo-en-demo" / "dpo_en_demo.json")
-    assert len(ds) == 300 and ds.report.notes == {"system_turn": 80}
+    assert len(ds) == 60 and ds.report.notes == {"system_turn": 20}
     assert ds[0].prompt[0]["content"].startswith("Hi! I'd like to create a new language game")
     assert ds[0].chosen.startswith("That sounds like a fun and engaging idea!")
     assert ds[1].prompt[0]["role"] == "system" and ds[1].prompt[0]["content"].startswith("You are a teacher.")
 
 
-@needs_real
 def test_real_rasbt_sft_and_preference():
     sft = load_alpaca(REAL / "rasbt-instruction-data" / "instruction-data.json")
     assert len(sft) == 1100 and sft.report.notes == {"with_input": 325}
@@ -438,17 +441,15 @@ def test_real_rasbt_sft_and_preference():
     assert len(as_sft) == 1100 and as_sft[0].messages[1]["content"] == sft[0].messages[1]["content"]
 
 
-@needs_real
 def test_real_tinyshakespeare():
     ds = load_text(REAL / "tinyshakespeare" / "input.txt")
-    assert len(ds.text) == 1_115_394 and ds.text.startswith("First Citizen:\nBefore we proceed")
-    assert ds.report.notes["lines"] == 40000
+    assert len(ds.text) == 127_176 and ds.text.startswith("First Citizen:\nBefore we proceed")
+    assert ds.report.notes["lines"] == 5000
 
 
-@needs_real
 def test_every_real_sample_loads_and_renders(tok):
     files = sorted(p for p in REAL.glob("*/*") if p.name != "SOURCE.md")
-    assert len(files) == 9
+    assert len(files) == 7
     for p in files:
         ds = load_dataset(p)
         assert len(ds) > 0 and ds.report.n_examples == len(ds)
@@ -457,10 +458,10 @@ def test_every_real_sample_loads_and_renders(tok):
             assert rows and all(1 in m for _, m in rows)
         elif ds.kind == "preference":
             rep = CollateReport()
-            b = collate_preference(ds.records[:8], tok, max_length=512, report=rep)
-            assert rep.n_kept == len(b["chosen_labels"]) >= 1 and rep.n_kept + rep.n_skipped == 8
-            assert (b["chosen_labels"] != IGNORE_INDEX).sum(1).min() >= 1
-            assert (b["rejected_labels"] != IGNORE_INDEX).sum(1).min() >= 1
+            b = collate_preference(render_preference_pairs(ds.records[:8], tok, 512, report=rep), tok.pad_id)
+            assert rep.n_kept == len(b["chosen"]["labels"]) >= 1 and rep.n_kept + rep.n_skipped == 8
+            assert (b["chosen"]["labels"] != IGNORE_INDEX).sum(1).min() >= 1
+            assert (b["rejected"]["labels"] != IGNORE_INDEX).sum(1).min() >= 1
 
 
 # ---------------------------------------------------------------------------------------------- bad input

@@ -11,11 +11,12 @@ import math
 import numpy as np
 import pytest
 
-from minillm.data import CollateReport, DataError
+from minillm.checkpoint import save_checkpoint
+from minillm.data import CollateReport, DataError, collate_preference, render_preference_pairs
 from minillm.model import GPT, GPTConfig
 from minillm.tensor import Tensor
-from minillm.train.reward import (RewardConfig, load_reward_model, pad_pairs, pair_metrics, pool_last, reward,
-                                  reward_loss, reward_scores, sequence_rewards, tokenize_pairs)
+from minillm.train.reward import (RewardConfig, load_reward_model, pair_metrics, pool_last, reward, reward_loss,
+                                  reward_scores, sequence_rewards)
 
 
 def t64(values, requires_grad=False) -> Tensor:
@@ -150,8 +151,6 @@ def _write_jsonl(path, records):
 def test_tiny_reward_model_fits_hand_made_pairs(tmp_path, tiny_tok):
     """``reward()`` end to end: 6 hand-made pairs, a tiny GPT "SFT" checkpoint: 100 % train accuracy,
     metrics.json with per-kind accuracy, and a checkpoint that load_reward_model/reward_scores read back."""
-    from minillm.checkpoint import save_checkpoint
-
     lm = GPT(GPTConfig(vocab_size=len(tiny_tok), block_size=64, n_layer=1, n_head=2, n_embd=32), seed=0)
     save_checkpoint(tmp_path / "sft.safetensors", lm, tiny_tok)
     data = _write_jsonl(tmp_path / "pairs.jsonl", _pairs())
@@ -165,8 +164,8 @@ def test_tiny_reward_model_fits_hand_made_pairs(tmp_path, tiny_tok):
     assert set(m["test"]["per_kind"]) == {f"k{i}" for i in range(6)}
     assert res.losses[-1] < 0.1 < res.losses[0]
     rm, tok = load_reward_model(res.checkpoint)
-    pairs = tokenize_pairs(_pairs(), tok, 64)
-    b = pad_pairs(pairs, tok.pad_id)
+    pairs = render_preference_pairs(_pairs(), tok, 64)
+    b = collate_preference(pairs, tok.pad_id)
     rc = reward_scores(rm, b["chosen"]["input_ids"], b["chosen"]["attention_mask"])
     rr = reward_scores(rm, b["rejected"]["input_ids"], b["rejected"]["attention_mask"])
     assert (rc > rr).all()
@@ -179,8 +178,6 @@ def test_tiny_reward_model_fits_hand_made_pairs(tmp_path, tiny_tok):
 def test_identical_pairs_are_rejected_with_a_clear_error(tmp_path, tiny_tok):
     """A preference file whose chosen == rejected in every pair: DataError naming the file and the
     skip reason; identical rendered pairs passed directly are counted and skipped."""
-    from minillm.checkpoint import save_checkpoint
-
     bad = _write_jsonl(tmp_path / "same.jsonl", [{"prompt": "Hi?", "chosen": "Yes.", "rejected": "Yes."}] * 3)
     save_checkpoint(tmp_path / "sft.safetensors",
                     GPT(GPTConfig(vocab_size=len(tiny_tok), block_size=32, n_layer=1, n_head=1, n_embd=8)), tiny_tok)
@@ -189,8 +186,9 @@ def test_identical_pairs_are_rejected_with_a_clear_error(tmp_path, tiny_tok):
     with pytest.raises(DataError, match=r"same\.jsonl.*chosen_equals_rejected"):
         reward(cfg)
     rep = CollateReport()
-    kept = tokenize_pairs([{"prompt": "Hi?", "chosen": "Yes.", "rejected": "Yes."},
-                           {"prompt": "Hi?", "chosen": "Yes.", "rejected": "No."}], tiny_tok, 32, rep)
+    kept = render_preference_pairs([{"prompt": "Hi?", "chosen": "Yes.", "rejected": "Yes."},
+                           {"prompt": "Hi?", "chosen": "Yes.", "rejected": "No."}], tiny_tok, 32,
+                                   report=rep)
     assert len(kept) == 1 and rep.skipped == {"chosen_equals_rejected": 1}
     n = kept[0].chosen_mask.index(1)  # shared prompt ids, response mask from the renderer
     assert n == kept[0].rejected_mask.index(1) and kept[0].chosen_ids[:n] == kept[0].rejected_ids[:n]
@@ -240,28 +238,47 @@ def test_builtin_recipes_and_the_cue_free_control():
         builtin_pairs("z")
 
 
-REAL = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+REAL = __import__("pathlib").Path(__file__).resolve().parents[1] / "datasets" / "real"
 
 
-@pytest.mark.skipif(not REAL.is_dir(), reason=f"real data samples not found at {REAL}")
-@pytest.mark.parametrize("rel", ["hh-rlhf-harmless-base/harmless-base-test.first1000.jsonl",
-                                 "llamafactory-dpo-en-demo/dpo_en_demo.json",
-                                 "rasbt-instruction-preference/instruction-data-with-preference.json"])
-def test_real_preference_samples_render_and_score(rel, tiny_tok):
-    """Real pairs (HH-RLHF, LLaMA-Factory, rasbt) load, render into a 128-token context (long pairs cut
-    from the left of the prompt or skipped, counted), and a scalar-head GPT gives finite rewards
-    and a finite Bradley-Terry loss on them."""
+@pytest.mark.parametrize("rel, T", [("hh-rlhf-harmless-base/harmless-base-test.sample.jsonl", 128),
+                                    ("llamafactory-dpo-en-demo/dpo_en_demo.json", 512),
+                                    ("rasbt-instruction-preference/instruction-data-with-preference.json", 128)])
+def test_real_preference_samples_render_and_score(rel, T, tiny_tok):
+    """Real pairs (HH-RLHF, LLaMA-Factory, rasbt) load, render into a T-token context (long pairs cut
+    from the left of the prompt or skipped, counted; LLaMA-Factory's long answers need T = 512 with
+    this byte-level 300-token vocabulary), and a scalar-head GPT gives finite rewards and a finite
+    Bradley-Terry loss on them."""
     from minillm.train.reward import load_pairs
 
     train, test, info = load_pairs(str(REAL / rel), test_fraction=0.1, seed=0)
     assert len(test) == round(0.1 * (len(train) + len(test)))
     rep = CollateReport()
-    pairs = tokenize_pairs(train[:64], tiny_tok, 128, rep)
-    assert rep.n_examples == 64 and len(pairs) == rep.n_kept == 64 - rep.n_skipped
-    assert pairs and all(len(p.chosen_ids) <= 128 and len(p.rejected_ids) <= 128 for p in pairs)
-    rm = GPT(GPTConfig(vocab_size=len(tiny_tok), block_size=128, n_layer=1, n_head=1, n_embd=8, scalar_head=True))
-    b = pad_pairs(pairs[:16], tiny_tok.pad_id)
+    pairs = render_preference_pairs(train[:48], tiny_tok, T, report=rep)
+    assert rep.n_examples == 48 and len(pairs) == rep.n_kept == 48 - rep.n_skipped
+    assert pairs and all(len(p.chosen_ids) <= T and len(p.rejected_ids) <= T for p in pairs)
+    rm = GPT(GPTConfig(vocab_size=len(tiny_tok), block_size=T, n_layer=1, n_head=1, n_embd=8, scalar_head=True))
+    b = collate_preference(pairs[:16], tiny_tok.pad_id)
     rc = sequence_rewards(rm, b["chosen"]["input_ids"], b["chosen"]["attention_mask"])
     rr = sequence_rewards(rm, b["rejected"]["input_ids"], b["rejected"]["attention_mask"])
     loss, m = reward_loss(rc, rr)
     assert np.isfinite(loss.item()) and m["n"] == len(pairs[:16])
+
+
+def test_pairs_cut_to_the_context_are_counted_in_reward_and_dpo_metrics(tmp_path, tiny_tok):
+    """Both trainers render pairs through data.render_preference_pairs, so a prompt cut from the left
+    to fit ``max_length`` is counted as truncated (the reward model used to report 0)."""
+    from minillm.train.dpo import DPOConfig, dpo
+
+    long_prompt = "Tell me, in a few words, what the capital of France is? " * 3
+    recs = [{"prompt": long_prompt + str(i), "chosen": "Paris.", "rejected": "Berlin, I think."} for i in range(8)]
+    data = _write_jsonl(tmp_path / "long.jsonl", recs)
+    save_checkpoint(tmp_path / "sft.safetensors",
+                    GPT(GPTConfig(vocab_size=len(tiny_tok), block_size=48, n_layer=1, n_head=1, n_embd=8)), tiny_tok)
+    rm = reward(RewardConfig(sft=str(tmp_path / "sft.safetensors"), data=str(data), out_dir=str(tmp_path / "rm"),
+                             max_steps=1, batch_size=4, test_fraction=0.25, progress=False, cue_prompts=0))
+    n_rendered = rm.metrics["data"]["n_train_pairs"] + rm.metrics["data"]["n_test_pairs"]
+    assert n_rendered == 8 and rm.metrics["data"]["n_truncated"] == 8
+    res = dpo(DPOConfig(sft=str(tmp_path / "sft.safetensors"), data=str(data), out_dir=str(tmp_path / "dpo"),
+                        max_steps=1, batch_size=4, test_fraction=0.25, progress=False, eval_prompts=0))
+    assert res.metrics["data"]["n_truncated"] == 8

@@ -71,14 +71,14 @@ def test_table_formatting_and_unknown_stage():
 
 def test_quick_pipeline_on_real_samples(tmp_path):
     """--corpus / --sft-data / --pref-data switch the stages to user files in real formats (tinyshakespeare,
-    Alpaca sample, HH-RLHF transcripts); stages that need the built-in world's gold judge say they skip."""
+    Alpaca-field instructions, HH-RLHF transcripts); stages that need the built-in world's gold judge say they skip."""
     from pathlib import Path
 
-    real = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+    real = Path(__file__).resolve().parents[1] / "datasets" / "real"
     cfg = P.PipelineConfig(name="real", runs_dir=str(tmp_path), quick=True, progress=False,
                            corpus=str(real / "tinyshakespeare" / "input.txt"),
-                           sft_data=str(real / "alpaca-data-sample" / "alpaca_data_sample.json"),
-                           pref_data=str(real / "hh-rlhf-harmless-base" / "harmless-base-test.first1000.jsonl"))
+                           sft_data=str(real / "rasbt-instruction-data" / "instruction-data.json"),
+                           pref_data=str(real / "hh-rlhf-harmless-base" / "harmless-base-test.sample.jsonl"))
     report = P.run_pipeline(cfg)
     ran = {s for s in P.STAGES if "skipped" not in json.loads((report.parent / s / "summary.json").read_text())}
     assert ran == {"pretrain", "sft", "sft_lora", "sft_qlora", "reward", "ppo", "ppo_beta0", "dpo"}

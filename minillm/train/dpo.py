@@ -2,7 +2,7 @@
 
 Scope
     ``dpo(DPOConfig)`` starts the policy from an SFT checkpoint (full fine-tuning, or LoRA on a
-    frozen base), renders every preference pair once (``train.reward.tokenize_pairs``: the same
+    frozen base), renders every preference pair once (``data.render_preference_pairs``: the same
     prompt ids for both responses, labels −100 on the prompt), computes the **reference**
     log-probabilities once up front with the frozen SFT model (TRL's
     ``precompute_ref_log_probs=True``), then trains on ``dpo_loss`` of summed response
@@ -75,7 +75,8 @@ from minillm.nn import Dropout, Module
 from minillm.optim import AdamW, clip_grad_norm_, cosine_lr, set_lr, weight_decay_groups
 from minillm.tensor import Tensor, no_grad
 from minillm.train.common import add_dataclass_arguments, dataclass_from_args
-from minillm.train.reward import RenderedPair, _round, batches, load_pairs, pad_pairs, tokenize_pairs
+from minillm.data import RenderedPair, collate_preference, render_preference_pairs
+from minillm.train.reward import _round, batches, load_pairs
 
 LOSS_TYPES = ("sigmoid", "ipo", "robust", "hinge")
 
@@ -249,7 +250,7 @@ def disable_dropout(model: Module) -> int:
 
 
 def pair_logps(model: GPT, batch: dict) -> tuple[Tensor, Tensor]:
-    """Summed response log-probs (B,) of the chosen and rejected halves of ``pad_pairs`` output
+    """Summed response log-probs (B,) of the chosen and rejected halves of ``collate_preference`` output
     (labels −100 on prompt and padding, so neither leaks in: PITFALLS B16). Differentiable."""
     xp = backend.xp()
     out = []
@@ -276,7 +277,7 @@ def precompute_ref_logps(model: GPT, pairs: Sequence[RenderedPair], pad_id: int,
     try:
         with no_grad():
             for s in range(0, len(pairs), batch_size):
-                c, r = pair_logps(model, pad_pairs(pairs[s:s + batch_size], pad_id))
+                c, r = pair_logps(model, collate_preference(pairs[s:s + batch_size], pad_id))
                 rc.append(backend.to_numpy(c.data))
                 rr.append(backend.to_numpy(r.data))
     finally:
@@ -320,7 +321,7 @@ def train_dpo(model: GPT, pairs: Sequence[RenderedPair], ref_c: np.ndarray, ref_
         lr = cosine_lr(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
         set_lr(opt, lr)
         idx = next(stream)
-        pc, pr = pair_logps(model, pad_pairs([pairs[i] for i in idx], pad_id))  # (B,), (B,)
+        pc, pr = pair_logps(model, collate_preference([pairs[i] for i in idx], pad_id))  # (B,), (B,)
         loss, m = dpo_loss(pc, pr, ref_c[idx], ref_r[idx], cfg.beta, cfg.loss_type, cfg.label_smoothing,
                            lens_c[idx] if use_lens else None, lens_r[idx] if use_lens else None)
         if cfg.sft_weight:  # RPO: + α · mean NLL per chosen token (TRL loss_type "sft", arXiv 2404.19733 Eq. 2)
@@ -435,14 +436,15 @@ def dpo(cfg: DPOConfig) -> DPOResult:
     max_len = cfg.max_length or model.config.block_size
     train_ex, test_ex, info = load_pairs(cfg.data, cfg.test_data, cfg.test_fraction, cfg.seed, cfg.recipe)
     rep_tr, rep_te = CollateReport(), CollateReport()
-    train_pairs = tokenize_pairs(train_ex, tok, max_len, rep_tr)
-    test_pairs = tokenize_pairs(test_ex, tok, max_len, rep_te)
+    train_pairs = render_preference_pairs(train_ex, tok, max_len, report=rep_tr)
+    test_pairs = render_preference_pairs(test_ex, tok, max_len, report=rep_te)
     if not train_pairs:
         raise ValueError(f"DPO data {cfg.data!r}: no usable preference pair "
                          f"(skipped: {rep_tr.skipped}; pairs read: {rep_tr.n_examples})")
     metrics: dict = {"config": asdict(cfg), "data": {**info, "n_train_pairs": len(train_pairs),
                                                      "n_test_pairs": len(test_pairs), "skipped_train": rep_tr.skipped,
-                                                     "skipped_test": rep_te.skipped}}
+                                                     "skipped_test": rep_te.skipped,
+                                                     "n_truncated": rep_tr.n_truncated + rep_te.n_truncated}}
     t_ref = time.perf_counter()
     ref_c, ref_r = precompute_ref_logps(model, train_pairs, tok.pad_id, cfg.ref_batch_size)
     test_ref = precompute_ref_logps(model, test_pairs, tok.pad_id, cfg.ref_batch_size)

@@ -3,7 +3,7 @@
 Scope
     ``reward(RewardConfig)`` loads an SFT checkpoint with a fresh scalar head (``GPTConfig(
     scalar_head=True)``: ``score`` = Linear(C, 1), N(0, 0.02) weight, zero bias), renders every pair
-    once (``data.render_preference``: the same prompt ids for both responses, ``<|eos|>`` after a
+    once (``data.render_preference_pairs``: the same prompt ids for both responses, ``<|eos|>`` after a
     response that ends), and trains the whole network on
     ``L = mean(−log σ(r_c − r_r − margin)) + c·mean((r_c + r_r)²)`` (Bradley-Terry, computed as
     ``−logsigmoid``, finite for any reward difference; the second term is TRL's optional reward
@@ -58,7 +58,8 @@ from tqdm.auto import tqdm
 from minillm import backend
 from minillm import functional as F
 from minillm.checkpoint import load_model, save_checkpoint, write_json_atomic
-from minillm.data import CollateReport, load_dataset, render_chat, render_preference
+from minillm.data import (CollateReport, RenderedPair, collate, collate_preference, load_dataset, render_chat,
+                          render_preference_pairs)
 from minillm.model import GPT, IGNORE_INDEX, last_token_index
 from minillm.optim import AdamW, clip_grad_norm_, cosine_lr, set_lr, weight_decay_groups
 from minillm.tensor import Tensor, no_grad
@@ -107,19 +108,6 @@ class RewardConfig:
             self.center_rewards_coefficient = 0.0
         if self.center_rewards_coefficient < 0:
             raise ValueError(f"center_rewards_coefficient must be ≥ 0, got {self.center_rewards_coefficient}")
-
-
-@dataclass
-class RenderedPair:
-    """One tokenized pair: chosen/rejected ids (lists of int, the same prompt ids first), the
-    per-pair margin (float or None) and the record's metadata (kind, cue flags, ...)."""
-
-    chosen_ids: list
-    rejected_ids: list
-    margin: float | None = None
-    meta: dict = field(default_factory=dict)
-    chosen_mask: list = field(default_factory=list)  # 1 on response tokens (+ <|eos|>), for DPO
-    rejected_mask: list = field(default_factory=list)
 
 
 RewardResult = TrainResult  # losses per step (nats), metrics, checkpoint path, seconds
@@ -237,67 +225,6 @@ def load_reward_model(path) -> tuple[GPT, object]:
 # Data
 
 
-def tokenize_pairs(examples: Sequence, tokenizer, max_length: int | None = None,
-                   report: CollateReport | None = None, default_margin: float | None = None) -> list[RenderedPair]:
-    """Render preference pairs once (``data.render_preference``), with counted skips.
-
-    Args:
-        examples: ``PreferenceExample``s or dicts (prompt, chosen, rejected, optional ``*_eos``,
-            ``margin`` and metadata such as ``kind``).
-        max_length: longest sequence (prompt cut from the left for both responses alike).
-        report: a CollateReport; skips ``response_too_long`` and ``chosen_equals_rejected``
-            (identical token sequences carry no preference).
-        default_margin: margin of a pair without a ``margin`` field.
-    Returns:
-        list of RenderedPair (metadata: the dict's non-text fields or the example's ``meta``).
-    """
-    report = report if report is not None else CollateReport()
-    text_keys = {"prompt", "chosen", "rejected", "chosen_eos", "rejected_eos"}
-    out = []
-    for ex in examples:
-        report.n_examples += 1
-        meta = dict(ex.meta) if hasattr(ex, "meta") else {k: v for k, v in ex.items() if k not in text_keys}
-        res = render_preference(ex, tokenizer, max_length)
-        if isinstance(res, str):
-            report.skip(res)
-            continue
-        (ci, cm), (ri, rm) = res
-        if ci == ri:
-            report.skip("chosen_equals_rejected")
-            continue
-        report.n_kept += 1
-        m = meta.get("margin", default_margin)
-        out.append(RenderedPair(ci, ri, None if m is None else float(m), meta, cm, rm))
-    return out
-
-
-def pad_sequences(seqs: Sequence[list], pad_id: int, masks: Sequence[list] | None = None) -> dict:
-    """Right-pad id lists into ``input_ids``, ``attention_mask`` and ``labels`` (B, T) int64, T = the
-    longest row; labels are the ids where ``masks`` (response masks) is 1, else −100 (all −100 without masks)."""
-    T = max(len(s) for s in seqs)
-    input_ids = np.full((len(seqs), T), pad_id, dtype=np.int64)
-    attention_mask = np.zeros((len(seqs), T), dtype=np.int64)
-    labels = np.full((len(seqs), T), IGNORE_INDEX, dtype=np.int64)
-    for b, ids in enumerate(seqs):
-        input_ids[b, :len(ids)] = ids
-        attention_mask[b, :len(ids)] = 1
-        if masks is not None and masks[b]:
-            labels[b, :len(ids)] = np.where(np.asarray(masks[b]) == 1, ids, IGNORE_INDEX)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def pad_pairs(pairs: Sequence[RenderedPair], pad_id: int) -> dict:
-    """Right-pad a batch of pairs: ``chosen`` and ``rejected`` dicts of ``pad_sequences`` (each padded
-    to its own longest row, which wastes less than one (2B, T) block; the model sees the same
-    tokens either way) and ``margin`` (B,) float32 or None."""
-    chosen = pad_sequences([p.chosen_ids for p in pairs], pad_id, [p.chosen_mask for p in pairs])
-    rejected = pad_sequences([p.rejected_ids for p in pairs], pad_id, [p.rejected_mask for p in pairs])
-    margins = [p.margin for p in pairs]
-    margin = None if all(m is None for m in margins) else np.array(
-        [0.0 if m is None else m for m in margins], dtype=np.float32)
-    return {"chosen": chosen, "rejected": rejected, "margin": margin}
-
-
 def split_holdout(items: list, fraction: float, seed: int) -> tuple[list, list]:
     """(train, test) with ``round(fraction·n)`` items held out at random (seeded); at least one
     train item is kept."""
@@ -381,7 +308,7 @@ def train_reward(model: GPT, pairs: Sequence[RenderedPair], pad_id: int, cfg: Re
         lr = cosine_lr(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
         set_lr(opt, lr)
         batch = [pairs[i] for i in next(stream)]
-        b = pad_pairs(batch, pad_id)
+        b = collate_preference(batch, pad_id)
         r_c = sequence_rewards(model, xp.asarray(b["chosen"]["input_ids"]), xp.asarray(b["chosen"]["attention_mask"]))
         r_r = sequence_rewards(model, xp.asarray(b["rejected"]["input_ids"]),
                                xp.asarray(b["rejected"]["attention_mask"]))  # (B,) each
@@ -409,7 +336,7 @@ def pair_rewards(model: GPT, pairs: Sequence[RenderedPair], pad_id: int, batch_s
     xp = backend.xp()
     for s in range(0, len(pairs), batch_size):
         batch = pairs[s:s + batch_size]
-        b = pad_pairs(batch, pad_id)
+        b = collate_preference(batch, pad_id)
         rc.append(reward_scores(model, xp.asarray(b["chosen"]["input_ids"]), xp.asarray(b["chosen"]["attention_mask"])))
         rr.append(reward_scores(model, xp.asarray(b["rejected"]["input_ids"]),
                                 xp.asarray(b["rejected"]["attention_mask"])))
@@ -448,12 +375,13 @@ def score_responses(model: GPT, tokenizer, prompts: Sequence[str], responses: Se
     ended = [True] * len(prompts) if ended is None else list(ended)
     seqs = []
     for p, r, e in zip(prompts, responses, ended):
-        ids, _ = render_chat([{"role": "user", "content": p}, {"role": "assistant", "content": r, "eos": bool(e)}],
-                             tokenizer, train_on="last")
-        seqs.append(ids[-model.config.block_size:] if len(ids) > model.config.block_size else ids)
+        ids, mask = render_chat([{"role": "user", "content": p}, {"role": "assistant", "content": r, "eos": bool(e)}],
+                                tokenizer, train_on="last")
+        T = model.config.block_size
+        seqs.append((ids[-T:], mask[-T:]) if len(ids) > T else (ids, mask))
     out = []
     for s in range(0, len(seqs), batch_size):
-        b = pad_sequences(seqs[s:s + batch_size], tokenizer.pad_id)
+        b = collate(seqs[s:s + batch_size], tokenizer.pad_id)
         out.append(reward_scores(model, b["input_ids"], b["attention_mask"]))
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
@@ -516,8 +444,8 @@ def reward(cfg: RewardConfig) -> RewardResult:
     train_ex, test_ex, info = load_pairs(cfg.data, cfg.test_data, cfg.test_fraction, cfg.seed, cfg.recipe)
     rep_tr, rep_te = CollateReport(), CollateReport()
     default_margin = cfg.margin if cfg.margin else None
-    train_pairs = tokenize_pairs(train_ex, tok, max_len, rep_tr, default_margin)
-    test_pairs = tokenize_pairs(test_ex, tok, max_len, rep_te, default_margin)
+    train_pairs = render_preference_pairs(train_ex, tok, max_len, report=rep_tr, default_margin=default_margin)
+    test_pairs = render_preference_pairs(test_ex, tok, max_len, report=rep_te, default_margin=default_margin)
     if not train_pairs:
         raise ValueError(f"reward data {cfg.data!r}: no usable preference pair "
                          f"(skipped: {rep_tr.skipped}; pairs read: {rep_tr.n_examples})")
