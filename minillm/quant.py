@@ -20,7 +20,7 @@ Scope
 
 Sources
     * Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs", arXiv:2305.14314:
-      §3 "4-bit NormalFloat Quantization" (Eq. 4, the quantile construction), §3 "Double
+      §3 "4-bit NormalFloat Quantization" (the quantile idea; Eq. 4), §3 "Double
       Quantization" (memory 32/64 = 0.5 -> 8/64 + 32/(64*256) = 0.127 bits/parameter).
     * Dettmers 2016, "8-Bit Approximations for Parallelism in Deep Learning", arXiv:1511.04561
       (the dynamic exponent map).
@@ -29,7 +29,7 @@ Sources
       ``bitsandbytes/backends/default/ops.py`` (torch reference of the kernels),
       ``csrc/kernels.cu`` (``kQuantizeBlockwise``, ``dQuantizeNF4``, ``dQuantizeFP4``).
 
-Conventions (all as bitsandbytes; see shared REFERENCE.md §2)
+Conventions (all as bitsandbytes; see docs/reference.md §2)
     * The tensor is flattened row-major and cut into blocks of ``blocksize`` consecutive elements
       (blocks may span rows). The last block may be partial; its absmax is over its own elements.
     * ``scaled = x * (1 / max(absmax, 1e-38))`` in float32 (reciprocal, then multiply, as the CUDA
@@ -46,6 +46,12 @@ Conventions (all as bitsandbytes; see shared REFERENCE.md §2)
       ``absmax_i = dyn[qabsmax_i] * absmax2[i // 256] + offset``.
 
 Deliberate deviations
+    * The NF4 code is bitsandbytes' table, built from quantiles at evenly spaced probabilities
+      (``offset`` = 0.9677 down to 0.5; 8 positive, 7 negative values and an exact zero), not from
+      Eq. 4 of the QLoRA paper as printed (the mean of neighbouring quantiles of 2^k + 1 evenly
+      spaced probabilities, symmetric, no exact zero). The table is what every QLoRA checkpoint
+      uses, so it is what a 4-bit file must be decoded with; notebook 06 computes both codes side by
+      side. No option restores Eq. 4 (a file quantized with it could not be read by bitsandbytes).
     * ``create_normal_map`` returns the 16 sorted values, not bitsandbytes' 256-entry tensor padded
       with zeros (take ``np.pad(v, (0, 240))`` for that layout), and uses the standard library's
       ``statistics.NormalDist().inv_cdf`` instead of scipy. It is shown and tested, never used at run
@@ -148,7 +154,14 @@ def get_4bit_type(quant_type: str) -> np.ndarray:
 
 
 def create_normal_map(offset: float = 0.9677083, use_extra_value: bool = True) -> np.ndarray:
-    """Derive the NF4 code from quantiles of N(0, 1) (QLoRA §3, Eq. 4; bitsandbytes ``create_normal_map``).
+    """Derive the NF4 code from quantiles of N(0, 1) as bitsandbytes ``create_normal_map`` does.
+
+    This is bitsandbytes' construction, not QLoRA's Eq. 4 as printed (§3): Eq. 4 averages
+    neighbouring quantiles of 2^k + 1 evenly spaced probabilities, q_i = ½(Q(i/(2^k+1)) +
+    Q((i+1)/(2^k+1))), symmetric around 0 and without an exact zero; the shipped NF4 table (and
+    this function) instead takes the quantiles themselves at evenly spaced probabilities from
+    ``offset`` to 0.5, 8 on the positive side and 7 on the negative side plus an exact zero
+    (§3's "asymmetric data type" remark). See the module's deviations.
 
     Positives: Phi^-1 at 9 evenly spaced probabilities from ``offset`` down to 0.5, dropping 0.5
     (8 values); negatives: -Phi^-1 at 8 points offset..0.5 dropping 0.5 (7 values); plus one exact

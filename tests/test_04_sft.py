@@ -643,5 +643,16 @@ def test_sft_lora_trains_only_adapters_and_saves_merged_weights(tmp_path, tok):
         changed = [n for n, a in merged.state_dict().items() if not np.array_equal(a, base.state_dict()[n])]
         if flag == "lora":  # only the adapted q/v projections moved
             assert changed and all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in changed)
-        else:  # the 4-bit base was dequantized: every block Linear weight differs by quantization error
+            # the adapter alone is saved beside the checkpoint; base + adapter = the merged model
+            from minillm.lora import load_adapter, merge_and_unload
+
+            assert res.metrics["adapter"] == str(tmp_path / flag / "adapter.safetensors")
+            rebuilt, _, _ = load_model(tmp_path / "base.safetensors")
+            load_adapter(rebuilt, res.metrics["adapter"])
+            rebuilt = merge_and_unload(rebuilt)
+            for n, a in merged.state_dict().items():
+                np.testing.assert_allclose(rebuilt.state_dict()[n], a, rtol=1e-6, atol=1e-7, err_msg=n)
+        else:
+            assert (tmp_path / flag / "adapter.safetensors").exists()
+        if flag == "qlora":  # the 4-bit base was dequantized: every block Linear weight differs by quantization error
             assert any("mlp.c_fc.weight" in n for n in changed)

@@ -183,7 +183,7 @@ def test_dpo_end_to_end_on_a_tiny_model(tmp_path):
     from minillm.checkpoint import load_model, save_checkpoint
     from minillm.tasks import default_world, tokenizer_training_text
     from minillm.tokenizer import Tokenizer
-    from minillm.train.dpo import dpo
+    from minillm.train.dpo import dpo, summary_lines
 
     tok = Tokenizer.train(tokenizer_training_text(default_world())[:20000], 300)
     lm = GPT(GPTConfig(vocab_size=len(tok), block_size=64, n_layer=1, n_head=2, n_embd=32), seed=0)
@@ -204,8 +204,14 @@ def test_dpo_end_to_end_on_a_tiny_model(tmp_path):
         hist = m["history"]
         nll0 = hist[0].get("nll", 0.0)  # RPO term (LoRA run): loss = DPO + 0.1 · mean chosen NLL
         assert (nll0 > 0) == lora
-        assert hist[0]["loss"] == pytest.approx(LN2 + 0.1 * nll0, abs=1e-4)
-        assert hist[-1]["loss"] - 0.1 * hist[-1].get("nll", 0.0) < 0.5 * LN2, [h["loss"] for h in hist]
+        # loss_dpo (the preference loss), nll and the total are logged separately
+        assert hist[0]["loss_dpo"] == pytest.approx(LN2, abs=1e-4)
+        assert hist[0]["loss"] == pytest.approx(hist[0]["loss_dpo"] + 0.1 * nll0, abs=1e-4)  # rounded in metrics.json
+        assert hist[-1]["loss_dpo"] < 0.5 * LN2, [h["loss_dpo"] for h in hist]
+        assert ("nll" in m["final"]) == lora and m["final"]["loss_dpo"] <= m["final"]["loss"]
+        lines = summary_lines(m)
+        assert lines[0].startswith(f"final train: DPO loss {m['final']['loss_dpo']:.4f}")
+        assert ("total" in lines[0]) == lora and lines[1].startswith("held-out pairs: DPO loss")
         assert m["test_pairs"]["rewards/accuracies"] == 1.0
         trained, _, _ = load_model(res.checkpoint)
         assert not any(".lora_" in k for k in trained.state_dict())

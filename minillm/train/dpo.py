@@ -303,7 +303,9 @@ def evaluate_pairs(model: GPT, pairs: Sequence[RenderedPair], ref_c: np.ndarray,
 
 def train_dpo(model: GPT, pairs: Sequence[RenderedPair], ref_c: np.ndarray, ref_r: np.ndarray, pad_id: int,
               cfg: DPOConfig, on_step=None) -> list[dict]:
-    """The training loop (AdamW, warmup + cosine, clipping); returns per-step metric dicts."""
+    """The training loop (AdamW, warmup + cosine, clipping); returns per-step metric dicts with
+    ``loss_dpo`` (the preference loss), ``nll`` (the RPO term, when ``sft_weight`` > 0), ``loss``
+    (the total that is minimised), TRL's ``rewards/*`` and ``logps/*``, ``lr`` and ``grad_norm``."""
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.lora:
         opt = AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -324,11 +326,12 @@ def train_dpo(model: GPT, pairs: Sequence[RenderedPair], ref_c: np.ndarray, ref_
         pc, pr = pair_logps(model, collate_preference([pairs[i] for i in idx], pad_id))  # (B,), (B,)
         loss, m = dpo_loss(pc, pr, ref_c[idx], ref_r[idx], cfg.beta, cfg.loss_type, cfg.label_smoothing,
                            lens_c[idx] if use_lens else None, lens_r[idx] if use_lens else None)
+        m["loss_dpo"] = m.pop("loss")  # the preference loss alone, comparable with the held-out pairs'
         if cfg.sft_weight:  # RPO: + α · mean NLL per chosen token (TRL loss_type "sft", arXiv 2404.19733 Eq. 2)
             nll = -pc.sum() / max(int(lens_c[idx].sum()), 1)
             loss = loss + cfg.sft_weight * nll
             m["nll"] = float(nll.item())
-            m["loss"] = float(loss.item())
+        m["loss"] = float(loss.item())  # what is minimised: loss_dpo (+ sft_weight · nll)
         if not np.isfinite(loss.item()):
             raise FloatingPointError(f"DPO: the loss became {loss.item()} at step {step}")
         opt.zero_grad()
@@ -508,11 +511,12 @@ def summary_lines(m: dict) -> list[str]:
     lines = []
     if "final" in m:
         f = m["final"]
-        lines.append(f"final train: loss {f['loss']:.4f}  reward acc {f['rewards/accuracies']:.1%}  "
+        total = f"  (+ NLL {f['nll']:.4f}: total {f['loss']:.4f})" if "nll" in f else ""
+        lines.append(f"final train: DPO loss {f['loss_dpo']:.4f}{total}  reward acc {f['rewards/accuracies']:.1%}  "
                      f"margin {f['rewards/margins']:+.3f}")
     if "test_pairs" in m:
         t = m["test_pairs"]
-        lines.append(f"held-out pairs: loss {t['loss']:.4f}  reward acc {t['rewards/accuracies']:.1%}  "
+        lines.append(f"held-out pairs: DPO loss {t['loss']:.4f}  reward acc {t['rewards/accuracies']:.1%}  "
                      f"margin {t['rewards/margins']:+.3f}")
     for split, modes in m.get("after", {}).items():
         for mode, a in modes.items():

@@ -16,12 +16,13 @@ Scope
 Sources
     Ouyang et al. 2022 (InstructGPT) §3.5 SFT; the response-only loss of TRL's
     ``DataCollatorForCompletionOnlyLM`` / ``assistant_only_loss``; LoRA: Hu et al. 2021; QLoRA:
-    Dettmers et al. 2023 §3. Defaults: TASKWORLD-NOTES.md §3 (B32, 150 steps, lr 3e-4, wd 0).
+    Dettmers et al. 2023 §3. Defaults: docs/task-world.md §3 (B32, 150 steps, lr 3e-4, wd 0).
 
 Deviations
     * The saved checkpoint of a LoRA/QLoRA run holds the merged full-precision weights (the
-      adapter alone is saved beside it as ``adapter.safetensors``); for QLoRA the base is
-      dequantized first, so nothing is re-quantized (PITFALLS B13, contract (a)).
+      adapter alone is saved beside it as ``adapter.safetensors``, written before merging, loadable
+      with ``lora.load_adapter``); for QLoRA the base is dequantized first, so nothing is
+      re-quantized (docs/bugs.md B13).
 """
 from __future__ import annotations
 
@@ -261,12 +262,16 @@ def sft(cfg: SFTConfig) -> SFTResult:
     losses = train_sft(model, tok, examples, cfg)
     metrics["train_seconds"] = round(time.perf_counter() - t_train, 1)
     metrics["final_loss"] = round(float(np.mean(losses[-10:])), 4)
+    out = Path(cfg.out_dir)
     if cfg.lora:
+        from minillm.lora import save_adapter
+
+        save_adapter(model, str(out / "adapter.safetensors"))  # the LoRA tensors alone, before merging
+        metrics["adapter"] = str(out / "adapter.safetensors")
         model = merge_for_saving(model)
     if builtin and cfg.eval:
         metrics.update({f"sft_{k}": v for k, v in world_eval(model, tok, cfg).items()})
         metrics["corpus_loss_after"] = round(corpus_loss(model, tok), 4)
-    out = Path(cfg.out_dir)
     ckpt = save_checkpoint(out / "checkpoint.safetensors", model, tok, train_state={"sft_config": asdict(cfg)})
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
     write_json_atomic(out / "metrics.json", metrics)
