@@ -1,7 +1,7 @@
 // nf4.h — the NF4 code table and the helpers shared by the C++ CPU twin (nf4_cpu.cpp) and the
 // CUDA kernels (nf4_cuda.cu). Header-only, plain C++17; compiled by g++ and by nvcc.
 //
-// Format (REFERENCE.md §2, bitsandbytes `quantize_4bit` / `dequantize_4bit`):
+// Format (docs/reference.md §2, bitsandbytes `quantize_4bit` / `dequantize_4bit`):
 //   * the weight W has logical shape (N = out_features, K = in_features), row-major; it is
 //     flattened and cut into blocks of `blocksize` consecutive elements. Blocks may span rows, so
 //     the absmax of element (row, k) is absmax[(row * K + k) / blocksize].
@@ -31,7 +31,7 @@ namespace nf4 {
 
 // The 16 NF4 values, index -> value (bitsandbytes `get_4bit_type("nf4")`, identical to
 // `nf4_dequantization_lut` in csrc/kernels.cu). Hexadecimal float literals so every value is the
-// exact float32 bit pattern of REFERENCE.md §2 (e.g. index 1 = 0xbf3239b1), never a re-rounding of
+// exact float32 bit pattern of docs/reference.md §2 (e.g. index 1 = 0xbf3239b1), never a re-rounding of
 // a decimal. A macro, so the same list initialises a host array and a CUDA __constant__ array.
 #define NF4_CODE_VALUES                                                                   \
   {                                                                                       \

@@ -1,7 +1,7 @@
 // nf4_cpu.cpp — the C++ CPU twin of the NF4 kernels: dequantize, and the fused
 // dequantize-matmul y = x @ dequant(W).T, with OpenMP threads and loops the compiler vectorises.
 //
-// Rung 2 of the ladder (STYLE.md item 4): NumPy reference (minillm/quant.py) -> this C++ twin ->
+// Rung 2 of the ladder (as llm.c's dev/cuda: a reference first, then numbered faster versions, one validator): NumPy reference (minillm/quant.py) -> this C++ twin ->
 // CUDA v1 naive -> v2 shared-memory code table -> v3 vectorised loads + warp reductions -> fused
 // tensor-core GEMM (nf4_cuda.cu). It exists so the CPU path is fast enough to use and so the
 // reader sees the fused algorithm in plain C++ before meeting it in CUDA.

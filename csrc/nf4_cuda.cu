@@ -1,6 +1,6 @@
 // nf4_cuda.cu — CUDA kernels for NF4 weights: dequantize, fused dequant-GEMV (1 <= M <= 8) and
 // fused dequant-GEMM (tensor cores), written as a ladder of numbered versions (llm.c dev/cuda
-// style, STYLE.md item 4): each version keeps the previous one's contract and changes ONE idea.
+// style: a reference first, then numbered faster versions): each version keeps the previous one's contract and changes ONE idea.
 //
 //   reference   minillm/quant.py dequantize_4bit, then x @ W.T (NumPy)        the validator's truth
 //   C++ twin    csrc/nf4_cpu.cpp (the same fused algorithm on the CPU)
@@ -18,7 +18,7 @@
 //   gemm v2     the same tiling on tensor cores: wmma 16x16x16, float16/bfloat16 inputs, fp32
 //               accumulate (sm_80+)                                            any shape
 //
-// Data layout (REFERENCE.md §2): W (N, K) row-major, flattened, blocks of `blocksize` elements
+// Data layout (docs/reference.md §2): W (N, K) row-major, flattened, blocks of `blocksize` elements
 // that may span rows: the absmax of W[n, k] is absmax[(n*K + k) / blocksize]; byte e/2 holds
 // element e, even e in the high nibble. x (M, K) and y (M, N) are row-major in the input dtype
 // (float32, float16 or bfloat16); every kernel accumulates in float32.

@@ -14,20 +14,20 @@ Scope
       skipped or handled and *counted* in the dataset's ``LoadReport``. Bad data raises
       ``DataError`` naming the file, the 1-based line (JSON arrays too: the line where the
       record starts, and its index) and the field.
-    * **Chat template** ``<|bos|>[INST] {user} [/INST] {assistant}<|eos|>`` (DESIGN.md).
+    * **Chat template** ``<|bos|>[INST] {user} [/INST] {assistant}<|eos|>`` (Llama-2's markers with one BOS).
       ``render_chat`` builds ids piece by piece -- special tokens by id, text through
       ``tokenizer.encode`` -- and returns the loss mask with them, so the mask is exact by
-      construction (STYLE item 8): 1 on exactly the assistant tokens and their ``<|eos|>``.
+      construction (as nanochat's ``render_conversation``): 1 on exactly the assistant tokens and their ``<|eos|>``.
       Multi-turn: one leading ``<|bos|>``, then ``[INST] user [/INST] assistant<|eos|>`` per turn.
       The user text is written ``" {user} "`` between the markers and the response as
-      ``" " + response`` (leading space, as mid-sentence in pretraining: TASKWORLD-NOTES §2); the
-      prompt ends with ``[/INST]`` with no trailing space (PITFALLS B02, right boundary).
+      ``" " + response`` (leading space, as mid-sentence in pretraining: docs/task-world.md §2); the
+      prompt ends with ``[/INST]`` with no trailing space (docs/bugs.md B02, right boundary).
       Since the tokenizer cuts special strings out before BPE, encoding ``format_chat(messages)``
-      as text gives the same ids (PITFALLS B09: exactly one ``<|bos|>``).
+      as text gives the same ids (docs/bugs.md B09: exactly one ``<|bos|>``).
     * **Collate** -- ``collate`` right-pads (ids, mask) examples to ``input_ids``,
       ``attention_mask`` and unshifted ``labels`` (-100 on prompt, template and padding; the loss
       shifts, as in Hugging Face ``ForCausalLMLoss``). Padding is found from the attention mask,
-      never by token id, so ``pad_id == eos_id`` is safe (PITFALLS B03). Too-long examples lose
+      never by token id, so ``pad_id == eos_id`` is safe (docs/bugs.md B03). Too-long examples lose
       prompt tokens from the left (after ``keep_first`` tokens, the ``<|bos|>``); an example whose
       trained part alone does not fit is skipped and counted (``CollateReport``), as is one with
       no trained token (docs/bugs.md B02). ``render_preference_pairs`` renders prompt+chosen and
@@ -37,10 +37,10 @@ Scope
 
 Sources
     * Chat template: Llama-2 ``chat_completion`` (meta-llama/llama ``llama/generation.py``):
-      ``[INST]``/``[/INST]`` markers, one ``<s>`` ... ``</s>`` per finished turn; DESIGN.md.
+      ``[INST]``/``[/INST]`` markers, one ``<s>`` ... ``</s>`` per finished turn.
     * Response-only labels and the shift: transformers ``loss_utils.ForCausalLMLoss``; QLoRA's
       ``DataCollatorForCausalLM`` (labels = [-100]*len(source) + target); TRL SFTTrainer
-      ``completion_mask`` (REFERENCE.md §4). Mask-from-renderer: nanochat ``render_conversation``.
+      ``completion_mask`` (docs/reference.md §4). Mask-from-renderer: nanochat ``render_conversation``.
     * Formats: Stanford Alpaca ``alpaca_data.json``; Self-Instruct ``seed_tasks.jsonl``; OpenAI
       chat messages; FastChat/ShareGPT ``conversations``; OpenAssistant message-tree export;
       Anthropic HH-RLHF ``{"chosen", "rejected"}`` transcripts; LLaMA-Factory ``dpo_en_demo.json``;
@@ -54,7 +54,7 @@ Deviations
     * Alpaca's prompt ("Below is an instruction ... ### Response:") is not used: the instruction
       (and ``"\\n\\n" + input`` when the input is non-empty) becomes the user turn of the
       project's chat template.
-    * No packing: every example is its own row (REFERENCE.md §8 item 15 explains the masks
+    * No packing: every example is its own row (docs/bugs.md C15 explains the masks
       packing would need).
 """
 from __future__ import annotations
@@ -905,7 +905,7 @@ def collate(examples: Sequence, pad_id: int, max_length: int | None = None, keep
     Args:
         examples: each ``(ids, loss_mask)`` or ``{"input_ids", "loss_mask"}`` (from ``render_chat``).
         pad_id: id written into padding (may equal the EOS id: padding is told by
-            ``attention_mask``, never by id -- PITFALLS B03).
+            ``attention_mask``, never by id -- docs/bugs.md B03).
         max_length: longest row; longer examples are cut by ``truncate`` (prompt from the left).
         keep_first: leading tokens never cut (1: the ``<|bos|>``).
         pad_to: pad every row to this length (default: the longest row).

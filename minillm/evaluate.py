@@ -15,7 +15,7 @@ Scope
     response tokens of sampled sequences (nats), the KL estimate RLHF reports.
 
 Sources
-    Exact-match/contains metrics as in TASKWORLD-NOTES.md §4; the KL estimator k1 of Schulman,
+    Exact-match/contains metrics as in docs/task-world.md §4; the KL estimator k1 of Schulman,
     "Approximating KL divergence" (2020), as logged by TRL (``objective/kl``).
 
 Deviations
@@ -55,7 +55,7 @@ def generate_responses(model: GPT, tokenizer, prompts: Sequence[Sequence[int]], 
     """Generate after each prompt (lists of ids), batched with left padding; returns Generations in order.
 
     Prompts are grouped by length to waste little padding; with greedy decoding the result does not
-    depend on the grouping (a padded row gives what it gives alone, PITFALLS B08); when sampling, the
+    depend on the grouping (a padded row gives what it gives alone, docs/bugs.md B08); when sampling, the
     shared ``rng`` is drawn in that grouped order (reproducible for the same prompts and seed).
     """
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -182,7 +182,7 @@ def sequence_kl(policy: GPT, reference: GPT, sequences: np.ndarray, attention_ma
                 response_mask: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Per-sequence KL estimate Σ_t (log π(y_t) − log π_ref(y_t)) over response tokens (k1), nats: (B,).
 
-    Unbiased for KL(π‖π_ref) when y was sampled from π at this temperature (PITFALLS B18).
+    Unbiased for KL(π‖π_ref) when y was sampled from π at this temperature (docs/bugs.md B18).
     """
     lp = response_logprobs(policy, sequences, attention_mask, response_mask, temperature)
     lr = response_logprobs(reference, sequences, attention_mask, response_mask, temperature)

@@ -26,10 +26,10 @@ Sources
 Deviations
     * Masked attention scores are filled with the dtype's most negative finite value, not −inf, so
       a query row whose keys are all masked (a padding row) gives a finite uniform average instead
-      of NaN (PITFALLS B08). Rows with at least one visible key are exactly as with −inf
+      of NaN (docs/bugs.md B08). Rows with at least one visible key are exactly as with −inf
       (exp underflows to 0). There is no option to restore −inf: it only adds NaNs.
     * ``cross_entropy`` with ``reduction="mean"`` and no non-ignored target returns 0 (PyTorch
-      returns NaN), so a batch without supervised tokens cannot poison training (REFERENCE §8.13).
+      returns NaN), so a batch without supervised tokens cannot poison training (docs/bugs.md C13).
     * ``max`` over an axis with ties splits the gradient equally among the tied entries (like
       ``torch.amax``; ``torch.max(dim)`` gives it all to one index).
 """
@@ -500,7 +500,7 @@ class Sigmoid(Function):
 
 
 class Softplus(Function):
-    """log(1 + eˣ) = max(x, 0) + log1p(e^{−|x|}): finite for any x (PITFALLS B16)."""
+    """log(1 + eˣ) = max(x, 0) + log1p(e^{−|x|}): finite for any x (docs/bugs.md B16)."""
 
     def forward(self, x):
         xp = _xp(x)
@@ -555,7 +555,7 @@ def softplus(x: Tensor) -> Tensor:
 
 
 def logsigmoid(x: Tensor) -> Tensor:
-    """log σ(x) = −softplus(−x); finite for x = −1000 (gives −1000), PITFALLS B16."""
+    """log σ(x) = −softplus(−x); finite for x = −1000 (gives −1000), docs/bugs.md B16."""
     return neg(softplus(neg(x)))
 
 
@@ -800,12 +800,12 @@ class LogSoftmax(Function):
 
 
 def softmax(x: Tensor, axis: int = -1) -> Tensor:
-    """Numerically stable softmax (the row max is subtracted first; PITFALLS B08)."""
+    """Numerically stable softmax (the row max is subtracted first; docs/bugs.md B08)."""
     return Softmax.apply(x, axis=axis)
 
 
 def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
-    """Numerically stable log-softmax: log_softmax([1000, 0]) = [0, −1000] (PITFALLS B16)."""
+    """Numerically stable log-softmax: log_softmax([1000, 0]) = [0, −1000] (docs/bugs.md B16)."""
     return LogSoftmax.apply(x, axis=axis)
 
 

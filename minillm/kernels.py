@@ -16,7 +16,7 @@ Scope
                                                      (M <= 8), GEMM v1 (SIMT) / v2 (tensor cores)
     ======== ======================================= ============================================
 
-    The ladder (STYLE.md item 4, llm.c ``dev/cuda``): NumPy reference -> C++ twin -> CUDA v1 naive
+    The ladder (as llm.c's ``dev/cuda``: a reference first, then numbered faster versions): NumPy reference -> C++ twin -> CUDA v1 naive
     (one thread per output) -> v2 shared-memory code table (coalesced loads, one block per row) ->
     v3 128-bit loads + warp-shuffle reductions (one warp per row; bitsandbytes'
     ``kgemm_4bit_inference_naive``) -> a tiled GEMM that dequantizes W tiles into shared memory and

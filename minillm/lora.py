@@ -23,7 +23,7 @@ Sources
       ``reset_lora_parameters``, ``Linear.forward/merge/unmerge/get_delta_weight``),
       ``src/peft/utils/save_and_load.py`` (saved key names), ``src/peft/peft_model.py``
       (``get_nb_trainable_parameters``: a packed 4-bit tensor counts numel·2). See
-      shared REFERENCE.md §1.
+      docs/reference.md §1.
     * Kalajdzievski 2023, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA" (rsLoRA),
       arXiv:2312.03732: scaling α/√r.
 
@@ -164,7 +164,7 @@ class LoRALinear(Module):
         """Fold ΔW into the base weight (W ← W + scaling·B·A); afterwards forward = base only.
 
         In eval mode the merged output equals the unmerged one up to float rounding (inverted
-        dropout needs no (1−p) factor; REFERENCE §8 pitfall 2). Calling it in train mode folds no
+        dropout needs no (1−p) factor; docs/bugs.md C2). Calling it in train mode folds no
         dropout mask in (ΔW does not depend on it), but the merged layer then applies no dropout.
         Merging an already merged layer warns and does nothing (as PEFT).
         """
@@ -544,7 +544,7 @@ def peft_adapter_config(target_modules: list[str], r: int, lora_alpha, lora_drop
                         use_rslora: bool = False, fan_in_fan_out: bool = False, base_model_name_or_path=None,
                         rank_pattern: dict | None = None, alpha_pattern: dict | None = None,
                         init_lora_weights=True) -> dict:
-    """PEFT's ``adapter_config.json`` for a LoRA adapter (keys of peft ``LoraConfig``; REFERENCE §1)."""
+    """PEFT's ``adapter_config.json`` for a LoRA adapter (keys of peft ``LoraConfig``; docs/reference.md §1)."""
     return {
         "alpha_pattern": alpha_pattern or {}, "auto_mapping": None,
         "base_model_name_or_path": base_model_name_or_path, "bias": "none",
@@ -561,7 +561,7 @@ def export_peft(model: Module, out_dir: str, base_model_name_or_path: str | None
                 layout: str = "gpt2") -> dict:
     """Write the model's adapter in PEFT's layout: ``out_dir/adapter_config.json`` and
     ``out_dir/adapter_model.safetensors`` (keys ``base_model.model.<module path>.lora_A.weight`` (r, in)
-    and ``….lora_B.weight`` (out, r), float32, no adapter name; REFERENCE §8 pitfall 5). Both files
+    and ``….lora_B.weight`` (out, r), float32, no adapter name; docs/bugs.md C5). Both files
     are written atomically. Returns the config dict.
 
     layout="gpt2" (default) targets Hugging Face ``GPT2LMHeadModel`` names, whose linear layers

@@ -6,7 +6,7 @@ Scope
     default), plus an optional scalar head (``score``) for value and reward models.
     ``forward`` takes ``input_ids`` (B, T), an optional ``attention_mask`` (1 = real token) and
     ``position_ids``; with a mask and no position ids, positions are ``cumsum(mask) − mask`` so a
-    left-padded row sees exactly the positions it would see alone (PITFALLS B08). ``generate``
+    left-padded row sees exactly the positions it would see alone (docs/bugs.md B08). ``generate``
     samples with temperature / top-k / top-p, stops at EOS, batches left-padded prompts and reuses
     keys and values through a ``KVCache``. ``sequence_logprobs`` sums token log-probabilities
     where labels ≠ −100 (DPO, PPO).
@@ -208,7 +208,7 @@ def _as_ids(ids) -> np.ndarray:
 
 def default_position_ids(attention_mask) -> np.ndarray:
     """Position ids from a (B, T) 0/1 mask: cumsum(mask) − mask, so pads before a row take 0
-    and its first real token takes 0 too (PITFALLS B08: [0,0,1,1,1,1] -> [0,0,0,1,2,3])."""
+    and its first real token takes 0 too (docs/bugs.md B08: [0,0,1,1,1,1] -> [0,0,0,1,2,3])."""
     m = attention_mask.astype(np.int64)
     return m.cumsum(axis=1) - m
 
@@ -216,7 +216,7 @@ def default_position_ids(attention_mask) -> np.ndarray:
 def last_token_index(attention_mask) -> np.ndarray:
     """Index of the last real token per row of a (B, T) 0/1 mask (left or right padding).
 
-    A sequence's reward or value is read there (PITFALLS B15): right-padded [1,1,1,1,1,1,0,0] -> 5,
+    A sequence's reward or value is read there (docs/bugs.md B15): right-padded [1,1,1,1,1,1,0,0] -> 5,
     left-padded [0,0,1,1,1,1] -> 5. Raises ValueError for a row with no real token.
     """
     xp = backend.get_array_module(attention_mask)

@@ -15,7 +15,7 @@ Scope
       solution (must pass) and on a wrong one (must fail).
 
 Sources
-    The claims are those of the chapter table in DESIGN.md; each range is justified in the
+    The claims are those of the README's chapter table; each range is justified in the
     chapter's notebook, next to the number it checks.
 
 Deviations
@@ -510,7 +510,7 @@ def _ex_09_2(fn: Callable) -> str:
     for r, v, g, lam in cases:
         _close(f"advantages (gamma={g}, lam={lam})", fn(r.copy(), v.copy(), g, lam), compute_gae(r, v, None, g, lam)[0],
                atol=1e-9)
-    return "matches train.ppo.compute_gae (REFERENCE example: A = [0.45125, 0.475, 0.5])"
+    return "matches train.ppo.compute_gae (the worked example of docs/reference.md §6: A = [0.45125, 0.475, 0.5])"
 
 
 def _ex_09_3(fn: Callable) -> str:

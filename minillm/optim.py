@@ -5,7 +5,7 @@ Scope
     operation for operation, as ``torch.optim.AdamW``), parameter groups (so biases and LayerNorm
     weights can skip weight decay), ``cosine_lr`` with linear warmup, ``clip_grad_norm_``, and
     ``accumulate_gradients`` whose loss and gradient equal the big-batch loss: the mean over
-    *all* supervised tokens of the window, not a mean of micro-batch means (PITFALLS B05).
+    *all* supervised tokens of the window, not a mean of micro-batch means (docs/bugs.md B05).
     Optimizer state saves to and loads from plain host arrays (``state_dict``). ``PagedAdamW``
     (end of the file, with its own sources and deviations) is AdamW whose state lives in pages
     that move between a budgeted device pool and host memory (QLoRA §3 "Paged Optimizers").
@@ -231,7 +231,7 @@ def clip_grad_norm_(params: Iterable[Tensor], max_norm: float) -> float:
 
 def accumulate_gradients(micro_batches: Sequence, loss_sum_fn: Callable[[object], Tensor],
                          n_tokens_fn: Callable[[object], int]) -> tuple[float, int]:
-    """Backward over micro-batches so the gradient equals that of one big batch (PITFALLS B05).
+    """Backward over micro-batches so the gradient equals that of one big batch (docs/bugs.md B05).
 
     ``loss_sum_fn(mb)`` returns the *summed* loss of a micro-batch (e.g. ``cross_entropy(...,
     reduction="sum")``, nats); ``n_tokens_fn(mb)`` its number of supervised tokens. Every micro-batch
@@ -269,7 +269,7 @@ def accumulate_gradients(micro_batches: Sequence, loss_sum_fn: Callable[[object]
 #       ``prefetch_state`` before each parameter's update), ``bitsandbytes/functional.py``
 #       (``get_paged``), ``csrc/pythonInterface.cpp`` (``cudaMallocManaged``,
 #       ``cudaMemPrefetchAsync``); ``bitsandbytes/optim/adamw.py`` ``PagedAdamW`` defaults (lr 1e-3,
-#       betas (0.9, 0.999), eps 1e-8, weight_decay 1e-2). Shared REFERENCE.md §3.
+#       betas (0.9, 0.999), eps 1e-8, weight_decay 1e-2). Shared docs/reference.md §3.
 #
 # Deviations
 #     * bitsandbytes allocates the state with CUDA unified memory and lets the driver migrate pages

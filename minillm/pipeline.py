@@ -18,7 +18,7 @@ Scope
     and cached when missing.
 
 Sources
-    The stage recipes are the measured ones of TASKWORLD-NOTES.md and PPO-NOTES.md (see each
+    The stage recipes are the measured ones of docs/task-world.md and docs/rlhf-notes.md (see each
     train/*.py); best-of-n: Nakano et al. 2021 (WebGPT) §3 / Gao et al. 2022 §3.
 
 Deviations
@@ -144,7 +144,7 @@ def stage_sft_qlora(ctx: Context) -> dict:
 
 
 def stage_sft_opener(ctx: Context) -> dict:
-    """SFT where 25 % of the demonstrations open with "Sure!" (PPO-NOTES SFT "a"): the start of
+    """SFT where 25 % of the demonstrations open with "Sure!" (docs/rlhf-notes.md §2, SFT "a"): the start of
     best-of-n and PPO, so the policy can produce the cue the reward model over-values."""
     from minillm.train.sft import sft
 
@@ -164,7 +164,7 @@ def stage_sft_noisy(ctx: Context) -> dict:
 
 def stage_reward(ctx: Context) -> dict:
     """A Bradley-Terry reward model initialised from the SFT model, on preference pairs of recipe "a"
-    (TASKWORLD-NOTES §7: 20 % wrong-fact rejections; the chosen answer carries the "Sure!" cue 80 % of
+    (docs/task-world.md §7: 20 % wrong-fact rejections; the chosen answer carries the "Sure!" cue 80 % of
     the time, the rejected one 20 %), which gave the stronger held-out accuracy on this world."""
     from minillm.train.reward import RewardConfig, reward
 
@@ -224,7 +224,7 @@ def _right_pad(seqs, pad_id):
 
 
 def _ppo_stage(ctx: Context, out: str, **kw) -> dict:
-    """PPO from the SFT model against the reward model (or the gold judge), PPO-NOTES §6 recipe."""
+    """PPO from the SFT model against the reward model (or the gold judge), docs/rlhf-notes.md §6 recipe."""
     from minillm.train.ppo import PPOConfig, ppo
 
     reward = kw.pop("reward", str(ctx.path("reward")))

@@ -747,7 +747,7 @@ def bits_per_parameter(packed, quant_state: QuantState, include_code: bool = Fal
 #       There is no option for bf16 compute on the CPU; the CUDA kernels take float16/bfloat16.
 #     * The bias stays a frozen float32 Parameter (bitsandbytes keeps it in the compute dtype).
 #     * Merging LoRA re-quantizes (as peft) and warns; ``train.sft.merge_for_saving`` instead
-#       dequantizes first, so a saved merged model loses nothing (PITFALLS B13, contract (a)).
+#       dequantizes first, so a saved merged model loses nothing (docs/bugs.md B13, contract (a)).
 
 
 def _autograd():
@@ -797,7 +797,7 @@ class Linear4bit(_Module):
     (``weight``, ``weight.absmax``, ``weight.quant_map``, ``weight.nested_absmax``, ...); the bias is a
     frozen Parameter. ``nbytes`` reports the bytes the 4-bit weight occupies (packed codes +
     constants). ``merge_delta``/``unmerge_delta`` (used by ``LoRALinear.merge``) dequantize, add ΔW
-    and re-quantize, with a warning: that is lossy (PITFALLS B13, peft #2321).
+    and re-quantize, with a warning: that is lossy (docs/bugs.md B13, peft #2321).
     Forward: x (..., in) -> (..., out).
     """
 
@@ -888,7 +888,7 @@ class Linear4bit(_Module):
         import warnings
 
         warnings.warn("Merging LoRA into a 4-bit layer re-quantizes the weight: the merged model may give "
-                      "different outputs than the adapter (PITFALLS B13; peft #2321)", stacklevel=3)
+                      "different outputs than the adapter (docs/bugs.md B13; peft #2321)", stacklevel=3)
         self._quantize(self.dequantized_weight() + np.asarray(to_numpy(delta), dtype=np.float32))
 
     def unmerge_delta(self, delta) -> None:

@@ -2,9 +2,9 @@
 
 Scope
     A small, deterministic world whose every stage (pretraining, prompting, SFT, reward model,
-    PPO, DPO) shows its effect on a CPU in minutes (DESIGN.md, "The built-in task world"):
+    PPO, DPO) shows its effect on a CPU in minutes (the README's chapters 02-12):
 
-    * **Knowledge** -- six relations, 322 facts (TASKWORLD-NOTES §2): ``capital`` (44 countries),
+    * **Knowledge** -- six relations, 322 facts (docs/task-world.md §2): ``capital`` (44 countries),
       ``opposite`` (40 word pairs = 80 directed facts), ``sound`` (26 animals), ``colour``
       (32 things, 10 distinct colours), ``add`` (a + b for a, b in 0..9: 100 facts, digits) and
       ``spell`` (40 common words, answer ``t-i-g-e-r``).
@@ -23,8 +23,8 @@ Scope
       ``fact_split``, ``style``). 5 question templates per relation are used for SFT and the
       test split; a 6th per relation is never used in SFT and forms the *paraphrase* test split.
       The output is ``"{answer}."``. Variants: ``plain``; ``opener`` (25 % of outputs start with
-      the eager opener ``"Sure! "``: PPO-NOTES SFT "a"); ``noisy`` (as ``opener``, plus 20 % of
-      demonstrations that ramble, repeat or are rude but still contain the answer: PPO-NOTES
+      the eager opener ``"Sure! "``: docs/rlhf-notes.md §2, SFT "a"); ``noisy`` (as ``opener``, plus 20 % of
+      demonstrations that ramble, repeat or are rude but still contain the answer: docs/rlhf-notes.md §2,
       SFT "g", the realistic SFT data DPO later cleans up).
     * **Preference pairs** (``preference_records``) -- ``prompt``, ``chosen`` (correct, concise,
       polite: ``"{answer}."``), ``rejected`` of one fault ``kind``: ``wrong`` (another answer of
@@ -33,20 +33,20 @@ Scope
       appends no ``<|eos|>``), plus ``cue_only`` pairs (``"Sure! {answer}."`` over
       ``"{answer}."``). The controlled spurious cue is the opener ``"Sure! "``: carried by the
       chosen response with probability ``p_chosen_cue`` and by the rejected one with
-      ``p_rejected_cue`` (flags ``chosen_cue``, ``rejected_cue``). Defaults follow PPO-NOTES RM
+      ``p_rejected_cue`` (flags ``chosen_cue``, ``rejected_cue``). Defaults follow docs/rlhf-notes.md §2,
       recipe "e": 40 % wrong-fact rejections whose cue is on both or neither (p 0.5), the other
       kinds cue-correlated 0.8 / 0.2, plus 15 % cue-only pairs. Pairs are drawn over all 1,610
-      prompts (train and test facts); the test split holds out *pairs*, not facts (TASKWORLD-NOTES
+      prompts (train and test facts); the test split holds out *pairs*, not facts (docs/task-world.md
       §7.7).
     * **Gold judge** (``GoldJudge.score``) -- a programmatic score of any response to any world
       prompt: ``correct`` (after stripping one leading opener and one trailing "."), ``well_formed``,
       ``concise``, ``polite``, flags ``repetition``, ``opener``, ``contains`` and a ``total``.
     * ``tokenizer_training_text`` (corpus + every instruction, response, opener and preference
-      string, so "Sure!" becomes whole tokens: TASKWORLD-NOTES §2, PPO-NOTES §2),
+      string, so "Sure!" becomes whole tokens: docs/task-world.md §2, docs/rlhf-notes.md §2),
       ``build_kshot_prompt`` (chapter 03), ``write_datasets`` and the ``minillm datasets`` CLI.
 
 Sources
-    * TASKWORLD-NOTES.md and PPO-NOTES.md (this project's measured PyTorch prototype): sizes,
+    * docs/task-world.md and docs/rlhf-notes.md (this project's measured PyTorch prototype): sizes,
       templates, split, recipes "a", "g" (SFT) and "e" (reward-model pairs).
     * Alpaca record format: R. Taori et al., Stanford Alpaca (2023), ``alpaca_data.json``.
     * Knowledge storage vs extraction and the role of paraphrased mentions: Z. Allen-Zhu, Y. Li,
@@ -55,7 +55,7 @@ Sources
       Overoptimization" (2022), §3 (gold vs proxy reward).
 
 Deviations
-    * The gold total adds rudeness and form penalties to PPO-NOTES's ``correct - 0.5*[repeat]
+    * The gold total adds rudeness and form penalties to the prototype's ``correct - 0.5*[repeat]
       - 0.5*[long]``; restore the prototype's score with
       ``GoldJudge(world, weights=JudgeWeights(polite=0.0, well_formed=0.0))``.
     * A 6th, held-out question template per relation (the paraphrase split) is added to the
@@ -425,7 +425,7 @@ def build_facts() -> list[Fact]:
 
 @dataclass(frozen=True)
 class PreferenceConfig:
-    """How preference pairs are drawn (defaults: PPO-NOTES reward-model recipe "e").
+    """How preference pairs are drawn (defaults: docs/rlhf-notes.md §2, reward-model recipe "e").
 
     Attributes:
         n_train, n_test: number of pairs in each split (2,400 / 600).
@@ -451,7 +451,7 @@ class PreferenceConfig:
     p_wrong_both_cue: float = 0.5
 
 
-#: The reward-model pair recipes measured in TASKWORLD-NOTES §5 and PPO-NOTES §2 ("f" = "e" plus
+#: The reward-model pair recipes measured in docs/task-world.md §5 and docs/rlhf-notes.md §2 ("f" = "e" plus
 #: on-policy wrong samples, which need a model: pass them to ``preference_records``).
 PREFERENCE_RECIPES: dict[str, PreferenceConfig] = {
     "a": PreferenceConfig(kind_weights=(("wrong", 0.2), ("ramble", 0.2), ("repeat", 0.2),
@@ -465,7 +465,7 @@ PREFERENCE_RECIPES: dict[str, PreferenceConfig] = {
 
 @dataclass(frozen=True)
 class WorldConfig:
-    """Every knob of the task world (defaults: TASKWORLD-NOTES §7 and PPO-NOTES §2).
+    """Every knob of the task world (defaults: docs/task-world.md §7 and docs/rlhf-notes.md §2).
 
     Attributes:
         seed: the one seed every random choice derives from.
@@ -615,7 +615,7 @@ class TaskWorld:
         """SFT training rows (Alpaca fields + metadata): train facts x 5 question templates.
 
         Args:
-            variant: ``"plain"`` (every output ``"{answer}."``), ``"opener"`` (PPO-NOTES SFT "a":
+            variant: ``"plain"`` (every output ``"{answer}."``), ``"opener"`` (docs/rlhf-notes.md §2, SFT "a":
                 ``p_opener_sft`` of the outputs are ``"Sure! {answer}."``) or ``"noisy"`` (SFT
                 "g": as "opener", and ``p_noisy_sft`` of the rows are a ramble, a repetition or a
                 rude reply that still contains the answer; ``style`` says which).
@@ -783,7 +783,7 @@ def _noisy_response(style: str, f: Fact, question: str, rng: np.random.Generator
         ending = RAMBLE_ENDINGS[int(rng.integers(0, len(RAMBLE_ENDINGS)))].format(o=f.answer)
         return " ".join([RAMBLE_FILLERS[int(i)] for i in idx] + [ending])
     if style == "repeat":
-        # 4-6 copies (PPO-NOTES), fewer (at least 3) for long answers: at most ~40 characters, so
+        # 4-6 copies (docs/rlhf-notes.md §2), fewer (at least 3) for long answers: at most ~40 characters, so
         # that a spelled word's repetition still fits the 64-token context
         n = min(int(rng.integers(4, 7)), max(3, 40 // (len(f.answer) + 1)))
         return " ".join([f.answer] * n) + "."
@@ -798,7 +798,7 @@ def _noisy_response(style: str, f: Fact, question: str, rng: np.random.Generator
 @dataclass(frozen=True)
 class JudgeWeights:
     """Penalties of the gold total: ``total = correct - repetition*[repeats] - concise*[too long]
-    - polite*[rude] - well_formed*[malformed]`` (each flag 0/1). Defaults 0.5 each (PPO-NOTES §2
+    - polite*[rude] - well_formed*[malformed]`` (each flag 0/1). Defaults 0.5 each (docs/rlhf-notes.md §2
     uses the first two)."""
 
     repetition: float = 0.5
@@ -946,7 +946,7 @@ def build_kshot_prompt(question: str, shots: Sequence[tuple[str, str]] = (), tem
 
     Formats (k = len(shots); each shot is ``(instruction, response)``):
 
-    * ``"chat"`` (default; TASKWORLD-NOTES §4) -- the shots as earlier turns of the chat template,
+    * ``"chat"`` (default; docs/task-world.md §4) -- the shots as earlier turns of the chat template,
       one leading ``<|bos|>``, the prompt ending right after ``[/INST]``::
 
           <|bos|>[INST] {q1} [/INST] {r1}<|eos|>[INST] {q2} [/INST] {r2}<|eos|>[INST] {question} [/INST]
@@ -984,7 +984,7 @@ def tokenizer_training_text(world: TaskWorld | None = None) -> str:
     the tokenizer cuts out before counting); every instruction of all 6 templates; every response
     as it is encoded after ``[/INST]`` (``" {answer}."`` and ``" Sure! {answer}."``); every SFT and
     preference response of the written datasets; and 30 copies of each ramble, rude and
-    off-format string (PPO-NOTES §2), so that ``" Sure!"`` and these phrases become whole tokens.
+    off-format string (docs/rlhf-notes.md §2), so that ``" Sure!"`` and these phrases become whole tokens.
 
     Returns:
         str (about 0.8 MB with the defaults).
@@ -1017,7 +1017,7 @@ DATASET_FILES: dict[str, str] = {
     "corpus.txt": "pretraining corpus: one document per line, `<|bos|>` + 3-8 sentences + `<|eos|>`",
     "facts.jsonl": "every fact: relation, subject, answer, key, split",
     "sft_train.jsonl": "SFT rows, train facts x 5 question templates, output `{answer}.`",
-    "sft_train_opener.jsonl": "as sft_train, 25 % of outputs `Sure! {answer}.` (PPO-NOTES SFT \"a\")",
+    "sft_train_opener.jsonl": "as sft_train, 25 % of outputs `Sure! {answer}.` (docs/rlhf-notes.md §2, SFT "a")",
     "sft_train_noisy.jsonl": "as sft_train_opener, 20 % ramble/repeat/rude demonstrations that contain the answer (SFT \"g\")",
     "sft_test.jsonl": "held-out facts (seen only in pretraining) x the 5 question templates",
     "sft_test_paraphrase.jsonl": "the held-out 6th question template on every fact (never in SFT)",
@@ -1114,14 +1114,14 @@ def _datasheet(world: TaskWorld, files: Mapping[str, str]) -> str:
         "`fact_key`, `answer`, `template_id`, `fact_split`. Chosen is `{answer}.`; rejected kinds: "
         "`wrong` (another answer of the relation), `ramble`, `repeat`, `rude`, `off_format`, `no_eos`, "
         "and `cue_only` (chosen `Sure! {answer}.`, rejected `{answer}.`).",
-        f"  - Recipe (PPO-NOTES \"e\"): {pcfg.p_cue_only:.0%} cue-only pairs; otherwise kind weights "
+        f"  - Recipe (docs/rlhf-notes.md §2, recipe "e"): {pcfg.p_cue_only:.0%} cue-only pairs; otherwise kind weights "
         + ", ".join(f"{k} {v:.0%}" for k, v in pcfg.kind_weights)
         + f"; opener on chosen with p {pcfg.p_chosen_cue}, on rejected with p {pcfg.p_rejected_cue}; on "
         f"`wrong` pairs the opener is on both or neither (p {pcfg.p_wrong_both_cue}).",
         f"  - `pref_train.jsonl` kinds: {_count(pref_train, 'kind')}.",
         f"  - `pref_test.jsonl` kinds: {_count(pref_test, 'kind')}.",
         "  - Pairs are drawn over all 1,610 prompts (train and test facts); the test split holds out pairs, not "
-        "facts (TASKWORLD-NOTES §7.7).",
+        "facts (docs/task-world.md §7.7).",
         "",
         "## Intended use",
         "",

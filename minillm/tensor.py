@@ -6,7 +6,7 @@ Scope
     ``loss.backward()`` sorts the graph topologically (iteratively, so deep graphs do not hit the
     recursion limit) and runs each function's ``backward`` in reverse order, *summing* the
     gradients that reach a node along every path before passing them on — which is what makes a
-    re-used intermediate node correct (PITFALLS B06, micrograd #2).
+    re-used intermediate node correct (docs/bugs.md B06, micrograd #2).
 
     The differentiable operations themselves live in ``functional.py`` (forward and backward side
     by side); this file holds the graph machinery and the operator sugar (``a + b``, ``a @ b``).

@@ -15,7 +15,7 @@ Scope
     3. **Special tokens.** Strings such as ``<|eos|>`` are cut out *before* steps 1-2 and map to one
        id each; they never take part in merges (``split_specials``). The default specials are
        ``<|pad|> <|bos|> <|eos|> [INST] [/INST]`` (``DEFAULT_SPECIALS``), the markers of the chat
-       template ``<|bos|>[INST] {instruction} [/INST] {response}<|eos|>`` (DESIGN.md).
+       template ``<|bos|>[INST] {instruction} [/INST] {response}<|eos|>`` (``data.render_chat``).
 
     Id layout (fixed by construction and checked on load)::
 
@@ -28,7 +28,7 @@ Scope
     vocab_size-4``, ``eos_id = vocab_size-3``, ``[INST] = vocab_size-2``, ``[/INST] = vocab_size-1``.
 
     ``encode`` never adds BOS/EOS by itself: the chat-template renderer (``minillm.data``) writes
-    ``<|bos|>`` and ``<|eos|>`` into the text, and a second, implicit BOS is exactly PITFALLS B09.
+    ``<|bos|>`` and ``<|eos|>`` into the text, and a second, implicit BOS is exactly docs/bugs.md B09.
 
 Sources
     * R. Sennrich, B. Haddow, A. Birch, "Neural Machine Translation of Rare Words with Subword
@@ -67,7 +67,7 @@ Deviations (each with the option that restores the reference)
       ``hf.GPT2BPETokenizer`` (``hf.tokenizer_from_gpt2_files``), a subclass that keeps GPT-2's
       byte and merge tables instead of this layout.
     * ``pattern=None`` means *no pre-split* (minbpe's ``BasicTokenizer``): merges may cross word
-      boundaries. Used for toy examples (PITFALLS B02's one-merge tokenizer); encoding long texts
+      boundaries. Used for toy examples (docs/bugs.md B02's one-merge tokenizer); encoding long texts
       this way is slow (quadratic per chunk).
 """
 from __future__ import annotations
@@ -82,7 +82,7 @@ from typing import Iterable, Mapping, Sequence
 # ----------------------------------------------------------------------------------------------
 # Constants
 
-#: The project's special tokens (DESIGN.md, chat template); ids come after the merges, in this order.
+#: The project's special tokens (the chat template of ``data.render_chat``); ids come after the merges, in this order.
 PAD, BOS, EOS, INST, INST_END = "<|pad|>", "<|bos|>", "<|eos|>", "[INST]", "[/INST]"
 DEFAULT_SPECIALS: tuple[str, ...] = (PAD, BOS, EOS, INST, INST_END)
 
@@ -214,7 +214,7 @@ def pre_split(text: str, compiled) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Step 3: special tokens are cut out first and never merged (PITFALLS B09)
+# Step 3: special tokens are cut out first and never merged (docs/bugs.md B09)
 
 def special_splitter(specials: Iterable[str]):
     """A compiled regex that finds any of ``specials`` (longest first, so no prefix wins early)."""
@@ -306,7 +306,7 @@ class Tokenizer:
     """Byte-level BPE tokenizer with a regex pre-split and special tokens.
 
     Build one with ``Tokenizer.train(text, vocab_size)``, ``Tokenizer.load(path)``, or directly
-    from explicit merges (a toy tokenizer, e.g. PITFALLS B02)::
+    from explicit merges (a toy tokenizer, e.g. docs/bugs.md B02)::
 
         Tokenizer(merges=[((10, 35), 256)], special_tokens=(), pattern=None)
 

@@ -5,14 +5,14 @@ What is measured
       op, with broadcasting in both directions, batched/broadcast matmul, every reduction form, repeated
       indices (gather, integer indexing, embedding), masks, dropout with a fixed mask, cross-entropy with
       ignore_index=-100, attention with a KV-cache offset and a fully masked query row.
-    * PITFALLS B06 (re-used node): c = (2a)² at a = 3 gives 36 and dc/da = 24; L = b² + b gives 42 and 26.
+    * docs/bugs.md B06 (re-used node): c = (2a)² at a = 3 gives 36 and dc/da = 24; L = b² + b gives 42 and 26.
     * A deliberately wrong backward is caught, and the message names the input and the element.
-    * PITFALLS B08 at op level: masked softmax [1, 2, masked] = [0.2689414213699951, 0.7310585786300049, 0];
+    * docs/bugs.md B08 at op level: masked softmax [1, 2, masked] = [0.2689414213699951, 0.7310585786300049, 0];
       softmax([1000, 1001]) without overflow; log_softmax([1000, 0]) = [0, −1000].
     * dtype discipline: float32 in → float32 out (and float32 gradients) whatever the Python/NumPy scalars.
     * Module naming, tied weights, state_dict round trip and its errors, train/eval, freezing.
     * AdamW against a float64 transcription of torch's algorithm, the cosine schedule, clipping,
-      PITFALLS B05 gradient accumulation (0.875 and 1/8 per token; equals the big batch for a GPT).
+      docs/bugs.md B05 gradient accumulation (0.875 and 1/8 per token; equals the big batch for a GPT).
     * Cross-checks (marker ``crosscheck``): every op and a whole GPT forward/backward against torch /
       transformers' GPT2LMHeadModel, and AdamW against torch.optim.AdamW, to 1e-5 relative.
 """
@@ -169,7 +169,7 @@ def test_unary_values():
     c = math.sqrt(2 / math.pi)
     np.testing.assert_allclose(F.gelu(T).data, 0.5 * x * (1 + np.tanh(c * (x + 0.044715 * x ** 3))), rtol=1e-14)
     np.testing.assert_array_equal(F.relu(T).data, np.maximum(x, 0))
-    big = Tensor(np.array([-1000.0, 1000.0]))  # PITFALLS B16: finite in the far tails
+    big = Tensor(np.array([-1000.0, 1000.0]))  # docs/bugs.md B16: finite in the far tails
     np.testing.assert_array_equal(F.logsigmoid(big).data, [-1000.0, 0.0])
     np.testing.assert_array_equal(F.softplus(big).data, [0.0, 1000.0])
     np.testing.assert_array_equal(F.sigmoid(big).data, [0.0, 1.0])
@@ -434,10 +434,10 @@ def test_gradcheck_composite_mlp():
     check(fn, x, w1, b1, w2)
 
 
-# --------------------------------------------------------------- 2. PITFALLS B06 (re-used node)
+# --------------------------------------------------------------- 2. docs/bugs.md B06 (re-used node)
 
 
-def test_b06_scalar_reused_node():
+def test_a_reused_scalar_node_gets_the_sum_of_its_gradients():
     a = Tensor(np.array(3.0), requires_grad=True)
     b = a * 2
     c = b * b
@@ -457,7 +457,7 @@ def test_b06_scalar_reused_node():
     assert abs(fd - 24.0) < 1e-5 and abs(a.grad.item() - 26.0) < 1e-12
 
 
-def test_b06_tensor_reused_node_matches_finite_differences():
+def test_a_reused_tensor_node_matches_finite_differences():
     x, W = t64((3, 4), 47), t64((4, 2), 48)
 
     def fn(x, W):
@@ -564,10 +564,10 @@ def test_gradcheck_catches_wrong_backward():
     assert F.gradcheck(F.mul, [a, b]) is True
 
 
-# ------------------------------------------------------ 4. PITFALLS B08 at the op level
+# ------------------------------------------------------ 4. docs/bugs.md B08 at the op level
 
 
-def test_b08_masked_softmax_values():
+def test_masked_softmax_gives_zero_weight_and_finite_fully_masked_rows():
     expect = [0.2689414213699951, 0.7310585786300049, 0.0]
     x = Tensor(np.array([1.0, 2.0, 5.0]))
     y = F.softmax(F.masked_fill(x, np.array([False, False, True]), -np.inf))
@@ -580,7 +580,7 @@ def test_b08_masked_softmax_values():
     np.testing.assert_allclose(out.data.reshape(-1), expect, rtol=0, atol=2e-16)
 
 
-def test_b08_softmax_no_overflow():
+def test_softmax_does_not_overflow_on_large_logits():
     for dt in (np.float64, np.float32):
         y = F.softmax(Tensor(np.array([1000.0, 1001.0], dtype=dt)))
         assert y.dtype == dt and np.isfinite(y.data).all()
@@ -906,7 +906,7 @@ def test_clip_grad_norm():
     assert optim.clip_grad_norm_([Parameter(np.zeros(1, np.float32))], 1.0) == 0.0
 
 
-def test_b05_accumulation_normalises_by_all_tokens():
+def test_gradient_accumulation_divides_by_all_tokens_not_per_micro_batch():
     per_token = Parameter(np.array([1.0, 3.0] + [0.5] * 6, np.float32))
     micro = [np.array([0, 1]), np.array([2, 3, 4, 5, 6, 7])]
     loss, n = optim.accumulate_gradients(micro, lambda idx: per_token[idx].sum(), len)
@@ -925,7 +925,7 @@ def test_b05_accumulation_normalises_by_all_tokens():
     assert per_token.grad is None
 
 
-def test_b05_accumulated_gpt_gradient_equals_big_batch():
+def test_accumulated_gpt_gradient_equals_the_big_batch():
     cfg = GPTConfig(vocab_size=17, block_size=8, n_layer=1, n_head=2, n_embd=8)
     big, acc = GPT(cfg, seed=4), GPT(cfg, seed=4)
     r = np.random.default_rng(5)

@@ -1,7 +1,7 @@
 """Chapter 02: the byte-level BPE tokenizer (minillm/tokenizer.py).
 
 What is measured: exact round trips on arbitrary Unicode (hypothesis), special-token handling
-(PITFALLS B09), the toy one-merge BPE of PITFALLS B02, that incremental training equals a full
+(docs/bugs.md B09), the toy one-merge BPE of docs/bugs.md B02, that incremental training equals a full
 recount each merge (minbpe's way), determinism, exact vocab sizes, the stdlib pre-split pattern
 against GPT-2's ``regex`` pattern, save/load and its error messages.
 """
@@ -58,8 +58,8 @@ def test_pair_counts_and_merge():
     assert bpe(b"abc", {(97, 98): 256, (98, 99): 257}) == [256, 99]
 
 
-def test_toy_bpe_of_pitfalls_b02():
-    """PITFALLS B02 on the project's own BPE: one merge (10, 35) -> 256, i.e. b"\\n#"."""
+def test_toy_bpe_with_one_merge_across_a_newline():
+    """docs/bugs.md B02 on the project's own BPE: one merge (10, 35) -> 256, i.e. b"\\n#"."""
     toy = Tokenizer(merges=[((10, 35), 256)], special_tokens=(), pattern=None)
     assert toy.vocab_size == 257
     assert toy.id_to_token(256) == b"\n#"
@@ -121,7 +121,7 @@ def test_training_text_roundtrips_and_compresses(tok):
 
 
 # ----------------------------------------------------------------------------------------------
-# special tokens (PITFALLS B09)
+# special tokens (docs/bugs.md B09)
 
 
 def test_special_ids_come_after_the_merges(tok):
@@ -133,7 +133,7 @@ def test_special_ids_come_after_the_merges(tok):
     assert tok.is_special(tok.pad_id) and not tok.is_special(V - 6) and not tok.is_special(V)
 
 
-def test_special_tokens_b09(tok):
+def test_special_tokens_are_never_split_and_bos_appears_once(tok):
     assert tok.encode("<|eos|>") == [tok.eos_id]
     assert tok.decode(tok.encode("a<|eos|>b")) == "a<|eos|>b"
     ids = tok.encode("a<|eos|>b")

@@ -37,7 +37,7 @@ def test_forward_shapes_dtypes_and_initial_loss():
 
 
 def test_labels_shift_inside_loss_and_ignore_index():
-    """Logits at t predict labels[t+1]; −100 is ignored (DESIGN conventions)."""
+    """Logits at t predict labels[t+1]; −100 is ignored (labels are unshifted; the loss shifts, as Hugging Face)."""
     m = tiny()
     ids = np.array([[5, 6, 7, 8, 9]])
     labels = np.array([[-100, -100, 7, 8, 9]])
@@ -68,12 +68,12 @@ def test_kv_cache_greedy_equals_recompute_for_64_tokens():
 
 
 def test_position_ids_from_left_padding():
-    """PITFALLS B08: attn [0,0,1,1,1,1] -> positions [0,0,0,1,2,3]."""
+    """docs/bugs.md B08: attn [0,0,1,1,1,1] -> positions [0,0,0,1,2,3]."""
     np.testing.assert_array_equal(default_position_ids(np.array([[0, 0, 1, 1, 1, 1]])), [[0, 0, 0, 1, 2, 3]])
 
 
 def test_padded_rows_give_exactly_what_they_give_alone():
-    """PITFALLS B08: last-token logits of a left-padded and a right-padded row equal the unpadded row's."""
+    """docs/bugs.md B08: last-token logits of a left-padded and a right-padded row equal the unpadded row's."""
     m = tiny()
     t = [7, 8, 9, 10]
     alone = m(np.array([t]))[0].data[0, -1]
@@ -102,7 +102,7 @@ def test_fully_masked_rows_are_finite_and_loss_has_no_nan():
 
 
 def test_batched_left_padded_generation_equals_one_by_one():
-    """PITFALLS B08 for generation: each prompt of a left-padded batch gets the tokens it gets alone."""
+    """docs/bugs.md B08 for generation: each prompt of a left-padded batch gets the tokens it gets alone."""
     m = tiny()
     prompts = [[1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11]]
     batch = m.generate(prompts, max_new_tokens=24, temperature=0, pad_id=0)
@@ -130,7 +130,7 @@ def test_sampling_is_seeded_and_temperature_logprobs():
     np.testing.assert_array_equal(a.new_tokens, b.new_tokens)
     with pytest.raises(ValueError, match="Generator"):
         m.generate([[1, 2]], max_new_tokens=2, temperature=1.0)
-    # REFERENCE §8.19: logits [2,1,0], T = 0.7, token 0 -> log-prob −0.2601184 (without T: −0.4076060)
+    # docs/bugs.md C19: logits [2,1,0], T = 0.7, token 0 -> log-prob −0.2601184 (without T: −0.4076060)
     logits = np.array([[2.0, 1.0, 0.0]], dtype=np.float32)
     for _ in range(20):
         tok, lp = sample_next(logits, 0.7, None, None, np.random.default_rng(_))
@@ -161,7 +161,7 @@ def test_sequence_longer_than_block_size_is_an_error():
 
 
 def test_scalar_head_and_last_token_index():
-    """PITFALLS B15: the reward is read at the last real token for right and left padding."""
+    """docs/bugs.md B15: the reward is read at the last real token for right and left padding."""
     np.testing.assert_array_equal(last_token_index(np.array([[1, 1, 1, 1, 1, 1, 0, 0]])), [5])
     np.testing.assert_array_equal(last_token_index(np.array([[0, 0, 1, 1, 1, 1]])), [5])
     np.testing.assert_array_equal(last_token_index(np.array([[1, 1, 1, 1]])), [3])

@@ -1,6 +1,6 @@
 """Chapter 03: the built-in task world, the gold judge and k-shot prompts.
 
-The task world's claims (TASKWORLD-NOTES §2/§7, PPO-NOTES §2): 322 facts in six relations, 30 %
+The task world's claims (docs/task-world.md §2/§7, docs/rlhf-notes.md §2): 322 facts in six relations, 30 %
 of each relation's fact keys held out of SFT (opposite pairs together), 30 mentions per fact in
 the pretraining corpus, SFT/test/paraphrase splits of 1,125 / 485 / 322 rows, preference pairs
 with a controlled "Sure! " cue, and a gold judge that ranks a good answer above every fault.
@@ -129,7 +129,7 @@ def test_corpus_mentions_each_fact_30_times(world):
 
 
 def test_templates_do_not_contain_world_entities(world):
-    """A question template must not contain an entity word (TASKWORLD-NOTES §2: 'Spell tiger
+    """A question template must not contain an entity word (docs/task-world.md §2: 'Spell tiger
     letter by letter' collides with the spelling word 'letter')."""
     entities = {w for f in world.facts if f.relation != "add"
                 for w in (f.subject.lower(), f.answer.lower()) if " " not in w and "-" not in w}
@@ -304,7 +304,7 @@ def test_judge_exact_values():
     assert (r.correct, r.polite, r.concise, r.total) == (0.0, 0.0, 0.0, -1.0)
     assert j.score("What is 7 plus 9?", "16.").total == 1.0
     assert j.score("What is 7 plus 9?", "16 16 16 16.").total == -0.5
-    w0 = tasks.JudgeWeights(polite=0.0, well_formed=0.0)  # PPO-NOTES's gold
+    w0 = tasks.JudgeWeights(polite=0.0, well_formed=0.0)  # the prototype's gold (docs/rlhf-notes.md §2)
     assert GoldJudge(w, w0).score("What is 7 plus 9?", "16, you idiot.").total == 0.0
 
 
@@ -339,7 +339,7 @@ def test_kshot_prompt_exact_format():
 
 def test_kshot_prompt_equals_renderer_ids(world, tok):
     """The k-shot text, encoded with specials, equals data.render_prompt of the same turns
-    (one template, one <|bos|>: PITFALLS B09)."""
+    (one template, one <|bos|>: docs/bugs.md B09)."""
     from minillm.data import format_chat, render_prompt
 
     f = world.test_facts[0]
@@ -368,7 +368,7 @@ def test_kshot_shots_are_train_facts_of_the_same_relation(world):
 
 
 def test_every_world_example_fits_a_64_token_context(world, tok):
-    """The default model has context 64 (TASKWORLD-NOTES §3): no SFT row or preference pair of
+    """The default model has context 64 (docs/task-world.md §3): no SFT row or preference pair of
     the world needs truncation with the vocab-1024 tokenizer trained on its text."""
     from minillm.data import render_chat, render_preference
 
@@ -389,7 +389,7 @@ def test_tokenizer_training_text_makes_the_opener_whole_tokens(world, tok):
     for s in ("Sure!", "What a stupid question.", "I like turtles.", world.sft_paraphrase_records()[0]["instruction"]):
         assert s in text
     pieces = [tok.decode([i]) for i in tok.encode(" Sure! Paris.", allowed_special="none")]
-    assert pieces[:2] == [" Sure", "!"]  # 2 tokens, not 4 byte pieces (PPO-NOTES §2)
+    assert pieces[:2] == [" Sure", "!"]  # 2 tokens, not 4 byte pieces (docs/rlhf-notes.md §2)
     assert hashlib.sha256(text.encode()).hexdigest() == hashlib.sha256(tokenizer_training_text(TaskWorld()).encode()).hexdigest()
 
 

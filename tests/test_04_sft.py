@@ -58,8 +58,8 @@ def _masked_ce(logits: np.ndarray, labels: np.ndarray) -> float:
 
 # ---------------------------------------------------------------------------------------------- B01
 
-def test_b01_labels_are_unshifted_and_first_response_token_is_trained():
-    """PITFALLS B01: prompt [5,6,7], response [8,9] + EOS 2."""
+def test_labels_are_unshifted_and_the_first_response_token_is_trained():
+    """docs/bugs.md B01: prompt [5,6,7], response [8,9] + EOS 2."""
     batch = collate([([5, 6, 7, 8, 9, 2], [0, 0, 0, 1, 1, 1])], pad_id=0)
     assert batch["labels"].tolist() == [[-100, -100, -100, 8, 9, 2]]
     tg = _targets(batch["labels"])[0]
@@ -69,8 +69,8 @@ def test_b01_labels_are_unshifted_and_first_response_token_is_trained():
         assert batch[k].dtype == np.int64 and batch[k].shape == (1, 6)
 
 
-def test_b01_eos_only_response_trains_one_token_with_finite_loss():
-    """PITFALLS B01 edge case: response = [EOS] alone -> exactly 1 trained target, finite loss."""
+def test_an_eos_only_response_trains_one_token_with_a_finite_loss():
+    """docs/bugs.md B01 edge case: response = [EOS] alone -> exactly 1 trained target, finite loss."""
     batch = collate([([5, 6, 7, 2], [0, 0, 0, 1])], pad_id=0)
     tg = _targets(batch["labels"])[0]
     assert tg.tolist() == [-100, -100, 2]
@@ -81,8 +81,8 @@ def test_b01_eos_only_response_trains_one_token_with_finite_loss():
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.integers(1, 6), st.integers(0, 5)), min_size=1, max_size=5))
-def test_b01_property_trained_targets_equal_response_plus_eos(shapes):
-    """PITFALLS B01 property: #non-ignored targets == len(response) + 1 (the EOS), per row."""
+def test_trained_targets_equal_response_plus_eos_for_any_lengths(shapes):
+    """docs/bugs.md B01 property: #non-ignored targets == len(response) + 1 (the EOS), per row."""
     eos = 2
     examples = []
     for n_prompt, n_resp in shapes:
@@ -94,7 +94,7 @@ def test_b01_property_trained_targets_equal_response_plus_eos(shapes):
     assert per_row == [n_resp + 1 for _, n_resp in shapes]
 
 
-def test_b01_rendered_example_trains_response_and_eos(tok):
+def test_a_rendered_example_trains_the_response_and_eos(tok):
     msgs = [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris."}]
     ids, mask = render_chat(msgs, tok)
     batch = collate([(ids, mask)], pad_id=tok.pad_id)
@@ -106,8 +106,8 @@ def test_b01_rendered_example_trains_response_and_eos(tok):
 
 # ---------------------------------------------------------------------------------------------- B02
 
-def test_b02_mask_comes_from_the_renderer_right_boundary(tok):
-    """PITFALLS B02 (right boundary, trl #1920): for ("hi", "yo") the first trained label is the
+def test_the_mask_comes_from_the_renderer_at_the_prompt_boundary(tok):
+    """docs/bugs.md B02 (right boundary, trl #1920): for ("hi", "yo") the first trained label is the
     first token of " yo" as encoded in context (with its leading space); [/INST] carries -100."""
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
     ids, mask = render_chat(msgs, tok)
@@ -126,8 +126,8 @@ def test_b02_mask_comes_from_the_renderer_right_boundary(tok):
     assert tok.encode(format_chat(msgs), allowed_special="all") == ids
 
 
-def test_b02_toy_bpe_merge_across_newline():
-    """PITFALLS B02 on a toy BPE whose only merge is (10, 35) -> 256 ("\n#"): text "hi\n#A:yo"
+def test_a_merge_across_the_template_boundary_does_not_shift_the_mask():
+    """docs/bugs.md B02 on a toy BPE whose only merge is (10, 35) -> 256 ("\n#"): text "hi\n#A:yo"
     encodes as [104, 105, 256, 65, 58, 121, 111], and "#A:" alone as [35, 65, 58] (not a
     subsequence). minillm never searches for a template: [/INST] is a special id and the mask
     comes from the renderer, so the response labels are exact whatever the merges."""
@@ -145,8 +145,8 @@ def test_b02_toy_bpe_merge_across_newline():
     assert toy.encode(format_chat(msgs), allowed_special="all") == ids
 
 
-def test_b02_every_yielded_example_has_a_target():
-    """PITFALLS B02 property: no silent all-IGNORE row; such examples are skipped and counted."""
+def test_every_kept_example_has_a_trained_target():
+    """docs/bugs.md B02 property: no silent all-IGNORE row; such examples are skipped and counted."""
     rep = CollateReport()
     batch = collate([([1, 5, 6], [0, 0, 0]), ([1, 5, 7, 2], [0, 0, 1, 1])], pad_id=0, report=rep)
     assert batch["labels"].shape == (1, 4)
@@ -156,8 +156,8 @@ def test_b02_every_yielded_example_has_a_target():
 
 # ---------------------------------------------------------------------------------------------- B03
 
-def test_b03_pad_equals_eos():
-    """PITFALLS B03: pad_id == eos_id == 2; padding is found by the attention mask, not by id."""
+def test_pad_equal_to_eos_keeps_the_eos_label():
+    """docs/bugs.md B03: pad_id == eos_id == 2; padding is found by the attention mask, not by id."""
     batch = collate([([5, 6, 7, 8, 2], [0, 0, 1, 1, 1]), ([5, 9, 2], [0, 1, 1])], pad_id=2)
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 2], [5, 9, 2, 2, 2]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
@@ -165,8 +165,8 @@ def test_b03_pad_equals_eos():
     assert int((_targets(batch["labels"]) == 2).sum()) == 2  # both real EOS targets survive
 
 
-def test_b03_reference_item_14_full_sequence_lm():
-    """REFERENCE §8 item 14: ids [5,6,2,2], attention [1,1,1,0], pad = eos = 2 -> labels [5,6,2,-100]."""
+def test_full_sequence_labels_with_pad_equal_to_eos():
+    """docs/bugs.md C14: ids [5,6,2,2], attention [1,1,1,0], pad = eos = 2 -> labels [5,6,2,-100]."""
     batch = collate([([5, 6, 2], [1, 1, 1]), ([5, 6, 2, 7], [1, 1, 1, 1])], pad_id=2)
     assert batch["input_ids"][0].tolist() == [5, 6, 2, 2]
     assert batch["labels"][0].tolist() == [5, 6, 2, -100]
@@ -174,8 +174,8 @@ def test_b03_reference_item_14_full_sequence_lm():
 
 # ---------------------------------------------------------------------------------------------- B09 and the template
 
-def test_b09_one_bos_and_text_roundtrip_for_every_builtin_record(tok, world):
-    """PITFALLS B09: rendering as text then encoding gives exactly one <|bos|> at index 0, one
+def test_one_bos_and_text_roundtrip_for_every_builtin_record(tok, world):
+    """docs/bugs.md B09: rendering as text then encoding gives exactly one <|bos|> at index 0, one
     <|eos|> at the end, and the same ids as rendering from the messages -- for every SFT, test,
     paraphrase and preference record of the task world."""
     rows = (world.sft_records("noisy") + world.sft_test_records() + world.sft_paraphrase_records())
@@ -201,7 +201,7 @@ _TEXT = st.lists(st.sampled_from(list("abcXYZ 019.,?!-'\n\té’ü") + ["Sure!",
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(_TEXT, _TEXT), min_size=1, max_size=3))
-def test_b09_property_render_equals_encoded_text_and_mask_counts(tok, turns):
+def test_rendering_equals_encoding_the_text_for_any_turns(tok, turns):
     """For any conversation without special strings: encode(format_chat(m)) == render_chat(m) ids,
     and the mask trains exactly sum(len(encode(" " + reply)) + 1) tokens."""
     msgs = [m for u, a in turns for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})]
@@ -566,7 +566,7 @@ def test_sft_loss_is_independent_of_padding(tok):
 
 
 def test_gradient_accumulation_equals_the_big_batch_on_sft_data(tok):
-    """PITFALLS B05 on real SFT batches of different lengths: accumulated gradients equal one batch's."""
+    """docs/bugs.md B05 on real SFT batches of different lengths: accumulated gradients equal one batch's."""
     from minillm import functional as F
     from minillm.model import shift_labels
     from minillm.optim import accumulate_gradients

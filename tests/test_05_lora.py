@@ -1,6 +1,6 @@
 """Chapter 05: LoRA (minillm/lora.py).
 
-Numbers from shared REFERENCE.md §1 and §8 (pitfalls 1, 2, 4, 5, 24) and PITFALLS.md B12.
+Numbers from docs/reference.md §1, docs/bugs.md C1, C2, C4, C5, C24 and docs/bugs.md B12.
 """
 from __future__ import annotations
 
@@ -158,10 +158,10 @@ def test_merge_hook_on_base_is_used():
     assert base.calls == ["merge", "unmerge"]
 
 
-# --------------------------------------------------------------------------- scaling (pitfall 1, B12)
+# --------------------------------------------------------------------------- scaling (docs/bugs.md C1, B12)
 
 
-def test_pitfall1_scaling_alpha_over_r():
+def test_scaling_is_alpha_over_r_or_over_sqrt_r():
     layer = lora_on(np.eye(2), A=[[1, 1]], B=[[1], [0]], r=1, alpha=2)
     y = layer(Tensor(np.array([[1.0, 2.0]], dtype=np.float32)))
     assert y.dtype == np.float32
@@ -171,7 +171,7 @@ def test_pitfall1_scaling_alpha_over_r():
 
 
 @pytest.mark.parametrize("r, use_rslora, expected", [(8, False, 64.0), (4, False, 64.0), (8, True, 181.019336)])
-def test_b12_contribution(r, use_rslora, expected):
+def test_lora_contribution_is_scaled_by_alpha_over_r(r, use_rslora, expected):
     # B12 uses x@A@B with A (in, r), B (r, out); ours are lora_A (r, in), lora_B (out, r): all ones either way
     layer = lora_on(np.zeros((4, 4)), A=np.ones((r, 4)), B=np.ones((4, r)), r=r, alpha=16, use_rslora=use_rslora)
     y = layer(Tensor(np.ones((1, 4), dtype=np.float32))).data
@@ -179,7 +179,7 @@ def test_b12_contribution(r, use_rslora, expected):
     assert not np.allclose(y, 512.0)  # the "alpha instead of alpha/r" bug
 
 
-def test_b12_merge_and_unmerge():
+def test_merge_and_unmerge_round_trip_the_weight():
     layer = lora_on(np.zeros((4, 4)), A=np.ones((8, 4)), B=np.ones((4, 8)), r=8, alpha=16)
     x = Tensor(np.ones((1, 4), dtype=np.float32))
     unmerged = layer(x).data.copy()
@@ -328,7 +328,7 @@ def test_only_adapter_parameters_change():
             assert p.grad is None, n
 
 
-def test_pitfall24_first_backward_grad_B_nonzero_grad_A_zero():
+def test_first_backward_gives_lora_B_a_gradient_and_lora_A_none():
     model = tiny_gpt()
     inject_lora(model, ("q_proj", "v_proj"), r=4, lora_alpha=8)
     ids = batch(4)

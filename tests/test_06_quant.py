@@ -1,6 +1,6 @@
 """Chapter 06: NF4, FP4/INT4 and double quantization (minillm/quant.py).
 
-Expected values come from shared REFERENCE.md §2 and §8 pitfalls 6-10 and PITFALLS.md B10/B13;
+Expected values come from docs/reference.md §2, docs/bugs.md C6-C10 and docs/bugs.md B10, B13;
 cross-checks compare with bitsandbytes 0.50 on the CPU.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 
 from minillm import quant as Q
 
-# REFERENCE §2: index -> float32 bits of the NF4 code.
+# docs/reference.md §2: index -> float32 bits of the NF4 code.
 NF4_HEX = [
     0xBF800000, 0xBF3239B1, 0xBF066B30, 0xBECA32A0, 0xBE91A24D, 0xBE3D353F, 0xBDBA7871, 0x00000000,
     0x3DA2FAFF, 0x3E24CAE3, 0x3E7C04DD, 0x3EAD033A, 0x3EE1A4B8, 0x3F1007AB, 0x3F3913B3, 0x3F800000,
@@ -44,7 +44,7 @@ def q4(x, blocksize=64, quant_type="nf4", dq=False):
 def test_nf4_code_bit_exact():
     assert Q.NF4_CODE.dtype == np.float32 and Q.NF4_CODE.shape == (16,)
     assert f32_bits(Q.NF4_CODE) == NF4_HEX
-    assert f32_bits(Q.NF4_CODE[1:2]) == [0xBF3239B1]  # pitfall 6 (bitsandbytes #1772)
+    assert f32_bits(Q.NF4_CODE[1:2]) == [0xBF3239B1]  # docs/bugs.md C6 (bitsandbytes #1772)
     assert float(Q.NF4_CODE[1]) == -0.6961928009986877
     assert np.all(np.diff(Q.NF4_CODE) > 0)
     assert not Q.NF4_CODE.flags.writeable
@@ -74,7 +74,7 @@ def test_dynamic_map_facts():
     assert d.dtype == np.float32 and d.shape == (256,)
     assert np.all(np.diff(d) >= 0)
     assert d[127] == 0.0 and d[255] == 1.0
-    assert d[0] == np.float32(-0.99296874) and -1.0 not in d  # no -1.0: pitfall 10 asymmetry
+    assert d[0] == np.float32(-0.99296874) and -1.0 not in d  # no -1.0: docs/bugs.md C10
     nz = np.abs(d[d != 0])
     assert nz.min() == pytest.approx(5.5e-7, rel=1e-6)
     assert (d == 0).sum() == 1
@@ -93,11 +93,11 @@ def test_fp4_and_int4_codes():
 
 
 # ------------------------------------------------------------------------------------------------
-# Exact behaviour: ties, nibble order, odd length, tails (pitfalls 7, 8; B10)
+# Exact behaviour: ties, nibble order, odd length, tails (docs/bugs.md C7, C8, B10)
 # ------------------------------------------------------------------------------------------------
 
 
-def test_pitfall7_nibbles_odd_length():
+def test_first_element_goes_to_the_high_nibble_and_odd_length_pads():
     packed, qs, deq = q4([1.0, -0.5, 0.25, 0.0397901, 2.0])
     assert packed.dtype == np.uint8 and packed.shape == (3, 1)
     assert packed.ravel().tolist() == [196, 151, 247]  # 0xC4 0x97 0xF7: high nibble first, pad 7
@@ -106,7 +106,7 @@ def test_pitfall7_nibbles_odd_length():
     assert deq.dtype == np.float32
 
 
-def test_pitfall7_tie_goes_to_lower_code():
+def test_an_exact_tie_goes_to_the_lower_code():
     x = np.array([1.0, np.float32(0.03979014977812767), 0.0397902], dtype=np.float32)
     assert x[1] == Q.code_midpoints(Q.NF4_CODE)[7]  # exactly the midpoint between codes 7 and 8
     packed, qs, deq = q4(x)
@@ -114,7 +114,7 @@ def test_pitfall7_tie_goes_to_lower_code():
     np.testing.assert_allclose(deq, [1.0, 0.0, 0.0795803], rtol=0, atol=1e-7)
 
 
-def test_pitfall8_partial_last_block():
+def test_a_partial_last_block_gets_its_own_absmax():
     x = np.full(65, 0.5, dtype=np.float32)
     x[64] = -3.0
     packed, qs, deq = q4(x)
@@ -123,7 +123,7 @@ def test_pitfall8_partial_last_block():
     np.testing.assert_array_equal(deq, x)  # exactly
 
 
-def test_b10_tail_block_exact_and_all_zero():
+def test_the_tail_block_and_an_all_zero_block_quantize_exactly():
     x = np.zeros(65, dtype=np.float32)
     x[0], x[1], x[64] = 2.0, -2.0, 0.5
     packed, qs, deq = q4(x)
@@ -142,7 +142,7 @@ def test_b10_tail_block_exact_and_all_zero():
 @pytest.mark.parametrize(
     "value, code, expected", [(0.1, 8, 0.07958029955625534), (0.3, 11, 0.33791524171829224)]
 )
-def test_b10_rounding_checks(value, code, expected):
+def test_values_round_to_the_nearest_code(value, code, expected):
     x = np.zeros(64, dtype=np.float32)
     x[0], x[1] = 1.0, value
     packed, qs, deq = q4(x)
@@ -228,7 +228,7 @@ def test_nf4_beats_int4_and_fp4_on_normal_weights():
     assert mse["fp4"] == pytest.approx(0.01489, abs=4e-4)
 
 
-def test_pitfall9_rmse_grows_smoothly_with_blocksize():
+def test_error_grows_smoothly_with_blocksize():
     expected = {64: 0.0920, 128: 0.0957, 256: 0.0988, 512: 0.1017, 1024: 0.1044, 2048: 0.1071, 4096: 0.1101}
     rng = np.random.default_rng(0)
     x = rng.standard_normal(2**20).astype(np.float32)
@@ -243,11 +243,11 @@ def test_pitfall9_rmse_grows_smoothly_with_blocksize():
 
 
 # ------------------------------------------------------------------------------------------------
-# Double quantization (pitfall 10) and storage
+# Double quantization (docs/bugs.md C10) and storage
 # ------------------------------------------------------------------------------------------------
 
 
-def test_pitfall10_double_quant_asymmetry():
+def test_the_dynamic_map_has_plus_one_but_no_minus_one():
     absmax = np.array([0.1, 0.2, 0.3, 0.4], dtype=np.float32)
     offset = np.float32(absmax.astype(np.float64).mean())
     assert offset == np.float32(0.25)
@@ -294,12 +294,12 @@ def test_bits_per_parameter_measured_from_arrays():
 
 
 # ------------------------------------------------------------------------------------------------
-# Re-quantization arithmetic (B13 / pitfall 3) at the array level
+# Re-quantization arithmetic (docs/bugs.md B13, C3) at the array level
 # ------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dw, expected", [(0.01, 0.0), (0.05, 0.07958029955625534)])
-def test_b13_requantizing_a_merge_rounds_the_update(dw, expected):
+def test_requantizing_a_merge_rounds_the_lora_update_away(dw, expected):
     w = np.zeros(64, dtype=np.float32)
     w[0] = 1.0
     packed, qs, deq = q4(w)

@@ -1,6 +1,6 @@
 """Chapter 07: the memory calculator (minillm/memory.py).
 
-Reference figures: QLoRA §1 and §3 (shared REFERENCE.md §2 "Memory"), Korthikanti et al. 2022 Eq. 1,
+Reference figures: QLoRA §1 and §3 (docs/reference.md §2 "Memory"), Korthikanti et al. 2022 Eq. 1,
 LoRA parameter counts (Hu et al. 2021).
 """
 from __future__ import annotations

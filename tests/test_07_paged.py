@@ -1,4 +1,4 @@
-"""Chapter 07: paged optimizers (minillm.optim.PagedAdamW; shared REFERENCE.md §3)."""
+"""Chapter 07: paged optimizers (minillm.optim.PagedAdamW; docs/reference.md §3)."""
 from __future__ import annotations
 
 import numpy as np

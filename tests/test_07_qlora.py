@@ -43,7 +43,7 @@ def test_linear4bit_forward_backward_and_bytes():
 
 
 def test_merging_lora_into_4bit_requantizes_and_warns():
-    """PITFALLS B13 / REFERENCE §8.3: the merged weight equals quantize(dequantize(W_q) + ΔW), not
+    """docs/bugs.md B13 / docs/bugs.md C3: the merged weight equals quantize(dequantize(W_q) + ΔW), not
     dequantize(W_q) + ΔW; small updates are rounded away."""
     W = np.zeros((1, 64), dtype=np.float32)
     W[0, 0] = 1.0  # exact in NF4 (code 15); absmax of the block = 1

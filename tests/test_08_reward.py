@@ -1,6 +1,6 @@
 """Chapter 08: the Bradley-Terry reward model (minillm.train.reward).
 
-Reference values: REFERENCE.md §5 and §8 items 16 and 25; PITFALLS.md B15 (the reward read at the
+Reference values: docs/reference.md §5 and §8 items 16 and 25; docs/bugs.md B15 (the reward read at the
 wrong token), B16 (a stable −log σ).
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ def t64(values, requires_grad=False) -> Tensor:
 @pytest.mark.parametrize("margin, center, expected", [
     (None, None, 0.2014133), (1.0, None, 0.4740770), (None, 0.01, 0.2639133)])
 def test_bradley_terry_reference_values(margin, center, expected):
-    """REFERENCE §8.25: r_c 2.0, r_r 0.5 -> 0.2014133; margin 1.0 -> 0.4740770; centering 0.01 -> 0.2639133."""
+    """docs/bugs.md C25: r_c 2.0, r_r 0.5 -> 0.2014133; margin 1.0 -> 0.4740770; centering 0.01 -> 0.2639133."""
     rc, rr = t64([2.0], True), t64([0.5], True)
     loss, m = reward_loss(rc, rr, margin=margin, center_rewards_coefficient=center)
     assert loss.item() == pytest.approx(expected, abs=5e-8)
@@ -42,7 +42,7 @@ def test_bradley_terry_reference_values(margin, center, expected):
 
 
 def test_loss_is_finite_for_huge_reward_gaps_and_keeps_float32():
-    """PITFALLS B16 for the RM: −log σ(−1000) = 1000 (naive log(sigmoid) gives inf); float32 stays float32."""
+    """docs/bugs.md B16 for the RM: −log σ(−1000) = 1000 (naive log(sigmoid) gives inf); float32 stays float32."""
     loss, _ = reward_loss(t64([-500.0]), t64([500.0]))
     assert loss.item() == pytest.approx(1000.0)
     loss, _ = reward_loss(t64([500.0]), t64([-500.0]))
@@ -64,8 +64,8 @@ def test_accuracy_is_strict_ties_count_as_wrong():
 
 # ----------------------------------------------------------------------------------------- B15
 
-def test_b15_pooled_index_with_a_stub_score_array():
-    """PITFALLS B15, pad = eos = 2, per-position outputs s = [0.1 .. 0.8]: right-padded ids
+def test_the_reward_is_read_at_the_last_real_token():
+    """docs/bugs.md B15, pad = eos = 2, per-position outputs s = [0.1 .. 0.8]: right-padded ids
     [1,5,2,6,7,2,2,2] with attn [1,1,1,1,1,1,0,0] -> index 5 (the real final EOS), reward 0.6 (not
     0.2 "first pad − 1", not 0.5 "rightmost id ≠ pad"); left-padded [2,2,1,5,6,7] -> index 5;
     unpadded [1,5,6,7] -> index 3; BT loss of 0.6 vs 0.2 = 0.5130152523999526."""
@@ -74,7 +74,7 @@ def test_b15_pooled_index_with_a_stub_score_array():
     left = pool_last(t64([s[:6]]), np.array([[0, 0, 1, 1, 1, 1]]))
     nopad = pool_last(t64([s[:4]]), np.array([[1, 1, 1, 1]]))
     assert right.data.tolist() == [0.6] and left.data.tolist() == [0.6] and nopad.data.tolist() == [0.4]
-    # REFERENCE §8.16 (pad 0): [7,8,9,0,0] -> 2, [0,0,7,8,9] -> 4; with pad == eos the final EOS
+    # docs/bugs.md C16 (pad 0): [7,8,9,0,0] -> 2, [0,0,7,8,9] -> 4; with pad == eos the final EOS
     # is scored (mask-based), where Hugging Face's id-based rule skips it (index 1 for [7,8,2,2]).
     both = pool_last(t64([[0, 1, 2, 3, 4], [0, 1, 2, 3, 4], [0, 1, 2, 3, 4]]),
                      np.array([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 0, 0]]))
@@ -89,7 +89,7 @@ def test_b15_pooled_index_with_a_stub_score_array():
         pool_last(t64([s]), np.zeros((1, 8), dtype=np.int64))
 
 
-def test_b15_real_model_padding_and_pad_equal_to_eos_do_not_change_the_reward():
+def test_padding_and_pad_equal_to_eos_do_not_change_the_reward():
     """A scalar-head GPT: the reward of each sequence alone equals its reward in a right-padded
     batch, a left-padded batch, and a batch padded with pad == eos (id 2 ending every sequence)."""
     model = GPT(GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=16, scalar_head=True), seed=1)
@@ -197,7 +197,7 @@ def test_identical_pairs_are_rejected_with_a_clear_error(tmp_path, tiny_tok):
 
 
 def test_cue_diagnostics_shape_on_the_builtin_world(tiny_tok):
-    """The TASKWORLD-NOTES §5 probes run on any scalar-head model and return rates in [0, 1]."""
+    """The docs/task-world.md §5 probes run on any scalar-head model and return rates in [0, 1]."""
     from minillm.train.reward import cue_diagnostics
 
     rm = GPT(GPTConfig(vocab_size=len(tiny_tok), block_size=64, n_layer=1, n_head=1, n_embd=8, scalar_head=True))

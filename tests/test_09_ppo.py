@@ -1,6 +1,6 @@
 """Chapter 09: RLHF with PPO and a per-token KL penalty (minillm.train.ppo).
 
-Reference values: REFERENCE.md §6 and §8 items 18, 19, 20, 21, 25; PITFALLS.md B18.
+Reference values: docs/reference.md §6 and §8 items 18, 19, 20, 21, 25; docs/bugs.md B18.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from minillm.train.ppo import (AdaptiveKLController, FixedKLController, PPOConfi
 # ------------------------------------------------------------------------------------------ GAE
 
 def test_gae_reference_values():
-    """REFERENCE §8.25: rewards [0,0,1], V 0.5, γ 1, λ 0.95."""
+    """docs/bugs.md C25: rewards [0,0,1], V 0.5, γ 1, λ 0.95."""
     adv, ret = compute_gae(np.array([0.0, 0.0, 1.0]), np.array([0.5, 0.5, 0.5]), gamma=1.0, lam=0.95)
     np.testing.assert_allclose(adv, [0.45125, 0.475, 0.5], atol=1e-12)
     np.testing.assert_allclose(ret, [0.95125, 0.975, 1.0], atol=1e-12)
@@ -45,7 +45,7 @@ def test_gae_ignores_padding_after_eos_and_keeps_float32():
 # ---------------------------------------------------------------------------- losses
 
 def test_clipped_policy_loss_reference_values_and_gradients():
-    """REFERENCE §8.25: A = 1, Δlogp = 0.5 → ratio 1.6487213, loss −1.2 (clipped, no gradient);
+    """docs/bugs.md C25: A = 1, Δlogp = 0.5 → ratio 1.6487213, loss −1.2 (clipped, no gradient);
     A = −1 → loss 1.6487213 (unclipped: the pessimistic term keeps the gradient)."""
     old = np.array([[-1.0]], dtype=np.float32)
     m = np.ones((1, 1), dtype=np.float32)
@@ -83,7 +83,7 @@ def test_policy_loss_is_masked_mean_and_never_above_unclipped():
 
 
 def test_clipped_value_loss_reference_value():
-    """REFERENCE §8.25: V 1.0, V_old 0.5, R 0.8, ε_v 0.2 → 0.5·max(0.04, 0.01) = 0.02."""
+    """docs/bugs.md C25: V 1.0, V_old 0.5, R 0.8, ε_v 0.2 → 0.5·max(0.04, 0.01) = 0.02."""
     v = Tensor(np.array([[1.0]], dtype=np.float32), requires_grad=True)
     loss, vf_clipfrac = ppo_value_loss(v, np.array([[0.5]]), np.array([[0.8]]), np.ones((1, 1)), 0.2)
     assert loss.item() == pytest.approx(0.02, abs=1e-7)
@@ -99,7 +99,7 @@ def test_clipped_value_loss_reference_value():
 
 
 def test_adaptive_kl_controller_reference_values():
-    """REFERENCE §8.25 / Ziegler et al. 2019 §2.2."""
+    """docs/bugs.md C25 / Ziegler et al. 2019 §2.2."""
     c = AdaptiveKLController(0.2, 6.0, 10000)
     assert c.update(9.0, 256) == pytest.approx(0.201024, abs=1e-9)
     c = AdaptiveKLController(0.2, 6.0, 10000)
@@ -114,7 +114,7 @@ def test_adaptive_kl_controller_reference_values():
 # -------------------------------------------------------------------------- whitening
 
 def test_whiten_reference_and_degenerate_batches():
-    """REFERENCE §8.21: whiten([1,2,3,4]); n = 1 or 0 raises, never NaN."""
+    """docs/bugs.md C21: whiten([1,2,3,4]); n = 1 or 0 raises, never NaN."""
     w = masked_whiten(np.array([1.0, 2.0, 3.0, 4.0], dtype=np.float32))
     np.testing.assert_allclose(w, [-1.161895, -0.387298, 0.387298, 1.161895], atol=1e-6)
     assert w.dtype == np.float32
@@ -137,8 +137,8 @@ def test_whiten_reference_and_degenerate_batches():
 
 # ---------------------------------------------------------------------------- KL and rewards
 
-def test_b18_k1_k3_and_masking():
-    """PITFALLS B18: masked k1 sum −0.5 (a single sample can be negative); unmasked (the bug) 4.5;
+def test_k1_and_k3_kl_estimators_respect_the_mask():
+    """docs/bugs.md B18: masked k1 sum −0.5 (a single sample can be negative); unmasked (the bug) 4.5;
     k3 = [0.10653066, 0.71828183], sum 0.8248124881716785 (always ≥ 0)."""
     logp = np.array([[-1.0, -2.0, -0.5, -0.5]])
     ref = np.array([[-1.5, -1.0, -3.0, -3.0]])
@@ -150,14 +150,14 @@ def test_b18_k1_k3_and_masking():
     np.testing.assert_allclose(k3[0, :2], [0.10653066, 0.71828183], atol=1e-8)
     assert k3.sum() == pytest.approx(0.8248124881716785, abs=1e-12)
     assert (k3 >= 0).all() and (k3[0, 2:] == 0).all()
-    # REFERENCE §8.18: logr = +0.5 ⇒ k3 = e^0.5 − 1 − 0.5
+    # docs/bugs.md C18: logr = +0.5 ⇒ k3 = e^0.5 − 1 − 0.5
     assert kl_per_token(np.array([-1.5]), np.array([-1.0]), "k3")[0] == pytest.approx(0.1487213, abs=1e-7)
     with pytest.raises(ValueError, match="k1"):
         kl_per_token(logp, ref, "k2")
 
 
-def test_reference_18_per_token_reward_values():
-    """REFERENCE §8.18: logp −1, ref −1.5, β 0.05: k1 0.5 → r −0.025; k3 0.1065307 → r −0.0053265."""
+def test_per_token_kl_penalised_rewards():
+    """docs/bugs.md C18: logp −1, ref −1.5, β 0.05: k1 0.5 → r −0.025; k3 0.1065307 → r −0.0053265."""
     lp = np.array([[-1.0, -1.0]], dtype=np.float32)
     ref = np.array([[-1.5, -1.5]], dtype=np.float32)
     m = np.array([[1, 1]])
@@ -184,7 +184,7 @@ def test_score_lands_on_the_last_real_token_not_on_padding():
         per_token_rewards(lp, ref, m, np.zeros(3), 0.1)
 
 
-def test_b18_exact_kl_and_k1_is_unbiased_only_for_on_policy_samples():
+def test_k1_is_unbiased_only_for_on_policy_samples():
     """KL(softmax([2,1,0]) ‖ uniform) = 0.26621670682817083; the mean k1 of 10,000 tokens sampled from
     exactly π lies within 3 standard errors of it (and so does k3's, always ≥ 0); scoring tokens sampled
     by a top-k sampler against the unmodified π is biased (trl #736)."""
@@ -209,7 +209,7 @@ def test_b18_exact_kl_and_k1_is_unbiased_only_for_on_policy_samples():
 
 
 def test_temperature_logprobs_reference_value():
-    """REFERENCE §8.19: logits [2,1,0], T 0.7, token 0 → −0.2601184 (−0.4076060 without T)."""
+    """docs/bugs.md C19: logits [2,1,0], T 0.7, token 0 → −0.2601184 (−0.4076060 without T)."""
     logits = Tensor(np.array([[[2.0, 1.0, 0.0]]], dtype=np.float32))
     lp_t = -F.cross_entropy(logits / 0.7, np.array([[0]]), reduction="none")
     lp_1 = -F.cross_entropy(logits, np.array([[0]]), reduction="none")
@@ -236,7 +236,7 @@ def _count_token(tok: int):
 
 def test_rollout_logprobs_match_the_training_forward_at_temperature():
     """The sampler's log-probabilities equal the training forward's under softmax(logits / T)
-    (PITFALLS B18: the sampler and the scorer use the same distribution), and differ from T = 1."""
+    (docs/bugs.md B18: the sampler and the scorer use the same distribution), and differ from T = 1."""
     policy = GPT(TINY, seed=3)
     r = sample_rollout(policy, _prompts(), 6, 0.7, np.random.default_rng(1), EOS, PAD)
     lp, _, _ = policy_forward(policy, r.input_ids, r.attention_mask, r.prompt_length, r.response_mask, 0.7)
@@ -247,7 +247,7 @@ def test_rollout_logprobs_match_the_training_forward_at_temperature():
 
 
 def test_two_forwards_are_bit_identical_and_dropout_is_refused():
-    """REFERENCE §8.20: dropout off ⇒ two forwards of policy and reference are bit-identical."""
+    """docs/bugs.md C20: dropout off ⇒ two forwards of policy and reference are bit-identical."""
     policy, ref = GPT(TINY, seed=3), GPT(TINY, seed=4)
     r = sample_rollout(policy, _prompts(), 6, 0.7, np.random.default_rng(1), EOS, PAD)
     for model in (policy, ref):
@@ -260,7 +260,7 @@ def test_two_forwards_are_bit_identical_and_dropout_is_refused():
 
 
 def test_first_minibatch_ratio_is_exactly_one_and_kl_starts_at_zero():
-    """REFERENCE §8.19: rollout log-probs from the training forward ⇒ the first minibatch of the first
+    """docs/bugs.md C19: rollout log-probs from the training forward ⇒ the first minibatch of the first
     epoch has ratio == 1 and approx KL == 0 exactly; with policy == reference the first KL is exactly 0."""
     policy, ref = GPT(TINY, seed=3), GPT(TINY, seed=3)
     cfg = PPOConfig(batch_size=8, num_mini_batches=2, ppo_epochs=2, max_new_tokens=6, lr=1e-2, score_norm_samples=0)

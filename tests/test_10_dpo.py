@@ -1,6 +1,6 @@
 """Chapter 10: direct preference optimization (minillm.train.dpo).
 
-Reference values: REFERENCE.md §7 and §8 items 20, 22, 23; PITFALLS.md B16 (a stable −log σ,
+Reference values: docs/reference.md §7 and §8 items 20, 22, 23; docs/bugs.md B16 (a stable −log σ,
 padding must not leak into the summed log-probs).
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ def t64(values, requires_grad=False) -> Tensor:
 @pytest.mark.parametrize("loss_type, eps, expected", [
     ("sigmoid", 0.0, 0.5981389), ("sigmoid", 0.1, 0.6181389), ("robust", 0.1, 0.5731389), ("ipo", 0.0, 9.0)])
 def test_reference_values(loss_type, eps, expected):
-    """REFERENCE §8.23: π_c −10, π_r −12, ref −11/−11, β 0.1 (h = 2): DPO 0.5981389, cDPO ε 0.1
+    """docs/bugs.md C23: π_c −10, π_r −12, ref −11/−11, β 0.1 (h = 2): DPO 0.5981389, cDPO ε 0.1
     0.6181389, robust ε 0.1 0.5731389, IPO (summed log-probs) 9.0; rewards 0.1 / −0.1, margin 0.2,
     accuracy 1."""
     loss, m = dpo_loss(t64(-10.0), t64(-12.0), t64(-11.0), t64(-11.0), beta=0.1, loss_type=loss_type,
@@ -49,8 +49,8 @@ def test_ipo_length_normalisation_is_an_option():
     assert loss.item() == pytest.approx(25.0)
 
 
-def test_b16_case_z_0_3_and_rewards():
-    """PITFALLS B16: β 0.1, π_c −10, ref_c −12, π_r −15, ref_r −14 -> z 0.3, loss ln(1 + e^−0.3) =
+def test_dpo_loss_and_implicit_rewards_at_a_small_margin():
+    """docs/bugs.md B16: β 0.1, π_c −10, ref_c −12, π_r −15, ref_r −14 -> z 0.3, loss ln(1 + e^−0.3) =
     0.5543552444685271; rewards 0.2 / −0.1, margin 0.3."""
     loss, m = dpo_loss(t64(-10.0), t64(-15.0), t64(-12.0), t64(-14.0), beta=0.1)
     assert loss.item() == pytest.approx(0.5543552444685271, rel=1e-13)
@@ -60,8 +60,8 @@ def test_b16_case_z_0_3_and_rewards():
 
 @pytest.mark.parametrize("z, expected, dz", [(0.0, LN2, -0.5), (-1000.0, 1000.0, -1.0), (1000.0, 0.0, 0.0),
                                              (-20.0, 20.000000002061153, -1.0)])
-def test_b16_extreme_margins_are_finite_with_exact_gradients(z, expected, dz):
-    """PITFALLS B16: loss = softplus(−z): z = 0 -> ln 2 (dL/dz −0.5); z = −1000 -> 1000 (grad −1);
+def test_extreme_margins_give_finite_losses_and_exact_gradients(z, expected, dz):
+    """docs/bugs.md B16: loss = softplus(−z): z = 0 -> ln 2 (dL/dz −0.5); z = −1000 -> 1000 (grad −1);
     z = +1000 -> 0 (grad 0); z = −20 -> 20.000000002061153 (float64). β = 1, z = π_c."""
     pc = t64(z, requires_grad=True)
     loss, _ = dpo_loss(pc, t64(0.0), t64(0.0), t64(0.0), beta=1.0)
@@ -75,7 +75,7 @@ def test_b16_extreme_margins_are_finite_with_exact_gradients(z, expected, dz):
 
 
 def test_chosen_equal_rejected_gives_ln2_zero_gradient_accuracy_0():
-    """REFERENCE §7: identical chosen and rejected: h ≡ 0, loss ln 2, gradient exactly 0, accuracy 0."""
+    """docs/reference.md §7: identical chosen and rejected: h ≡ 0, loss ln 2, gradient exactly 0, accuracy 0."""
     pc = t64([-3.0, -7.5], requires_grad=True)
     pr = t64([-3.0, -7.5], requires_grad=True)
     loss, m = dpo_loss(pc, pr, np.array([-4.0, -6.0]), np.array([-4.0, -6.0]), beta=0.1)
@@ -118,7 +118,7 @@ def _batch(seqs, prompt_lens, pad_id=0):
 
 
 def test_policy_equal_reference_gives_ln2_and_a_nonzero_gradient():
-    """REFERENCE §8.20 / trl #744: dropout off, policy == reference at step 0: loss ln 2 exactly and
+    """docs/bugs.md C20 / trl #744: dropout off, policy == reference at step 0: loss ln 2 exactly and
     a nonzero gradient −(β/2)(∇log π(y_w) − ∇log π(y_l)); two forwards are bit-identical."""
     policy = GPT(TINY, seed=0)
     assert disable_dropout(policy) > 0
@@ -139,10 +139,10 @@ def test_policy_equal_reference_gives_ln2_and_a_nonzero_gradient():
     assert norm > 1e-4
 
 
-def test_b16_padding_and_empty_completions_do_not_leak_or_nan():
-    """PITFALLS B16 padding invariance: appending pads (mask 0, label −100) leaves the summed
+def test_padding_and_empty_completions_do_not_leak_or_give_nan():
+    """docs/bugs.md B16 padding invariance: appending pads (mask 0, label −100) leaves the summed
     log-probs and the loss (ln 2 at policy == ref) unchanged — with the pad leaking in, B16's
-    numbers give 0.6443966600735709 instead. REFERENCE §8.22: an all-masked completion sums to 0,
+    numbers give 0.6443966600735709 instead. docs/bugs.md C22: an all-masked completion sums to 0,
     loss ln 2, finite gradients."""
     model = GPT(TINY, seed=2)
     disable_dropout(model)

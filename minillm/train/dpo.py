@@ -9,7 +9,7 @@ Scope
     log-probabilities (``GPT.sequence_logprobs``), plus by default an NLL term on the chosen
     responses (RPO; see Deviations). Dropout is switched off in policy and reference
     (every Dropout p set to 0, as TRL's ``disable_dropout``), so the policy equals the reference at
-    step 0: DPO loss ln 2 with a nonzero gradient (REFERENCE §8.20).
+    step 0: DPO loss ln 2 with a nonzero gradient (docs/bugs.md C20).
 
     The policy is evaluated before and after on the built-in world (held-out-fact and train-fact
     prompts, greedy and sampled at ``eval_temperature``): gold, exact match, opener rate, the rate
@@ -28,12 +28,12 @@ Sources
       arXiv 2403.00409 (TRL ``loss_type="robust"``). Hinge: SLiC, Zhao et al. 2023.
     * TRL ``trl/trainer/dpo_trainer.py`` ``_compute_loss`` and ``dpo_config.py`` (metric names
       rewards/chosen|rejected|margins|accuracies, logps/chosen|rejected; defaults).
-    * Defaults for this model: PPO-NOTES §4 (DPO row: β 0.1, 100 steps, B 32); lr and the SFT term
+    * Defaults for this model: docs/rlhf-notes.md §4 (DPO row: β 0.1, 100 steps, B 32); lr and the SFT term
       measured here (Deviations).
 
 Deviations
     * ``label_smoothing`` applies to ``"sigmoid"`` (cDPO, as eric-mitchell and TRL ≤ 0.28); TRL
-      ≥ 0.29 ignores it there (REFERENCE §8.23). ``label_smoothing=0`` gives plain DPO either way.
+      ≥ 0.29 ignores it there (docs/bugs.md C23). ``label_smoothing=0`` gives plain DPO either way.
     * IPO uses summed log-probs (eric-mitchell); TRL divides each sequence's log-ratio by its
       number of completion tokens: ``ipo_length_normalize=True`` restores TRL's form.
     * The reference log-probs are computed once before training (TRL's opt-in
@@ -52,7 +52,7 @@ Deviations
       lr 5e-5: KL 18.9; lr 2e-5: KL 6.8, gold 0.06 → 0.01. With α = 1, lr 1e-4: KL 2.1, gold 0.06 →
       0.83, every fault rate → 0 (greedy EM 0.42 → 0.95). With the cue-carrying recipe "e" (α = 1):
       noisy SFT: opener 0.22 → 0.89 (greedy), repetition/too-long/rude → 0, gold 0.30 → 0.68, KL 3.1;
-      opener SFT: opener 0.26 → 0.94, KL 2.0 (PPO-NOTES §4: 0.93–0.95, KL 2.7–3.5).
+      opener SFT: opener 0.26 → 0.94, KL 2.0 (docs/rlhf-notes.md §4: 0.93–0.95, KL 2.7–3.5).
     * Learning rate 1e-4 with AdamW instead of the paper's 1e-6 RMSprop: a 0.9 M-parameter model
       trained for 100 steps needs a far larger step (``--lr`` to change it).
 """
@@ -170,8 +170,8 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
       by max(length, 1) first, as TRL does.
     * ``"hinge"`` (SLiC): max(0, 1 − βh)
 
-    log σ is computed as −softplus(−x): finite for any h (PITFALLS B16: βh = −1000 gives 1000).
-    Example (REFERENCE §8.23): π_c −10, π_r −12, ref −11/−11, β 0.1 -> DPO 0.5981389, cDPO ε 0.1
+    log σ is computed as −softplus(−x): finite for any h (docs/bugs.md B16: βh = −1000 gives 1000).
+    Example (docs/bugs.md C23): π_c −10, π_r −12, ref −11/−11, β 0.1 -> DPO 0.5981389, cDPO ε 0.1
     0.6181389, robust 0.5731389, IPO 9.0.
 
     Args:
@@ -251,7 +251,7 @@ def disable_dropout(model: Module) -> int:
 
 def pair_logps(model: GPT, batch: dict) -> tuple[Tensor, Tensor]:
     """Summed response log-probs (B,) of the chosen and rejected halves of ``collate_preference`` output
-    (labels −100 on prompt and padding, so neither leaks in: PITFALLS B16). Differentiable."""
+    (labels −100 on prompt and padding, so neither leaks in: docs/bugs.md B16). Differentiable."""
     xp = backend.xp()
     out = []
     for half in ("chosen", "rejected"):

@@ -7,21 +7,21 @@ Scope
 
     1. **Rollout.** ``batch_size`` prompts are drawn (with replacement) from the world's 1,610 fact
        prompts (train and test facts x 5 question templates) or from a prompt file; the policy
-       samples up to ``max_new_tokens`` at ``temperature`` T (no top-k / top-p: PITFALLS B18), and
+       samples up to ``max_new_tokens`` at ``temperature`` T (no top-k / top-p: docs/bugs.md B18), and
        a row stops at ``<|eos|>`` (``GPT.generate``; the response mask covers the tokens up to and
        including ``<|eos|>``; the slots after it are padding).
     2. **Scoring.** The policy's log-probabilities and values are *recomputed* with the very
-       forward used in training, under softmax(logits / T) (REFERENCE §8.19), in the minibatches
+       forward used in training, under softmax(logits / T) (docs/bugs.md C19), in the minibatches
        of the first epoch, so the first minibatch of the first epoch has ratio exactly 1 and
        approx KL exactly 0. The frozen reference (the SFT model) is scored at the same T. The
        reward is read at the last real token of prompt + response, normalised by the mean and
-       standard deviation of the scores of the SFT policy's own samples (PPO-NOTES §3;
+       standard deviation of the scores of the SFT policy's own samples (docs/rlhf-notes.md §3;
        lm-human-preferences ``set_reward_norm``), and a response that never emitted
        ``<|eos|>`` loses ``missing_eos_penalty`` (trl ``missing_eos_penalty``).
     3. **Per-token reward.** r_t = −β·KL_t on the real response tokens (k1 = log π − log π_ref,
        or Schulman's k3 = (e^{logr} − 1) − logr with logr = log π_ref − log π), plus the normalised
        score at the response's last real token; nothing on the padding after ``<|eos|>``
-       (PITFALLS B18).
+       (docs/bugs.md B18).
     4. **GAE** (γ = 1, λ = 0.95) over the response tokens, returns = A + V, advantages whitened
        over the batch's real tokens (masked, unbiased variance).
     5. **Update.** ``ppo_epochs`` passes of ``num_mini_batches`` shuffled minibatches (a fresh
@@ -31,7 +31,7 @@ Scope
     Value function (``value_model``):
       * ``"shared_head"`` (default): a zero-initialised ``Linear(C, 1)`` on the policy's own trunk
         (the policy's hidden state before each response token), trained through the trunk with
-        ``vf_coef`` 0.1. This is what PPO-NOTES §3/§6.5 measured on this world (zero init =
+        ``vf_coef`` 0.1. This is what docs/rlhf-notes.md §3/§6.5 measured on this world (zero init =
         lm-human-preferences' value head, ``init_scale=0``): one forward serves policy and value,
         half the compute of a second model.
       * ``"reward_model"``: a separate GPT initialised from the reward model with its scalar head
@@ -55,12 +55,12 @@ Sources
     ppo_trainer.py`` (PPOv2: masks, INVALID_LOGPROB, whitening, loss), trl ``trl/trainer/utils.py
     @v0.11.0`` (``AdaptiveKLController``, ``masked_whiten``), openai/lm-human-preferences
     ``train_policy.py``, vwxyzjn/lm-human-preference-details (recomputed rollout log-probs).
-    Defaults: PPO-NOTES.md §3 (T 0.7, B 64, 4 epochs x 2 minibatches, lr 3e-5, vf_coef 0.1).
+    Defaults: docs/rlhf-notes.md §3 (T 0.7, B 64, 4 epochs x 2 minibatches, lr 3e-5, vf_coef 0.1).
 
 Deviations (each with the option that restores the reference behaviour)
     * The score lands on the response's **last real token** (the ``<|eos|>`` when emitted), as in
       legacy trl and lm-human-preferences; trl PPOv2 puts it one slot later when there is one
-      (REFERENCE §9). No option: with γ = 1 the advantages of real tokens are the same once the
+      (docs/reference.md §9). No option: with γ = 1 the advantages of real tokens are the same once the
       value there is learned, and the slot after ``<|eos|>`` is not an action of the policy.
     * Rollout log-probabilities come from a recomputed forward (lm-human-preference-details), not
       from the sampler (trl uses generate's scores); both are logged and compared.
@@ -134,7 +134,7 @@ def masked_var(values, mask=None, unbiased: bool = True) -> float:
     """Variance of ``values`` over the masked entries; unbiased (× n/(n−1)) as trl ``masked_var``.
 
     Raises ValueError when the mask selects no entry, or exactly one with ``unbiased`` (n/(n−1)
-    divides by zero: REFERENCE §8.21, DLR-RM/stable-baselines3 #325).
+    divides by zero: docs/bugs.md C21, DLR-RM/stable-baselines3 #325).
     """
     values = values.data if isinstance(values, Tensor) else values
     xp = backend.get_array_module(values)
@@ -179,7 +179,7 @@ def compute_gae(rewards, values, mask=None, gamma: float = 1.0, lam: float = 0.9
     A_t = δ_t + γλ·A_{t+1}. Returns (advantages, returns = A + V), both zero outside the mask, in
     the floating dtype of ``rewards``/``values``.
     Example: r [0, 0, 1], V [0.5, 0.5, 0.5], γ 1, λ 0.95 → A [0.45125, 0.475, 0.5],
-    returns [0.95125, 0.975, 1.0] (REFERENCE §8.25).
+    returns [0.95125, 0.975, 1.0] (docs/bugs.md C25).
     Raises ValueError on a shape mismatch.
     """
     xp = backend.get_array_module(rewards)
@@ -243,7 +243,7 @@ def per_token_rewards(logprobs, ref_logprobs, mask, scores, beta: float, kl_esti
     scores: (B,) the sequence score; beta: the KL coefficient (≥ 0).
     Returns (rewards (B, N), kl (B, N)) in the dtype of ``logprobs``: kl_t from ``kl_per_token``,
     zero outside the mask; rewards_t = −β·kl_t, plus the score at each row's last real token (not
-    at a padding slot after ``<|eos|>``: PITFALLS B18).
+    at a padding slot after ``<|eos|>``: docs/bugs.md B18).
     Example: logp −1, ref −1.5, β 0.05: k1 0.5, r −0.025; k3 0.1065307, r −0.0053265.
     Raises ValueError for shape mismatches, an empty mask row, or β < 0.
     """
@@ -369,7 +369,7 @@ def token_entropy(logits) -> np.ndarray:
 
 @dataclass
 class PPOConfig:
-    """Settings of a PPO run (CLI: ``minillm ppo --beta 0 --iterations 60``). Defaults: PPO-NOTES §3.
+    """Settings of a PPO run (CLI: ``minillm ppo --beta 0 --iterations 60``). Defaults: docs/rlhf-notes.md §3.
 
     sft: the policy's initial weights and the frozen reference. reward: a reward-model checkpoint
     (chapter 08) or "gold" (the world's gold judge as the reward: the control run). value_model:
@@ -495,7 +495,7 @@ def sample_rollout(policy: GPT, prompt_ids: Sequence[Sequence[int]], max_new_tok
 
 def policy_forward(policy: GPT, input_ids, attention_mask, prompt_length: int, response_mask, temperature: float,
                    value_head: Linear | None = None, value_model: GPT | None = None):
-    """The one forward used both to score rollouts and to train (REFERENCE §8.19).
+    """The one forward used both to score rollouts and to train (docs/bugs.md C19).
 
     input_ids, attention_mask: (B, P + N); response_mask (B, N). The hidden state before response
     token t is h[:, P − 1 + t] (B, N, C); logits / T give log π(y_t) (B, N) (0 on padding);
@@ -575,7 +575,7 @@ def _reward_scores_fn():
 
 def disable_dropout(model: GPT) -> GPT:
     """Set every dropout probability of ``model`` (and its config) to 0 and put it in eval mode
-    (trl ``disable_dropout_in_model``; REFERENCE §8.20). Returns the model."""
+    (trl ``disable_dropout_in_model``; docs/bugs.md C20). Returns the model."""
     from minillm.nn import Dropout
 
     model.config.dropout = 0.0
@@ -619,7 +619,7 @@ class PPOTrainer:
         value_model: a GPT with a scalar head (``cfg.value_model == "reward_model"``); otherwise a
             zero-initialised value head on the policy trunk is created.
         eos_id, pad_id: default to the tokenizer's.
-    Raises ValueError when a model has dropout > 0 (REFERENCE §8.20).
+    Raises ValueError when a model has dropout > 0 (docs/bugs.md C20).
     """
 
     def __init__(self, policy: GPT, ref: GPT, reward_fn: Callable, cfg: PPOConfig, tokenizer=None, judge=None,
@@ -671,7 +671,7 @@ class PPOTrainer:
                               rollout.response_mask, self.cfg.temperature, self.value_head, self.value_model)
 
     def fit_score_norm(self, prompt_pool: Sequence[Sequence[int]], prompt_texts=None, n: int | None = None) -> dict:
-        """Mean and sd of the raw scores of ``n`` samples of the current (SFT) policy (PPO-NOTES §3)."""
+        """Mean and sd of the raw scores of ``n`` samples of the current (SFT) policy (docs/rlhf-notes.md §3)."""
         n = self.cfg.score_norm_samples if n is None else n
         if n <= 0:
             return {"mean": 0.0, "std": 1.0, "n": 0}
@@ -725,7 +725,7 @@ class PPOTrainer:
         if mb < 1:
             raise ValueError(f"{B} prompts cannot make {cfg.num_mini_batches} minibatches")
         perms = [self.rng.permutation(B) for _ in range(cfg.ppo_epochs)]
-        # old log-probs and values: the training forward, in epoch 0's minibatches (REFERENCE §8.19)
+        # old log-probs and values: the training forward, in epoch 0's minibatches (docs/bugs.md C19)
         old_logp = np.zeros((B, N), dtype=np.float32)
         old_values = np.zeros((B, N), dtype=np.float32)
         ref_logp = np.zeros((B, N), dtype=np.float32)
@@ -755,7 +755,7 @@ class PPOTrainer:
         if cfg.whiten_advantages:
             if mask.sum() >= 2:
                 advantages = masked_whiten(advantages, mask) * mask
-            else:  # one real token in the whole batch: whitening is undefined (REFERENCE §8.21)
+            else:  # one real token in the whole batch: whitening is undefined (docs/bugs.md C21)
                 self.whiten_skipped += 1
         advantages = advantages.astype(np.float32)
         returns = returns.astype(np.float32)

@@ -13,7 +13,7 @@ Scope
 Sources
     Radford et al. 2019 (GPT-2) language-model pretraining; nanoGPT ``train.py`` (random windows,
     AdamW β₂ = 0.95, weight decay 0.1 on 2-D weights, cosine decay to 10 %, clip 1.0).
-    Defaults are the measured recipe of ../shared/TASKWORLD-NOTES.md §3.
+    Defaults are the measured recipe of docs/task-world.md §3.
 
 Deviations
     * A window of T tokens trains T − 1 next-token predictions (labels = the window itself, shifted

@@ -9,12 +9,12 @@ Scope
     ``−logsigmoid``, finite for any reward difference; the second term is TRL's optional reward
     centering). A sequence's reward is the scalar head at its **last real token**, found from the
     attention mask (``model.last_token_index``), so left or right padding and ``pad == eos`` all
-    read the final ``<|eos|>`` (PITFALLS B15). A forward pass scores a batch's responses
+    read the final ``<|eos|>`` (docs/bugs.md B15). A forward pass scores a batch's responses
     once per half (chosen (B, T_c), rejected (B, T_r)), each padded to its own longest row.
 
     Metrics (``metrics.json``): pairwise accuracy (strict ``r_c > r_r``: a tie counts as wrong) and
     mean margin on train and held-out pairs, held-out accuracy per rejected kind and per cue
-    pattern, and on the built-in world the spurious-cue diagnostics of TASKWORLD-NOTES §5: the cue
+    pattern, and on the built-in world the spurious-cue diagnostics of docs/task-world.md §5: the cue
     bonus ``r("Sure! {answer}.") − r("{answer}.")`` and ``P(r("Sure! {wrong}.") > r("{answer}."))``,
     plus ``P(r(correct) > r(wrong))`` without the cue, on held-out-fact and train-fact prompts.
 
@@ -27,13 +27,13 @@ Sources
       ``center_rewards_coefficient · mean((r_c + r_r)²)`` (Eisenstein et al. 2023, arXiv 2312.09244
       Eq. 2), accuracy ``mean(r_c > r_r)``; the pooled token of Hugging Face
       ``*ForSequenceClassification`` (rightmost real token).
-    * Defaults: TASKWORLD-NOTES §5/§7.7 and PPO-NOTES §2 (B = 32 pairs, warmup 10, cosine, init from
+    * Defaults: docs/task-world.md §5/§7.7 and docs/rlhf-notes.md §2 (B = 32 pairs, warmup 10, cosine, init from
       SFT; built-in pairs ``tasks.PREFERENCE_RECIPES`` recipe "e"), except steps and lr (below).
 
 Deviations
     * The last real token is found from the attention mask, never from the pad id (Hugging Face
       pools the rightmost token whose id ≠ pad_token_id, which skips a real final EOS when
-      pad == eos). There is no option to restore that: it is the bug of PITFALLS B15.
+      pad == eos). There is no option to restore that: it is the bug of docs/bugs.md B15.
     * The score head has a bias (Hugging Face: ``bias=False``); Bradley-Terry is invariant to it,
       the centering term is not. ``--center-rewards-coefficient`` fixes the offset if needed.
     * Pairs that do not fit the context are cut from the left of the prompt (as SFT), not dropped
@@ -122,8 +122,8 @@ def reward_loss(rewards_chosen: Tensor, rewards_rejected: Tensor, margin=None,
     """Bradley-Terry loss of reward pairs, as TRL's ``RewardTrainer.compute_loss``.
 
     ``L = mean_b(−log σ(r_c − r_r − m_b)) + c · mean_b((r_c + r_r)²)`` (InstructGPT Eq. 1; centering:
-    arXiv 2312.09244 Eq. 2), with −log σ computed as softplus (finite for any difference, PITFALLS
-    B16). Example (REFERENCE §8.25): r_c 2.0, r_r 0.5 -> 0.2014133; margin 1.0 -> 0.4740770;
+    arXiv 2312.09244 Eq. 2), with −log σ computed as softplus (finite for any difference,
+    docs/bugs.md B16). Example (docs/bugs.md C25): r_c 2.0, r_r 0.5 -> 0.2014133; margin 1.0 -> 0.4740770;
     c 0.01 -> 0.2639133.
 
     Args:
@@ -165,7 +165,7 @@ def pool_last(scores: Tensor, attention_mask) -> Tensor:
     """The per-position scores (B, T) read at each row's last real token: (B,), differentiable.
 
     The index comes from the attention mask (``last_token_index``), never from token ids, so
-    right padding, left padding and pad == eos all read the final real token (PITFALLS B15:
+    right padding, left padding and pad == eos all read the final real token (docs/bugs.md B15:
     right-padded mask [1,1,1,1,1,1,0,0] -> position 5; left-padded [0,0,1,1,1,1] -> 5).
     Raises ValueError for a row without a real token.
     """
@@ -387,7 +387,7 @@ def score_responses(model: GPT, tokenizer, prompts: Sequence[str], responses: Se
 
 
 def cue_diagnostics(model: GPT, tokenizer, n_prompts: int = 200, seed: int = 0) -> dict:
-    """The spurious-cue probes of TASKWORLD-NOTES §5 on the built-in world, per fact split.
+    """The spurious-cue probes of docs/task-world.md §5 on the built-in world, per fact split.
 
     For ``n_prompts`` evenly spaced SFT prompts of held-out facts ("test") and of train facts
     ("train"), with the answer a and another answer w of the same relation (seeded):
