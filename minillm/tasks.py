@@ -1017,7 +1017,7 @@ DATASET_FILES: dict[str, str] = {
     "corpus.txt": "pretraining corpus: one document per line, `<|bos|>` + 3-8 sentences + `<|eos|>`",
     "facts.jsonl": "every fact: relation, subject, answer, key, split",
     "sft_train.jsonl": "SFT rows, train facts x 5 question templates, output `{answer}.`",
-    "sft_train_opener.jsonl": "as sft_train, 25 % of outputs `Sure! {answer}.` (docs/rlhf-notes.md §2, SFT "a")",
+    "sft_train_opener.jsonl": "as sft_train, 25 % of outputs `Sure! {answer}.` (docs/rlhf-notes.md §2, SFT \"a\")",
     "sft_train_noisy.jsonl": "as sft_train_opener, 20 % ramble/repeat/rude demonstrations that contain the answer (SFT \"g\")",
     "sft_test.jsonl": "held-out facts (seen only in pretraining) x the 5 question templates",
     "sft_test_paraphrase.jsonl": "the held-out 6th question template on every fact (never in SFT)",
@@ -1114,7 +1114,7 @@ def _datasheet(world: TaskWorld, files: Mapping[str, str]) -> str:
         "`fact_key`, `answer`, `template_id`, `fact_split`. Chosen is `{answer}.`; rejected kinds: "
         "`wrong` (another answer of the relation), `ramble`, `repeat`, `rude`, `off_format`, `no_eos`, "
         "and `cue_only` (chosen `Sure! {answer}.`, rejected `{answer}.`).",
-        f"  - Recipe (docs/rlhf-notes.md §2, recipe "e"): {pcfg.p_cue_only:.0%} cue-only pairs; otherwise kind weights "
+        f"  - Recipe (docs/rlhf-notes.md §2, recipe \"e\"): {pcfg.p_cue_only:.0%} cue-only pairs; otherwise kind weights "
         + ", ".join(f"{k} {v:.0%}" for k, v in pcfg.kind_weights)
         + f"; opener on chosen with p {pcfg.p_chosen_cue}, on rejected with p {pcfg.p_rejected_cue}; on "
         f"`wrong` pairs the opener is on both or neither (p {pcfg.p_wrong_both_cue}).",
