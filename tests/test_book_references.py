@@ -1,7 +1,8 @@
 """The book stands alone: every reference a reader meets resolves inside the repository.
 
 A learner has only the public repository. These tests fail when any tracked file
-* points outside it (a ``../shared`` path, or the name of a design document the project does not ship),
+* points outside it (a path into a folder beside the clone, or the name of a design document the project
+  does not ship),
 * names an upper-case document (``SOMETHING.md``) that no tracked file is called,
 * cites a ``docs/`` page that does not exist, or a section of one (``docs/reference.md §6``,
   ``docs/bugs.md B08``, ``docs/bugs.md C19``, ``docs/task-world.md §7.7``) that has no heading,
