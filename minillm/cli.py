@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pipeline": ("minillm.pipeline", "the whole fine-tuning spectrum end to end, with one report"),
     "memory": ("minillm.memory", "memory calculator: bytes by component for full / LoRA / QLoRA"),
     "bench": ("minillm.bench", "speed and memory benchmarks (JSON)"),
+    "rag": ("minillm.rag", "index a passage file and answer questions with the retrieved passage shown"),
     "datasets": ("minillm.tasks", "write the built-in task world's data files"),
     "hf": ("minillm.hf", "import/export Hugging Face GPT-2 directories"),
 }
