@@ -113,22 +113,35 @@ NEW_FACTS: tuple[Fact, ...] = tuple(_new_facts())
 ABSENT_FACTS: tuple[Fact, ...] = tuple(make_fact(r, s, ABSTAIN) for r, s in _ABSENT)
 
 
-_SYLLABLES = ("ka", "lo", "ver", "mi", "dra", "sen", "tor", "pa", "lu", "nek", "ri", "bo", "sta", "fen", "gor",
-              "li", "mar", "qui", "zen", "tha", "wel", "dun", "cas", "pol", "vik", "rem", "sal", "ost")
+_CONSONANTS, _VOWELS = "bcdfghjklmnprstvwz", "aeiou"
 
 
 def invented_names(n: int, seed: int = 0, exclude=()) -> list[str]:
-    """n distinct capitalised invented names of 2-3 syllables (``"Kalover"``), none equal to a name of
-    the world's new, updated or absent facts or to ``exclude``; drawn with ``default_rng([seed, 29])``."""
+    """n distinct capitalised invented names of 4-9 letters alternating consonants and vowels, with an
+    occasional doubled consonant or final consonant (``"Tovaril"``, ``"Mekkasu"``), none equal to a name
+    of the world's new, updated or absent facts or to ``exclude``; drawn with ``default_rng([seed, 29])``.
+    Letter-level randomness makes the BPE split them into many different pieces, so a reader trained on
+    them must copy token sequences in general, not a few memorised syllables."""
     taken = {f.subject for f in NEW_FACTS + ABSENT_FACTS} | {f.answer for f in NEW_FACTS} | set(_UPDATED_CITIES)
     taken |= set(exclude)
     rng = np.random.default_rng([seed, 29])
     out: list[str] = []
+    seen = set(out)
     while len(out) < n:
-        k = int(rng.integers(2, 4))
-        name = "".join(_SYLLABLES[int(i)] for i in rng.integers(0, len(_SYLLABLES), size=k)).capitalize()
-        if name not in taken and name not in out:
+        length = int(rng.integers(4, 10))
+        vowel = bool(rng.random() < 0.3)
+        letters = []
+        while len(letters) < length:
+            pool = _VOWELS if vowel else _CONSONANTS
+            c = pool[int(rng.integers(0, len(pool)))]
+            letters.append(c)
+            if not vowel and rng.random() < 0.1 and len(letters) < length:
+                letters.append(c)
+            vowel = not vowel
+        name = "".join(letters).capitalize()
+        if name not in taken and name not in seen:
             out.append(name)
+            seen.add(name)
     return out
 
 

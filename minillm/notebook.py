@@ -108,6 +108,21 @@ CLAIM_RANGES: dict[str, tuple] = {
     "12.peft_gold_fraction_of_full": (0.85, None, "LoRA and QLoRA reach >= 85 % of full SFT's gold with a few percent "
                                       "of the trainable parameters"),
     "12.methods_in_table": (8, None, "the spectrum side by side in one table (>= 8 methods from the cached stages)"),
+    # 13 prompting vs RAG vs fine-tuning (one seed, 0; the numbers are printed beside each claim)
+    "13.bm25_max_abs_diff_by_hand": (0.0, 1e-12, "BM25 equals its formula computed by hand"),
+    "13.bm25_recall_at_1_knowledge": (0.9, 1.0, "BM25 ranks the passage of (almost) every new and updated fact first"),
+    "13.closed_book_new_em": (0.0, 0.1, "the closed-book SFT model cannot answer facts it never saw (EM <= 10 %)"),
+    "13.plain_reader_context_em_drop": (0.1, 1.0, "an SFT model never trained on context answers old facts worse with "
+                                        "the right passage in its prompt (EM falls >= 10 points; RAFT: 61.06 -> 42.59)"),
+    "13.raft_rag_new_em": (0.1, 1.0, "a reader trained on oracle + distractor passages answers some new facts from "
+                           "BM25 retrieval (EM >= 10 %; the plain SFT reader: ~0)"),
+    "13.cpt_em_30_minus_1": (0.2, 1.0, "continued pretraining with 30 paraphrases per fact beats 1 phrasing by >= 20 "
+                             "points on new facts (same exposure count; Ovadia 2023, Allen-Zhu & Li 2023)"),
+    "13.cpt_updated_em": (0.0, 0.2, "... but does not overwrite a fact the model learned (updated-fact EM <= 20 %)"),
+    "13.update_ft_over_rag_seconds": (10.0, None, "changing one fact: fine-tuning takes >= 10x the seconds of "
+                                      "re-indexing the knowledge base"),
+    "13.update_ft_other_capitals_leak": (0.01, 1.0, "... and fine-tuning leaks the new value into other answers "
+                                         "(> 1 % of the other capitals)"),
 }
 
 #: Claims a notebook may skip with ``claim_skipped`` (they need an optional extension).

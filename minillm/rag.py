@@ -418,7 +418,7 @@ def world_sft_rows(world: KnowledgeWorld) -> list[dict]:
 
 def raft_records(world: KnowledgeWorld, kb: KnowledgeBase, tokenizer, max_len: int, p_oracle: float = 0.8,
                  n_distractors: Sequence[int] = (0, 1, 2), no_oracle: str = "abstain", counterfactual: float = 0.7,
-                 seed: int = 0) -> list[dict]:
+                 synthetic: int = 1000, seed: int = 0) -> list[dict]:
     """RAFT-style reader training rows on the *old* train facts (never the new ones).
 
     Each row of the world's SFT data (train facts x 5 question templates) becomes ``reader_content``
@@ -436,10 +436,19 @@ def raft_records(world: KnowledgeWorld, kb: KnowledgeBase, tokenizer, max_len: i
     learns to answer from memory and ignore the passage (measured in chapter 13); with it, copying from
     the passage is the only way to fit those rows (the answer-substitution of Longpre et al. 2021,
     "Entity-Based Knowledge Conflicts in Question Answering", §4).
+
+    ``synthetic``: that many more rows about *invented* entities of the capital, colour and sound
+    relations (invented country and city, invented thing and one of the world's colours, invented
+    animal and sound; names from ``knowledge.invented_names``, never those of the chapter's new,
+    updated or absent facts), asked with the 5 SFT question templates, with the same oracle /
+    distractor / no-oracle scheme (distractors: other invented facts of the relation). On known
+    subjects a small reader learns "answer if I know the subject, else say I don't know"; unknown
+    subjects make it look for the subject in the passages, which is what new facts need.
     Passages are dropped from the end until prompt + answer + eos fit ``max_len``.
 
     Returns:
-        list of dict (instruction, input "", output, fact_key, n_passages, oracle, counterfactual).
+        list of dict (instruction, input "", output, fact_key, n_passages, oracle, counterfactual);
+        synthetic rows have fact_key ``"synthetic:<relation>:<subject>"``.
     Raises:
         ValueError: unknown ``no_oracle``; ``counterfactual`` outside [0, 1].
     """
@@ -490,6 +499,35 @@ def raft_records(world: KnowledgeWorld, kb: KnowledgeBase, tokenizer, max_len: i
             output = NO_MATCH_ANSWER if no_oracle == "abstain" else f"{fact.answer}."
         out.append({"instruction": reader_content(r["instruction"], texts), "input": "", "output": output,
                     "fact_key": r["fact_key"], "n_passages": len(texts), "oracle": has, "counterfactual": swapped and has})
+    if synthetic:
+        subjects, values = names[1000:], names[:1000]
+        facts = []
+        for i in range(synthetic):
+            rel = ("capital", "colour", "sound")[i % 3]
+            subj = subjects[i % len(subjects)]
+            if rel == "capital":
+                facts.append(make_fact(rel, subj, values[i % len(values)]))
+            elif rel == "colour":
+                facts.append(make_fact(rel, subj.lower(), colours[int(rng.integers(0, len(colours)))]))
+            else:
+                facts.append(make_fact(rel, subj.lower(), values[i % len(values)].lower()))
+        for i, f in enumerate(facts):
+            same = [g for g in facts if g.relation == f.relation and g.subject != f.subject]
+            d = int(n_distractors[int(rng.integers(0, len(n_distractors)))])
+            oracle = bool(rng.random() < p_oracle)
+            d = max(d, 0 if oracle else 1)
+            texts = [world.passage(same[int(j)]) for j in rng.choice(len(same), size=d, replace=False)]
+            if oracle:
+                texts.append(world.passage(f))
+            oracle_text = texts[-1] if oracle else None
+            texts = [texts[int(j)] for j in rng.permutation(len(texts))]
+            _, q = world.questions(f)[int(rng.integers(0, 5))]
+            output = f"{f.answer}."
+            _, kept = reader_prompt_ids(tokenizer, q, texts, max_len - len(tokenizer.encode(" " + output)) - 1)
+            texts = texts[:kept]
+            has = oracle_text is not None and oracle_text in texts
+            out.append({"instruction": reader_content(q, texts), "input": "", "output": output if has else NO_MATCH_ANSWER,
+                        "fact_key": f"synthetic:{f.key}", "n_passages": len(texts), "oracle": has, "counterfactual": False})
     return out
 
 
@@ -505,7 +543,8 @@ def continued_pretraining(base_checkpoint, out_dir, world: KnowledgeWorld, n_par
     reported validation loss is the loss on the old corpus (forgetting). ``train.pretrain.pretrain``
     resumes from a copy of the base checkpoint (its tokenizer, AdamW state and step count) for
     ``steps`` more steps, the cosine schedule stretched to the new total and its peak scaled so that
-    continued pretraining starts at ``lr_first`` (and decays to about half of it: the end of a cosine).
+    continued pretraining starts at ``lr_first`` and decays along the cosine's tail (2e-3 -> 1.4e-3 for
+    200 steps after the base's 1,200).
     Then ``train.sft.sft`` with the built-in plain SFT data for ``sft_steps`` steps.
 
     Returns:
@@ -594,28 +633,32 @@ def evaluate_sets(model, tok, world: KnowledgeWorld, mode: str, kb: KnowledgeBas
 
 
 def measure_retrieval(world: KnowledgeWorld | None = None, ks=(1, 2, 3, 5)) -> dict:
-    """Recall@k of BM25 (Lucene and Okapi IDF) and TF-IDF on the new, updated and old questions (held-out
-    phrasings), and the best-score separation of present vs absent entities (training phrasings).
+    """Recall@k of BM25 (Lucene and Okapi IDF) and TF-IDF on the built-in knowledge base, questions in held-out
+    phrasings, for two groups: ``knowledge`` (new and updated facts: the chapter's questions) and ``old``
+    (the world's 97 test facts; opposites and sums are hard for word matching: "hot"/"cold" name each
+    other and "3 plus 4" shares its words with "4 plus 3"); plus the "no matching passage" threshold.
 
     Returns:
-        {"recall": {retriever: {k: recall}}, "n_queries", "threshold": calibrate_min_score(...), "seconds_index"}.
+        {"recall": {retriever: {group: {str(k): recall}}}, "n_queries": {group: n}, "threshold":
+        calibrate_min_score(...), "n_passages", "seconds_index" (one index build, mean of the three)}.
     """
     world = world or KnowledgeWorld()
     kb = builtin_knowledge_base(world)
     texts = [p.text for p in kb.passages]
-    recs = [r for kind in ("new", "updated") for r in world.question_records(kind)]
-    recs += world.question_records("old_test", ("h0",))
     pos = {p.meta["fact_key"]: i for i, p in enumerate(kb.passages)}
-    relevant = [pos[r["fact_key"]] for r in recs]
+    groups = {"knowledge": [r for kind in ("new", "updated") for r in world.question_records(kind)],
+              "old": world.question_records("old_test", ("h0",))}
     t0 = time.perf_counter()
     indexes = {"bm25_lucene": BM25Index(texts), "bm25_okapi": BM25Index(texts, idf="okapi"), "tfidf": TfidfIndex(texts)}
     seconds_index = (time.perf_counter() - t0) / 3
     recall = {}
     for name, ix in indexes.items():
-        ranks = [[i for i, _ in ix.search(r["instruction"], k=max(ks))] for r in recs]
-        recall[name] = {str(k): recall_at_k(ranks, relevant, k) for k in ks}
-    return {"recall": recall, "n_queries": len(recs), "threshold": calibrate_min_score(world, kb),
-            "n_passages": len(kb), "seconds_index": seconds_index}
+        recall[name] = {}
+        for g, recs in groups.items():
+            ranks = [[i for i, _ in ix.search(r["instruction"], k=max(ks))] for r in recs]
+            recall[name][g] = {str(k): recall_at_k(ranks, [pos[r["fact_key"]] for r in recs], k) for k in ks}
+    return {"recall": recall, "n_queries": {g: len(r) for g, r in groups.items()},
+            "threshold": calibrate_min_score(world, kb), "n_passages": len(kb), "seconds_index": seconds_index}
 
 
 def calibrate_min_score(world: KnowledgeWorld, kb: KnowledgeBase, keep: float = 0.95) -> dict:
@@ -658,15 +701,16 @@ def _small(metrics: dict) -> dict:
 
 
 def measure_arms(sft_checkpoint, out_dir, world: KnowledgeWorld | None = None, ft_steps: int = 60,
-                 raft_steps: int = 150, seed: int = 0) -> dict:
+                 raft_steps: int = 400, raft_lr: float = 3e-3, seed: int = 0) -> dict:
     """Every arm of the decision table on the same questions (held-out phrasings).
 
     Arms: ``closed_book`` (the SFT model), ``oracle`` (the SFT model with the fact's passage in the
     prompt: the upper bound of prompting), ``rag_plain`` (BM25 top 1 on the SFT model, a reader never
     trained on context), ``qa_full`` / ``qa_lora`` (the SFT model fine-tuned on the new and updated facts
     in phrasings q0-q2, 1:1 with replayed SFT rows, ``ft_steps`` steps), ``rag_raft`` (BM25 top 1 on
-    a reader fine-tuned from the SFT model on old facts with oracle + distractor passages, ``raft_steps``
-    steps: "fine-tune for behaviour, retrieve for knowledge"), ``oracle_raft`` and ``qa_full+rag``
+    a reader fine-tuned from the SFT model on ``raft_records`` -- old and invented facts with oracle +
+    distractor passages -- for ``raft_steps`` steps at ``raft_lr``: "fine-tune for behaviour, retrieve
+    for knowledge"), ``oracle_raft`` and ``qa_full+rag``
     (the QA-fine-tuned model reading retrieved passages). Cached in ``out_dir/arms.json``.
 
     Returns:
@@ -674,7 +718,8 @@ def measure_arms(sft_checkpoint, out_dir, world: KnowledgeWorld | None = None, f
     """
     world = world or KnowledgeWorld()
     out = Path(out_dir)
-    config = {"sft": str(sft_checkpoint), "ft_steps": ft_steps, "raft_steps": raft_steps, "seed": seed, "v": 1}
+    config = {"sft": str(sft_checkpoint), "ft_steps": ft_steps, "raft_steps": raft_steps, "raft_lr": raft_lr,
+              "seed": seed, "v": 2}
 
     def run():
         t0 = time.perf_counter()
@@ -693,9 +738,11 @@ def measure_arms(sft_checkpoint, out_dir, world: KnowledgeWorld | None = None, f
                 res["qa_full+rag"] = evaluate_sets(m, tok, world, "rag", kb)
         m, _ = _load(sft_checkpoint)
         rrows = raft_records(world, kb, tok, m.config.block_size, seed=seed)
-        m, train["raft"] = finetune(m, tok, rrows, raft_steps, 3e-4, seed=seed)
+        m, train["raft"] = finetune(m, tok, rrows, raft_steps, raft_lr, seed=seed)
         train["raft"]["rows_with_oracle"] = float(np.mean([r["oracle"] for r in rrows]))
         train["raft"]["mean_passages"] = float(np.mean([r["n_passages"] for r in rrows]))
+        train["raft"]["rows_counterfactual"] = float(np.mean([r["counterfactual"] for r in rrows]))
+        train["raft"]["rows_synthetic"] = float(np.mean([r["fact_key"].startswith("synthetic:") for r in rrows]))
         res["rag_raft"] = evaluate_sets(m, tok, world, "rag", kb)
         res["oracle_raft"] = evaluate_sets(m, tok, world, "oracle", kb)
         res["closed_raft"] = evaluate_sets(m, tok, world, "closed", kb, sets=("new", "old"))
@@ -891,10 +938,10 @@ def run_chapter(runs_dir="runs", quick: bool = False, seed: int = 0, curve_ns=(1
     base_ck = ensure("pretrain", quick=quick, runs_dir=str(runs_dir))
     out = Path(runs_dir) / ("cache-quick" if quick else "cache") / "ch13"
     world = KnowledgeWorld(seed=seed) if seed else KnowledgeWorld()
-    steps = (8, 8, 20, 8) if quick else (60, 150, 200, 150)
+    steps = (8, 8, 20, 8) if quick else (60, 400, 200, 150)
     arms = measure_arms(sft_ck, out, world, ft_steps=steps[0], raft_steps=steps[1], seed=seed)
     curve = measure_paraphrase_curve(base_ck, out, world, ns=curve_ns, steps=steps[2], sft_steps=steps[3], seed=seed)
-    update = _cached(out / "update.json", {"sft": str(sft_ck), "seed": seed, "v": 1},
+    update = _cached(out / "update.json", {"sft": str(sft_ck), "seed": seed, "arms": arms["_seconds"], "v": 2},
                      lambda: measure_update_one_fact(sft_ck, out / "raft_reader.safetensors", world, seed=seed,
                                                      max_steps=10 if quick else 60))
     return {"retrieval": measure_retrieval(world), "arms": arms, "curve": curve, "update": update,

@@ -26,7 +26,7 @@ def tiny_reader():
     copying from the passage is the only way to answer. The pairings of the chapter's new capitals never
     occur in training; their names do (as parts of other pairings), so the tokenizer knows them.
     Returns (model, tokenizer, seconds)."""
-    from minillm.knowledge import invented_names, make_fact
+    from minillm.knowledge import make_fact
     from minillm.model import GPT, GPTConfig
     from minillm.tokenizer import Tokenizer
 
@@ -34,7 +34,13 @@ def tiny_reader():
     world = KnowledgeWorld()
     rng = np.random.default_rng(0)
     new = [f for f in NEW_FACTS if f.relation == "capital"]
-    names = [f.subject for f in new] + [f.answer for f in new] + invented_names(40)
+    syllables = ("ka", "lo", "ver", "mi", "dra", "sen", "tor", "pa", "lu", "nek", "ri", "bo", "sta", "fen", "gor",
+                 "li", "mar", "qui", "zen", "tha", "wel", "dun", "cas", "pol", "vik", "rem", "sal", "ost")
+    names = [f.subject for f in new] + [f.answer for f in new]
+    while len(names) < 60:
+        name = "".join(syllables[int(i)] for i in rng.integers(0, len(syllables), size=2)).capitalize()
+        if name not in names:
+            names.append(name)
     test_pairs = {(f.subject, f.answer) for f in new}
     rows = []
     while len(rows) < 1500:
@@ -189,7 +195,8 @@ def test_bm25_finds_the_new_facts_passage_first():
     rows = world.question_records("new") + world.question_records("updated")
     hits = [kb.retrieve(r["instruction"], 1)[0][0].meta["fact_key"] == r["fact_key"] for r in rows]
     assert np.mean(hits) >= 0.9
-    assert res["recall"]["bm25_lucene"]["5"] >= res["recall"]["bm25_lucene"]["1"]
+    rec = res["recall"]["bm25_lucene"]["knowledge"]
+    assert rec["1"] == pytest.approx(np.mean(hits)) and rec["5"] >= rec["1"]
     assert res["threshold"]["present_kept"] >= 0.95
 
 
