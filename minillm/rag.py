@@ -36,9 +36,14 @@ Deviations
     * RAFT's answers are chain-of-thought quoting the passage; here the answer is the world's short
       ``"{answer}."`` (the 64-token context leaves no room), and the citation is the passage the
       system retrieved and showed, not text the model wrote.
-    * The context holds the question and two passages (oracle + one distractor, or BM25 top-2) in
-      the 64-token context of the book's model; a third passage is dropped (counted) -- the chapter
-      keeps the base model and states this limit rather than pretraining a longer-context model.
+    * The book's model has a 64-token context. Passages are one short sentence (about 10 tokens), so
+      the question and three passages fit (with 12 tokens left for the answer); passages that do not
+      fit are dropped, lowest ranked first, and counted. The chapter keeps the base model rather than
+      pretraining a longer-context one: a 128-token base would cost a new pretraining run (about twice
+      the 64-token run's compute per step) plus every SFT stage after it.
+    * The RAFT-style reader is trained on old facts *and* on invented facts and counterfactual
+      passages (``raft_records``): on old facts alone a small model answers from memory and ignores
+      the passage.
     * The "no matching passage" rule is a threshold on the best BM25 score, calibrated on
       training phrasings (``calibrate_min_score``); it is not a learned abstention.
 """
@@ -418,7 +423,7 @@ def world_sft_rows(world: KnowledgeWorld) -> list[dict]:
 
 def raft_records(world: KnowledgeWorld, kb: KnowledgeBase, tokenizer, max_len: int, p_oracle: float = 0.8,
                  n_distractors: Sequence[int] = (0, 1, 2), no_oracle: str = "abstain", counterfactual: float = 0.7,
-                 synthetic: int = 1000, seed: int = 0) -> list[dict]:
+                 synthetic: int = 8000, seed: int = 0) -> list[dict]:
     """RAFT-style reader training rows on the *old* train facts (never the new ones).
 
     Each row of the world's SFT data (train facts x 5 question templates) becomes ``reader_content``
@@ -500,23 +505,25 @@ def raft_records(world: KnowledgeWorld, kb: KnowledgeBase, tokenizer, max_len: i
         out.append({"instruction": reader_content(r["instruction"], texts), "input": "", "output": output,
                     "fact_key": r["fact_key"], "n_passages": len(texts), "oracle": has, "counterfactual": swapped and has})
     if synthetic:
-        subjects, values = names[1000:], names[:1000]
+        pool_names = invented_names(2 * synthetic + 2000, seed + 1)
         facts = []
         for i in range(synthetic):
             rel = ("capital", "colour", "sound")[i % 3]
-            subj = subjects[i % len(subjects)]
+            subj, value = pool_names[2 * i], pool_names[int(rng.integers(0, len(pool_names)))]
             if rel == "capital":
-                facts.append(make_fact(rel, subj, values[i % len(values)]))
+                facts.append(make_fact(rel, subj, value))
             elif rel == "colour":
                 facts.append(make_fact(rel, subj.lower(), colours[int(rng.integers(0, len(colours)))]))
             else:
-                facts.append(make_fact(rel, subj.lower(), values[i % len(values)].lower()))
-        for i, f in enumerate(facts):
-            same = [g for g in facts if g.relation == f.relation and g.subject != f.subject]
+                facts.append(make_fact(rel, subj.lower(), value.lower()))
+        by_rel = {rel: [f for f in facts if f.relation == rel] for rel in ("capital", "colour", "sound")}
+        for f in facts:
+            same = by_rel[f.relation]
             d = int(n_distractors[int(rng.integers(0, len(n_distractors)))])
             oracle = bool(rng.random() < p_oracle)
             d = max(d, 0 if oracle else 1)
-            texts = [world.passage(same[int(j)]) for j in rng.choice(len(same), size=d, replace=False)]
+            picks = [same[int(j)] for j in rng.choice(len(same), size=d + 1, replace=False)]
+            texts = [world.passage(g) for g in picks if g.subject != f.subject][:d]
             if oracle:
                 texts.append(world.passage(f))
             oracle_text = texts[-1] if oracle else None
@@ -601,6 +608,12 @@ def continued_pretraining(base_checkpoint, out_dir, world: KnowledgeWorld, n_par
 
 # ----------------------------------------------------------------------------------------------
 # Measurements
+
+def _path_key(path) -> str:
+    """A checkpoint path as a cache key: its last 4 parts (``runs/cache/sft/checkpoint.safetensors``), so that
+    the same run is found from the repository root and from ``notebooks/`` (relative or absolute paths)."""
+    return "/".join(Path(path).parts[-4:])
+
 
 def _cached(path: Path, config: dict, fn):
     """Run ``fn()`` unless ``path`` holds a result of the same ``config``; store {"config", "result"} atomically."""
@@ -701,7 +714,7 @@ def _small(metrics: dict) -> dict:
 
 
 def measure_arms(sft_checkpoint, out_dir, world: KnowledgeWorld | None = None, ft_steps: int = 60,
-                 raft_steps: int = 400, raft_lr: float = 3e-3, seed: int = 0) -> dict:
+                 raft_steps: int = 800, raft_lr: float = 3e-3, seed: int = 0) -> dict:
     """Every arm of the decision table on the same questions (held-out phrasings).
 
     Arms: ``closed_book`` (the SFT model), ``oracle`` (the SFT model with the fact's passage in the
@@ -718,7 +731,7 @@ def measure_arms(sft_checkpoint, out_dir, world: KnowledgeWorld | None = None, f
     """
     world = world or KnowledgeWorld()
     out = Path(out_dir)
-    config = {"sft": str(sft_checkpoint), "ft_steps": ft_steps, "raft_steps": raft_steps, "raft_lr": raft_lr,
+    config = {"sft": _path_key(sft_checkpoint), "ft_steps": ft_steps, "raft_steps": raft_steps, "raft_lr": raft_lr,
               "seed": seed, "v": 2}
 
     def run():
@@ -775,7 +788,7 @@ def measure_paraphrase_curve(base_checkpoint, out_dir, world: KnowledgeWorld | N
     out = {}
     for n in ns:
         d = Path(out_dir) / f"cpt_n{n}"
-        config = {"base": str(base_checkpoint), "n": n, "steps": steps, "exposures": exposures,
+        config = {"base": _path_key(base_checkpoint), "n": n, "steps": steps, "exposures": exposures,
                   "sft_steps": sft_steps, "seed": seed, "v": 1}
 
         def run(n=n, d=d):
@@ -938,10 +951,10 @@ def run_chapter(runs_dir="runs", quick: bool = False, seed: int = 0, curve_ns=(1
     base_ck = ensure("pretrain", quick=quick, runs_dir=str(runs_dir))
     out = Path(runs_dir) / ("cache-quick" if quick else "cache") / "ch13"
     world = KnowledgeWorld(seed=seed) if seed else KnowledgeWorld()
-    steps = (8, 8, 20, 8) if quick else (60, 400, 200, 150)
+    steps = (8, 8, 20, 8) if quick else (60, 800, 200, 150)
     arms = measure_arms(sft_ck, out, world, ft_steps=steps[0], raft_steps=steps[1], seed=seed)
     curve = measure_paraphrase_curve(base_ck, out, world, ns=curve_ns, steps=steps[2], sft_steps=steps[3], seed=seed)
-    update = _cached(out / "update.json", {"sft": str(sft_ck), "seed": seed, "arms": arms["_seconds"], "v": 2},
+    update = _cached(out / "update.json", {"sft": _path_key(sft_ck), "seed": seed, "reader": {"steps": steps[1]}, "v": 2},
                      lambda: measure_update_one_fact(sft_ck, out / "raft_reader.safetensors", world, seed=seed,
                                                      max_steps=10 if quick else 60))
     return {"retrieval": measure_retrieval(world), "arms": arms, "curve": curve, "update": update,
