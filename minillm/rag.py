@@ -281,7 +281,7 @@ def format_answer(a: RAGAnswer, min_score: float | None = DEFAULT_MIN_SCORE) -> 
     if a.abstained:
         return (f"{a.text}\n  (no passage in the knowledge base matches: best BM25 score {a.best_score:.2f} "
                 f"< threshold {min_score})")
-    lines = [a.text] + [f"  [{pid}] (BM25 {s:.2f}) {text}" for pid, text, s in a.cited]
+    lines = [a.text.strip()] + [f"  [{pid}] (BM25 {s:.2f}) {text}" for pid, text, s in a.cited]
     if a.dropped:
         lines.append(f"  ({a.dropped} more passage(s) did not fit the context)")
     return "\n".join(lines)
@@ -937,19 +937,28 @@ def decision_table(arms: dict, curve: dict | None = None) -> list[dict]:
     return rows
 
 
-def run_chapter(runs_dir="runs", quick: bool = False, seed: int = 0, curve_ns=(1, 3, 10, 30)) -> dict:
-    """Everything chapter 13 measures, cached under ``<runs_dir>/cache[-quick]/ch13`` (the pipeline's cached
-    ``pretrain`` and ``sft`` stages are built first when missing).
+def run_chapter(runs_dir="runs", quick: bool = False, seed: int = 0, curve_ns=(1, 3, 10, 30),
+                sft_checkpoint=None, base_checkpoint=None, out_dir=None) -> dict:
+    """Everything chapter 13 measures, each part cached as JSON (reused while its configuration is unchanged).
 
+    Args:
+        runs_dir: where the pipeline's cached stages live; without ``sft_checkpoint`` / ``base_checkpoint``
+            they are ``pipeline.ensure("sft"/"pretrain", quick, runs_dir)`` (built when missing).
+        quick: tiny step counts (a smoke test: about 1.5 minutes with a cold cache on 2 busy cores).
+        seed: the world seed (its split) and every training seed.
+        curve_ns: paraphrase counts of the continued-pretraining curve.
+        sft_checkpoint, base_checkpoint: use these checkpoints (e.g. a pipeline run's ``sft`` and ``pretrain``).
+        out_dir: the results folder (default ``<runs_dir>/cache[-quick]/ch13``).
     Returns:
-        {"retrieval", "arms", "curve", "update", "table" (decision_table rows), "seconds"}.
+        {"retrieval": measure_retrieval, "arms": measure_arms, "curve": measure_paraphrase_curve,
+        "update": measure_update_one_fact, "table": decision_table rows, "seconds": wall time of this call}.
     """
     from minillm.pipeline import ensure
 
     t0 = time.perf_counter()
-    sft_ck = ensure("sft", quick=quick, runs_dir=str(runs_dir))
-    base_ck = ensure("pretrain", quick=quick, runs_dir=str(runs_dir))
-    out = Path(runs_dir) / ("cache-quick" if quick else "cache") / "ch13"
+    sft_ck = sft_checkpoint or ensure("sft", quick=quick, runs_dir=str(runs_dir))
+    base_ck = base_checkpoint or ensure("pretrain", quick=quick, runs_dir=str(runs_dir))
+    out = Path(out_dir) if out_dir else Path(runs_dir) / ("cache-quick" if quick else "cache") / "ch13"
     world = KnowledgeWorld(seed=seed) if seed else KnowledgeWorld()
     steps = (8, 8, 20, 8) if quick else (60, 800, 200, 150)
     arms = measure_arms(sft_ck, out, world, ft_steps=steps[0], raft_steps=steps[1], seed=seed)
