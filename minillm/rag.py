@@ -52,7 +52,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -62,7 +62,7 @@ from minillm.checkpoint import write_json_atomic
 from minillm.data import render_prompt
 from minillm.evaluate import Generation, generate_responses, score_generations
 from minillm.knowledge import ABSTAIN, EVAL_TEMPLATES, TRAIN_TEMPLATES, KnowledgeWorld, paraphrases
-from minillm.retrieval import BM25Index, recall_at_k, TfidfIndex
+from minillm.retrieval import BM25Index, TfidfIndex, recall_at_k
 from minillm.tasks import GoldJudge, strip_response
 
 #: What RAG answers when no passage reaches the score threshold.

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import require
-from minillm import rag, retrieval
+from minillm import rag
 from minillm.knowledge import (ABSENT_FACTS, ABSTAIN, EVAL_TEMPLATES, NEW_FACTS, TRAIN_TEMPLATES, KnowledgeWorld,
                                paraphrases)
 from minillm.retrieval import BM25Index, TfidfIndex, analyze, recall_at_k
