@@ -466,7 +466,8 @@ class GRPOTrainer:
         texts, ended = rollout.texts, [bool(e) for e in rollout.finished]
         total, per = self.rewards(rollout.prompts, texts, ended)
         adv, std, zero = group_advantages(total, G, cfg.scale_rewards)
-        correct = np.asarray(per[_func_name(self.correct_func)]) > 0
+        name = _func_name(self.correct_func)
+        correct = (np.asarray(per[name]) > 0) if name in per else np.asarray(self._correct(rollout.prompts, texts, ended))
         lengths = rollout.response_mask.sum(axis=1)
         stats = {
             "reward": float(total.mean()),
