@@ -15,7 +15,7 @@ export OPENBLAS_NUM_THREADS ?= 1
 
 BASE_STAMP := $(VENV)/.base-installed
 DEV_STAMP := $(VENV)/.dev-installed
-CHAPTERS := 01 02 03 04 05 06 07 08 09 10 11 12
+CHAPTERS := 01 02 03 04 05 06 07 08 09 10 11 12 14
 
 .PHONY: help demo test notebooks bench gpu-check datasets clean $(addprefix test-ch,$(CHAPTERS))
 

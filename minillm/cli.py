@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "reward": ("minillm.train.reward", "train a Bradley-Terry reward model on preference pairs"),
     "ppo": ("minillm.train.ppo", "RLHF with PPO and a per-token KL penalty to the SFT model"),
     "dpo": ("minillm.train.dpo", "direct preference optimization"),
+    "grpo": ("minillm.train.grpo", "GRPO with verifiable rewards (group-relative advantages, no value model)"),
     "pipeline": ("minillm.pipeline", "the whole fine-tuning spectrum end to end, with one report"),
     "memory": ("minillm.memory", "memory calculator: bytes by component for full / LoRA / QLoRA"),
     "bench": ("minillm.bench", "speed and memory benchmarks (JSON)"),
