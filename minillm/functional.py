@@ -654,7 +654,10 @@ class Gather(Function):
     def backward(self, g):
         xp = _xp(g)
         out = xp.zeros(self.shape, dtype=self.dtype)
-        idx = list(xp.indices(self.index.shape, sparse=True))
+        # open-mesh coordinates of every index entry (what np.indices(..., sparse=True) gives; built
+        # by hand because cupy.indices has no ``sparse`` argument)
+        nd = self.index.ndim
+        idx = [xp.arange(s).reshape((1,) * i + (s,) + (1,) * (nd - i - 1)) for i, s in enumerate(self.index.shape)]
         idx[self.axis] = self.index
         scatter_add(out, tuple(idx), g)
         return out, None, None
