@@ -167,7 +167,13 @@ def select_backend(x, kernel: Optional[str] = None) -> str:
 
 
 def _check_state(packed, qs: quant.QuantState) -> int:
-    """Validate packed/absmax sizes against the state; return n (number of weight elements)."""
+    """Validate packed/absmax sizes and dtypes against the state; return n (number of weight elements).
+
+    Raises ValueError for a nested (uint8) absmax where float32 is expected or the reverse, and for
+    a state marked double-quantized without its nested part (``QuantState.validate``): the kernels
+    would read the wrong bytes.
+    """
+    qs.validate()
     n = qs.numel
     nbytes = int(packed.size)
     if nbytes < (n + 1) // 2:
@@ -201,6 +207,7 @@ def _weight_shape(qs: quant.QuantState) -> tuple[int, int]:
 
 
 def _cpu_absmax_kwargs(qs: quant.QuantState) -> dict:
+    qs.validate()  # a uint8 absmax must never be cast to float32 values 0..255 (nor the reverse)
     if not qs.nested:
         return {"absmax": np.ascontiguousarray(to_numpy(qs.absmax), dtype=np.float32).reshape(-1)}
     return {
@@ -213,7 +220,12 @@ def _cpu_absmax_kwargs(qs: quant.QuantState) -> dict:
 
 
 def _cuda_absmax_args(qs: quant.QuantState, cp):
-    """(keep-alive list, kwargs of device pointers) for the _cuda functions."""
+    """(keep-alive list, kwargs of device pointers) for the _cuda functions.
+
+    Raises ValueError (``QuantState.validate``) when the absmax dtype does not match the nesting:
+    a uint8 absmax handed over as float32 (or the reverse) would be read as the wrong bytes.
+    """
+    qs.validate()
     if not qs.nested:
         absmax = cp.ascontiguousarray(cp.asarray(qs.absmax, dtype=cp.float32).reshape(-1))
         return [absmax], dict(absmax=absmax.data.ptr, qabsmax=0, absmax2=0, code2=0, offset=0.0, blocksize2=256)
@@ -320,9 +332,10 @@ def matmul_4bit(x, packed, quant_state: quant.QuantState, *, kernel: Optional[st
                 bfloat16: bool = False):
     """``y = x @ W.T`` with W (N, K) the dequantized 4-bit weight (bitsandbytes ``matmul_4bit`` forward).
 
-    x: (..., K). numpy: float32 (other float dtypes are cast to float32); result float32 (..., N).
+    x: (..., K). numpy: float32 (other dtypes are cast to float32); result float32 (..., N).
     cupy: float32, float16, or bfloat16 given as uint16 bits with ``bfloat16=True``; result in
-    x's dtype, float32 accumulation; M = prod(x.shape[:-1]) <= 8 runs the GEMV, larger M the GEMM.
+    x's dtype, float32 accumulation (other dtypes, e.g. float64, are cast to float32 and give a
+    float32 result, as on the CPU); M = prod(x.shape[:-1]) <= 8 runs the GEMV, larger M the GEMM.
     ``version``: CUDA rung (0 = best; GEMV 1-3, GEMM 1-2), ignored on the CPU.
     W is dequantized in float32 (code[q] * absmax), NOT first rounded to ``quant_state.dtype``: the
     compute dtype here is float32 (bitsandbytes casts W to its compute dtype, bf16 in QLoRA).
@@ -351,6 +364,8 @@ def matmul_4bit(x, packed, quant_state: quant.QuantState, *, kernel: Optional[st
     _require_cuda()
     import cupy as cp
 
+    if not bfloat16 and x.dtype not in (cp.float32, cp.float16):
+        x = x.astype(cp.float32)  # float64 (gradcheck) or integers: cast, as the numpy and cpp paths do
     dtype = _cuda_dtype(x, bfloat16)
     x2 = cp.ascontiguousarray(x).reshape(-1, K)  # (M, K)
     M = int(x2.shape[0])
