@@ -113,6 +113,12 @@ extern "C" {
 int nf4_cuda_device_count(int* count);
 const char* nf4_cuda_strerror(int err);
 int nf4_cuda_synchronize(void);
+// cudaSetDevice(device): the caller's (CuPy's) current device, so launches go to the device that
+// owns the pointers and the stream (this static runtime keeps its own current device).
+int nf4_cuda_set_device(int device);
+// cudaStreamSynchronize(stream), then cudaGetLastError: reports an asynchronous kernel fault
+// (out-of-bounds access, ...) at the launch that caused it (MINILLM_CUDA_SYNC=1).
+int nf4_cuda_stream_synchronize(void* stream);
 int nf4_cuda_dequantize(const uint8_t* packed, nf4::Code16 code, nf4::AbsmaxView am, int64_t n,
                         int64_t blocksize, void* out, int dtype, int version, void* stream);
 int nf4_cuda_gemv(const void* x, int dtype, int64_t M, int64_t K, const uint8_t* packed,

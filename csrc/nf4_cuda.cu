@@ -523,6 +523,18 @@ const char* nf4_cuda_strerror(int err) {
 
 int nf4_cuda_synchronize(void) { return static_cast<int>(cudaDeviceSynchronize()); }
 
+int nf4_cuda_set_device(int device) {
+  int current = -1;
+  if (cudaGetDevice(&current) == cudaSuccess && current == device) return 0;
+  return static_cast<int>(cudaSetDevice(device));
+}
+
+int nf4_cuda_stream_synchronize(void* stream) {
+  const cudaError_t err = cudaStreamSynchronize(static_cast<cudaStream_t>(stream));
+  if (err != cudaSuccess) return static_cast<int>(err);
+  return finish();
+}
+
 int nf4_cuda_dequantize(const uint8_t* packed, Code16 code, AbsmaxView am, int64_t n,
                         int64_t blocksize, void* out, int dtype, int version, void* stream) {
   if (n < 0 || blocksize < 1) return NF4_ERR_SHAPE;

@@ -243,6 +243,12 @@ def _cuda_absmax_args(qs: quant.QuantState, cp):
     return [q, a2, c2], kw
 
 
+def _launch_kw(cp) -> dict:
+    """CuPy's current stream and device for a _cuda launch (the extension's static CUDA runtime
+    has its own current device, so it is told which one; see csrc/cuda_bindings.cpp)."""
+    return {"stream": cp.cuda.get_current_stream().ptr, "device": cp.cuda.Device().id}
+
+
 def _cuda_dtype(a, bfloat16: bool) -> int:
     name = "bfloat16" if bfloat16 else str(a.dtype)
     if bfloat16 and a.dtype != np.uint16:
@@ -323,7 +329,7 @@ def dequantize_4bit(packed, quant_state: quant.QuantState, *, kernel: Optional[s
     out = cp.empty(n, dtype=cp.uint16 if out_dtype == "bfloat16" else out_dtype)
     _cuda.dequantize(flat.data.ptr, _code16(quant_state), n=n, blocksize=int(quant_state.blocksize),
                      out=out.data.ptr, dtype=_DTYPE_CODE[out_dtype], version=int(version),
-                     stream=cp.cuda.get_current_stream().ptr, **kw)
+                     **_launch_kw(cp), **kw)
     del keep
     return out.reshape(quant_state.shape)
 
@@ -376,7 +382,7 @@ def matmul_4bit(x, packed, quant_state: quant.QuantState, *, kernel: Optional[st
         fn = _cuda.gemv if M <= GEMV_MAX_M else _cuda.gemm
         fn(x2.data.ptr, dtype, M, K, pk.data.ptr, _code16(quant_state),
            N=N, blocksize=int(quant_state.blocksize), y=y.data.ptr, version=int(version),
-           stream=cp.cuda.get_current_stream().ptr, **kw)
+           **_launch_kw(cp), **kw)
         del keep
     return y.reshape(lead + (N,))
 
@@ -405,7 +411,7 @@ def cuda_gemm(x, packed, quant_state, *, version: int = 0, bfloat16: bool = Fals
     pk = cp.ascontiguousarray(packed).reshape(-1)  # held until after the (asynchronous) launch
     _cuda.gemm(x2.data.ptr, dtype, int(x2.shape[0]), K, pk.data.ptr,
                _code16(quant_state), N=N, blocksize=int(quant_state.blocksize), y=y.data.ptr,
-               version=int(version), stream=cp.cuda.get_current_stream().ptr, **kw)
+               version=int(version), **_launch_kw(cp), **kw)
     del keep
     return y.reshape(tuple(x.shape[:-1]) + (N,))
 

@@ -346,6 +346,20 @@ def test_cuda_entry_points_raise_clear_runtime_error(rng):
         assert kernels._cuda.device_count() == 0
         with pytest.raises(RuntimeError, match="no usable CUDA device|no CUDA device"):
             kernels._cuda.gemv(0, 0, 1, 64, 0, quant.NF4_CODE, 0, 0, 0, 0, 0.0, 256, 8, 64, 0)
+        with pytest.raises(RuntimeError, match="no usable CUDA device|no CUDA device"):
+            kernels._cuda.gemm(0, 0, 9, 64, 0, quant.NF4_CODE, 0, 0, 0, 0, 0.0, 256, 8, 64, 0, device=0)
+
+
+def test_cuda_sync_after_launch_switch(monkeypatch):
+    """MINILLM_CUDA_SYNC=1 (read at each call) turns on the synchronize-and-check after every launch."""
+    if kernels._cuda is None:
+        pytest.skip(f"minillm._cuda not built: {kernels._CUDA_MISSING}")
+    monkeypatch.setenv("MINILLM_CUDA_SYNC", "1")
+    assert kernels._cuda.sync_after_launch() is True
+    monkeypatch.setenv("MINILLM_CUDA_SYNC", "0")
+    assert kernels._cuda.sync_after_launch() is False
+    monkeypatch.delenv("MINILLM_CUDA_SYNC")
+    assert kernels._cuda.sync_after_launch() is False
 
 
 def _find_nvcc():
@@ -374,7 +388,7 @@ def test_cuda_extension_was_compiled():
     spec = importlib.util.find_spec("minillm._cuda")
     assert spec is not None and spec.origin and Path(spec.origin).is_file(), "minillm._cuda was not built"
     assert kernels._cuda is not None, kernels._CUDA_MISSING
-    for name in ("dequantize", "gemv", "gemm", "device_count"):
+    for name in ("dequantize", "gemv", "gemm", "device_count", "sync_after_launch"):
         assert hasattr(kernels._cuda, name)
 
 
