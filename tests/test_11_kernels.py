@@ -395,6 +395,16 @@ def test_cuda_extension_was_compiled():
 def test_gpu_check_script_parses():
     r = subprocess.run(["bash", "-n", str(ROOT / ".ci" / "gpu-check")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    text = (ROOT / ".ci" / "gpu-check").read_text()
+    assert "setup.py build_ext --inplace" in text and "pip install" not in text.split("set -uo pipefail")[1]
+    assert "MINILLM_CUDA_SYNC=1" in text and "${OUT:-${GPU_CHECK_OUT:-runs/gpu-check}}" in text
+
+
+def test_cuda_extra_matches_the_cuda_13_toolkit():
+    import tomllib
+
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["cuda"]
+    assert len(extra) == 1 and extra[0].startswith("cupy-cuda13x")
 
 
 def test_bench_kernel_cpu_smoke(tmp_path):
