@@ -159,6 +159,25 @@ PYBIND11_MODULE(_cuda, m) {
       "Dequantize n codes into out (dtype 0 float32, 1 float16, 2 bfloat16). version 0 = best, "
       "1 = one thread per element, 2 = 128-bit loads (blocksize % 32 == 0).");
 
+  m.def(
+      "decode_absmax",
+      [](uintptr_t qabsmax, uintptr_t absmax2, uintptr_t code2, float offset, int64_t blocksize2,
+         int64_t nblocks, uintptr_t out, uintptr_t stream, int device) {
+        ensure_device();
+        select_device(device);
+        if (!qabsmax) throw py::value_error("decode_absmax needs the nested (uint8) absmax pointer");
+        if (!out) throw py::value_error("decode_absmax: out pointer is null");
+        check(nf4_cuda_decode_absmax(to_view(0, qabsmax, absmax2, code2, offset, blocksize2), nblocks,
+                                     reinterpret_cast<float*>(out), reinterpret_cast<void*>(stream)),
+              "decode_absmax");
+        maybe_sync(stream, "decode_absmax");
+      },
+      py::arg("qabsmax"), py::arg("absmax2"), py::arg("code2"), py::arg("offset"),
+      py::arg("blocksize2"), py::arg("nblocks"), py::arg("out"), py::arg("stream") = 0,
+      py::arg("device") = -1,
+      "out (float32, nblocks) = code2[qabsmax[b]] * absmax2[b // blocksize2] + offset: a nested "
+      "absmax decoded once (bit-identical to the NumPy reference).");
+
   auto matmul = [](const char* name, auto launcher) {
     return [name, launcher](uintptr_t x, int dtype, int64_t M, int64_t K, uintptr_t packed,
                             const py::array_t<float, py::array::c_style | py::array::forcecast>& code,

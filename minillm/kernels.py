@@ -71,6 +71,11 @@ from minillm.backend import is_cupy, to_numpy
 KERNELS = ("auto", "numpy", "cpp", "cuda")
 #: Largest number of x rows the CUDA GEMV handles (more rows go to the GEMM).
 GEMV_MAX_M = 8
+#: From this many x rows on, ``version=0`` computes float32/float16 products as dequantize-then-
+#: cuBLAS (GEMM "version 3") instead of the fused tiled GEMM: cuBLAS's tiles beat the fused
+#: kernels once the dequantization is amortised over enough rows (the benchmark measures both per
+#: M; bitsandbytes does the same for every M > 1). bfloat16 (no cupy dtype) stays fused.
+GEMM_DEQUANT_MIN_M = 256
 _DTYPE_CODE = {"float32": 0, "float16": 1, "bfloat16": 2}
 
 
@@ -267,12 +272,47 @@ def to_device(packed, quant_state: quant.QuantState):
     _require_cuda()
     import cupy as cp
 
+    return cp.asarray(packed), state_on_device(quant_state)
+
+
+def state_on_device(quant_state: quant.QuantState) -> quant.QuantState:
+    """The QuantState with its absmax (and nested absmax2 / 256-entry code) as cupy arrays, made
+    once so a layer's every forward does not re-upload them (the 16-entry code stays on the host:
+    it is passed to the kernels by value). Arrays already on the device are not copied.
+    Needs cupy (not the extension): the NumPy reference on cupy arrays uses it too.
+    Raises ValueError for a half-nested state (``QuantState.validate``).
+    """
+    import cupy as cp
+
+    quant_state.validate()
     state2 = quant_state.state2
     if state2 is not None:
         state2 = dataclasses.replace(state2, absmax=cp.asarray(state2.absmax, dtype=cp.float32),
                                      code=cp.asarray(state2.code, dtype=cp.float32))
-    qs = dataclasses.replace(quant_state, absmax=cp.asarray(quant_state.absmax), state2=state2)
-    return cp.asarray(packed), qs
+    return dataclasses.replace(quant_state, absmax=cp.asarray(quant_state.absmax), state2=state2)
+
+
+def decode_absmax(quant_state: quant.QuantState) -> quant.QuantState:
+    """A nested 4-bit state on the GPU -> the equivalent plain state (float32 absmax (nblocks,)).
+
+    ``absmax[b] = code2[qabsmax[b]] * absmax2[b // blocksize2] + offset``, computed once by a CUDA
+    kernel and bit-identical to ``QuantState.dequantize_absmax`` (bitsandbytes decodes the nested
+    absmax the same way before ``gemv_4bit``). The kernels then read 4 bytes per block instead of 1
+    but skip two dependent loads per 32 elements; the benchmark measures both. A plain state is
+    returned unchanged. Raises RuntimeError without a usable GPU.
+    """
+    if not quant_state.nested:
+        return quant_state
+    _require_cuda()
+    import cupy as cp
+
+    keep, kw = _cuda_absmax_args(quant_state, cp)
+    nblocks = int(quant_state.absmax.size)
+    out = cp.empty(nblocks, dtype=cp.float32)
+    _cuda.decode_absmax(kw["qabsmax"], kw["absmax2"], kw["code2"], kw["offset"], kw["blocksize2"], nblocks,
+                        out.data.ptr, **_launch_kw(cp))
+    del keep
+    return dataclasses.replace(quant_state, absmax=out, offset=None, state2=None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -375,6 +415,8 @@ def matmul_4bit(x, packed, quant_state: quant.QuantState, *, kernel: Optional[st
     dtype = _cuda_dtype(x, bfloat16)
     x2 = cp.ascontiguousarray(x).reshape(-1, K)  # (M, K)
     M = int(x2.shape[0])
+    if M > GEMV_MAX_M and (version == 3 or (version == 0 and M >= GEMM_DEQUANT_MIN_M and not bfloat16)):
+        return _gemm_dequant_cublas(x2, packed, quant_state, bfloat16).reshape(lead + (N,))
     y = cp.empty((M, N), dtype=x2.dtype)
     if M > 0:
         keep, kw = _cuda_absmax_args(quant_state, cp)
@@ -387,8 +429,23 @@ def matmul_4bit(x, packed, quant_state: quant.QuantState, *, kernel: Optional[st
     return y.reshape(lead + (N,))
 
 
+def _gemm_dequant_cublas(x2, packed, quant_state: quant.QuantState, bfloat16: bool):
+    """GEMM "version 3": W dequantized by the CUDA kernel into x's dtype, then ``x2 @ W.T`` by
+    cuBLAS (cupy.matmul; float32 accumulation for float16, no TF32 unless CUPY_TF32=1). float32 or
+    float16 x (M, K) -> (M, N); bfloat16 raises ValueError (cupy has no bfloat16 dtype)."""
+    if bfloat16:
+        raise ValueError("gemm version 3 (dequantize + cuBLAS) takes float32 or float16 x; "
+                         "bfloat16 has no cupy dtype (use version 2)")
+    W = dequantize_4bit(packed, quant_state, kernel="cuda", out_dtype=str(x2.dtype))  # (N, K)
+    return x2 @ W.T
+
+
 def cuda_gemv(x, packed, quant_state, *, version: int = 0, bfloat16: bool = False):
-    """The CUDA GEMV alone (1 <= M <= 8 rows of x), any ``version`` 0-3. Same contract as ``matmul_4bit``."""
+    """The CUDA GEMV alone (1 <= M <= 8 rows of x), any ``version`` 0-4. Same contract as ``matmul_4bit``.
+
+    v3 and v4 need K % 32 == 0, blocksize % 32 == 0 and 16-byte aligned x and packed (v4 also a
+    power-of-two blocksize); asked for anyway they raise ValueError. ``version=0`` picks v4, else
+    v3, else v2."""
     _require_cuda()
     if int(np.prod(x.shape[:-1])) > GEMV_MAX_M:
         raise ValueError(f"cuda_gemv takes at most {GEMV_MAX_M} rows of x, got x.shape {tuple(x.shape)}")
@@ -396,7 +453,8 @@ def cuda_gemv(x, packed, quant_state, *, version: int = 0, bfloat16: bool = Fals
 
 
 def cuda_gemm(x, packed, quant_state, *, version: int = 0, bfloat16: bool = False):
-    """The CUDA GEMM alone (any M >= 1), ``version`` 0-2 (2 = tensor cores, 16-bit inputs only)."""
+    """The CUDA GEMM alone (any M >= 1), ``version`` 0-3: 1 = SIMT tiles, 2 = tensor cores (16-bit
+    inputs only), 3 = dequantize then cuBLAS (float32/float16 only), 0 = 2 for 16-bit x else 1."""
     _require_cuda()
     import cupy as cp
 
@@ -406,6 +464,8 @@ def cuda_gemm(x, packed, quant_state, *, version: int = 0, bfloat16: bool = Fals
     _check_state(packed, quant_state)
     dtype = _cuda_dtype(x, bfloat16)
     x2 = cp.ascontiguousarray(x).reshape(-1, K)
+    if version == 3:
+        return _gemm_dequant_cublas(x2, packed, quant_state, bfloat16).reshape(tuple(x.shape[:-1]) + (N,))
     y = cp.empty((x2.shape[0], N), dtype=x2.dtype)
     keep, kw = _cuda_absmax_args(quant_state, cp)
     pk = cp.ascontiguousarray(packed).reshape(-1)  # held until after the (asynchronous) launch
@@ -456,6 +516,30 @@ def _bench_cpu(sizes, m_list, repeats: int, seed: int) -> list:
     return rows
 
 
+def _raw_launch(fn_name: str, x2, packed, quant_state: quant.QuantState, version: int):
+    """A zero-argument callable that launches ``_cuda.<fn_name>`` (gemv or gemm) on x2 (M, K) with
+    every argument (pointers, code table, absmax layout, output) prepared NOW, so timing it measures
+    the kernel, not the Python plumbing around it (benchmark only)."""
+    import cupy as cp
+
+    N, K = _weight_shape(quant_state)
+    _check_state(packed, quant_state)
+    M = int(x2.shape[0])
+    dtype = _cuda_dtype(x2, False)
+    keep, kw = _cuda_absmax_args(quant_state, cp)
+    pk = cp.ascontiguousarray(packed).reshape(-1)
+    y = cp.empty((M, N), dtype=x2.dtype)
+    code, fn, lk = _code16(quant_state), getattr(_cuda, fn_name), _launch_kw(cp)
+    args = (x2.data.ptr, dtype, M, K, pk.data.ptr, code)
+    kwargs = dict(N=N, blocksize=int(quant_state.blocksize), y=y.data.ptr, version=int(version), **lk, **kw)
+
+    def launch():
+        fn(*args, **kwargs)
+
+    launch.keep = (keep, pk, y, x2)  # the device arrays live as long as the callable
+    return launch
+
+
 def _bench_cuda(sizes, gemv_m, gemm_m, repeats: int, seed: int) -> dict:
     _require_cuda()
     import cupy as cp
@@ -466,7 +550,9 @@ def _bench_cuda(sizes, gemv_m, gemm_m, repeats: int, seed: int) -> dict:
         """Median ms over `repeats` launches, each after an L2 flush, timed with CUDA events.
 
         The flush (a 512 MiB memset, ~0.1-0.2 ms) also keeps the GPU busy while Python enqueues the
-        start event, the kernel and the end event, so host launch overhead is not in the timing.
+        start event, the kernel and the end event, so host launch overhead is not in the timing
+        (the GEMV/GEMM rows time raw launches with their arguments prepared beforehand, so the host
+        work per launch is a few microseconds).
         """
         fn()
         cp.cuda.get_current_stream().synchronize()
@@ -481,12 +567,28 @@ def _bench_cuda(sizes, gemv_m, gemm_m, repeats: int, seed: int) -> dict:
             times.append(cp.cuda.get_elapsed_time(start, end))
         return float(np.median(times))
 
+    def host_us(fn, n: int = 50) -> float:
+        """Mean host microseconds per call (no flush, not synchronized per call)."""
+        fn()
+        cp.cuda.get_current_stream().synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        t1 = time.perf_counter()
+        cp.cuda.get_current_stream().synchronize()
+        return 1e6 * (t1 - t0) / n
+
     rng = np.random.default_rng(seed)
-    out = {"gemv": [], "gemm": [], "copy": []}
+    out = {"gemv": [], "gemm": [], "copy": [], "decode_absmax": [], "gemm_dispatch_min_m": GEMM_DEQUANT_MIN_M}
     for K, N in sizes:
         W = rng.standard_normal((N, K), dtype=np.float32)
-        packed, qs = to_device(*quant.quantize_4bit(W, blocksize=64, compress_statistics=True))
-        nbytes_w = int(packed.size) + int(qs.absmax.size) + 4 * int(qs.state2.absmax.size)
+        packed_h, qs_h = quant.quantize_4bit(W, blocksize=64, compress_statistics=True)
+        packed, qs = to_device(packed_h, qs_h)
+        qs_plain = decode_absmax(qs)  # float32 absmax on the device, decoded once
+        t_dec = timed(lambda: decode_absmax(qs))
+        out["decode_absmax"].append({"K": K, "N": N, "nblocks": int(qs.absmax.size), "ms": t_dec})
+        nbytes = {"nested": int(packed.size) + int(qs.absmax.size) + 4 * int(qs.state2.absmax.size),
+                  "decoded": int(packed.size) + 4 * int(qs_plain.absmax.size)}
         # bandwidth yardstick: a device-to-device copy of the same number of bytes (read + write)
         src = cp.zeros(int(packed.size), dtype=cp.uint8)
         dst = cp.empty_like(src)
@@ -496,28 +598,38 @@ def _bench_cuda(sizes, gemv_m, gemm_m, repeats: int, seed: int) -> dict:
         for M in gemv_m:
             for dt in ("float16", "float32"):
                 x = cp.asarray(rng.standard_normal((M, K), dtype=np.float32)).astype(dt)
-                for v in (1, 2, 3):
+                for v, absmax in ((1, "nested"), (2, "nested"), (3, "nested"), (4, "nested"), (4, "decoded")):
                     if v == 1 and K * N > 4096 * 4096:
                         continue  # the naive kernel is only there to be slow; skip the big case
-                    t = timed(lambda: cuda_gemv(x, packed, qs, version=v))
-                    moved = nbytes_w + x.nbytes + M * N * x.itemsize
-                    out["gemv"].append({"M": M, "K": K, "N": N, "dtype": dt, "version": v, "ms": t,
-                                        "GB_per_s": moved / (t * 1e-3) / 1e9,
-                                        "fraction_of_copy_bandwidth": moved / (t * 1e-3) / 1e9 / copy_gbs})
-        W16 = dequantize_4bit(packed, qs, kernel="cuda", out_dtype="float16")  # (N, K) float16
+                    state = qs if absmax == "nested" else qs_plain
+                    t = timed(_raw_launch("gemv", x, packed, state, v))
+                    moved = nbytes[absmax] + x.nbytes + M * N * x.itemsize
+                    gbs = moved / (t * 1e-3) / 1e9
+                    out["gemv"].append({"M": M, "K": K, "N": N, "dtype": dt, "version": v, "absmax": absmax,
+                                        "ms": t, "GB_per_s": gbs, "fraction_of_copy_bandwidth": gbs / copy_gbs})
+                # the whole Python call (argument checks, pointer plumbing) vs the raw launch, host side
+                out["gemv"][-1]["host_us_matmul_4bit"] = host_us(lambda: matmul_4bit(x, packed, qs_plain))
+                out["gemv"][-1]["host_us_raw_launch"] = host_us(_raw_launch("gemv", x, packed, qs_plain, 0))
         for M in gemm_m:
-            x = cp.asarray(rng.standard_normal((M, K), dtype=np.float32)).astype(cp.float16)
             flops = 2.0 * M * N * K
-            t_ref = timed(lambda: x @ W16.T)
-            row = {"M": M, "K": K, "N": N, "dtype": "float16", "cupy_fp16_matmul_ms": t_ref,
-                   "cupy_fp16_matmul_TFLOPs": flops / (t_ref * 1e-3) / 1e12}
-            t_deq = timed(lambda: dequantize_4bit(packed, qs, kernel="cuda", out_dtype="float16"))
-            row["dequant_then_cupy_ms"] = t_deq + t_ref
-            for v in (1, 2):
-                t = timed(lambda: cuda_gemm(x, packed, qs, version=v))
-                row[f"v{v}_ms"] = t
-                row[f"v{v}_TFLOPs"] = flops / (t * 1e-3) / 1e12
-            out["gemm"].append(row)
+            for dt in ("float16", "float32"):
+                x = cp.asarray(rng.standard_normal((M, K), dtype=np.float32)).astype(dt)
+                W_dq = dequantize_4bit(packed, qs, kernel="cuda", out_dtype=dt)  # (N, K)
+                t_ref = timed(lambda: x @ W_dq.T)
+                row = {"M": M, "K": K, "N": N, "dtype": dt, "cupy_matmul_ms": t_ref,
+                       "cupy_matmul_TFLOPs": flops / (t_ref * 1e-3) / 1e12}
+                if dt == "float16":  # the field names of earlier runs, kept comparable
+                    row["cupy_fp16_matmul_ms"], row["cupy_fp16_matmul_TFLOPs"] = t_ref, row["cupy_matmul_TFLOPs"]
+                t_deq = timed(lambda: dequantize_4bit(packed, qs, kernel="cuda", out_dtype=dt))
+                row["dequant_ms"] = t_deq
+                for v in ((1, 2, 3) if dt == "float16" else (1, 3)):
+                    fn = (_raw_launch("gemm", x, packed, qs, v) if v != 3
+                          else (lambda: cuda_gemm(x, packed, qs, version=3)))
+                    t = timed(fn)
+                    row[f"v{v}_ms"] = t
+                    row[f"v{v}_TFLOPs"] = flops / (t * 1e-3) / 1e12
+                row["dispatched_version"] = 3 if M >= GEMM_DEQUANT_MIN_M else (2 if dt == "float16" else 1)
+                out["gemm"].append(row)
     return out
 
 

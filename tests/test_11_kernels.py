@@ -388,7 +388,7 @@ def test_cuda_extension_was_compiled():
     spec = importlib.util.find_spec("minillm._cuda")
     assert spec is not None and spec.origin and Path(spec.origin).is_file(), "minillm._cuda was not built"
     assert kernels._cuda is not None, kernels._CUDA_MISSING
-    for name in ("dequantize", "gemv", "gemm", "device_count", "sync_after_launch"):
+    for name in ("dequantize", "gemv", "gemm", "device_count", "sync_after_launch", "decode_absmax"):
         assert hasattr(kernels._cuda, name)
 
 
@@ -401,8 +401,7 @@ def test_gpu_check_script_parses():
 
 
 def test_cuda_extra_matches_the_cuda_13_toolkit():
-    import tomllib
-
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["cuda"]
     assert len(extra) == 1 and extra[0].startswith("cupy-cuda13x")
 
@@ -465,6 +464,18 @@ def test_cuda_dequantize_bit_exact(rng, N, K, blocksize, nested, version):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("N,K,blocksize,nested", [s for s in GPU_SHAPES if s[3]])
+def test_cuda_decode_absmax_bit_exact(rng, N, K, blocksize, nested):
+    """The nested absmax decoded once on the GPU equals QuantState.dequantize_absmax bit for bit."""
+    packed, qs = _weight(rng, N, K, blocksize, nested)
+    dp, dqs = kernels.to_device(packed, qs)
+    plain = kernels.decode_absmax(dqs)
+    assert not plain.nested and plain.absmax.dtype == np.float32
+    np.testing.assert_array_equal(plain.absmax.get().view(np.uint32), qs.dequantize_absmax().view(np.uint32))
+    np.testing.assert_array_equal(kernels.dequantize_4bit(dp, plain).get(), quant.dequantize_4bit(packed, qs))
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("N,K,blocksize,nested", GPU_SHAPES)
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("M", [1, 3, 8])
@@ -475,19 +486,20 @@ def test_cuda_gemv_all_versions(rng, N, K, blocksize, nested, dtype, M):
     W = quant.dequantize_4bit(packed, qs)
     dp, dqs = kernels.to_device(packed, qs)
     xg, xs = _gpu_x(cp, rng.standard_normal((M, K), dtype=np.float32), dtype)
-    for version in (1, 2, 3, 0):
-        if version == 3 and (K % 32 or blocksize % 32):
-            with pytest.raises(ValueError, match="K % 32"):
-                kernels.cuda_gemv(xg, dp, dqs, version=3, bfloat16=dtype == "bfloat16")
-            continue
-        y = kernels.cuda_gemv(xg, dp, dqs, version=version, bfloat16=dtype == "bfloat16")
-        _check_gpu(_gpu_y(y, dtype), xs, W, dtype)
+    for state in (dqs, kernels.decode_absmax(dqs)):  # nested as stored, and decoded once to float32
+        for version in (1, 2, 3, 4, 0):
+            if version in (3, 4) and (K % 32 or blocksize % 32):
+                with pytest.raises(ValueError, match="K % 32"):
+                    kernels.cuda_gemv(xg, dp, state, version=version, bfloat16=dtype == "bfloat16")
+                continue
+            y = kernels.cuda_gemv(xg, dp, state, version=version, bfloat16=dtype == "bfloat16")
+            _check_gpu(_gpu_y(y, dtype), xs, W, dtype)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("N,K,blocksize,nested", GPU_SHAPES)
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-@pytest.mark.parametrize("M", [9, 64, 130])
+@pytest.mark.parametrize("M", [9, 64, 130, 300])
 def test_cuda_gemm_all_versions(rng, N, K, blocksize, nested, dtype, M):
     import cupy as cp
 
@@ -496,13 +508,17 @@ def test_cuda_gemm_all_versions(rng, N, K, blocksize, nested, dtype, M):
     dp, dqs = kernels.to_device(packed, qs)
     xg, xs = _gpu_x(cp, rng.standard_normal((M, K), dtype=np.float32), dtype)
     bf = dtype == "bfloat16"
-    for version in (1, 2, 0):
+    for version in (1, 2, 3, 0):
         if version == 2 and dtype == "float32":
             with pytest.raises(ValueError, match="float16 or bfloat16"):
                 kernels.cuda_gemm(xg, dp, dqs, version=2)
             continue
+        if version == 3 and bf:
+            with pytest.raises(ValueError, match="bfloat16"):
+                kernels.cuda_gemm(xg, dp, dqs, version=3, bfloat16=True)
+            continue
         _check_gpu(_gpu_y(kernels.cuda_gemm(xg, dp, dqs, version=version, bfloat16=bf), dtype), xs, W, dtype)
-    # the dispatcher: M > 8 -> GEMM, batched leading dims kept
+    # the dispatcher: M > 8 -> GEMM (dequantize + cuBLAS from GEMM_DEQUANT_MIN_M on), batched dims kept
     y = kernels.matmul_4bit(xg.reshape(1, M, K), dp, dqs, bfloat16=bf)
     assert y.shape == (1, M, N)
     _check_gpu(_gpu_y(y.reshape(M, N), dtype), xs, W, dtype)
