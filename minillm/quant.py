@@ -867,6 +867,7 @@ class Linear4bit(_Module):
             self.register_buffer(k, backend.asarray(v) if k == "weight" else v)
         self._quant_state = qs
         self._packed = self._buffers["weight"]
+        self._compute_qs = None
         self._stale = False
 
     def set_buffer(self, name: str, value) -> None:
@@ -887,6 +888,7 @@ class Linear4bit(_Module):
             raise ValueError(f"Linear4bit: loaded a 4-bit weight of shape {tuple(qs.shape)} into a layer of "
                              f"shape {(self.out_features, self.in_features)} (out, in)")
         self._packed, self._quant_state = backend.asarray(packed), qs
+        self._compute_qs = None
         self.blocksize, self.quant_type, self.compress_statistics = qs.blocksize, qs.quant_type, qs.nested
         object.__setattr__(self, "weight", self._packed)
         self._stale = False
@@ -903,6 +905,23 @@ class Linear4bit(_Module):
         self._sync()
         return self._quant_state
 
+    def compute_quant_state(self) -> QuantState:
+        """The state the kernels use: ``quant_state`` itself on the CPU; on the GPU (cupy packed
+        weight) a copy whose absmax arrays were moved to the device ONCE (``kernels.state_on_device``),
+        so a forward does not re-upload absmax/absmax2/code2 every call. Rebuilt after a load or a
+        merge."""
+        self._sync()
+        if getattr(self, "_compute_qs", None) is None:
+            from minillm import backend
+
+            if backend.is_cupy(self._packed):
+                from minillm import kernels
+
+                self._compute_qs = kernels.state_on_device(self._quant_state)
+            else:
+                self._compute_qs = self._quant_state.validate()
+        return self._compute_qs
+
     def num_quantized_parameters(self) -> int:
         """Logical weights stored in 4 bits (out · in), for parameter accounting (PEFT counts packed ×2)."""
         return int(self.out_features * self.in_features)
@@ -916,11 +935,11 @@ class Linear4bit(_Module):
         """The float32 weight (out, in) the layer computes with."""
         from minillm import kernels
 
-        return kernels.dequantize_4bit(self.packed, self.quant_state).astype(np.float32, copy=False)
+        return kernels.dequantize_4bit(self.packed, self.compute_quant_state()).astype(np.float32, copy=False)
 
     def forward(self, x):
         """x (..., in) float32 -> (..., out)."""
-        y = Matmul4bit.apply(x, self.packed, self.quant_state)  # (..., out)
+        y = Matmul4bit.apply(x, self.packed, self.compute_quant_state())  # (..., out)
         return y if self.bias is None else F_.add(y, self.bias)
 
     def merge_delta(self, delta) -> None:

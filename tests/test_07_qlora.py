@@ -107,6 +107,15 @@ def test_linear4bit_load_half_nested_state_non_strict_raises():
         nested(x)
 
 
+def test_linear4bit_compute_state_is_cached_and_rebuilt_after_load():
+    rng = np.random.default_rng(4)
+    q = Linear4bit(rng.standard_normal((8, 64)).astype(np.float32))
+    qs = q.compute_quant_state()
+    assert qs is q.quant_state and q.compute_quant_state() is qs  # on the CPU: the state itself
+    q.load_state_dict(Linear4bit(rng.standard_normal((8, 64)).astype(np.float32)).state_dict())
+    assert q.compute_quant_state() is not qs and q.compute_quant_state() is q.quant_state
+
+
 def test_qlora_parameter_accounting():
     m = GPT(TINY, seed=0)
     quantize_model(m)

@@ -578,6 +578,26 @@ def test_numpy_reference_on_cupy_arrays_stays_on_the_gpu(rng, monkeypatch):
 
 
 @pytest.mark.cuda
+def test_linear4bit_keeps_its_quant_state_on_the_device(on_cuda, rng):
+    """On the GPU a Linear4bit moves absmax/absmax2/code2 to the device once, not every forward."""
+    import cupy as cp
+
+    from minillm.quant import Linear4bit
+    from minillm.tensor import Tensor
+
+    W = rng.standard_normal((48, 128), dtype=np.float32)
+    layer = Linear4bit(W)
+    qs = layer.compute_quant_state()
+    assert isinstance(qs.absmax, cp.ndarray) and isinstance(qs.state2.absmax, cp.ndarray)
+    assert layer.compute_quant_state() is qs  # cached
+    x = rng.standard_normal((3, 128), dtype=np.float32)
+    y = layer(Tensor(cp.asarray(x))).data.get()
+    on_cuda.use("cpu")
+    ref = Linear4bit(W)(Tensor(x)).data
+    np.testing.assert_allclose(y, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.cuda
 def test_cuda_bench_smoke(tmp_path):
     res = kernels.bench_kernel("cuda", sizes=[1024], m_list=[1], gemm_m=[256], repeats=2, out=str(tmp_path / "b.json"))
     assert res["results"]["gemv"] and res["results"]["gemm"] and res["results"]["copy"][0]["GB_per_s"] > 0
