@@ -12,8 +12,9 @@ Scope
     numpy    ``quant.dequantize_4bit`` then ``@``    the reference; always available
     cpp      ``minillm._C`` (csrc/nf4_cpu.cpp)       numpy inputs: OpenMP + AVX2/FMA, bit-exact
                                                      dequant, fused row/panel matmul
-    cuda     ``minillm._cuda`` (csrc/nf4_cuda.cu)    cupy inputs: dequant v1-v2, GEMV v1-v3
+    cuda     ``minillm._cuda`` (csrc/nf4_cuda.cu)    cupy inputs: dequant v1-v2, GEMV v1-v4
                                                      (M <= 8), GEMM v1 (SIMT) / v2 (tensor cores)
+                                                     / v3 (dequantize, then cuBLAS via cupy)
     ======== ======================================= ============================================
 
     The ladder (STYLE.md item 4, llm.c ``dev/cuda``): NumPy reference -> C++ twin -> CUDA v1 naive
@@ -25,8 +26,9 @@ Scope
     memory access pattern and tiling.
 
 Dispatch (``matmul_4bit``, ``dequantize_4bit``)
-    * cupy input -> ``cuda`` (GEMV for M <= 8 rows of x, GEMM above), else the NumPy reference
-      on cupy arrays;
+    * cupy input -> ``cuda`` (GEMV for M <= 8 rows of x, fused GEMM above, dequantize + cuBLAS
+      from ``GEMM_DEQUANT_MIN_M`` rows on for float32/float16), else the NumPy reference on cupy
+      arrays (computed with cupy: ``backend.get_array_module`` goes by the array's type);
     * numpy input -> ``cpp`` when ``minillm._C`` was built, else the NumPy reference.
     Force a path with ``kernel="numpy" | "cpp" | "cuda"`` or the environment variable
     ``MINILLM_KERNELS`` (same values, read at call time; "auto" = the rules above).
@@ -36,7 +38,9 @@ Dispatch (``matmul_4bit``, ``dequantize_4bit``)
 Errors
     A CUDA function called where no GPU/driver is usable raises RuntimeError naming the cause (the
     extension checks ``cudaGetDeviceCount`` before any launch; nothing crashes). Shape mismatches
-    raise ValueError naming both shapes.
+    raise ValueError naming both shapes; an absmax whose dtype does not match the state's nesting
+    raises ValueError (``QuantState.validate``). ``MINILLM_CUDA_SYNC=1`` synchronizes and checks
+    after every launch, so a kernel fault is raised by the call that caused it.
 
 Sources
     Dettmers et al. 2023, QLoRA (arXiv:2305.14314) §3 (NF4, double quantization); bitsandbytes 0.50
@@ -48,8 +52,9 @@ Deliberate deviations
     * The GEMV's 128-bit path requires ``K % 32 == 0`` and ``blocksize % 32 == 0`` (bitsandbytes
       requires ``K % blocksize == 0``); other shapes use the general GEMV v2 rather than failing.
     * bitsandbytes dequantizes W to the compute dtype before a cuBLAS GEMM for M > 1
-      (``MatMul4Bit``); here M > 8 uses the fused tensor-core GEMM (``gemm_4bit`` in 0.50 is fused
-      too). ``kernel="numpy"`` restores dequantize-then-matmul.
+      (``MatMul4Bit``); here 8 < M < ``GEMM_DEQUANT_MIN_M`` (256) uses the fused GEMM (v2 on tensor
+      cores for 16-bit x, v1 SIMT for float32) and larger M dequantize-then-cuBLAS; the threshold
+      is a measured guess that ``make gpu-check``'s benchmark (v1/v2/v3 per M) is there to revise.
     * cupy has no bfloat16 dtype: bfloat16 arrays are passed as uint16 bit patterns
       (``to_bfloat16_bits`` / ``from_bfloat16_bits``).
 """
