@@ -15,6 +15,7 @@ Deviations
 from __future__ import annotations
 
 import os
+import sys
 from types import ModuleType
 
 import numpy as np
@@ -67,12 +68,23 @@ def device() -> str:
 
 
 def get_array_module(*arrays) -> ModuleType:
-    """The array module of the given arrays: cupy if any of them is a cupy array, else numpy."""
-    if _xp is not np:
-        for a in arrays:
-            if type(a).__module__.startswith("cupy"):
-                return _xp
+    """The array module of the given arrays: cupy if any of them is a cupy array, else numpy.
+
+    Decided by the arrays' types alone (as ``cupy.get_array_module``), whatever ``use()`` selected:
+    a cupy array handed to NumPy-reference code on a "cpu" backend still gets cupy, never a silent
+    ``np.asarray`` of device memory. cupy is not imported for numpy inputs: a cupy array can only
+    exist once cupy has been imported, so it is taken from ``sys.modules``.
+    """
+    for a in arrays:
+        if is_cupy(a):
+            return sys.modules.get("cupy") or _import_cupy_module()
     return np
+
+
+def _import_cupy_module() -> ModuleType:
+    import cupy  # type: ignore  # only reached with a cupy array in hand
+
+    return cupy
 
 
 def is_cupy(a) -> bool:

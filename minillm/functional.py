@@ -654,7 +654,10 @@ class Gather(Function):
     def backward(self, g):
         xp = _xp(g)
         out = xp.zeros(self.shape, dtype=self.dtype)
-        idx = list(xp.indices(self.index.shape, sparse=True))
+        # open-mesh coordinates of every index entry (what np.indices(..., sparse=True) gives; built
+        # by hand because cupy.indices has no ``sparse`` argument)
+        nd = self.index.ndim
+        idx = [xp.arange(s).reshape((1,) * i + (s,) + (1,) * (nd - i - 1)) for i, s in enumerate(self.index.shape)]
         idx[self.axis] = self.index
         scatter_add(out, tuple(idx), g)
         return out, None, None
@@ -760,7 +763,8 @@ def embedding(ids, weight: Tensor) -> Tensor:
     """Row lookup ``weight[ids]`` (``torch.nn.functional.embedding``); ids int array (B, T)."""
     ids = ids.data if isinstance(ids, Tensor) else ids
     V = weight.shape[0]
-    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= V):
+    # one host read of a device flag (a cupy sync); the offending id is looked up only on error
+    if ids.size and bool(((ids < 0) | (ids >= V)).any()):
         bad = int(ids.max()) if int(ids.max()) >= V else int(ids.min())
         raise IndexError(f"embedding: token id {bad} out of range for a vocabulary of {V}")
     return Embedding.apply(weight, ids)
@@ -822,8 +826,11 @@ class CrossEntropy(Function):
         t = targets.reshape(-1)
         valid = t != ignore_index
         t_safe = xp.where(valid, t, 0)
-        if t.size and bool(((t_safe < 0) | (t_safe >= V)).any()):
-            bad = t_safe[(t_safe < 0) | (t_safe >= V)][0]
+        out_of_range = (t_safe < 0) | (t_safe >= V)
+        # the range check and the count of supervised targets in ONE host read (one cupy sync)
+        n_bad, count = (int(v) for v in backend.to_numpy(xp.stack([out_of_range.sum(), valid.sum()])))
+        if n_bad:
+            bad = t_safe[out_of_range][0]
             raise IndexError(f"cross_entropy: target {int(bad)} out of range for {V} classes")
         z = l2 - l2.max(axis=1, keepdims=True)
         lse = xp.log(xp.exp(z).sum(axis=1))
@@ -836,7 +843,7 @@ class CrossEntropy(Function):
         if reduction == "sum":
             return total
         if reduction == "mean":
-            self.count = int(valid.sum())
+            self.count = count
             return total / builtins.max(self.count, 1)
         raise ValueError(f"cross_entropy: unknown reduction {reduction!r} (mean, sum or none)")
 

@@ -266,6 +266,11 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
 # --------------------------------------------------------------------------------------------
 
 
+def _dtype_of(a) -> np.dtype:
+    """dtype of a numpy/cupy array (or of ``np.asarray(a)`` for anything else)."""
+    return np.dtype(a.dtype) if hasattr(a, "dtype") else np.asarray(a).dtype
+
+
 @dataclass(eq=False)
 class QuantState:
     """Everything needed to dequantize a 4-bit (or 8-bit blockwise) array (bitsandbytes ``QuantState``).
@@ -302,9 +307,49 @@ class QuantState:
         """Number of elements of the original array."""
         return int(math.prod(self.shape))
 
+    def validate(self) -> "QuantState":
+        """Check that the absmax layout matches the nesting; returns self.
+
+        A 4-bit state is either plain (float absmax (nblocks,), no offset, no state2) or nested
+        (uint8 absmax codes, float32 offset, state2 with a float absmax2 and the 256-entry dynamic
+        code). Any mix (uint8 absmax without its nested part, a nested state without absmax2, code
+        or offset, a float absmax marked nested) would be decoded into values off by orders of
+        magnitude by every backend, so it raises ValueError naming what is missing instead.
+        The nested 8-bit state itself (quant_type "dynamic") needs a float absmax.
+        """
+        kind = _dtype_of(self.absmax).kind
+        if self.quant_type == "dynamic":
+            if kind != "f":
+                raise ValueError(f"the nested (dynamic) state's absmax2 must be float32, got dtype {_dtype_of(self.absmax)}")
+            return self
+        if self.state2 is None:
+            if kind != "f":
+                raise ValueError(
+                    f"quant_state.absmax has dtype {_dtype_of(self.absmax)} (double-quantized codes) but the state "
+                    "has no nested part (state2: nested_absmax, nested_quant_map, nested_offset); it would "
+                    "decode to garbage. A plain 4-bit state needs a float32 absmax.")
+            if self.offset is not None:
+                raise ValueError("quant_state has a nested offset but no nested state (state2: nested_absmax, "
+                                 "nested_quant_map); it is marked double-quantized without its nested part")
+            return self
+        missing = [name for name, v in (("offset (nested_offset)", self.offset),
+                                        ("state2.absmax (nested_absmax)", self.state2.absmax),
+                                        ("state2.code (nested_quant_map)", self.state2.code)) if v is None]
+        if missing:
+            raise ValueError(f"quant_state is marked double-quantized but lacks {', '.join(missing)}")
+        if _dtype_of(self.absmax) != np.uint8:
+            raise ValueError(f"quant_state is double-quantized (state2 set) but absmax has dtype "
+                             f"{_dtype_of(self.absmax)}; a nested state stores uint8 codes of the absmax")
+        if _dtype_of(self.state2.absmax).kind != "f":
+            raise ValueError(f"nested absmax2 (state2.absmax) must be float32, got dtype {_dtype_of(self.state2.absmax)}")
+        if int(self.state2.code.size) != 256:
+            raise ValueError(f"nested code (state2.code) must have 256 entries, got {int(self.state2.code.size)}")
+        return self
+
     def dequantize_absmax(self):
         """The float32 per-block absmax (nblocks,): ``self.absmax``, or for a nested state
         ``dyn[qabsmax_i] * absmax2[i // 256] + offset`` (bitsandbytes ``dequantize_4bit``)."""
+        self.validate()
         if not self.nested:
             return self.absmax
         xp = get_array_module(self.absmax)
@@ -355,7 +400,9 @@ class QuantState:
         such as ``"weight."`` (bitsandbytes ``QuantState.from_dict``). Arrays come back as numpy.
 
         Raises ValueError when neither the packed JSON blob nor the unpacked items are present, or
-        when there is more than one blob, or a required key is missing.
+        when there is more than one blob, or a required key is missing, or the state is marked
+        double-quantized without all of its nested part (or has uint8 absmax codes without it):
+        see ``validate``.
         """
         d = dict(qs_dict)
         blob_keys = [k for k in d if "quant_state" in k and isinstance(d[k], np.ndarray)]
@@ -374,7 +421,13 @@ class QuantState:
                 raise ValueError(f"quant state is missing {key!r}; have {sorted(d)}")
         state2 = None
         offset = None
-        if "nested_absmax" in d:
+        nested_keys = ("nested_absmax", "nested_quant_map", "nested_offset", "nested_blocksize", "nested_dtype")
+        present = [k for k in nested_keys if k in d]
+        if present and len(present) < len(nested_keys):
+            raise ValueError(
+                f"quant state is marked double-quantized ({', '.join(present)}) but lacks "
+                f"{', '.join(k for k in nested_keys if k not in d)}; it cannot be decoded")
+        if present:
             offset = np.float32(d["nested_offset"])
             nested_absmax = np.asarray(d["nested_absmax"], dtype=np.float32)
             state2 = cls(
@@ -394,7 +447,7 @@ class QuantState:
             code=np.asarray(d["quant_map"], dtype=np.float32),
             offset=offset,
             state2=state2,
-        )
+        ).validate()
 
 
 def state_dict_4bit(packed, quant_state: QuantState, prefix: str = "weight") -> dict:
@@ -827,6 +880,7 @@ class Linear4bit(_Module):
             self.register_buffer(k, backend.asarray(v) if k == "weight" else v)
         self._quant_state = qs
         self._packed = self._buffers["weight"]
+        self._compute_qs = None
         self._stale = False
 
     def set_buffer(self, name: str, value) -> None:
@@ -847,6 +901,7 @@ class Linear4bit(_Module):
             raise ValueError(f"Linear4bit: loaded a 4-bit weight of shape {tuple(qs.shape)} into a layer of "
                              f"shape {(self.out_features, self.in_features)} (out, in)")
         self._packed, self._quant_state = backend.asarray(packed), qs
+        self._compute_qs = None
         self.blocksize, self.quant_type, self.compress_statistics = qs.blocksize, qs.quant_type, qs.nested
         object.__setattr__(self, "weight", self._packed)
         self._stale = False
@@ -863,6 +918,23 @@ class Linear4bit(_Module):
         self._sync()
         return self._quant_state
 
+    def compute_quant_state(self) -> QuantState:
+        """The state the kernels use: ``quant_state`` itself on the CPU; on the GPU (cupy packed
+        weight) a copy whose absmax arrays were moved to the device ONCE (``kernels.state_on_device``),
+        so a forward does not re-upload absmax/absmax2/code2 every call. Rebuilt after a load or a
+        merge."""
+        self._sync()
+        if getattr(self, "_compute_qs", None) is None:
+            from minillm import backend
+
+            if backend.is_cupy(self._packed):
+                from minillm import kernels
+
+                self._compute_qs = kernels.state_on_device(self._quant_state)
+            else:
+                self._compute_qs = self._quant_state.validate()
+        return self._compute_qs
+
     def num_quantized_parameters(self) -> int:
         """Logical weights stored in 4 bits (out · in), for parameter accounting (PEFT counts packed ×2)."""
         return int(self.out_features * self.in_features)
@@ -876,11 +948,11 @@ class Linear4bit(_Module):
         """The float32 weight (out, in) the layer computes with."""
         from minillm import kernels
 
-        return kernels.dequantize_4bit(self.packed, self.quant_state).astype(np.float32, copy=False)
+        return kernels.dequantize_4bit(self.packed, self.compute_quant_state()).astype(np.float32, copy=False)
 
     def forward(self, x):
         """x (..., in) float32 -> (..., out)."""
-        y = Matmul4bit.apply(x, self.packed, self.quant_state)  # (..., out)
+        y = Matmul4bit.apply(x, self.packed, self.compute_quant_state())  # (..., out)
         return y if self.bias is None else F_.add(y, self.bias)
 
     def merge_delta(self, delta) -> None:

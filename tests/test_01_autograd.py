@@ -224,6 +224,36 @@ def test_gradcheck_gather():
     check(lambda x: F.gather(x, -1, idx1), x)
 
 
+def test_gather_backward_3d_repeats_without_sparse_indices(monkeypatch):
+    """Gather's backward on a 3-D input (repeated indices accumulate) is gradchecked, and it
+    never calls ``xp.indices(..., sparse=True)``: cupy.indices has no ``sparse`` argument, so the
+    array module is replaced by one whose ``indices`` refuses it."""
+    import types
+
+    x = t64((2, 3, 4), 31)
+    idx = np.array([[[0, 0], [3, 1], [2, 2]], [[1, 1], [1, 0], [3, 3]]])  # (2, 3, 2) along axis 2
+    check(lambda x: F.gather(x, 2, idx), x)
+    idx1 = np.array([[[2, 2, 2, 0]], [[1, 0, 1, 1]]])  # (2, 1, 4) along axis 1
+    check(lambda x: F.gather(x, 1, idx1), x)
+
+    def indices(dimensions, dtype=int):  # cupy 14's signature: no ``sparse``
+        return np.indices(dimensions, dtype=dtype)
+
+    class NoSparse(types.ModuleType):  # numpy, except for ``indices``
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+    no_sparse = NoSparse("no_sparse")
+    no_sparse.indices = indices
+    monkeypatch.setattr(F, "_xp", lambda a: no_sparse)
+    x = Tensor(np.arange(24, dtype=np.float32).reshape(2, 3, 4), requires_grad=True)
+    F.gather(x, 2, idx).sum().backward()
+    expected = np.zeros((2, 3, 4), np.float32)
+    np.add.at(expected, (np.arange(2)[:, None, None], np.arange(3)[None, :, None], idx), 1.0)
+    np.testing.assert_array_equal(x.grad, expected)
+    assert x.grad.dtype == np.float32 and expected[0, 0, 0] == 2.0
+
+
 def test_gradcheck_concat_stack_split():
     a, b, c = t64((2, 3), 19), t64((2, 1), 20), t64((2, 2), 21)
     check(lambda a, b, c: F.concat([a, b, c], axis=1), a, b, c)
