@@ -196,7 +196,6 @@ def run(args) -> int:
     elif args.what == "train-step":
         res = bench_train_step(repeats=args.repeats, profile=args.profile, with_torch=not args.no_torch)
     elif args.what == "quant":
-        from minillm.quant import bench_quant
 
         res = bench_quant(repeats=args.repeats)
     else:
@@ -215,3 +214,48 @@ def run(args) -> int:
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(run(__import__("argparse").Namespace(what=sys.argv[1], repeats=3, profile=False, no_torch=False,
                                                    device="cpu", out=None)))
+
+
+def bench_quant(repeats: int = 5, n: int = 4096, seed: int = 0) -> dict:
+    """NF4 quantize/dequantize throughput (MB/s of float32 input) and Linear4bit forward vs Linear.
+
+    Shapes: a (n, n) float32 weight (64 MiB for n = 4096); Linear forward on x (16, n).
+    """
+    import time
+
+    from minillm import kernels
+    from minillm.linear4bit import Linear4bit
+    from minillm.nn import Linear
+    from minillm.quant import bits_per_parameter, dequantize_4bit, quantize_4bit
+    from minillm.tensor import Tensor, no_grad
+
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal((n, n)).astype(np.float32)
+    mb = W.nbytes / 1e6
+
+    def t(fn):
+        fn()
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return float(np.median(ts))
+
+    out = {"shape": [n, n]}
+    for dq in (False, True):
+        packed, qs = quantize_4bit(W, compress_statistics=dq)
+        tq = t(lambda: quantize_4bit(W, compress_statistics=dq))
+        td = t(lambda: dequantize_4bit(packed, qs))
+        key = "nf4_double_quant" if dq else "nf4"
+        out[key] = {"quantize_MB_per_s": round(mb / tq, 1), "dequantize_MB_per_s": round(mb / td, 1),
+                    "bits_per_parameter": round(bits_per_parameter(packed, qs), 4)}
+    x = Tensor(rng.standard_normal((16, n)).astype(np.float32))
+    lin = Linear(n, n, bias=False, rng=rng)
+    q4 = Linear4bit(lin.weight.data)
+    with no_grad():
+        out["linear_forward_ms"] = round(1e3 * t(lambda: lin(x)), 3)
+        out["linear4bit_forward_ms"] = round(1e3 * t(lambda: q4(x)), 3)
+    out["kernel_backend"] = kernels.select_backend(np.zeros(1, np.float32))
+    out["weight_bytes"] = {"float32": int(W.nbytes), "nf4_double_quant": q4.nbytes}
+    return out

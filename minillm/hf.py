@@ -850,7 +850,7 @@ def hf_state_from_gpt(model) -> dict[str, np.ndarray]:
     unknown = sorted(set(sd) - known)
     if unknown:
         raise ValueError(f"save_hf_gpt2: parameters/buffers {unknown[:6]} have no GPT-2 counterpart "
-                         f"(a 4-bit layer? dequantize first with quant.dequantize_model)")
+                         f"(a 4-bit layer? dequantize first with linear4bit.dequantize_model)")
 
     def bias(name, n):
         return np.asarray(sd[name], np.float32) if name in sd else np.zeros(n, np.float32)

@@ -213,14 +213,6 @@ class LoRALinear(Module):
 # ------------------------------------------------------------------------------ model surgery
 
 
-def _parent(model: Module, dotted: str) -> tuple[Module, str]:
-    *path, name = dotted.split(".")
-    mod = model
-    for part in path:
-        mod = getattr(mod, part)
-    return mod, name
-
-
 def _target_matches(name: str, target_modules) -> bool:
     """PEFT's rule: a string is a regex matched against the full name (``re.fullmatch``); a list
     matches a module whose name equals an entry or ends with ``"." + entry``."""
@@ -269,11 +261,10 @@ def inject_lora(model: Module, target_modules=DEFAULT_TARGET_MODULES, r: int = 8
                          f"the model's linear layers are {[n for n, _ in linear]}")
     replaced = []
     for name, m in chosen:
-        parent, attr = _parent(model, name)
         layer = LoRALinear(m, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
                            init_lora_weights=init_lora_weights, rng=rng, dropout_rng=dropout_rng)
         layer.train(getattr(m, "training", True))
-        object.__setattr__(parent, attr, layer)
+        model.set_submodule(name, layer)
         replaced.append(name)
     if freeze_base:
         mark_only_lora_as_trainable(model)
@@ -351,8 +342,7 @@ def merge_and_unload(model: Module) -> Module:
     for name, layer in lora_layers(model):
         if not layer.merged:
             layer.merge()
-        parent, attr = _parent(model, name)
-        object.__setattr__(parent, attr, layer.base_layer)
+        model.set_submodule(name, layer.base_layer)
     return model
 
 

@@ -103,6 +103,18 @@ class Module:
         for _, m in self.named_modules():
             yield m
 
+    def set_submodule(self, target: str, module: "Module") -> None:
+        """Put ``module`` at the dotted path ``target`` (e.g. ``"transformer.h.0.attn.q_proj"``), replacing
+        what is there (PyTorch ``Module.set_submodule``); used to swap a Linear for a LoRA or 4-bit layer.
+        Raises AttributeError naming the missing part of the path."""
+        *path, attr = target.split(".")
+        parent = self
+        for part in path:
+            if not hasattr(parent, part):
+                raise AttributeError(f"set_submodule({target!r}): {type(parent).__name__} has no attribute {part!r}")
+            parent = getattr(parent, part)
+        object.__setattr__(parent, attr, module)
+
     def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
         """Every Parameter with its dotted name; a parameter shared by two modules appears once."""
         seen: set[int] = set()

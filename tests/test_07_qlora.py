@@ -13,8 +13,8 @@ from minillm import memory as M
 from minillm.lora import LoRALinear, count_parameters, inject_lora
 from minillm.model import GPT, GPTConfig
 from minillm.optim import AdamW
-from minillm.quant import (NF4_CODE, Linear4bit, bits_per_parameter, dequantize_4bit, dequantize_model,
-                           quantize_4bit, quantize_model)
+from minillm.linear4bit import Linear4bit, dequantize_model, quantize_model
+from minillm.quant import NF4_CODE, bits_per_parameter, dequantize_4bit, quantize_4bit
 from minillm.tensor import Tensor
 
 TINY = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=64)

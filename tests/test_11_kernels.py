@@ -582,7 +582,7 @@ def test_linear4bit_keeps_its_quant_state_on_the_device(on_cuda, rng):
     """On the GPU a Linear4bit moves absmax/absmax2/code2 to the device once, not every forward."""
     import cupy as cp
 
-    from minillm.quant import Linear4bit
+    from minillm.linear4bit import Linear4bit
     from minillm.tensor import Tensor
 
     W = rng.standard_normal((48, 128), dtype=np.float32)
@@ -625,7 +625,7 @@ def _engine_grads(seed: int, qlora: bool):
     from minillm import backend
     from minillm.lora import inject_lora
     from minillm.model import GPT, GPTConfig
-    from minillm.quant import quantize_model
+    from minillm.linear4bit import quantize_model
 
     cfg = GPTConfig(vocab_size=97, block_size=48, n_layer=2, n_head=2, n_embd=64)
     model = GPT(cfg, seed=seed)

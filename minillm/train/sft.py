@@ -7,7 +7,7 @@ Scope
     batches (right padding; padding known from the attention mask). ``loss_on="all"`` trains on
     every real token instead (the comparison the chapter makes). ``lora=True`` freezes the base and
     trains LoRA adapters (``lora.inject_lora``); ``qlora=True`` first replaces the blocks' Linear
-    layers by 4-bit NF4 layers (``quant.Linear4bit``) and trains LoRA on them.
+    layers by 4-bit NF4 layers (``linear4bit.Linear4bit``) and trains LoRA on them.
     On the built-in world it evaluates the base model zero-shot and k-shot and the tuned model on
     held-out facts, held-out paraphrases and train facts (evaluate.evaluate_world), measures the
     pretraining-corpus loss before and after (forgetting), and writes ``<out_dir>/metrics.json``
@@ -125,7 +125,7 @@ def apply_peft(model: GPT, cfg: SFTConfig) -> dict:
     spec = cfg.lora_targets or ("all-linear" if cfg.qlora else "q_proj,v_proj")
     targets = "all-linear" if spec == "all-linear" else [t.strip() for t in spec.split(",")]
     if cfg.qlora:
-        from minillm.quant import quantize_model
+        from minillm.linear4bit import quantize_model
 
         quantize_model(model, blocksize=cfg.quant_blocksize)
     inject_lora(model, targets, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -155,7 +155,7 @@ def merge_for_saving(model: GPT) -> GPT:
     """A plain float32 GPT: every 4-bit base dequantized (no re-quantization), then every LoRA merged
     (W ← W + scaling·B·A), then the wrappers removed. All parameters trainable again."""
     from minillm.lora import merge_and_unload
-    from minillm.quant import dequantize_model
+    from minillm.linear4bit import dequantize_model
 
     dequantize_model(model)
     model = merge_and_unload(model)
