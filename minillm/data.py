@@ -68,8 +68,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-#: Label value that takes no part in the loss (PyTorch ``CrossEntropyLoss(ignore_index=-100)``).
-IGNORE_INDEX = -100
+from minillm.functional import IGNORE_INDEX
 
 BOS, EOS, INST, INST_END, PAD = "<|bos|>", "<|eos|>", "[INST]", "[/INST]", "<|pad|>"
 

@@ -44,6 +44,10 @@ import numpy as np
 from minillm import backend
 from minillm.tensor import Function, Tensor, is_grad_enabled, no_grad
 
+#: Label value that takes no part in the loss (PyTorch ``CrossEntropyLoss(ignore_index=-100)``).
+IGNORE_INDEX = -100
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -816,7 +820,7 @@ def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
 class CrossEntropy(Function):
     """Fused log-softmax + negative log-likelihood over the last axis."""
 
-    def forward(self, logits, targets, ignore_index=-100, reduction="mean"):
+    def forward(self, logits, targets, ignore_index=IGNORE_INDEX, reduction="mean"):
         xp = _xp(logits)
         V = logits.shape[-1]
         if targets.shape != logits.shape[:-1]:
@@ -861,7 +865,7 @@ class CrossEntropy(Function):
         return p.reshape(self.shape), None
 
 
-def cross_entropy(logits: Tensor, targets, ignore_index: int = -100, reduction: str = "mean") -> Tensor:
+def cross_entropy(logits: Tensor, targets, ignore_index: int = IGNORE_INDEX, reduction: str = "mean") -> Tensor:
     """Cross-entropy of ``logits`` (..., V) against integer ``targets`` (...).
 
     Targets equal to ``ignore_index`` (−100) contribute nothing. ``reduction``: "mean" divides by

@@ -39,9 +39,8 @@ import numpy as np
 from minillm import backend
 from minillm import functional as F
 from minillm.nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList
+from minillm.functional import IGNORE_INDEX
 from minillm.tensor import Tensor, no_grad
-
-IGNORE_INDEX = -100
 
 
 @dataclass

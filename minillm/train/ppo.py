@@ -92,9 +92,8 @@ from minillm.model import GPT
 from minillm.nn import Linear
 from minillm.optim import AdamW, clip_grad_norm_
 from minillm.tensor import Tensor, no_grad
+from minillm.tasks import OPENER
 from minillm.train.common import add_dataclass_arguments, dataclass_from_args
-
-OPENER = "Sure!"
 
 
 # ================================================================================================
