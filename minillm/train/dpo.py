@@ -304,11 +304,7 @@ def train_dpo(model: GPT, pairs: Sequence[RenderedPair], ref_c: np.ndarray, ref_
               cfg: DPOConfig, on_step=None) -> list[dict]:
     """The training loop (AdamW, warmup + cosine, clipping); returns per-step metric dicts."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.lora:
-        opt = AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        opt = AdamW(weight_decay_groups(((n, p) for n, p in model.named_parameters() if p.requires_grad),
-                                        cfg.weight_decay), lr=cfg.lr)
+    opt = AdamW(weight_decay_groups(model.named_parameters(), cfg.weight_decay), lr=cfg.lr)
     rng = np.random.default_rng(cfg.seed)
     stream = batches(len(pairs), cfg.batch_size, rng)
     lens_c, lens_r = response_lengths(pairs)

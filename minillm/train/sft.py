@@ -165,8 +165,7 @@ def merge_for_saving(model: GPT) -> GPT:
 def train_sft(model: GPT, tok, examples: list, cfg: SFTConfig, on_step=None) -> list[float]:
     """The training loop: ``examples`` are (ids, loss_mask) pairs; returns the loss of every step."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = AdamW(weight_decay_groups(((n, p) for n, p in model.named_parameters()), cfg.weight_decay),
-                lr=cfg.lr) if not cfg.lora else AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = AdamW(weight_decay_groups(model.named_parameters(), cfg.weight_decay), lr=cfg.lr)
     rng = np.random.default_rng(cfg.seed)
     stream = batches(len(examples), cfg.batch_size, rng)
     losses = []
