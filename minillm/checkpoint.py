@@ -39,24 +39,41 @@ from minillm import backend
 FORMAT = "minillm-checkpoint-v1"
 
 
-#: Temp files of an atomic write are ``.<name>.<random>.tmp`` in the target's folder.
+#: Temp files of an atomic write are ``.<name>.<pid>.<random>.tmp`` in the target's folder.
 TEMP_SUFFIX = ".tmp"
-#: A temp file older than this many seconds is litter from a killed save (a live save of a
-#: checkpoint takes well under this; the age guard keeps a concurrent writer's file alive).
+#: A temp file without a live writer's pid in its name counts as litter only after this many
+#: seconds (a concurrent writer's file stays alive).
 STALE_TEMP_SECONDS = 60.0
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, but another user's
+        return True
+    return True
 
 
 def clean_stale_temp_files(folder, name: str | None = None, min_age: float = STALE_TEMP_SECONDS) -> list[Path]:
     """Remove temp files that an atomic write killed mid-save left in ``folder``: files named
-    ``.<name>.*.tmp`` (any name when ``name`` is None) last modified more than ``min_age`` seconds
-    ago. Returns the removed paths. Never raises for a file that vanished or cannot be removed."""
+    ``.<name>.<pid>.*.tmp`` (any name when ``name`` is None) whose writer process ``pid`` is no
+    longer running; a temp file with no pid in its name is removed once older than ``min_age``
+    seconds. Returns the removed paths. Never raises for a file that vanished or cannot be removed."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     now, removed = time.time(), []
     for p in folder.glob(f".{name or '*'}.*{TEMP_SUFFIX}"):
+        parts = p.name[: -len(TEMP_SUFFIX)].rsplit(".", 2)
+        pid = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
         try:
-            if p.is_file() and now - p.stat().st_mtime >= min_age:
+            if not p.is_file():
+                continue
+            if (pid is not None and not _pid_alive(pid)) or (pid is None and now - p.stat().st_mtime >= min_age):
                 p.unlink()
                 removed.append(p)
         except OSError:
@@ -86,7 +103,7 @@ def _atomic_write(path, write) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temp_files(path.parent, path.name)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=TEMP_SUFFIX)
     os.close(fd)
     try:
         write(tmp)

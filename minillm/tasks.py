@@ -1154,7 +1154,9 @@ def write_datasets(out_dir: str | os.PathLike, world: TaskWorld | None = None) -
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """CLI flags of ``minillm datasets``: ``--out`` (directory, default ``datasets``), ``--seed``."""
     parser.add_argument("--out", default="datasets", help="output directory (default: datasets)")
-    parser.add_argument("--seed", type=int, default=0, help="world seed (default: 0)")
+    from minillm.train.common import number_in_range
+
+    parser.add_argument("--seed", type=number_in_range(int, "seed"), default=0, help="world seed (int ≥ 0; default: 0)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -433,6 +433,12 @@ def dpo(cfg: DPOConfig) -> DPOResult:
     rep_tr, rep_te = CollateReport(), CollateReport()
     train_pairs = tokenize_pairs(train_ex, tok, max_len, rep_tr)
     test_pairs = tokenize_pairs(test_ex, tok, max_len, rep_te)
+    from minillm.train.common import print_data_summary  # the one console summary of kept/cut/dropped data
+
+    length_option = "--max-length up to the model's block_size, or a base model with a longer context"
+    print_data_summary("dpo train", rep_tr, info.get("skipped"), max_len, length_option)
+    if test_ex:
+        print_data_summary("dpo test", rep_te, None, max_len, length_option)
     if not train_pairs:
         raise ValueError(f"DPO data {cfg.data!r}: no usable preference pair "
                          f"(skipped: {rep_tr.skipped}; pairs read: {rep_tr.n_examples})")

@@ -58,7 +58,7 @@ from tqdm.auto import tqdm
 from minillm import backend
 from minillm import functional as F
 from minillm.checkpoint import load_model, save_checkpoint, write_json_atomic
-from minillm.data import CollateReport, load_dataset, render_chat, render_preference
+from minillm.data import CollateReport, _render_preference, load_dataset, render_chat
 from minillm.model import GPT, IGNORE_INDEX, last_token_index
 from minillm.optim import AdamW, clip_grad_norm_, cosine_lr, set_lr, weight_decay_groups
 from minillm.tensor import Tensor, no_grad
@@ -255,17 +255,13 @@ def tokenize_pairs(examples: Sequence, tokenizer, max_length: int | None = None,
     text_keys = {"prompt", "chosen", "rejected", "chosen_eos", "rejected_eos"}
     out = []
     for ex in examples:
-        report.n_examples += 1
         meta = dict(ex.meta) if hasattr(ex, "meta") else {k: v for k, v in ex.items() if k not in text_keys}
-        res = render_preference(ex, tokenizer, max_length)
-        if isinstance(res, str):
-            report.skip(res)
+        res = _render_preference(ex, tokenizer, max_length, 1)
+        if not isinstance(res, str) and res[0][0] == res[1][0]:
+            res = "chosen_equals_rejected"  # identical token sequences carry no preference
+        if not report.record(res):  # every skip and truncation counted in one place
             continue
-        (ci, cm), (ri, rm) = res
-        if ci == ri:
-            report.skip("chosen_equals_rejected")
-            continue
-        report.n_kept += 1
+        (ci, cm), (ri, rm) = res[0], res[1]
         m = meta.get("margin", default_margin)
         out.append(RenderedPair(ci, ri, None if m is None else float(m), meta, cm, rm))
     return out
@@ -518,6 +514,12 @@ def reward(cfg: RewardConfig) -> RewardResult:
     default_margin = cfg.margin if cfg.margin else None
     train_pairs = tokenize_pairs(train_ex, tok, max_len, rep_tr, default_margin)
     test_pairs = tokenize_pairs(test_ex, tok, max_len, rep_te, default_margin)
+    from minillm.train.common import print_data_summary  # the one console summary of kept/cut/dropped data
+
+    length_option = "--max-length up to the model's block_size, or a base model with a longer context"
+    print_data_summary("reward train", rep_tr, info.get("skipped"), max_len, length_option)
+    if test_ex:
+        print_data_summary("reward test", rep_te, None, max_len, length_option)
     if not train_pairs:
         raise ValueError(f"reward data {cfg.data!r}: no usable preference pair "
                          f"(skipped: {rep_tr.skipped}; pairs read: {rep_tr.n_examples})")
