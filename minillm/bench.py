@@ -183,7 +183,10 @@ def bench_train_step(repeats: int = 5, profile: bool = False, with_torch: bool =
 
 def add_arguments(parser) -> None:
     parser.add_argument("what", choices=["generate", "train-step", "quant", "kernel"], help="which benchmark")
-    parser.add_argument("--repeats", type=int, default=5)
+    from minillm.train.common import number_in_range
+
+    parser.add_argument("--repeats", type=number_in_range(int, "repeats", (1, float("inf"), True, False)), default=5,
+                        help="timed repetitions (int ≥ 1; default 5)")
     parser.add_argument("--profile", action="store_true", help="train-step: add a cProfile breakdown")
     parser.add_argument("--no-torch", action="store_true", help="train-step: skip the PyTorch side")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="kernel: which device")

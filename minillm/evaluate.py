@@ -34,7 +34,7 @@ import numpy as np
 from minillm import backend
 from minillm.data import render_prompt
 from minillm.model import GPT, left_pad
-from minillm.tasks import GoldJudge, build_kshot_prompt
+from minillm.tasks import GoldJudge
 from minillm.tensor import no_grad
 
 
@@ -76,13 +76,15 @@ def generate_responses(model: GPT, tokenizer, prompts: Sequence[Sequence[int]], 
 
 def prompt_ids_for(tokenizer, question: str, shots: Sequence[tuple[str, str]] = (), max_len: int | None = None
                    ) -> tuple[list[int], bool]:
-    """Ids of a zero-shot chat prompt (no shots: ``render_prompt``) or a k-shot prompt
-    (``build_kshot_prompt`` encoded with specials), cut from the left to ``max_len`` keeping ``<|bos|>``.
-    Returns (ids, truncated)."""
-    if shots:
-        ids = tokenizer.encode(build_kshot_prompt(question, shots), allowed_special="all")
-    else:
-        ids = render_prompt([{"role": "user", "content": question}], tokenizer)
+    """Ids of a zero-shot chat prompt (no shots) or a k-shot prompt (the shots as earlier chat
+    turns: the ids of ``build_kshot_prompt``'s text), cut from the left to ``max_len`` keeping
+    ``<|bos|>``. Both are built by ``render_prompt`` (special tokens by id, question and shot text
+    encoded as ordinary text), so a question containing ``[/INST]`` or ``<|eos|>`` cannot close
+    its turn early. Returns (ids, truncated)."""
+    msgs: list[dict] = []
+    for q, r in shots:
+        msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": r}]
+    ids = render_prompt(msgs + [{"role": "user", "content": question}], tokenizer)
     if max_len is not None and len(ids) > max_len:
         return [ids[0]] + ids[len(ids) - max_len + 1:], True
     return list(ids), False

@@ -43,7 +43,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from typing import Sequence
 
@@ -376,25 +375,10 @@ def lora_config(model: Module) -> dict:
             "fan_in_fan_out": first.fan_in_fan_out, "init_lora_weights": first.init_lora_weights}
 
 
-def _atomic_write_bytes(path: str, write) -> None:
-    d = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _save_safetensors(tensors: dict, path: str, metadata: dict | None = None) -> None:
-    from safetensors.numpy import save_file
+    from minillm.checkpoint import save_safetensors_atomic  # atomic, fsynced, refuses NaN/inf
 
-    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    _atomic_write_bytes(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    save_safetensors_atomic(path, tensors, metadata)
 
 
 def save_adapter(model: Module, path: str, config: dict | None = None) -> None:
@@ -423,6 +407,9 @@ def read_adapter(path: str) -> tuple[dict, dict]:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     if "lora_config" not in meta:
         raise ValueError(f"{path}: not a minillm adapter file (no 'lora_config' in the safetensors metadata)")
+    from minillm.checkpoint import check_finite_tensors
+
+    check_finite_tensors(tensors, str(path))
     return tensors, json.loads(meta["lora_config"])
 
 
@@ -614,13 +601,9 @@ def export_peft(model: Module, out_dir: str, base_model_name_or_path: str | None
         tensors[f"base_model.model.{path}.lora_B.weight"] = np.asarray(B, dtype=np.float32)  # (out, r)
     os.makedirs(out_dir, exist_ok=True)
     _save_safetensors(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
-    text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
+    from minillm.checkpoint import write_text_atomic
 
-    def _write_json(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    _atomic_write_bytes(os.path.join(out_dir, "adapter_config.json"), _write_json)
+    write_text_atomic(os.path.join(out_dir, "adapter_config.json"), json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return cfg
 
 

@@ -70,6 +70,7 @@ Deliberate deviations
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 import math
 from dataclasses import dataclass
@@ -443,15 +444,21 @@ def format_table(est: dict, title: str = "") -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``minillm memory``."""
     g = parser.add_mutually_exclusive_group()
-    g.add_argument("--params", type=float, default=None, help="parameter count, e.g. 7e9")
+    from minillm.train.common import number_in_range
+
+    g.add_argument("--params", type=number_in_range(float, "params", (0.0, float("inf"), False, False)), default=None,
+                   help="parameter count, e.g. 7e9 (> 0)")
     g.add_argument("--preset", choices=sorted(PRESETS), default=None, help="model shape preset (default 7b)")
     parser.add_argument("--method", choices=METHODS, default="qlora")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZER_BYTES), default="adamw")
-    parser.add_argument("--lora-r", type=int, default=64)
+    parser.add_argument("--lora-r", type=number_in_range(int, "lora_r", (1, float("inf"), True, False)), default=64,
+                        help="LoRA rank (int ≥ 1; default 64)")
     parser.add_argument("--lora-targets", default="all", help="all | attention | qv | comma-separated names")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--batch", type=number_in_range(int, "batch", (1, float("inf"), True, False)), default=1,
+                        help="sequences per step (int ≥ 1; default 1)")
+    parser.add_argument("--seq-len", type=number_in_range(int, "seq_len", (1, float("inf"), True, False)), default=512,
+                        help="tokens per sequence (int ≥ 1; default 512)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--no-double-quant", action="store_true", help="QLoRA without double quantization")
     parser.add_argument("--json", action="store_true", help="print the estimate as JSON")
@@ -474,7 +481,7 @@ def run(args: argparse.Namespace) -> int:
             double_quant=not args.no_double_quant,
         )
     except ValueError as e:
-        print(f"minillm memory: error: {e}")
+        print(f"minillm memory: error: {e}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(est, indent=2))

@@ -148,6 +148,16 @@ def adamw_update(p, g, m, v, step: int, lr: float, beta1: float, beta2: float, e
     p -= dt(step_size) * (m / denom)
 
 
+def _check_hyperparameters(who: str, lr, betas, eps, weight_decay) -> None:
+    """Raise ValueError naming the value when lr, eps or weight_decay is negative or not finite
+    (NaN passes ``lr < 0``, so finiteness is tested explicitly) or a beta is outside [0, 1)."""
+    for name, v in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
+        if not (math.isfinite(float(v)) and float(v) >= 0):
+            raise ValueError(f"{who}: invalid {name}={v}: must be a finite number ≥ 0")
+    if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+        raise ValueError(f"{who}: betas={tuple(betas)} must each be in [0, 1)")
+
+
 class AdamW(Optimizer):
     """Adam with decoupled weight decay (Loshchilov & Hutter 2019, Alg. 2), = ``torch.optim.AdamW``.
 
@@ -159,8 +169,7 @@ class AdamW(Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2):
-        if lr < 0 or eps < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(f"AdamW: invalid lr={lr}, betas={betas} or eps={eps}")
+        _check_hyperparameters("AdamW", lr, betas, eps, weight_decay)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
     def step(self) -> None:
@@ -180,11 +189,17 @@ class AdamW(Optimizer):
                              b1, b2, group["eps"], group["weight_decay"])
 
 
-def weight_decay_groups(named_params: Iterable[tuple[str, Tensor]], weight_decay: float) -> list[dict]:
+def weight_decay_groups(named_params: Iterable, weight_decay: float) -> list[dict]:
     """Two parameter groups: 2-D (and higher) weights with ``weight_decay``, the rest (biases,
-    LayerNorm weights) with 0 — the GPT-2/nanoGPT convention. Frozen parameters are left out."""
+    LayerNorm weights) with 0 — the GPT-2/nanoGPT convention. Frozen parameters are left out.
+
+    The one parameter-group rule of the project: every trainer (pretrain, SFT, LoRA, reward, DPO,
+    PPO's policy and value head) builds its optimizer from it. ``named_params``: ``(name, Tensor)``
+    pairs (``model.named_parameters()``) or bare Tensors; LoRA's A/B matrices are 2-D, so they decay.
+    Source: nanoGPT ``configure_optimizers`` (decay iff ``p.dim() >= 2``)."""
     decay, no_decay = [], []
-    for _, p in named_params:
+    for item in named_params:
+        p = item[1] if isinstance(item, tuple) else item
         if not p.requires_grad:
             continue
         (decay if p.ndim >= 2 else no_decay).append(p)
@@ -311,8 +326,7 @@ class PagedAdamW(Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, page_size: int = 64 * 1024, device_budget: int | None = None):
-        if lr < 0 or eps < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(f"PagedAdamW: invalid lr={lr}, betas={betas} or eps={eps}")
+        _check_hyperparameters("PagedAdamW", lr, betas, eps, weight_decay)
         if int(page_size) != page_size or page_size <= 0 or page_size % 8:
             raise ValueError(f"PagedAdamW: page_size must be a positive multiple of 8 bytes, got {page_size}")
         if device_budget is not None and device_budget < page_size:

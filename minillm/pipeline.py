@@ -27,6 +27,7 @@ Deviations
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -274,25 +275,58 @@ STAGE_FUNCTIONS = {name: globals()[f"stage_{name}"] for name in STAGES}
 RECIPE_VERSION = 2
 
 
+def content_sha256(path: str) -> str:
+    """SHA-256 (hex) of a data file's bytes, or ``"builtin"`` for the built-in data, so a stage is
+    keyed on what the data *is*, not on where it lies (an edited file at the same path rebuilds).
+    Raises FileNotFoundError naming the option's file, before any stage runs."""
+    if path == "builtin":
+        return "builtin"
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"data file not found: {p}" + (" (a directory)" if p.is_dir() else ""))
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def stage_fingerprint(ctx: Context) -> dict:
     """What a cached stage must have been made with to be reused: the recipe version and every
-    pipeline setting that changes results (not the run name, folder or progress bars)."""
+    pipeline setting that changes results (not the run name, folder or progress bars), with each
+    data file's content hash (``content_sha256``) next to its path."""
     c = ctx.cfg
+    if not hasattr(ctx, "_data_hashes"):
+        ctx._data_hashes = {k: content_sha256(getattr(c, k)) for k in ("corpus", "sft_data", "pref_data")}
     return {"recipe_version": RECIPE_VERSION, "quick": c.quick, "seed": c.seed, "corpus": c.corpus,
-            "sft_data": c.sft_data, "pref_data": c.pref_data, "eval_prompts": c.eval_prompts}
+            "sft_data": c.sft_data, "pref_data": c.pref_data, "eval_prompts": c.eval_prompts,
+            "data_sha256": ctx._data_hashes}
 
 
 def run_stage(ctx: Context, stage: str) -> dict:
     """Run one stage unless its summary exists and was made with the same settings (stage_fingerprint);
     returns the summary (cached or new). A stage rebuilt for new settings makes every later stage
-    rebuild too, since they share the fingerprint."""
+    rebuild too, since they share the fingerprint.
+
+    Before a stage runs, ``<stage>/fingerprint.json`` records the settings it runs with. A stage
+    that crashed resumes from its checkpoint only when that record equals the current fingerprint;
+    otherwise (other corpus, seed, data content or recipe, or no record) the stage's old checkpoint
+    is deleted first, so a rebuild always retrains and never continues another run's weights."""
+    fp = stage_fingerprint(ctx)
     path = ctx.dir / stage / "summary.json"
     if path.exists():
         summary = json.loads(path.read_text())
-        if summary.get("fingerprint") == stage_fingerprint(ctx):
+        if summary.get("fingerprint") == fp:
             ctx.summaries[stage] = summary
             return summary
-        path.unlink()  # made by another recipe or settings: rebuild (the checkpoint is overwritten)
+        path.unlink()  # made by another recipe or settings: rebuild
+    marker = ctx.dir / stage / "fingerprint.json"
+    started = json.loads(marker.read_text()) if marker.is_file() else None
+    if started != fp:  # not a crash of this very run: nothing of the old stage may be reused
+        for old in (ctx.path(stage), ctx.dir / stage / "metrics.json"):
+            if old.exists():
+                old.unlink()
+        write_json_atomic(marker, fp)
     t0 = time.perf_counter()
     summary = STAGE_FUNCTIONS[stage](ctx)
     summary.setdefault("seconds", time.perf_counter() - t0)
@@ -449,6 +483,12 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     if unknown:
         raise ValueError(f"unknown stages {unknown}; choose from {STAGES}")
     ctx = Context(cfg)
+    stage_fingerprint(ctx)  # reads (hashes) --corpus/--sft-data/--pref-data now: a missing file fails first
+    from minillm.data import load_dataset
+
+    for path, kind in ((cfg.sft_data, "sft"), (cfg.pref_data, "preference")):
+        if path != "builtin":  # parse now, so bad data fails before the earlier stages spend their time
+            load_dataset(path, kind=kind)
     last = max(STAGES.index(s) for s in wanted)
     for stage in STAGES[:last + 1]:
         summary = run_stage(ctx, stage)

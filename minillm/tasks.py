@@ -1279,7 +1279,9 @@ def addition_format_reward(prompts: Sequence[str], completions: Sequence[str], e
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """CLI flags of ``minillm datasets``: ``--out`` (directory, default ``datasets``), ``--seed``."""
     parser.add_argument("--out", default="datasets", help="output directory (default: datasets)")
-    parser.add_argument("--seed", type=int, default=0, help="world seed (default: 0)")
+    from minillm.train.common import number_in_range
+
+    parser.add_argument("--seed", type=number_in_range(int, "seed"), default=0, help="world seed (int ≥ 0; default: 0)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -163,4 +163,4 @@ def test_cli_table_and_json(capsys):
     est = json.loads(capsys.readouterr().out)
     assert est["n_params"] == 7_000_000_000 and est["weights"] == 14_000_000_000
     assert M.run(_cli(["--preset", "7b", "--lora-targets", "c_attn"])) == 2
-    assert "unknown LoRA target" in capsys.readouterr().out
+    assert "unknown LoRA target" in capsys.readouterr().err  # errors go to stderr

@@ -307,11 +307,7 @@ def train_dpo(model: GPT, pairs: Sequence[RenderedPair], ref_c: np.ndarray, ref_
     ``loss_dpo`` (the preference loss), ``nll`` (the RPO term, when ``sft_weight`` > 0), ``loss``
     (the total that is minimised), TRL's ``rewards/*`` and ``logps/*``, ``lr`` and ``grad_norm``."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.lora:
-        opt = AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        opt = AdamW(weight_decay_groups(((n, p) for n, p in model.named_parameters() if p.requires_grad),
-                                        cfg.weight_decay), lr=cfg.lr)
+    opt = AdamW(weight_decay_groups(model.named_parameters(), cfg.weight_decay), lr=cfg.lr)
     rng = np.random.default_rng(cfg.seed)
     stream = batches(len(pairs), cfg.batch_size, rng)
     lens_c, lens_r = response_lengths(pairs)
@@ -441,6 +437,12 @@ def dpo(cfg: DPOConfig) -> DPOResult:
     rep_tr, rep_te = CollateReport(), CollateReport()
     train_pairs = render_preference_pairs(train_ex, tok, max_len, report=rep_tr)
     test_pairs = render_preference_pairs(test_ex, tok, max_len, report=rep_te)
+    from minillm.train.common import print_data_summary  # the one console summary of kept/cut/dropped data
+
+    length_option = "--max-length up to the model's block_size, or a base model with a longer context"
+    print_data_summary("dpo train", rep_tr, info.get("skipped"), max_len, length_option)
+    if test_ex:
+        print_data_summary("dpo test", rep_te, None, max_len, length_option)
     if not train_pairs:
         raise ValueError(f"DPO data {cfg.data!r}: no usable preference pair "
                          f"(skipped: {rep_tr.skipped}; pairs read: {rep_tr.n_examples})")

@@ -90,7 +90,7 @@ from minillm import functional as F
 from minillm.checkpoint import write_json_atomic
 from minillm.model import GPT
 from minillm.nn import Linear
-from minillm.optim import AdamW, clip_grad_norm_
+from minillm.optim import AdamW, clip_grad_norm_, weight_decay_groups
 from minillm.tensor import Tensor, no_grad
 from minillm.tasks import OPENER
 from minillm.train.common import add_dataclass_arguments, dataclass_from_args
@@ -646,12 +646,13 @@ class PPOTrainer:
             value_model.eval()
             self.value_params = [p for p in value_model.parameters() if p.requires_grad]
         self.policy_params = [p for p in policy.parameters() if p.requires_grad]
+        # the project's one parameter-group rule: no weight decay on 1-D parameters (biases, LayerNorm)
         if value_model is None:
-            self.opt = AdamW(self.policy_params + self.value_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            self.opt = AdamW(weight_decay_groups(self.policy_params + self.value_params, cfg.weight_decay), lr=cfg.lr)
             self.value_opt = None
         else:
-            self.opt = AdamW(self.policy_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-            self.value_opt = AdamW(self.value_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            self.opt = AdamW(weight_decay_groups(self.policy_params, cfg.weight_decay), lr=cfg.lr)
+            self.value_opt = AdamW(weight_decay_groups(self.value_params, cfg.weight_decay), lr=cfg.lr)
         self.kl_ctl = (AdaptiveKLController(cfg.beta, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
                        else FixedKLController(cfg.beta))
         self.score_mean, self.score_std = 0.0, 1.0

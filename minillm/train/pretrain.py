@@ -9,6 +9,10 @@ Scope
     greedy sample, and writes ``<out_dir>/checkpoint.safetensors`` atomically with the config,
     tokenizer, optimizer state and the data generator's state — so ``resume=True`` continues and
     reproduces the losses of an uninterrupted run exactly. ``minillm pretrain --corpus FILE``.
+    An existing checkpoint in ``out_dir`` is never silently replaced: without ``resume`` (or
+    ``overwrite``) the run refuses to start; with ``resume`` the checkpoint must have been made from
+    the same corpus (SHA-256 of its tokens' text) and the same settings (the differing fields are
+    named), so a resumed run never trains on from another run's weights.
 
 Sources
     Radford et al. 2019 (GPT-2) language-model pretraining; nanoGPT ``train.py`` (random windows,
@@ -22,6 +26,7 @@ Deviations
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -67,7 +72,8 @@ class PretrainConfig:
     sample_tokens: int = 32
     checkpoint_interval: int = 200
     seed: int = 0
-    resume: bool = False
+    resume: bool = False  # continue the run in out_dir (same corpus and settings, checked)
+    overwrite: bool = False  # replace an existing run's checkpoint in out_dir (else: refuse)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -110,7 +116,11 @@ def pretrain(cfg: PretrainConfig, text: str | None = None, tokenizer_text: str |
 
     Raises FileNotFoundError/ValueError for a missing, empty or non-UTF-8 corpus (naming the file),
     ValueError for a vocab_size too small for 256 bytes + special tokens, a checkpoint whose shapes
-    do not match the config (naming the shapes), or a corpus shorter than one window.
+    do not match the config (naming the shapes), or a corpus shorter than one window;
+    FileExistsError when ``out_dir`` holds a checkpoint and neither ``resume`` nor ``overwrite`` is
+    set; ValueError when resuming a checkpoint made from another corpus or other settings (naming
+    the differing fields) or one without optimizer state; FloatingPointError when the loss or a
+    weight becomes NaN/inf (the last good checkpoint is kept).
     """
     t0 = time.perf_counter()
     if text is None and cfg.corpus == "builtin":
@@ -121,8 +131,14 @@ def pretrain(cfg: PretrainConfig, text: str | None = None, tokenizer_text: str |
         raise ValueError("pretrain: the corpus text is empty")
     out = Path(cfg.out_dir)
     ckpt_path = out / CHECKPOINT_NAME
+    if ckpt_path.exists() and not cfg.resume and not cfg.overwrite:
+        raise FileExistsError(f"{ckpt_path} already exists (an earlier run); pass --resume true to continue it, "
+                              f"--overwrite true to replace it, or choose another --out-dir")
     resume = cfg.resume and ckpt_path.exists()
     ck = load_checkpoint(ckpt_path) if resume else None
+    corpus_sha256 = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    if ck:
+        check_resumable(ck, cfg, corpus_sha256)
     tok = Tokenizer.from_dict(ck.tokenizer) if ck else Tokenizer.train(tokenizer_text or text, cfg.vocab_size)
 
     data = encode_corpus(text, tok)
@@ -158,7 +174,7 @@ def pretrain(cfg: PretrainConfig, text: str | None = None, tokenizer_text: str |
         save_checkpoint(ckpt_path, model, tok, opt, train_state={
             "step": step, "rng": rng_state(rng), "drop_rng": rng_state(model.drop_rng),
             "train_losses": result.train_losses, "val_losses": result.val_losses,
-            "pretrain_config": asdict(cfg)})
+            "pretrain_config": asdict(cfg), "corpus_sha256": corpus_sha256})
 
     model.train()
     bar = tqdm(range(start, cfg.max_steps), desc="pretrain", disable=not cfg.progress, initial=start,
@@ -189,6 +205,32 @@ def pretrain(cfg: PretrainConfig, text: str | None = None, tokenizer_text: str |
     result.checkpoint = str(ckpt_path)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+#: PretrainConfig fields a resumed run may change (they do not change the trained weights).
+RESUME_MAY_DIFFER = ("resume", "overwrite", "progress", "out_dir", "corpus", "eval_interval", "eval_windows",
+                     "sample_tokens", "checkpoint_interval")
+
+
+def check_resumable(ck, cfg: PretrainConfig, corpus_sha256: str) -> None:
+    """Raise ValueError naming ``ck.path`` and exactly the differing fields when checkpoint ``ck``
+    cannot be continued by ``cfg`` on a corpus of SHA-256 ``corpus_sha256``: another corpus, other
+    training settings (every PretrainConfig field but ``RESUME_MAY_DIFFER``), or no optimizer state
+    or training state to continue from."""
+    st = ck.train_state
+    if ck.optimizer_state is None or "step" not in st or "rng" not in st:
+        raise ValueError(f"{ck.path}: has no optimizer/training state (not written by `minillm pretrain`), so it "
+                         f"cannot be resumed; use --overwrite true or another --out-dir")
+    old = st.get("pretrain_config") or {}
+    new = asdict(cfg)
+    diff = {k: (old.get(k), new[k]) for k in new if k not in RESUME_MAY_DIFFER and k in old and old[k] != new[k]}
+    if diff:
+        raise ValueError(f"{ck.path}: cannot resume with different settings: "
+                         + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
+                         + " (use --overwrite true to start over)")
+    if st.get("corpus_sha256") not in (None, corpus_sha256):
+        raise ValueError(f"{ck.path}: was trained on another corpus (SHA-256 {st['corpus_sha256'][:12]}…, this corpus "
+                         f"{corpus_sha256[:12]}…); resuming would mix them (use --overwrite true to start over)")
 
 
 def greedy_sample(model: GPT, tok: Tokenizer, prompt_ids, max_new_tokens: int) -> str:

@@ -446,6 +446,12 @@ def reward(cfg: RewardConfig) -> RewardResult:
     default_margin = cfg.margin if cfg.margin else None
     train_pairs = render_preference_pairs(train_ex, tok, max_len, report=rep_tr, default_margin=default_margin)
     test_pairs = render_preference_pairs(test_ex, tok, max_len, report=rep_te, default_margin=default_margin)
+    from minillm.train.common import print_data_summary  # the one console summary of kept/cut/dropped data
+
+    length_option = "--max-length up to the model's block_size, or a base model with a longer context"
+    print_data_summary("reward train", rep_tr, info.get("skipped"), max_len, length_option)
+    if test_ex:
+        print_data_summary("reward test", rep_te, None, max_len, length_option)
     if not train_pairs:
         raise ValueError(f"reward data {cfg.data!r}: no usable preference pair "
                          f"(skipped: {rep_tr.skipped}; pairs read: {rep_tr.n_examples})")

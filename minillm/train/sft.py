@@ -39,7 +39,7 @@ from minillm.data import CollateReport, SFTExample, collate, load_dataset, token
 from minillm.model import IGNORE_INDEX, GPT
 from minillm.optim import AdamW, clip_grad_norm_, cosine_lr, set_lr, weight_decay_groups
 from minillm.train.common import (TrainResult, add_dataclass_arguments, check_finite, dataclass_from_args,
-                                  fixed_windows, mean_loss)
+                                  fixed_windows, mean_loss, print_data_summary)
 
 
 @dataclass
@@ -166,8 +166,7 @@ def merge_for_saving(model: GPT) -> GPT:
 def train_sft(model: GPT, tok, examples: list, cfg: SFTConfig, on_step=None) -> list[float]:
     """The training loop: ``examples`` are (ids, loss_mask) pairs; returns the loss of every step."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = AdamW(weight_decay_groups(((n, p) for n, p in model.named_parameters()), cfg.weight_decay),
-                lr=cfg.lr) if not cfg.lora else AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = AdamW(weight_decay_groups(model.named_parameters(), cfg.weight_decay), lr=cfg.lr)
     rng = np.random.default_rng(cfg.seed)
     stream = batches(len(examples), cfg.batch_size, rng)
     losses = []
@@ -239,14 +238,17 @@ def sft(cfg: SFTConfig) -> SFTResult:
     if tok is None:
         raise ValueError(f"{cfg.base}: the checkpoint has no tokenizer")
     builtin = cfg.data == "builtin"
-    records = builtin_sft_records(cfg.variant) if builtin else load_dataset(cfg.data, kind="sft").records
+    ds = None if builtin else load_dataset(cfg.data, kind="sft")
+    records = builtin_sft_records(cfg.variant) if builtin else ds.records
     report = CollateReport()
     examples = tokenize_sft(records_to_messages(records), tok, max_length=model.config.block_size, report=report)
+    print_data_summary("sft", report, ds.report if ds is not None else None, max_length=model.config.block_size)
     if not examples:
         raise ValueError(f"SFT data {cfg.data!r}: no example fits block_size={model.config.block_size} "
                          f"(skipped: {report.skipped})")
     metrics: dict = {"config": asdict(cfg), "data": {"n_examples": report.n_examples, "n_kept": report.n_kept,
-                                                     "n_truncated": report.n_truncated, "skipped": report.skipped}}
+                                                     "n_truncated": report.n_truncated, "skipped": report.skipped,
+                                                     "skipped_while_reading": ds.report.skipped if ds else {}}}
     if builtin and cfg.eval and cfg.eval_base:
         metrics["base_zero_shot"] = world_eval(model, tok, cfg, 0, splits=("test",))["test"]
         if cfg.k_shot:
