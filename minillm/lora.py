@@ -36,6 +36,8 @@ Deliberate deviations
       not sub-modules with an adapter name (PEFT: ``….lora_A.default.weight``); only one adapter
       per layer. The exported PEFT file uses PEFT's names (``….lora_A.weight``).
     * Bias LoRA (PEFT ``lora_bias``), DoRA and multiple adapters are not offered.
+    * ``lora_alpha`` defaults to 16 (``DEFAULT_LORA_ALPHA``, what the trainers were measured with),
+      not PEFT's 8; ``lora_alpha=8`` restores PEFT's default.
 """
 from __future__ import annotations
 
@@ -59,6 +61,32 @@ DEFAULT_TARGET_MODULES = ("q_proj", "v_proj")
 
 #: Names of output heads that ``"all-linear"`` leaves out (PEFT excludes the output embedding layer).
 HEAD_NAMES = ("lm_head", "score")
+
+#: The one default of α in the project (layers, ``inject_lora`` and every trainer's config). PEFT's
+#: ``LoraConfig`` default is 8; the trainers here were measured with 16 (QLoRA's α), so 16 it is;
+#: pass ``lora_alpha=8`` for PEFT's.
+DEFAULT_LORA_ALPHA = 16.0
+
+
+def parse_target_modules(spec, qlora: bool = False):
+    """The one reading of a LoRA target specification, as the CLI and configs write it.
+
+    ``""`` → the default: ``DEFAULT_TARGET_MODULES`` (q_proj, v_proj), or ``"all-linear"`` for QLoRA
+    (QLoRA adapts every linear layer); ``"all-linear"`` → ``"all-linear"``; ``"q_proj, v_proj"`` (comma-
+    separated) → ``["q_proj", "v_proj"]``; a list or tuple → a list. Returns what ``inject_lora`` takes.
+    Raises ValueError for a specification that names no module (e.g. ``","``).
+    """
+    if isinstance(spec, (list, tuple)):
+        names = [str(t).strip() for t in spec if str(t).strip()]
+    elif spec in ("", None):
+        return "all-linear" if qlora else list(DEFAULT_TARGET_MODULES)
+    elif spec == "all-linear":
+        return "all-linear"
+    else:
+        names = [t.strip() for t in str(spec).split(",") if t.strip()]
+    if not names:
+        raise ValueError(f"LoRA target modules {spec!r} name no module (use 'all-linear' or names like q_proj,v_proj)")
+    return names
 
 
 def _is_linear_like(m) -> bool:
@@ -93,8 +121,8 @@ class LoRALinear(Module):
     without in_features/out_features.
     """
 
-    def __init__(self, base: Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
-                 use_rslora: bool = False, init_lora_weights=True, rng: np.random.Generator | None = None,
+    def __init__(self, base: Module, r: int = 8, lora_alpha: float = DEFAULT_LORA_ALPHA,
+                 lora_dropout: float = 0.0, use_rslora: bool = False, init_lora_weights=True, rng: np.random.Generator | None = None,
                  dropout_rng: np.random.Generator | None = None, fan_in_fan_out: bool = False):
         super().__init__()
         if not _is_linear_like(base):
@@ -225,8 +253,8 @@ def lora_layers(model: Module) -> list[tuple[str, LoRALinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
-def inject_lora(model: Module, target_modules=DEFAULT_TARGET_MODULES, r: int = 8, lora_alpha: float = 8,
-                lora_dropout: float = 0.0, use_rslora: bool = False, init_lora_weights=True, seed: int = 0,
+def inject_lora(model: Module, target_modules=DEFAULT_TARGET_MODULES, r: int = 8,
+                lora_alpha: float = DEFAULT_LORA_ALPHA, lora_dropout: float = 0.0, use_rslora: bool = False, init_lora_weights=True, seed: int = 0,
                 freeze_base: bool = True) -> list[str]:
     """Replace the matching Linear sub-modules of ``model`` by ``LoRALinear`` wrappers, in place.
 

@@ -392,11 +392,11 @@ def build_rows(ctx: Context) -> list[dict]:
             rows.append({"method": label, "trainable": 0, "exact_match": p[key]["exact_match"],
                          "format": p[key]["format_compliance"], "gold": p[key]["gold"],
                          "notes": f"answer contained {p[key]['contains']:.1%}"})
-    for stage, label, method, targets in (("sft", "SFT (full)", "full", "all"),
+    for stage, label, method, targets in (("sft", "SFT (full)", "full", "all-linear"),
                                           ("sft_lora", "SFT (LoRA r=8, q,v)", "lora", ["q_proj", "v_proj"]),
-                                          ("sft_qlora", "SFT (QLoRA NF4+DQ, r=8 all linear)", "qlora", "all"),
-                                          ("sft_opener", "SFT (full, 25 % \"Sure!\" demos; PPO start)", "full", "all"),
-                                          ("sft_noisy", "SFT (full, 20 % noisy demos; DPO start)", "full", "all")):
+                                          ("sft_qlora", "SFT (QLoRA NF4+DQ, r=8 all linear)", "qlora", "all-linear"),
+                                          ("sft_opener", "SFT (full, 25 % \"Sure!\" demos; PPO start)", "full", "all-linear"),
+                                          ("sft_noisy", "SFT (full, 20 % noisy demos; DPO start)", "full", "all-linear")):
         s = S.get(stage, {})
         if "metrics" not in s:
             continue

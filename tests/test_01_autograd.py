@@ -28,6 +28,7 @@ from minillm import optim
 from minillm.model import GPT, GPTConfig, shift_labels
 from minillm.nn import Dropout, Linear, Module, Parameter
 from minillm.tensor import Function, Tensor, no_grad
+from minillm.train.loop import accumulate_gradients
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -879,20 +880,6 @@ def test_adamw_skips_params_without_grad_and_state_dict_round_trip():
         optim.AdamW([a], lr=-1.0)
 
 
-def test_sgd_momentum_and_weight_decay():
-    p = Parameter(np.array([1.0, -2.0], np.float32))
-    opt = optim.SGD([p], lr=0.1, momentum=0.9, weight_decay=0.5)
-    ref, buf = np.array([1.0, -2.0]), None
-    for g in ([1.0, 1.0], [0.5, -1.0]):
-        p.grad = np.array(g, np.float32)
-        opt.step()
-        d = np.array(g) + 0.5 * ref
-        buf = d if buf is None else 0.9 * buf + d
-        ref = ref - 0.1 * buf
-    np.testing.assert_allclose(p.data, ref, rtol=1e-6)
-    assert p.dtype == np.float32
-
-
 def test_weight_decay_groups_no_decay_on_1d():
     m = GPT(GPTConfig(**TINY))
     groups = optim.weight_decay_groups(m.named_parameters(), 0.1)
@@ -939,19 +926,19 @@ def test_clip_grad_norm():
 def test_gradient_accumulation_divides_by_all_tokens_not_per_micro_batch():
     per_token = Parameter(np.array([1.0, 3.0] + [0.5] * 6, np.float32))
     micro = [np.array([0, 1]), np.array([2, 3, 4, 5, 6, 7])]
-    loss, n = optim.accumulate_gradients(micro, lambda idx: per_token[idx].sum(), len)
+    loss, n = accumulate_gradients(micro, lambda idx: per_token[idx].sum(), len)
     assert n == 8
     assert loss == pytest.approx(0.875)  # the buggy mean of means gives 1.25
     np.testing.assert_allclose(per_token.grad, np.full(8, 1 / 8), rtol=1e-7)  # not 0.25 / 0.0833
     # the logged loss does not depend on how the window is split
     per_token.grad = None
-    loss4, _ = optim.accumulate_gradients([np.array([i, i + 1]) for i in range(0, 8, 2)],
+    loss4, _ = accumulate_gradients([np.array([i, i + 1]) for i in range(0, 8, 2)],
                                           lambda idx: per_token[idx].sum(), len)
     assert loss4 == pytest.approx(0.875)
     np.testing.assert_allclose(per_token.grad, np.full(8, 1 / 8), rtol=1e-7)
     # a window without supervised tokens: (0.0, 0), gradients untouched, no NaN
     per_token.grad = None
-    assert optim.accumulate_gradients([np.array([], int)], lambda idx: per_token[idx].sum(), len) == (0.0, 0)
+    assert accumulate_gradients([np.array([], int)], lambda idx: per_token[idx].sum(), len) == (0.0, 0)
     assert per_token.grad is None
 
 
@@ -974,7 +961,7 @@ def test_accumulated_gpt_gradient_equals_the_big_batch():
         logits, _ = acc(ids[i:i + 1])
         return F.cross_entropy(logits, shift_labels(labels[i:i + 1]), reduction="sum")
 
-    acc_loss, n = optim.accumulate_gradients([0, 1, 2], loss_sum, lambda i: int(n_per_row[i]))
+    acc_loss, n = accumulate_gradients([0, 1, 2], loss_sum, lambda i: int(n_per_row[i]))
     assert n == 8
     assert acc_loss == pytest.approx(loss.item(), rel=1e-6)
     for (name, p), (_, q) in zip(big.named_parameters(), acc.named_parameters()):

@@ -699,7 +699,8 @@ def _optimizer_step(paged: bool, steps: int = 2):
     with fixed gradients whose magnitudes span 1e-9..1e-1, on the current backend; host arrays."""
     from minillm import backend
     from minillm.nn import Parameter
-    from minillm.optim import AdamW, PagedAdamW
+    from minillm.optim import AdamW
+    from minillm.paged_optim import PagedAdamW
 
     rng = np.random.default_rng(7)
     params, grads = [], []

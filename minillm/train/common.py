@@ -28,6 +28,7 @@ from typing import Callable
 
 import numpy as np
 
+from minillm.lora import DEFAULT_LORA_ALPHA
 from minillm.tensor import no_grad
 
 
@@ -233,6 +234,46 @@ def read_text(path) -> str:
     if not text.strip():
         raise ValueError(f"{path}: the corpus is empty")
     return text
+
+
+@dataclass
+class OptimConfig:
+    """The optimizer and schedule fields every loop-based trainer shares (``train.loop.train_loop``):
+    AdamW (decoupled weight decay on ≥ 2-D weights only, ``optim.weight_decay_groups``), linear warmup
+    then cosine decay to ``min_lr_ratio``·``lr`` (``optim.cosine_lr``), gradient-norm clipping.
+    Each trainer's config inherits these fields and overrides the defaults it was measured with.
+
+    batch_size: examples (or pairs) per step; max_steps: optimizer steps (≥ 0); lr: peak learning rate;
+    warmup_steps; min_lr_ratio; weight_decay; grad_clip (0 = off); seed; progress (bars).
+    Raises ValueError for batch_size < 1 or max_steps < 0.
+    """
+
+    batch_size: int = 32
+    max_steps: int = 100
+    lr: float = 3e-4
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.max_steps < 0:
+            raise ValueError(f"batch_size must be ≥ 1 and max_steps ≥ 0, got {self.batch_size}, {self.max_steps}")
+
+
+@dataclass
+class LoRAConfig:
+    """The LoRA fields of the trainers that can train adapters (SFT, DPO, PPO): ``lora`` switches it on;
+    ``lora_r``, ``lora_alpha`` (one default, ``lora.DEFAULT_LORA_ALPHA``), ``lora_dropout``;
+    ``lora_targets`` as ``lora.parse_target_modules`` reads it ("" = q_proj,v_proj, or all-linear for QLoRA)."""
+
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: float = DEFAULT_LORA_ALPHA
+    lora_dropout: float = 0.0
+    lora_targets: str = ""
 
 
 @dataclass

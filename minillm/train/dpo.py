@@ -64,26 +64,26 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from minillm import backend
 from minillm import functional as F
 from minillm.checkpoint import load_model, save_checkpoint, write_json_atomic
-from minillm.data import CollateReport
+from minillm.data import CollateReport, RenderedPair, collate_preference, render_preference_pairs
 from minillm.model import GPT, left_pad
 from minillm.nn import Dropout, Module
-from minillm.optim import AdamW, clip_grad_norm_, cosine_lr, set_lr, weight_decay_groups
+from minillm.optim import AdamW, weight_decay_groups
 from minillm.tensor import Tensor, no_grad
-from minillm.train.common import add_dataclass_arguments, dataclass_from_args
-from minillm.data import RenderedPair, collate_preference, render_preference_pairs
-from minillm.train.reward import _round, batches, load_pairs
+from minillm.train.common import LoRAConfig, OptimConfig, add_dataclass_arguments, dataclass_from_args
+from minillm.train.loop import index_batches, train_loop
+from minillm.train.reward import _round, load_pairs
 
 LOSS_TYPES = ("sigmoid", "ipo", "robust", "hinge")
 
 
 @dataclass
-class DPOConfig:
-    """Settings of a DPO run (CLI: ``minillm dpo --beta 0.1 --max-steps 100``).
+class DPOConfig(LoRAConfig, OptimConfig):
+    """Settings of a DPO run (CLI: ``minillm dpo --beta 0.1 --max-steps 100``): the shared optimizer and
+    LoRA fields (``OptimConfig``, ``LoRAConfig``) with DPO's measured defaults, and DPO's own.
 
     sft: checkpoint of the policy's start and of the reference; data: "builtin" (pairs of
     ``recipe``) or a preference file; beta: β (the strength of the implicit KL constraint);
@@ -101,17 +101,8 @@ class DPOConfig:
     label_smoothing: float = 0.0
     ipo_length_normalize: bool = False
     sft_weight: float = 1.0  # α of an added NLL on the chosen tokens (RPO; TRL loss_type ["sigmoid", "sft"]); 0 = DPO
-    batch_size: int = 32
     max_steps: int = 100
     lr: float = 1e-4
-    warmup_steps: int = 10
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    lora: bool = False
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_targets: str = "q_proj,v_proj"  # comma-separated names, or all-linear
     max_length: int = 0  # 0 = the model's block_size
     eval: bool = True
     eval_prompts: int = 200  # per fact split (held-out facts, train facts)
@@ -119,18 +110,18 @@ class DPOConfig:
     max_new_tokens: int = 12
     reward_model: str = ""  # optional RM checkpoint: mean RM score of the sampled responses
     ref_batch_size: int = 64
-    seed: int = 0
-    progress: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type={self.loss_type!r}: use one of {', '.join(LOSS_TYPES)}")
         if not self.beta > 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.batch_size < 1 or self.max_steps < 0:
-            raise ValueError(f"batch_size must be ≥ 1 and max_steps ≥ 0, got {self.batch_size}, {self.max_steps}")
+        if self.lora_dropout != 0:
+            raise ValueError(f"lora_dropout must be 0 for DPO (dropout is off so the policy equals the reference "
+                             f"at step 0), got {self.lora_dropout}")
         if self.sft_weight < 0:
             raise ValueError(f"sft_weight must be ≥ 0, got {self.sft_weight}")
 
@@ -303,23 +294,24 @@ def evaluate_pairs(model: GPT, pairs: Sequence[RenderedPair], ref_c: np.ndarray,
 
 def train_dpo(model: GPT, pairs: Sequence[RenderedPair], ref_c: np.ndarray, ref_r: np.ndarray, pad_id: int,
               cfg: DPOConfig, on_step=None) -> list[dict]:
-    """The training loop (AdamW, warmup + cosine, clipping); returns per-step metric dicts with
-    ``loss_dpo`` (the preference loss), ``nll`` (the RPO term, when ``sft_weight`` > 0), ``loss``
-    (the total that is minimised), TRL's ``rewards/*`` and ``logps/*``, ``lr`` and ``grad_norm``."""
+    """Train through the shared loop (``train.loop.train_loop``) with ``dpo_loss`` (+ the RPO term);
+    returns per-step metric dicts with ``loss_dpo`` (the preference loss), ``nll`` (the RPO term, when
+    ``sft_weight`` > 0), ``loss`` (the total that is minimised), TRL's ``rewards/*`` and ``logps/*``,
+    ``lr`` and ``grad_norm``."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = AdamW(weight_decay_groups(model.named_parameters(), cfg.weight_decay), lr=cfg.lr)
-    rng = np.random.default_rng(cfg.seed)
-    stream = batches(len(pairs), cfg.batch_size, rng)
+    stream = index_batches(len(pairs), cfg.batch_size, np.random.default_rng(cfg.seed))
     lens_c, lens_r = response_lengths(pairs)
     use_lens = cfg.loss_type == "ipo" and cfg.ipo_length_normalize
-    model.train()  # dropout is already p = 0 (disable_dropout); train mode changes nothing else
-    history = []
-    bar = tqdm(range(cfg.max_steps), desc="dpo" + (" (lora)" if cfg.lora else ""), disable=not cfg.progress)
-    for step in bar:
-        lr = cosine_lr(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
-        set_lr(opt, lr)
-        idx = next(stream)
-        pc, pr = pair_logps(model, collate_preference([pairs[i] for i in idx], pad_id))  # (B,), (B,)
+
+    def batches():
+        while True:
+            idx = next(stream)
+            yield idx, collate_preference([pairs[i] for i in idx], pad_id)
+
+    def loss_fn(item):
+        idx, b = item
+        pc, pr = pair_logps(model, b)  # (B,), (B,)
         loss, m = dpo_loss(pc, pr, ref_c[idx], ref_r[idx], cfg.beta, cfg.loss_type, cfg.label_smoothing,
                            lens_c[idx] if use_lens else None, lens_r[idx] if use_lens else None)
         m["loss_dpo"] = m.pop("loss")  # the preference loss alone, comparable with the held-out pairs'
@@ -327,18 +319,13 @@ def train_dpo(model: GPT, pairs: Sequence[RenderedPair], ref_c: np.ndarray, ref_
             nll = -pc.sum() / max(int(lens_c[idx].sum()), 1)
             loss = loss + cfg.sft_weight * nll
             m["nll"] = float(nll.item())
-        m["loss"] = float(loss.item())  # what is minimised: loss_dpo (+ sft_weight · nll)
-        if not np.isfinite(loss.item()):
-            raise FloatingPointError(f"DPO: the loss became {loss.item()} at step {step}")
-        opt.zero_grad()
-        loss.backward()
-        grad_norm = clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else float("nan")
-        opt.step()
-        m = {"step": step, **m, "lr": lr, "grad_norm": float(grad_norm)}
-        history.append(m)
-        bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['rewards/accuracies']:.2f}")
-        if on_step is not None:
-            on_step(step, m)
+        return loss, m  # the loop logs ``loss``: loss_dpo (+ sft_weight · nll)
+
+    model.train()  # dropout is already p = 0 (disable_dropout); train mode changes nothing else
+    history = train_loop(opt, params, batches(), loss_fn, max_steps=cfg.max_steps, lr=cfg.lr,
+                         warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio, grad_clip=cfg.grad_clip,
+                         what="DPO" + (" (lora)" if cfg.lora else ""), progress=cfg.progress, on_step=on_step,
+                         show=("loss", "rewards/accuracies"))
     model.eval()
     return history
 
@@ -416,10 +403,6 @@ def world_eval(model: GPT, tokenizer, cfg: DPOConfig, reference: GPT | None = No
     return out
 
 
-def _lora_targets(spec: str):
-    return "all-linear" if spec == "all-linear" else [t.strip() for t in spec.split(",") if t.strip()]
-
-
 def dpo(cfg: DPOConfig) -> DPOResult:
     """Run DPO as configured; writes ``<out_dir>/checkpoint.safetensors`` and ``metrics.json``.
 
@@ -467,9 +450,9 @@ def dpo(cfg: DPOConfig) -> DPOResult:
                 if mode != "greedy":
                     d["kl"] = 0.0
     if cfg.lora:
-        from minillm.lora import count_parameters, inject_lora
+        from minillm.lora import count_parameters, inject_lora, parse_target_modules
 
-        inject_lora(model, _lora_targets(cfg.lora_targets), r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+        inject_lora(model, parse_target_modules(cfg.lora_targets), r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                     lora_dropout=0.0, seed=cfg.seed)
         metrics["parameters"] = count_parameters(model)
     else:

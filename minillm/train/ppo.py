@@ -93,7 +93,7 @@ from minillm.nn import Linear
 from minillm.optim import AdamW, clip_grad_norm_, weight_decay_groups
 from minillm.tensor import Tensor, no_grad
 from minillm.tasks import OPENER
-from minillm.train.common import add_dataclass_arguments, dataclass_from_args
+from minillm.train.common import LoRAConfig, add_dataclass_arguments, dataclass_from_args
 
 
 # ================================================================================================
@@ -367,7 +367,7 @@ def token_entropy(logits) -> np.ndarray:
 # Configuration
 
 @dataclass
-class PPOConfig:
+class PPOConfig(LoRAConfig):
     """Settings of a PPO run (CLI: ``minillm ppo --beta 0 --iterations 60``). Defaults: docs/rlhf-notes.md §3.
 
     sft: the policy's initial weights and the frozen reference. reward: a reward-model checkpoint
@@ -407,10 +407,6 @@ class PPOConfig:
     grad_clip: float = 1.0
     missing_eos_penalty: float = 1.0
     score_norm_samples: int = 256
-    lora: bool = False
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_targets: str = "q_proj,v_proj"
     eval_prompts: int = 200
     seed: int = 0
     progress: bool = True
@@ -942,10 +938,10 @@ def build_trainer(cfg: PPOConfig):
             value_model, _ = load_reward(cfg.reward)
             disable_dropout(value_model).requires_grad_(True)
     if cfg.lora:
-        from minillm.lora import inject_lora
+        from minillm.lora import inject_lora, parse_target_modules
 
-        targets = "all-linear" if cfg.lora_targets == "all-linear" else [t.strip() for t in cfg.lora_targets.split(",")]
-        inject_lora(policy, targets, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, seed=cfg.seed)
+        inject_lora(policy, parse_target_modules(cfg.lora_targets), r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                    lora_dropout=cfg.lora_dropout, seed=cfg.seed)
     trainer = PPOTrainer(policy, ref, reward_fn, cfg, tokenizer=tok, judge=judge, value_model=value_model)
     return trainer, tok
 
