@@ -324,3 +324,17 @@ class Dropout(Module):
 
     def __repr__(self) -> str:
         return f"Dropout(p={self.p})"
+
+
+def disable_dropout(model: Module) -> int:
+    """Set every ``Dropout``'s p (and a GPT's ``config.dropout``) to 0, as TRL's ``disable_dropout_in_model``,
+    so two forwards of the same model (policy and reference at step 0) are bit-identical
+    (docs/bugs.md C20). The training mode is left as it is. Returns how many Dropout modules there are."""
+    if hasattr(model, "config") and hasattr(model.config, "dropout"):
+        model.config.dropout = 0.0
+    n = 0
+    for m in model.modules():
+        if isinstance(m, Dropout):
+            m.p = 0.0
+            n += 1
+    return n

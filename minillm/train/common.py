@@ -276,6 +276,29 @@ class LoRAConfig:
     lora_targets: str = ""
 
 
+def round_floats(d, digits: int, into_lists: bool = True):
+    """``d`` (nested dicts, and lists when ``into_lists``) with every float rounded to ``digits``, for a
+    readable ``metrics.json``; other values unchanged."""
+    if isinstance(d, dict):
+        return {k: round_floats(v, digits, into_lists) for k, v in d.items()}
+    if into_lists and isinstance(d, (list, tuple)):
+        return [round_floats(v, digits, into_lists) for v in d]
+    if isinstance(d, float):
+        return round(d, digits)
+    return d
+
+
+def print_run(res, out_dir, summary_lines: Callable[[dict], list]) -> int:
+    """What every trainer's CLI prints after a run: its summary lines, the checkpoint (when the run has
+    one) and where ``metrics.json`` is. Returns 0 (the command's exit status)."""
+    for line in summary_lines(res.metrics):
+        print(line)
+    if getattr(res, "checkpoint", ""):
+        print(f"checkpoint: {res.checkpoint}")
+    print(f"metrics: {Path(out_dir) / 'metrics.json'}")
+    return 0
+
+
 @dataclass
 class TrainResult:
     """What a training run returns: loss per step (nats), metrics (JSON-able dict), checkpoint path,

@@ -70,12 +70,13 @@ from minillm import functional as F
 from minillm.checkpoint import load_model, save_checkpoint, write_json_atomic
 from minillm.data import CollateReport, RenderedPair, collate_preference, render_preference_pairs
 from minillm.model import GPT, left_pad
-from minillm.nn import Dropout, Module
+from minillm.nn import disable_dropout
 from minillm.optim import AdamW, weight_decay_groups
 from minillm.tensor import Tensor, no_grad
-from minillm.train.common import LoRAConfig, OptimConfig, add_dataclass_arguments, dataclass_from_args
+from minillm.train.common import (LoRAConfig, OptimConfig, add_dataclass_arguments, dataclass_from_args, print_run,
+                                  round_floats)
 from minillm.train.loop import index_batches, train_loop
-from minillm.train.reward import _round, load_pairs
+from minillm.train.reward import load_pairs
 
 LOSS_TYPES = ("sigmoid", "ipo", "robust", "hinge")
 
@@ -225,19 +226,6 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
 # ----------------------------------------------------------------------------------------------
 # Log-probabilities
-
-
-def disable_dropout(model: Module) -> int:
-    """Set every Dropout module's p (and a GPT's ``config.dropout``) to 0, as TRL's
-    ``disable_dropout_in_model``; returns how many Dropout modules there are."""
-    if hasattr(model, "config") and hasattr(model.config, "dropout"):
-        model.config.dropout = 0.0
-    n = 0
-    for _, m in model.named_modules():
-        if isinstance(m, Dropout):
-            m.p = 0.0
-            n += 1
-    return n
 
 
 def pair_logps(model: GPT, batch: dict) -> tuple[Tensor, Tensor]:
@@ -482,7 +470,7 @@ def dpo(cfg: DPOConfig) -> DPOResult:
                            train_state={"dpo_config": asdict(cfg), "model_kind": "policy"})
     metrics["history"] = [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in h.items()} for h in history]
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
-    metrics = _round(metrics)
+    metrics = round_floats(metrics, 4, into_lists=False)
     write_json_atomic(out / "metrics.json", metrics)
     return DPOResult(history=history, metrics=metrics, checkpoint=str(ckpt), seconds=metrics["seconds"])
 
@@ -523,10 +511,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    """``minillm dpo``: run, print the summary, return 0."""
     cfg = dataclass_from_args(DPOConfig, args)
-    res = dpo(cfg)
-    for line in summary_lines(res.metrics):
-        print(line)
-    print(f"checkpoint: {res.checkpoint}")
-    print(f"metrics: {Path(cfg.out_dir) / 'metrics.json'}")
-    return 0
+    return print_run(dpo(cfg), cfg.out_dir, summary_lines)

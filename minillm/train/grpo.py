@@ -85,8 +85,8 @@ from minillm.checkpoint import write_json_atomic
 from minillm.model import GPT
 from minillm.optim import AdamW, clip_grad_norm_
 from minillm.tensor import Tensor, no_grad
-from minillm.train.common import add_dataclass_arguments, check_finite, dataclass_from_args
-from minillm.train.ppo import (Rollout, _as_float_tensor, _round, disable_dropout, policy_forward,
+from minillm.train.common import add_dataclass_arguments, check_finite, dataclass_from_args, print_run, round_floats
+from minillm.train.ppo import (Rollout, _as_float_tensor, policy_forward,
                                reference_logprobs, sample_rollout, token_entropy)
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -631,7 +631,7 @@ def build_trainer(cfg: GRPOConfig) -> GRPOTrainer:
     policy, tok, _ = load_model(cfg.sft, config_overrides=nodrop)
     if tok is None:
         raise ValueError(f"{cfg.sft}: the checkpoint has no tokenizer")
-    ref = disable_dropout(load_model(cfg.sft, config_overrides=nodrop)[0]) if cfg.beta != 0 else None
+    ref = load_model(cfg.sft, config_overrides=nodrop)[0].eval() if cfg.beta != 0 else None  # dropout 0 as loaded
     funcs, weights = [addition_accuracy_reward], [1.0]
     if cfg.format_reward_weight:
         funcs.append(addition_format_reward)
@@ -696,7 +696,7 @@ def grpo(cfg: GRPOConfig, on_iteration: Callable | None = None) -> GRPOResult:
     ckpt = save_checkpoint(out / "checkpoint.safetensors", trainer.policy, trainer.tokenizer,
                            train_state={"grpo_config": asdict(cfg)})
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
-    metrics = _round(metrics)
+    metrics = round_floats(metrics, 5)
     write_json_atomic(out / "metrics.json", metrics)
     return GRPOResult(history=metrics["history"], metrics=metrics, checkpoint=str(ckpt), seconds=metrics["seconds"])
 
@@ -730,8 +730,4 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     """``minillm grpo``: run, print the summary, return 0."""
     cfg = dataclass_from_args(GRPOConfig, args)
-    res = grpo(cfg)
-    for line in summary_lines(res.metrics):
-        print(line)
-    print(f"metrics: {Path(cfg.out_dir) / 'metrics.json'}")
-    return 0
+    return print_run(grpo(cfg), cfg.out_dir, summary_lines)

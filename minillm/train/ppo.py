@@ -89,11 +89,11 @@ from minillm import backend
 from minillm import functional as F
 from minillm.checkpoint import write_json_atomic
 from minillm.model import GPT
-from minillm.nn import Linear
+from minillm.nn import Linear, disable_dropout
 from minillm.optim import AdamW, clip_grad_norm_, weight_decay_groups
 from minillm.tensor import Tensor, no_grad
 from minillm.tasks import OPENER
-from minillm.train.common import LoRAConfig, add_dataclass_arguments, dataclass_from_args
+from minillm.train.common import LoRAConfig, add_dataclass_arguments, dataclass_from_args, print_run, round_floats
 
 
 # ================================================================================================
@@ -568,19 +568,6 @@ def _reward_scores_fn():
     return reward_scores
 
 
-def disable_dropout(model: GPT) -> GPT:
-    """Set every dropout probability of ``model`` (and its config) to 0 and put it in eval mode
-    (trl ``disable_dropout_in_model``; docs/bugs.md C20). Returns the model."""
-    from minillm.nn import Dropout
-
-    model.config.dropout = 0.0
-    for m in model.modules():
-        if isinstance(m, Dropout):
-            m.p = 0.0
-    model.eval()
-    return model
-
-
 def load_reward(path: str):
     """(model, tokenizer) of a reward-model checkpoint via ``minillm.train.reward.load_reward_model``."""
     from minillm.train.reward import load_reward_model
@@ -900,16 +887,6 @@ def _evenly(items: list, n: int) -> list:
     return [items[int(i)] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
 
 
-def _round(d):
-    if isinstance(d, dict):
-        return {k: _round(v) for k, v in d.items()}
-    if isinstance(d, (list, tuple)):
-        return [_round(v) for v in d]
-    if isinstance(d, float):
-        return round(d, 5)
-    return d
-
-
 def build_trainer(cfg: PPOConfig):
     """Load policy, reference, reward and value models as configured; returns (trainer, tokenizer).
 
@@ -933,10 +910,12 @@ def build_trainer(cfg: PPOConfig):
         if rm_tok is not None and rm_tok.to_dict() != tok.to_dict():
             raise ValueError(f"{cfg.reward}: the reward model's tokenizer differs from the policy's ({cfg.sft})")
         rm.requires_grad_(False)
-        reward_fn = ModelReward(disable_dropout(rm), cfg.batch_size)
+        disable_dropout(rm)
+        reward_fn = ModelReward(rm.eval(), cfg.batch_size)
         if cfg.value_model == "reward_model":
             value_model, _ = load_reward(cfg.reward)
-            disable_dropout(value_model).requires_grad_(True)
+            disable_dropout(value_model)
+            value_model.eval().requires_grad_(True)
     if cfg.lora:
         from minillm.lora import inject_lora, parse_target_modules
 
@@ -1013,7 +992,7 @@ def ppo(cfg: PPOConfig, on_iteration: Callable | None = None) -> PPOResult:
     ckpt = save_checkpoint(out / "checkpoint.safetensors", policy, tok, train_state={"ppo_config": asdict(cfg)},
                            extra_tensors=extra)
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
-    metrics = _round(metrics)
+    metrics = round_floats(metrics, 5)
     write_json_atomic(out / "metrics.json", metrics)
     return PPOResult(history=metrics["history"], metrics=metrics, checkpoint=str(ckpt), seconds=metrics["seconds"])
 
@@ -1049,8 +1028,4 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     """``minillm ppo``: run, print the summary, return 0."""
     cfg = dataclass_from_args(PPOConfig, args)
-    res = ppo(cfg)
-    for line in summary_lines(res.metrics):
-        print(line)
-    print(f"metrics: {Path(cfg.out_dir) / 'metrics.json'}")
-    return 0
+    return print_run(ppo(cfg), cfg.out_dir, summary_lines)

@@ -62,7 +62,7 @@ from minillm.data import (CollateReport, RenderedPair, collate, collate_preferen
 from minillm.model import GPT, last_token_index
 from minillm.optim import AdamW, weight_decay_groups
 from minillm.tensor import Tensor, no_grad
-from minillm.train.common import OptimConfig, TrainResult, add_dataclass_arguments, dataclass_from_args
+from minillm.train.common import OptimConfig, TrainResult, add_dataclass_arguments, dataclass_from_args, print_run, round_floats
 from minillm.train.loop import index_batches, train_loop
 
 
@@ -395,14 +395,6 @@ def cue_diagnostics(model: GPT, tokenizer, n_prompts: int = 200, seed: int = 0) 
     return out
 
 
-def _round(d):
-    if isinstance(d, dict):
-        return {k: _round(v) for k, v in d.items()}
-    if isinstance(d, float):
-        return round(d, 4)
-    return d
-
-
 def reward(cfg: RewardConfig) -> RewardResult:
     """Train a reward model as configured; writes ``<out_dir>/checkpoint.safetensors`` (the RM,
     ``scalar_head=True``) and ``<out_dir>/metrics.json``.
@@ -457,7 +449,7 @@ def reward(cfg: RewardConfig) -> RewardResult:
                            train_state={"reward_config": asdict(cfg), "model_kind": "reward_model"})
     metrics["losses"] = [round(x, 5) for x in losses]
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
-    metrics = _round(metrics)
+    metrics = round_floats(metrics, 4, into_lists=False)
     write_json_atomic(out / "metrics.json", metrics)
     return RewardResult(losses=losses, metrics=metrics, checkpoint=str(ckpt), seconds=metrics["seconds"])
 
@@ -486,10 +478,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    """``minillm reward``: run, print the summary, return 0."""
     cfg = dataclass_from_args(RewardConfig, args)
-    res = reward(cfg)
-    for line in summary_lines(res.metrics):
-        print(line)
-    print(f"checkpoint: {res.checkpoint}")
-    print(f"metrics: {Path(cfg.out_dir) / 'metrics.json'}")
-    return 0
+    return print_run(reward(cfg), cfg.out_dir, summary_lines)
