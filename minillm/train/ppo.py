@@ -503,15 +503,12 @@ def policy_forward(policy: GPT, input_ids, attention_mask, prompt_length: int, r
     B, L = ids.shape
     P = prompt_length
     N = L - P
-    h = policy.hidden_states(ids, mask)                            # (B, P+N, C)
-    h_resp = h[:, P - 1:L - 1, :]                                  # (B, N, C): state before each response token
-    logits = policy.lm_logits(h_resp) / temperature               # (B, N, V), softmax(logits / T)
-    rm = backend.asarray(np.asarray(response_mask)).astype(bool)
-    targets = backend.xp().where(rm, ids[:, P:], -100)            # (B, N)
-    logp = -F.cross_entropy(logits, targets, reduction="none")    # (B, N), 0 where masked
+    h = policy.hidden_states(ids, mask)                                              # (B, P+N, C)
+    logits = policy.response_logits(ids, mask, P, temperature, hidden=h)             # (B, N, V), logits / T
+    logp = policy.response_logprobs(ids, mask, P, response_mask, logits=logits)      # (B, N), 0 where masked
     values = None
     if value_head is not None:
-        values = value_head(h_resp).reshape(B, N)                 # (B, N, C) -> (B, N)
+        values = value_head(h[:, P - 1:L - 1, :]).reshape(B, N)   # (B, N, C) -> (B, N): state before each token
     elif value_model is not None:
         values = value_model.scores(ids, mask)[:, P - 1:L - 1]    # (B, N)
     return logp, values, logits.data
