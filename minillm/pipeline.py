@@ -265,7 +265,21 @@ def stage_dpo(ctx: Context) -> dict:
             "metrics": res.metrics, "seconds": res.seconds}
 
 
-STAGE_FUNCTIONS = {name: globals()[f"stage_{name}"] for name in STAGES}
+STAGE_FUNCTIONS = {  # the stages in the order they run; each builds on the ones before it
+    "pretrain": stage_pretrain,
+    "prompting": stage_prompting,
+    "sft": stage_sft,
+    "sft_lora": stage_sft_lora,
+    "sft_qlora": stage_sft_qlora,
+    "sft_opener": stage_sft_opener,
+    "sft_noisy": stage_sft_noisy,
+    "reward": stage_reward,
+    "best_of_n": stage_best_of_n,
+    "ppo": stage_ppo,
+    "ppo_beta0": stage_ppo_beta0,
+    "ppo_gold": stage_ppo_gold,
+    "dpo": stage_dpo,
+}
 
 
 # ----------------------------------------------------------------------------------- driver

@@ -100,3 +100,9 @@ def test_a_cached_stage_made_with_other_settings_is_rebuilt(quick_run):
     P.run_stage(ctx, "prompting")
     assert path.stat().st_mtime_ns != before
     assert json.loads(path.read_text())["fingerprint"] == P.stage_fingerprint(ctx)
+
+
+def test_the_stage_table_lists_every_stage_in_order():
+    """The pipeline's explicit stage table (no look-up by name) runs exactly STAGES, in that order."""
+    assert tuple(P.STAGE_FUNCTIONS) == P.STAGES
+    assert all(fn.__name__ == f"stage_{name}" for name, fn in P.STAGE_FUNCTIONS.items())

@@ -29,7 +29,7 @@ Sources
     * TRL ``trl/trainer/dpo_trainer.py`` ``_compute_loss`` and ``dpo_config.py`` (metric names
       rewards/chosen|rejected|margins|accuracies, logps/chosen|rejected; defaults).
     * Defaults for this model: docs/rlhf-notes.md §4 (DPO row: β 0.1, 100 steps, B 32); lr and the SFT term
-      measured here (Deviations).
+      chosen here (Deviations).
 
 Deviations
     * ``label_smoothing`` applies to ``"sigmoid"`` (cDPO, as eric-mitchell and TRL ≤ 0.28); TRL
@@ -44,15 +44,11 @@ Deviations
     * **The default loss adds an SFT term**: ``sft_weight`` α = 1 adds α · (mean NLL per chosen
       completion token) (RPO, Pang et al. 2024, arXiv 2404.19733; TRL ``loss_type=["sigmoid",
       "sft"]``, ``loss_weights=[1, α]``). ``--sft-weight 0`` restores the paper's loss (Eq. 7 alone).
-      Measured on the built-in world (100 steps, B 32, β 0.1, 200 prompts per split; eval at T 0.7;
-      "test" = held-out-fact prompts, whose pairs are nevertheless in the preference data):
-      plain DPO pushes the rejected log-probs down by 30–50 nats while the chosen ones also fall
-      (−1.4 → −2.6), and the freed mass goes to token salad: from the noisy SFT model with cue-free
-      pairs, lr 1e-4: KL 26.5 nats, gold 0.06 → −0.30, repetition 0.15 → 0.24, rude 0.03 → 0.16;
-      lr 5e-5: KL 18.9; lr 2e-5: KL 6.8, gold 0.06 → 0.01. With α = 1, lr 1e-4: KL 2.1, gold 0.06 →
-      0.83, every fault rate → 0 (greedy EM 0.42 → 0.95). With the cue-carrying recipe "e" (α = 1):
-      noisy SFT: opener 0.22 → 0.89 (greedy), repetition/too-long/rude → 0, gold 0.30 → 0.68, KL 3.1;
-      opener SFT: opener 0.26 → 0.94, KL 2.0 (docs/rlhf-notes.md §4: 0.93–0.95, KL 2.7–3.5).
+      The reason: on a model this small, plain DPO pushes the rejected log-probs down by tens of
+      nats while the chosen ones fall too, and the freed probability mass goes to token salad (the
+      KL to the reference explodes and gold falls, even at lower learning rates); the NLL term keeps
+      the chosen responses likely. ``minillm dpo --sft-weight 0`` shows the collapse (chapter 10
+      explains it).
     * Learning rate 1e-4 with AdamW instead of the paper's 1e-6 RMSprop: a 0.9 M-parameter model
       trained for 100 steps needs a far larger step (``--lr`` to change it).
 """

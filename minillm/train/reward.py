@@ -38,10 +38,9 @@ Deviations
       the centering term is not. ``--center-rewards-coefficient`` fixes the offset if needed.
     * Pairs that do not fit the context are cut from the left of the prompt (as SFT), not dropped
       (TRL filters them); skipped pairs (response too long, chosen == rejected) are counted.
-    * 250 steps at lr 5e-4 instead of the prototype's 150 at 2e-4: measured here on recipe "e" from
-      the plain SFT model, held-out pair accuracy was 89.0 % (150 steps, 2e-4), 90.0 % (150, 5e-4 or
-      1e-3) and 92.3 % (250, 5e-4); the pipeline needs ≥ 90 %. ``--max-steps 150 --lr 2e-4`` restores
-      the prototype's recipe.
+    * 250 steps at lr 5e-4 instead of the prototype's 150 at 2e-4: the longer, faster run was the
+      one that took held-out pair accuracy past the 90 % the later chapters need (notebook 08
+      prints the accuracy it reaches). ``--max-steps 150 --lr 2e-4`` restores the prototype's recipe.
     * With ``margin`` the per-pair margin comes from the data's ``margin`` field when present
       (TRL), else from ``RewardConfig.margin`` (a constant; 0 = the plain loss).
 """
