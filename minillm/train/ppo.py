@@ -75,7 +75,6 @@ Deviations (each with the option that restores the reference behaviour)
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -831,48 +830,23 @@ def world_prompts() -> tuple[list[str], dict]:
 
 
 def read_prompts(path: str) -> list[str]:
-    """Prompts from a file: JSONL/JSON records with "prompt" or "instruction", plain text (one per
-    line), or any chat/preference format data.load_dataset reads (HH-RLHF transcripts, ShareGPT,
-    OpenAI messages): then the last user turn of each conversation's prompt (earlier turns are
-    dropped — PPO here renders single-turn prompts).
+    """Prompts from a file, through the project's loaders (``data.load_dataset(kind="prompt")``): any
+    JSON/JSONL format they read — TRL's prompt-only ``{"prompt"}``, Alpaca ``{"instruction"}``, chat
+    and preference files (HH-RLHF transcripts, ShareGPT, OpenAI messages) — gives the last user turn
+    of each prompt (PPO here renders single-turn prompts); any other file is plain UTF-8 text, one
+    prompt per line.
 
-    Raises FileNotFoundError naming the file, ValueError naming the file and line of a bad record,
-    or of an empty file.
+    Raises FileNotFoundError naming the file, the loaders' DataError naming the file, line and field
+    of a bad record, and ValueError for a file without prompts.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"prompt file not found: {p}")
-    out = []
-    text = p.read_text(encoding="utf-8")
-    if p.suffix in (".jsonl", ".json"):
-        lines = text.splitlines()
-        if p.suffix == ".json":
-            recs = json.loads(text)
-            lines = [json.dumps(r) for r in recs]
-        first = next((json.loads(x) for x in lines if x.strip()), None)
-        if isinstance(first, dict) and not isinstance(first.get("prompt", first.get("instruction")), str) and \
-                any(k in first for k in ("chosen", "messages", "conversations")):
-            from minillm.data import load_dataset
+    from minillm.data import load_dataset, read_text_file
 
-            for ex in load_dataset(p).records:
-                msgs = ex.prompt if hasattr(ex, "prompt") else ex.messages[:-1]
-                users = [m["content"] for m in msgs if m["role"] == "user"]
-                if users:
-                    out.append(users[-1])
-            lines = []
-        for i, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p}:{i}: not valid JSON ({e.msg})") from None
-            q = rec.get("prompt", rec.get("instruction")) if isinstance(rec, dict) else None
-            if not isinstance(q, str) or not q.strip():
-                raise ValueError(f"{p}:{i}: a record needs a non-empty 'prompt' or 'instruction' string")
-            out.append(q)
+    p = Path(path)
+    if p.suffix in (".jsonl", ".json"):
+        out = [next(m["content"] for m in reversed(msgs) if m["role"] == "user")
+               for msgs in load_dataset(p, kind="prompt").records]
     else:
-        out = [line.strip() for line in text.splitlines() if line.strip()]
+        out = [line.strip() for line in read_text_file(p).splitlines() if line.strip()]
     if not out:
         raise ValueError(f"{p}: no prompts")
     return out
