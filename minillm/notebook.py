@@ -306,15 +306,17 @@ def show(fn, name: str | None = None) -> None:
         shell = get_ipython()
     except ImportError:
         pass
+    text = f"{qual}  ({where}:{first})\n{source}"
     if shell is not None and getattr(shell, "kernel", None) is not None:
-        from IPython.display import Markdown, display
+        from IPython.display import display
 
         fence = "```"
         while fence in source:
             fence += "`"
-        display(Markdown(f"`{qual}` — [{where}:{first}](../{where})\n\n{fence}{lang}\n{source}\n{fence}"))
+        markdown = f"`{qual}` — [{where}:{first}](../{where})\n\n{fence}{lang}\n{source}\n{fence}"
+        display({"text/markdown": markdown, "text/plain": text}, raw=True)  # plain text for other viewers
     else:
-        print(f"{qual}  ({where}:{first})\n{source}")
+        print(text)
 
 
 # ------------------------------------------------------------------------------- runs and paths

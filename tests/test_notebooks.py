@@ -149,6 +149,23 @@ def test_show_prints_source_with_file_and_line(capsys):
         nb.show(len)
 
 
+def test_show_in_jupyter_displays_markdown_with_a_link_and_plain_text(monkeypatch):
+    IPython = pytest.importorskip("IPython")
+    import IPython.display
+    from minillm.lora import LoRALinear
+
+    shown = []
+    monkeypatch.setattr(IPython, "get_ipython", lambda: type("Shell", (), {"kernel": object()})())
+    monkeypatch.setattr(IPython.display, "display", lambda obj, raw=False: shown.append((obj, raw)))
+    nb.show(LoRALinear.forward)
+    (bundle, raw), = shown
+    first = LoRALinear.forward.__code__.co_firstlineno
+    assert raw and bundle["text/markdown"].startswith(
+        f"`minillm.lora.LoRALinear.forward` — [minillm/lora.py:{first}](../minillm/lora.py)\n\n```python\n")
+    assert bundle["text/markdown"].rstrip().endswith("```")
+    assert bundle["text/plain"].startswith(f"minillm.lora.LoRALinear.forward  (minillm/lora.py:{first})\n")
+
+
 def test_show_finds_a_cpp_definition_not_its_calls(capsys):
     nb.show("csrc/nf4_cuda.cu", "gemv_v1")
     out = capsys.readouterr().out
