@@ -86,7 +86,7 @@ from minillm.model import GPT
 from minillm.optim import AdamW, clip_grad_norm_
 from minillm.tensor import Tensor, no_grad
 from minillm.train.common import add_dataclass_arguments, check_finite, dataclass_from_args
-from minillm.train.ppo import (Rollout, _as_float_tensor, _round, disable_dropout, policy_forward,
+from minillm.train.ppo import (Rollout, _as_float_tensor, _evenly, _round, disable_dropout, policy_forward,
                                reference_logprobs, sample_rollout, token_entropy)
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -639,12 +639,6 @@ def build_trainer(cfg: GRPOConfig) -> GRPOTrainer:
     return GRPOTrainer(policy, ref, funcs, cfg, tok, reward_weights=weights, correct_func=addition_accuracy_reward)
 
 
-def _evenly(items: list, n: int) -> list:
-    if n <= 0 or n >= len(items):
-        return list(items)
-    return [items[int(i)] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
-
-
 def grpo(cfg: GRPOConfig, on_iteration: Callable | None = None) -> GRPOResult:
     """Run GRPO as configured; writes ``<out_dir>/metrics.json`` and ``<out_dir>/checkpoint.safetensors``.
 
@@ -663,8 +657,10 @@ def grpo(cfg: GRPOConfig, on_iteration: Callable | None = None) -> GRPOResult:
     def run_eval() -> dict:
         return trainer.evaluate(eval_prompts, cfg.eval_num_generations, seed=cfg.seed + 1234)
 
+    from minillm.lora import count_parameters
+
     metrics: dict = {"config": asdict(cfg), "n_train_prompts": len(train_prompts), "n_eval_prompts": len(eval_prompts),
-                     "reference_model_held": trainer.ref is not None}
+                     "reference_model_held": trainer.ref is not None, "parameters": count_parameters(trainer.policy)}
     evals = []
     if eval_prompts:
         evals.append({"iteration": 0, **run_eval()})
