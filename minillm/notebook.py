@@ -136,6 +136,27 @@ CLAIM_RANGES: dict[str, tuple] = {
     "12.peft_gold_fraction_of_full": (0.85, None, "LoRA and QLoRA keep most of full SFT's gold with a few percent "
                                       "of the trainable parameters: the lower of the two as a fraction of full SFT's"),
     "12.methods_in_table": (8, None, "the spectrum side by side in one table (>= 8 methods from the cached stages)"),
+    # 14 GRPO (2 seeds; each range is justified in the notebook next to the measured values)
+    "14.worked_group_max_abs_diff": (0.0, 1e-6, "group_advantages equals the hand computation of a group of 8 "
+                                     "(Bessel std, + 1e-4)"),
+    "14.equal_group_advantage_max_abs": (0.0, 0.0, "a group whose rewards are all equal gets advantage 0 exactly"),
+    "14.first_minibatch_ratio_dev_max": (0.0, 1e-5, "the first minibatch of every iteration is on-policy: ratio 1"),
+    "14.start_pass1_min": (0.1, None, "the brief SFT start solves held-out sums sometimes (pass@1 >= 10 %) ..."),
+    "14.start_pass1_max": (None, 0.7, "... but not always (pass@1 <= 70 %)"),
+    "14.start_passG_minus_pass1_min": (0.3, None, "... and pass@8 is far above pass@1: the right sum is often among "
+                                       "the 8 samples (the headroom RL needs)"),
+    "14.pass1_gain_min": (0.04, None, "150 GRPO iterations raise held-out pass@1 on both seeds (measured +0.09, +0.16)"),
+    "14.pass1_gain_minus_passG_gain_min": (0.03, None, "GRPO raises pass@1 more than pass@8: it sharpens the policy "
+                                           "onto answers it could already sample"),
+    "14.rft_minus_grpo_pass1_min": (0.0, None, "with equal samples, steps and learning rate, rejection-sampling "
+                                    "fine-tuning ends above GRPO on this one-answer task (measured +0.07, +0.08)"),
+    "14.grpo_minus_ppo_pass1_abs_max": (0.0, 0.1, "GRPO lands within 10 points of PPO's pass@1 at the same budget "
+                                        "(measured 4-5 points below) ..."),
+    "14.grpo_over_ppo_iteration_seconds": (None, 1.0, "... an iteration costs no more than PPO's ..."),
+    "14.grpo_models_held": (1, 1, "... and it holds one model (beta = 0: no value model, no reference)"),
+    "14.kl_beta_over_beta0_max": (None, 1.0, "beta = 0.04 ends no farther from the start than beta = 0 (KL ratio "
+                                  "measured 0.66, 0.98: a small effect in 150 iterations) ..."),
+    "14.beta_pass1_minus_beta0_min": (-0.05, None, "... and costs at most a few points of pass@1"),
 }
 
 #: Claims a notebook may skip with ``claim_skipped`` (they need an optional extension).
@@ -369,6 +390,33 @@ def sft_run(name: str, **config) -> dict:
     tmp.write_text(json.dumps(result, default=float) + "\n")
     tmp.replace(path)
     return result
+
+
+def grpo_run(name: str, sft_seed: int = 0, sft_steps: int = 1000, **config) -> dict:
+    """A GRPO run of ``train.grpo.grpo`` on the addition task, itself cached (chapter 14).
+
+    The SFT start (``grpo.addition_sft_start`` with seed ``sft_seed`` and ``sft_steps`` steps) is made
+    once and kept in ``<repo>/runs/cache/notebooks/14-sft/``; the run lives in
+    ``<repo>/runs/cache/notebooks/<name>/`` and is reused while its config is unchanged.
+    ``config``: ``GRPOConfig`` fields (``sft``, ``sft_steps``, ``out_dir`` and ``progress`` are set
+    here). Returns the run's metrics dict (``metrics.json``: config, eval_start, eval_end, history,
+    seconds, ...) with ``checkpoint`` (the trained policy's path) added.
+    """
+    from dataclasses import asdict
+
+    from minillm.train.grpo import GRPOConfig, grpo
+
+    cache = repo_root() / "runs" / "cache" / "notebooks"
+    start = cache / "14-sft" / f"seed{sft_seed}-steps{sft_steps}.safetensors"
+    out = cache / name
+    cfg = GRPOConfig(sft=str(start), sft_steps=sft_steps, out_dir=str(out), progress=False, **config)
+    path, ckpt = out / "metrics.json", out / "checkpoint.safetensors"
+    if path.exists() and ckpt.exists():
+        cached = json.loads(path.read_text())
+        if cached.get("config") == json.loads(json.dumps(asdict(cfg))):
+            return {**cached, "checkpoint": str(ckpt)}
+    res = grpo(cfg)
+    return {**res.metrics, "checkpoint": res.checkpoint}
 
 
 def load(stage: str):
@@ -721,12 +769,34 @@ def _ex_12_2(fn: Callable) -> str:
     return "finds the cost/quality Pareto front in 4 cases (ties kept)"
 
 
+def _ex_14_1(fn: Callable) -> str:
+    """fn(rewards (B,) float64, G) -> (B,) group-relative advantages (scale_rewards="group")."""
+    from minillm.train.grpo import group_advantages
+
+    rng = np.random.default_rng(15)
+    cases = [(np.array([1.0, 0, 0, 1, 0, 0, 0, 0]), 8), (rng.integers(0, 2, 12).astype(np.float64), 4),
+             (rng.standard_normal(9), 3), (np.array([1.0, 1, 1, 0, 0, 0]), 3)]
+    for r, G in cases:
+        _close(f"advantages of {r.size} rewards in groups of {G}", fn(r.copy(), G), group_advantages(r, G, "group")[0],
+               atol=1e-5)
+    return "matches train.grpo.group_advantages (Bessel std + 1e-4; 0 for an all-equal group) in 4 cases"
+
+
+def _ex_14_2(fn: Callable) -> str:
+    """fn(n, c, k) -> unbiased pass@k (float)."""
+    from minillm.train.grpo import pass_at_k
+
+    for n, c, k in ((8, 2, 1), (8, 2, 4), (8, 2, 8), (8, 0, 3), (10, 7, 4), (16, 1, 5)):
+        _close(f"pass@{k} with n={n}, c={c}", float(fn(n, c, k)), pass_at_k(n, c, k), atol=1e-9)
+    return "matches train.grpo.pass_at_k in 6 cases (e.g. pass@4 = 0.7857 for n = 8, c = 2)"
+
+
 EXERCISES: dict[str, Callable] = {
     "01.1": _ex_01_1, "01.2": _ex_01_2, "02.1": _ex_02_1, "02.2": _ex_02_2, "03.1": _ex_03_1, "03.2": _ex_03_2,
     "04.1": _ex_04_1, "04.2": _ex_04_2, "05.1": _ex_05_1, "05.2": _ex_05_2, "06.1": _ex_06_1, "06.2": _ex_06_2,
     "07.1": _ex_07_1, "07.2": _ex_07_2, "11.1": _ex_11_1, "11.2": _ex_11_2,
     "08.1": _ex_08_1, "08.2": _ex_08_2, "09.1": _ex_09_1, "09.2": _ex_09_2, "09.3": _ex_09_3,
-    "10.1": _ex_10_1, "10.2": _ex_10_2, "12.1": _ex_12_1, "12.2": _ex_12_2,
+    "10.1": _ex_10_1, "10.2": _ex_10_2, "12.1": _ex_12_1, "12.2": _ex_12_2, "14.1": _ex_14_1, "14.2": _ex_14_2,
 }
 
 
@@ -750,8 +820,8 @@ def check_exercise(exercise_id: str, fn: Callable, quiet: bool = False) -> bool 
 
 
 __all__ = ["CLAIM_RANGES", "OPTIONAL_CLAIMS", "EXERCISES", "ExerciseFailed", "versions", "claim", "claim_range",
-           "claim_skipped", "in_range", "show", "repo_root", "checkpoint", "summary", "sft_run", "load",
-           "check_exercise"]
+           "claim_skipped", "in_range", "show", "repo_root", "checkpoint", "summary", "sft_run", "grpo_run",
+           "load", "check_exercise"]
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit("minillm.notebook is imported by the notebooks; nothing to run")

@@ -6,9 +6,10 @@ Scope
     SFT (LoRA) → SFT (QLoRA) → SFT with "Sure!" demonstrations (the start of best-of-n and PPO) →
     SFT on noisy demonstrations (DPO's start) → reward model →
     best-of-n (n = 1, 2, 4, 8) → PPO (β > 0) → PPO (β = 0) → PPO with the gold judge as reward
-    (the control) → DPO. A stage is done when its ``summary.json`` exists (written last,
-    atomically); finished stages are reused and a crashed run resumes from the first unfinished
-    stage, its earlier checkpoints intact. ``report.md`` holds one table (method, trainable
+    (the control) → DPO → GRPO (chapter 14: its own small model on the verifiable addition task,
+    not the fact world, since GRPO needs a reward a program checks). A stage is done when its
+    ``summary.json`` exists (written last, atomically); finished stages are reused and a crashed
+    run resumes from the first unfinished stage, its earlier checkpoints intact. ``report.md`` holds one table (method, trainable
     parameters, memory estimate, exact-match, format compliance, gold reward, RM score, KL to
     SFT, wall time) and PNG plots. ``--quick`` runs every stage for a handful of steps (the CI
     smoke test). ``--corpus``, ``--sft-data``, ``--pref-data`` switch stages to user files in any
@@ -38,7 +39,7 @@ import numpy as np
 from minillm.checkpoint import write_json_atomic
 
 STAGES = ("pretrain", "prompting", "sft", "sft_lora", "sft_qlora", "sft_opener", "sft_noisy", "reward",
-          "best_of_n", "ppo", "ppo_beta0", "ppo_gold", "dpo")
+          "best_of_n", "ppo", "ppo_beta0", "ppo_gold", "dpo", "grpo")
 
 
 @dataclass
@@ -265,6 +266,27 @@ def stage_dpo(ctx: Context) -> dict:
             "metrics": res.metrics, "seconds": res.seconds}
 
 
+def stage_grpo(ctx: Context) -> dict:
+    """GRPO (chapter 14) on the verifiable addition task (``tasks.AdditionTask``): a brief SFT start of
+    its own (``grpo.addition_sft_start``, kept in ``grpo/`` under a name holding seed and steps), then
+    GRPO with the accuracy reward, β = 0 (no reference model held), ``loss_type`` "dapo". The stage
+    is small on purpose (1,000 SFT steps, 60 iterations of 16 prompts × G = 8, 200 held-out
+    problems): it shows the method in the table, the notebook measures it. Skipped with user SFT or
+    preference data: GRPO needs a reward a program checks, which those files do not carry."""
+    if not ctx.builtin:
+        return {"skipped": "grpo trains on the built-in addition task, whose answers a program checks; "
+                           "user SFT/preference data has no such checker"}
+    from minillm.train.grpo import GRPOConfig, grpo
+
+    steps = ctx.steps(1000, 20)
+    cfg = GRPOConfig(sft=str(ctx.dir / "grpo" / f"sft-seed{ctx.cfg.seed}-steps{steps}.safetensors"),
+                     sft_steps=steps, out_dir=str(ctx.dir / "grpo"), iterations=ctx.steps(60, 2),
+                     prompts_per_iteration=ctx.steps(16, 4), eval_prompts=ctx.steps(200, 16),
+                     seed=ctx.cfg.seed, progress=ctx.cfg.progress)
+    res = grpo(cfg)
+    return {"checkpoint": res.checkpoint, "history": res.history, "metrics": res.metrics, "seconds": res.seconds}
+
+
 STAGE_FUNCTIONS = {  # the stages in the order they run; each builds on the ones before it
     "pretrain": stage_pretrain,
     "prompting": stage_prompting,
@@ -279,6 +301,7 @@ STAGE_FUNCTIONS = {  # the stages in the order they run; each builds on the ones
     "ppo_beta0": stage_ppo_beta0,
     "ppo_gold": stage_ppo_gold,
     "dpo": stage_dpo,
+    "grpo": stage_grpo,
 }
 
 
@@ -376,6 +399,10 @@ def one_line(stage: str, s: dict) -> str:
         a, e = m["before"]["test"]["greedy"], m["after"]["test"]["greedy"]
         bits.append(f"gold {a['gold']:+.3f} -> {e['gold']:+.3f}, rude {a['rude']:.0%} -> {e['rude']:.0%}, "
                     f"too long {a['too_long']:.0%} -> {e['too_long']:.0%}")
+    elif stage == "grpo" and "eval_end" in m:
+        a, e = m["eval_start"], m["eval_end"]
+        bits.append(f"addition, held-out pass@1 {a['pass@1']:.3f} -> {e['pass@1']:.3f}, "
+                    f"pass@{e['G']} {a['pass@G']:.3f} -> {e['pass@G']:.3f}, greedy {a['greedy']:.1%} -> {e['greedy']:.1%}")
     return f"[{stage}] " + "; ".join(bits)
 
 
@@ -465,6 +492,17 @@ def build_rows(ctx: Context) -> list[dict]:
                      "gold": g1.get("gold"), "rm_score": t1.get("rm_score"), "kl": t1.get("kl"),
                      "seconds": d.get("seconds"), "notes": f"gold {g0.get('gold', float('nan')):+.3f} → "
                                                           f"{g1.get('gold', float('nan')):+.3f}; {faults}"})
+    g = S.get("grpo", {})
+    if "metrics" in g and "eval_end" in g["metrics"]:
+        m = g["metrics"]
+        c, a, e = m["config"], m["eval_start"], m["eval_end"]
+        rows.append({"method": f"GRPO ({c['loss_type']}, β = {c['beta']:g}, G = {c['num_generations']}), addition task",
+                     "trainable": m.get("parameters", {}).get("trainable"), "exact_match": e["greedy"],
+                     "seconds": g.get("seconds"),
+                     "notes": f"own {m.get('parameters', {}).get('total', 0):,}-parameter model and task (not the "
+                              f"world): held-out greedy {a['greedy']:.1%} → {e['greedy']:.1%}, pass@1 "
+                              f"{a['pass@1']:.3f} → {e['pass@1']:.3f}, pass@{e['G']} {a['pass@G']:.3f} → "
+                              f"{e['pass@G']:.3f}; time incl. its SFT start"})
     return rows
 
 
@@ -485,7 +523,8 @@ def write(ctx: Context) -> Path:
     note = ("Times are wall-clock seconds on this machine. Exact-match, format and gold are measured on held-out "
             "facts (never in SFT data) and judged by tasks.GoldJudge: greedy answers for the SFT rows and DPO, "
             "one sample at T = 0.7 per prompt for best-of-n and PPO (their KL is the summed log-ratio to the "
-            "SFT model on those samples).")
+            "SFT model on those samples). The GRPO row is another task: 2-digit addition, its exact-match the "
+            "greedy accuracy on held-out problems, pass@k from G samples at T = 1.")
     sections = [stages, note]
     return report.write_report(ctx.dir, build_rows(ctx), sections, plots)
 

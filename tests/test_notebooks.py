@@ -403,6 +403,15 @@ def _ref_12_2(costs, qualities):
     return out
 
 
+def _ref_14_1(r, G):
+    g = r.reshape(-1, G)
+    return ((g - g.mean(1, keepdims=True)) / (g.std(1, ddof=1, keepdims=True) + 1e-4)).reshape(-1)
+
+
+def _ref_14_2(n, c, k):
+    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
 REFERENCES = {k: globals()[f"_ref_{k.replace('.', '_')}"] for k in nb.EXERCISES}
 
 
@@ -446,13 +455,13 @@ def test_exercise_cells_name_existing_checkers(path):
         assert len(set(ids)) >= 2, f"{path.name}: 2-3 exercises expected, found {sorted(set(ids))}"
 
 
-RL_CHAPTERS = {"08", "09", "10", "12"}
+RL_CHAPTERS = {"08", "09", "10", "12", "14"}
 
 
 @pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.name[:2] in RL_CHAPTERS],
                          ids=_ids([p for p in NOTEBOOKS if p.name[:2] in RL_CHAPTERS]))
 def test_rl_chapters_link_source_plot_and_exercise(path):
-    """Chapters 08-10 and 12: equations linked to source, a plot, a deviations box and 2-3 exercises."""
+    """Chapters 08-10, 12 and 14: equations linked to source, a plot, a deviations box and 2-3 exercises."""
     cells = _load(path)["cells"]
     md = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
     assert len(LINK.findall(md)) >= 3, f"{path.name}: link each equation to its source"

@@ -86,7 +86,7 @@ from minillm.model import GPT
 from minillm.optim import AdamW, clip_grad_norm_
 from minillm.tensor import Tensor, no_grad
 from minillm.train.common import add_dataclass_arguments, check_finite, dataclass_from_args, print_run, round_floats
-from minillm.train.ppo import (Rollout, _as_float_tensor, policy_forward,
+from minillm.train.ppo import (Rollout, _as_float_tensor, _evenly, policy_forward,
                                reference_logprobs, sample_rollout, token_entropy)
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -589,10 +589,10 @@ def addition_sft_start(path: str, n_digits: int = 2, steps: int = 1000, seed: in
     save it with its tokenizer at ``path``; returns the path.
 
     The tokenizer is byte-level BPE trained on the task's train text with one merge (digits stay
-    single tokens); the GPT has ``n_layer`` layers of width ``n_embd``, block_size 40. Briefly
-    trained (default 1,000 steps, ~15 s on one core) it solves the held-out problems sometimes, not
-    always (on 400 held-out problems, T = 1: seed 0 pass@1 0.13, pass@8 0.61, greedy 0.23;
-    seed 1 pass@1 0.29, pass@8 0.84, greedy 0.59).
+    single tokens); the GPT has ``n_layer`` layers of width ``n_embd``, block_size 40. The
+    training is deliberately brief (default 1,000 steps): the start must solve the held-out
+    problems sometimes but not always, so that a group of G samples holds both correct and wrong
+    answers (the headroom RL needs; its pass@1 and pass@G are measured in notebooks/14_grpo.ipynb).
     Uses ``sft.train_sft`` (the chapter-04 loop). Raises ValueError for steps < 1.
     """
     from minillm.checkpoint import save_checkpoint
@@ -639,12 +639,6 @@ def build_trainer(cfg: GRPOConfig) -> GRPOTrainer:
     return GRPOTrainer(policy, ref, funcs, cfg, tok, reward_weights=weights, correct_func=addition_accuracy_reward)
 
 
-def _evenly(items: list, n: int) -> list:
-    if n <= 0 or n >= len(items):
-        return list(items)
-    return [items[int(i)] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
-
-
 def grpo(cfg: GRPOConfig, on_iteration: Callable | None = None) -> GRPOResult:
     """Run GRPO as configured; writes ``<out_dir>/metrics.json`` and ``<out_dir>/checkpoint.safetensors``.
 
@@ -663,8 +657,10 @@ def grpo(cfg: GRPOConfig, on_iteration: Callable | None = None) -> GRPOResult:
     def run_eval() -> dict:
         return trainer.evaluate(eval_prompts, cfg.eval_num_generations, seed=cfg.seed + 1234)
 
+    from minillm.lora import count_parameters
+
     metrics: dict = {"config": asdict(cfg), "n_train_prompts": len(train_prompts), "n_eval_prompts": len(eval_prompts),
-                     "reference_model_held": trainer.ref is not None}
+                     "reference_model_held": trainer.ref is not None, "parameters": count_parameters(trainer.policy)}
     evals = []
     if eval_prompts:
         evals.append({"iteration": 0, **run_eval()})
