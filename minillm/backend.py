@@ -14,6 +14,7 @@ Deviations
 """
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from types import ModuleType
@@ -102,6 +103,23 @@ def to_numpy(a) -> np.ndarray:
 def asarray(a, dtype=None):
     """``a`` as an array of the current module (copied to the GPU when the device is cuda)."""
     return _xp.asarray(a, dtype=dtype)
+
+
+def extensions_disabled() -> bool:
+    """True when ``MINILLM_NO_EXTENSIONS=1`` (or the older ``MINILLM_DISABLE_EXTENSIONS=1``) is set:
+    minillm then runs its NumPy reference everywhere, as on a pure-Python install."""
+    return any(os.environ.get(v, "").strip() == "1" for v in ("MINILLM_NO_EXTENSIONS", "MINILLM_DISABLE_EXTENSIONS"))
+
+
+def load_extension(name: str):
+    """Import the compiled module ``minillm.<name>``: returns ``(module, "")``, or ``(None, reason)``
+    when it was not built (no compiler, pure-Python install) or ``extensions_disabled()``."""
+    if extensions_disabled():
+        return None, "disabled by MINILLM_NO_EXTENSIONS=1"
+    try:
+        return importlib.import_module(f"minillm.{name}"), ""
+    except ImportError as e:
+        return None, f"{type(e).__name__}: {e}"
 
 
 if os.environ.get("MINILLM_DEVICE", "cpu") == "cuda":  # pragma: no cover - needs a GPU

@@ -41,7 +41,7 @@ from typing import Sequence
 
 import numpy as np
 
-from minillm import backend
+from minillm import backend, fused
 from minillm.tensor import Function, Tensor, is_grad_enabled, no_grad
 
 #: Label value that takes no part in the loss (PyTorch ``CrossEntropyLoss(ignore_index=-100)``).
@@ -453,9 +453,14 @@ class GELU(Function):
 
     Written with in-place array operations: on the (B, T, 4C) MLP activations each temporary
     costs a pass over memory, and this op is the largest elementwise cost of a training step.
+    On float32 NumPy arrays the C++ twin (``fused.gelu_forward``) does the same in one pass.
     """
 
     def forward(self, x):
+        self.x = x
+        if fused.accepts(x):  # the lines below in one pass (csrc/fused_cpu.cpp); tanh recomputed in backward
+            self.t = None
+            return fused.gelu_forward(x)
         xp = _xp(x)
         c, k = x.dtype.type(_GELU_C), x.dtype.type(0.044715)
         u = x * x
@@ -464,7 +469,6 @@ class GELU(Function):
         u *= x
         u *= c  # u = c·(x + k·x³)
         self.t = xp.tanh(u, out=u)
-        self.x = x
         y = self.t + 1
         y *= x
         y *= x.dtype.type(0.5)
@@ -472,6 +476,8 @@ class GELU(Function):
 
     def backward(self, g):
         x, t = self.x, self.t
+        if t is None:
+            return fused.gelu_backward(x, g)
         c, k3, half = x.dtype.type(_GELU_C), x.dtype.type(3 * 0.044715), x.dtype.type(0.5)
         # dy/dx = 0.5·(1 + t) + 0.5·x·(1 − t²)·c·(1 + 3k·x²)
         d = x * x
@@ -783,13 +789,23 @@ class Softmax(Function):
     def forward(self, x, axis=-1):
         xp = _xp(x)
         self.axis = axis
-        e = xp.exp(x - x.max(axis=axis, keepdims=True))
-        self.out = e / e.sum(axis=axis, keepdims=True)
+        self.last = axis in (-1, x.ndim - 1) and fused.accepts(x)
+        if self.last:  # the lines below in one pass per row (csrc/fused_cpu.cpp)
+            self.out = fused.softmax_forward(x)
+            return self.out
+        e = x - x.max(axis=axis, keepdims=True)
+        xp.exp(e, out=e)
+        e /= e.sum(axis=axis, keepdims=True)
+        self.out = e
         return self.out
 
     def backward(self, g):
         y = self.out
-        return y * (g - (g * y).sum(axis=self.axis, keepdims=True)), None
+        if self.last:
+            return fused.softmax_backward(y, g), None
+        gx = g - (g * y).sum(axis=self.axis, keepdims=True)
+        gx *= y
+        return gx, None
 
 
 class LogSoftmax(Function):
@@ -826,6 +842,8 @@ class CrossEntropy(Function):
         if targets.shape != logits.shape[:-1]:
             raise ValueError(f"cross_entropy: logits {logits.shape} need targets of shape {logits.shape[:-1]}, "
                              f"got {targets.shape}")
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"cross_entropy: unknown reduction {reduction!r} (mean, sum or none)")
         l2 = logits.reshape(-1, V)
         t = targets.reshape(-1)
         valid = t != ignore_index
@@ -836,32 +854,40 @@ class CrossEntropy(Function):
         if n_bad:
             bad = t_safe[out_of_range][0]
             raise IndexError(f"cross_entropy: target {int(bad)} out of range for {V} classes")
-        z = l2 - l2.max(axis=1, keepdims=True)
-        lse = xp.log(xp.exp(z).sum(axis=1))
-        nll = (lse - z[xp.arange(z.shape[0]), t_safe]) * valid  # (N,)
-        self.z, self.lse, self.t, self.valid = z, lse, t_safe, valid
-        self.shape, self.reduction = logits.shape, reduction
+        self.shape, self.reduction, self.t, self.valid = logits.shape, reduction, t_safe, valid
+        self.fused = fused.accepts(logits)
+        if self.fused:  # the three lines below in one pass per row (csrc/fused_cpu.cpp)
+            nll, self.lse = fused.cross_entropy_forward(l2, t_safe, -1)  # lse = log Σ exp(logits)
+            nll *= valid
+            self.z = l2
+        else:
+            z = l2 - l2.max(axis=1, keepdims=True)
+            lse = xp.log(xp.exp(z).sum(axis=1))
+            nll = (lse - z[xp.arange(z.shape[0]), t_safe]) * valid  # (N,)
+            self.z, self.lse = z, lse
         if reduction == "none":
             return nll.reshape(targets.shape)
         total = nll.sum()
         if reduction == "sum":
             return total
-        if reduction == "mean":
-            self.count = count
-            return total / builtins.max(self.count, 1)
-        raise ValueError(f"cross_entropy: unknown reduction {reduction!r} (mean, sum or none)")
+        self.count = count
+        return total / builtins.max(self.count, 1)
 
     def backward(self, g):
         xp = _xp(g)
-        p = xp.exp(self.z - self.lse[:, None])  # softmax, (N, V)
-        p[xp.arange(p.shape[0]), self.t] -= 1
         if self.reduction == "none":
             scale = g.reshape(-1) * self.valid
         elif self.reduction == "sum":
             scale = g * self.valid
         else:
             scale = (g / builtins.max(self.count, 1)) * self.valid
-        p *= scale.astype(p.dtype)[:, None]
+        scale = scale.astype(self.z.dtype)
+        if self.fused:  # (softmax − onehot)·scale in one pass per row (csrc/fused_cpu.cpp)
+            return fused.cross_entropy_backward(self.z, self.lse, self.t, scale).reshape(self.shape), None
+        p = self.z - self.lse[:, None]
+        xp.exp(p, out=p)  # softmax, (N, V)
+        p[xp.arange(p.shape[0]), self.t] -= 1
+        p *= scale[:, None]
         return p.reshape(self.shape), None
 
 
@@ -885,16 +911,26 @@ class LayerNorm(Function):
 
     def forward(self, x, w, b, eps=1e-5):
         xp = _xp(x)
+        self.w = w
+        if fused.accepts(x, w, b):  # the lines below in one pass per row (csrc/fused_cpu.cpp)
+            y, self.mean, self.rstd = fused.layer_norm_forward(x, w, b, eps)
+            self.x, self.xhat = x, None  # backward recomputes xhat from x, mean and rstd
+            return y
         mu = x.mean(axis=-1, keepdims=True)
         xc = x - mu
         var = (xc * xc).mean(axis=-1, keepdims=True)
         self.rstd = 1.0 / xp.sqrt(var + x.dtype.type(eps))  # (..., 1)
-        self.xhat = xc * self.rstd  # (..., C)
-        self.w = w
-        return self.xhat * w + b
+        xc *= self.rstd
+        self.xhat = xc  # (..., C)
+        y = xc * w
+        y += b
+        return y
 
     def backward(self, g):
         xhat, rstd = self.xhat, self.rstd
+        if xhat is None:
+            need_w = self.needs_input_grad[1] or self.needs_input_grad[2]
+            return fused.layer_norm_backward(g, self.x, self.w, self.mean, rstd, self.needs_input_grad[0], need_w)
         C = xhat.shape[-1]
         gw = (g * xhat).reshape(-1, C).sum(axis=0) if self.needs_input_grad[1] else None
         gb = g.reshape(-1, C).sum(axis=0) if self.needs_input_grad[2] else None
@@ -958,7 +994,14 @@ class ScaledDotProductAttention(Function):
         xp = _xp(q)
         Tq, Tk, D = q.shape[-2], k.shape[-2], q.shape[-1]
         self.scale = q.dtype.type(1.0 / math.sqrt(D) if scale is None else scale)
-        att = (q @ xp.swapaxes(k, -1, -2)) * self.scale  # (B, H, Tq, Tk)
+        att = q @ xp.swapaxes(k, -1, -2)  # (B, H, Tq, Tk), scaled below
+        self.q, self.k, self.v = q, k, v
+        self.fused = fused.accepts(att)
+        if self.fused:  # the scale, masks and softmax below in one pass per row, in place (csrc/fused_cpu.cpp)
+            self.causal, self.kpm, self.visible = causal, key_padding_mask, None
+            self.p = fused.attention_softmax_forward(att, self.scale, causal, key_padding_mask)
+            return self.p @ v  # (B, H, Tq, D)
+        att *= self.scale
         visible = None
         if causal:
             visible = xp.tril(xp.ones((Tq, Tk), dtype=bool), k=Tk - Tq)  # (Tq, Tk)
@@ -966,11 +1009,11 @@ class ScaledDotProductAttention(Function):
             kpm = key_padding_mask.astype(bool)[:, None, None, :]  # (B, 1, 1, Tk)
             visible = kpm if visible is None else (visible & kpm)
         if visible is not None:
-            att = xp.where(visible, att, xp.finfo(att.dtype).min)
+            xp.copyto(att, xp.finfo(att.dtype).min, where=~visible)
         att -= att.max(axis=-1, keepdims=True)
         p = xp.exp(att, out=att)
         p /= p.sum(axis=-1, keepdims=True)
-        self.p, self.q, self.k, self.v, self.visible = p, q, k, v, visible
+        self.p, self.visible = p, visible
         return p @ v  # (B, H, Tq, D)
 
     def backward(self, g):
@@ -978,10 +1021,14 @@ class ScaledDotProductAttention(Function):
         p, q, k, v = self.p, self.q, self.k, self.v
         gv = xp.swapaxes(p, -1, -2) @ g if self.needs_input_grad[2] else None  # (B, H, Tk, D)
         gp = g @ xp.swapaxes(v, -1, -2)  # (B, H, Tq, Tk)
-        gs = p * (gp - (gp * p).sum(axis=-1, keepdims=True))  # softmax backward
-        gs *= self.scale
-        if self.visible is not None:  # masked scores were constants: no gradient flows into them
-            gs *= self.visible
+        if self.fused:  # the softmax backward below in one pass per row, in place (csrc/fused_cpu.cpp)
+            gs = fused.attention_softmax_backward(p, gp, self.scale, self.causal, self.kpm)
+        else:
+            gs = gp - (gp * p).sum(axis=-1, keepdims=True)  # softmax backward
+            gs *= p
+            gs *= self.scale
+            if self.visible is not None:  # masked scores were constants: no gradient flows into them
+                gs *= self.visible
         gq = gs @ k if self.needs_input_grad[0] else None
         gk = xp.swapaxes(gs, -1, -2) @ q if self.needs_input_grad[1] else None
         return gq, gk, gv

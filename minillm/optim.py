@@ -29,7 +29,7 @@ from typing import Iterable
 
 import numpy as np
 
-from minillm import backend
+from minillm import backend, fused
 from minillm.tensor import Tensor, no_grad
 
 
@@ -104,8 +104,13 @@ def adamw_update(p, g, m, v, step: int, lr: float, beta1: float, beta2: float, e
     """One AdamW update of arrays ``p``, ``m``, ``v`` in place (torch.optim.AdamW's order of operations).
 
     Shapes: all arrays the parameter's shape, float32. ``step`` is 1 on the first update.
-    Shared by ``AdamW`` and ``PagedAdamW`` so both give bit-identical parameters.
+    Shared by ``AdamW`` and ``PagedAdamW`` so both give bit-identical parameters. On C-contiguous
+    float32 NumPy arrays the C++ twin (``fused.adamw_update``) runs these lines in one pass,
+    bit-identically.
     """
+    if fused.accepts(p, g, m, v) and p.flags.c_contiguous and m.flags.c_contiguous and v.flags.c_contiguous:
+        fused.adamw_update(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay)
+        return
     dt = p.dtype.type
     if weight_decay:
         p *= dt(1 - lr * weight_decay)
