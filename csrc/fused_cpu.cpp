@@ -52,7 +52,8 @@ constexpr int64_t PAR_MIN_ELEMS = 1 << 16;
 // Cephes expf: e^x = 2^n · e^r, |r| ≤ ln2/2, e^r by a degree-5 polynomial (≈ 1 ulp). Inputs are
 // clamped to [-88, 88]: e^-88 flushes to 0 (the masked entries of a softmax), e^88 stays finite.
 FUSED_INLINE float exp_f(float x) {
-  x = std::min(88.0f, std::max(-88.0f, x));
+  x = x < -88.0f ? -88.0f : x;
+  x = x > 88.0f ? 88.0f : x;
   const float fx = x * 1.44269504088896341f + 0.5f;
   int n = static_cast<int>(fx);
   n -= static_cast<float>(n) > fx;  // floor
@@ -70,6 +71,44 @@ FUSED_INLINE float exp_f(float x) {
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return y * scale;
+}
+
+// Row reductions with LANES independent partial sums, so the compiler can keep them in one vector
+// register (a single running float sum cannot be reordered, so it would not vectorise).
+constexpr int LANES = 8;
+
+FUSED_INLINE float sum_f(const float* x, int64_t n) {
+  float acc[LANES] = {};
+  int64_t j = 0;
+  for (; j + LANES <= n; j += LANES)
+    for (int l = 0; l < LANES; ++l) acc[l] += x[j + l];
+  float s = 0.0f;
+  for (int l = 0; l < LANES; ++l) s += acc[l];
+  for (; j < n; ++j) s += x[j];
+  return s;
+}
+
+FUSED_INLINE float dot_f(const float* x, const float* y, int64_t n) {
+  float acc[LANES] = {};
+  int64_t j = 0;
+  for (; j + LANES <= n; j += LANES)
+    for (int l = 0; l < LANES; ++l) acc[l] += x[j + l] * y[j + l];
+  float s = 0.0f;
+  for (int l = 0; l < LANES; ++l) s += acc[l];
+  for (; j < n; ++j) s += x[j] * y[j];
+  return s;
+}
+
+FUSED_INLINE float max_f(const float* x, int64_t n) {
+  float acc[LANES];
+  for (int l = 0; l < LANES; ++l) acc[l] = x[0];
+  int64_t j = 0;
+  for (; j + LANES <= n; j += LANES)
+    for (int l = 0; l < LANES; ++l) acc[l] = acc[l] > x[j + l] ? acc[l] : x[j + l];
+  float m = acc[0];
+  for (int l = 1; l < LANES; ++l) m = m > acc[l] ? m : acc[l];
+  for (; j < n; ++j) m = m > x[j] ? m : x[j];
+  return m;
 }
 
 FUSED_INLINE float tanh_f(float u) { return 1.0f - 2.0f / (exp_f(2.0f * u) + 1.0f); }
@@ -96,14 +135,14 @@ FUSED_MV void gelu_backward_span(const float* x, const float* g, float* dx, int6
 
 FUSED_MV void layer_norm_forward_row(const float* x, const float* w, const float* b, float* y,
                                      float* mean_out, float* rstd_out, int64_t C, float eps) {
-  float s = 0.0f;
-  for (int64_t c = 0; c < C; ++c) s += x[c];
-  const float mu = s / static_cast<float>(C);
+  const float mu = sum_f(x, C) / static_cast<float>(C);
+  float acc[LANES] = {};
+  int64_t c0 = 0;
+  for (; c0 + LANES <= C; c0 += LANES)
+    for (int l = 0; l < LANES; ++l) acc[l] += (x[c0 + l] - mu) * (x[c0 + l] - mu);
   float ss = 0.0f;
-  for (int64_t c = 0; c < C; ++c) {
-    const float d = x[c] - mu;
-    ss += d * d;
-  }
+  for (int l = 0; l < LANES; ++l) ss += acc[l];
+  for (; c0 < C; ++c0) ss += (x[c0] - mu) * (x[c0] - mu);
   const float rstd = 1.0f / std::sqrt(ss / static_cast<float>(C) + eps);
   for (int64_t c = 0; c < C; ++c) y[c] = ((x[c] - mu) * rstd) * w[c] + b[c];
   *mean_out = mu;
@@ -124,15 +163,12 @@ FUSED_MV void layer_norm_backward_rows(const float* g, const float* x, const flo
       }
     }
     if (dx != nullptr) {
-      float m1 = 0.0f, m2 = 0.0f;
-      for (int64_t c = 0; c < C; ++c) {
-        const float gx = gr[c] * w[c];
-        m1 += gx;
-        m2 += gx * ((xr[c] - mu) * rs);
-      }
-      m1 /= static_cast<float>(C);
-      m2 /= static_cast<float>(C);
       float* dr = dx + r * C;
+      // dr holds g·w and then xhat·g·w while the two means are taken, then the result
+      for (int64_t c = 0; c < C; ++c) dr[c] = gr[c] * w[c];
+      const float m1 = sum_f(dr, C) / static_cast<float>(C);
+      for (int64_t c = 0; c < C; ++c) dr[c] *= (xr[c] - mu) * rs;
+      const float m2 = sum_f(dr, C) / static_cast<float>(C);
       for (int64_t c = 0; c < C; ++c) {
         const float xhat = (xr[c] - mu) * rs;
         dr[c] = rs * (gr[c] * w[c] - m1 - xhat * m2);
@@ -142,76 +178,74 @@ FUSED_MV void layer_norm_backward_rows(const float* g, const float* x, const flo
 }
 
 FUSED_MV void softmax_row(const float* x, float* y, int64_t L) {
-  float mx = x[0];
-  for (int64_t j = 1; j < L; ++j) mx = std::max(mx, x[j]);
-  float s = 0.0f;
-  for (int64_t j = 0; j < L; ++j) {
-    y[j] = exp_f(x[j] - mx);
-    s += y[j];
-  }
+  const float mx = max_f(x, L);
+  for (int64_t j = 0; j < L; ++j) y[j] = exp_f(x[j] - mx);
+  const float s = sum_f(y, L);
   for (int64_t j = 0; j < L; ++j) y[j] /= s;
 }
 
 FUSED_MV void softmax_backward_row(const float* y, const float* g, float* dx, int64_t L) {
-  float dot = 0.0f;
-  for (int64_t j = 0; j < L; ++j) dot += g[j] * y[j];
+  const float dot = dot_f(g, y, L);
   for (int64_t j = 0; j < L; ++j) dx[j] = y[j] * (g[j] - dot);
 }
 
 // One attention row in place: a[j] = softmax over visible j of a[j]·scale. `limit` = number of
 // leading keys the causal mask lets through (Tk without a causal mask); kpm = that batch row's
-// key padding mask or null.
+// key padding mask or null. Masked scores get the lowest float, whose exp is exactly 0.
 FUSED_MV void attention_row_forward(float* a, int64_t Tk, int64_t limit, float scale,
                                     const uint8_t* kpm) {
-  float mx = -3.4028234663852886e38f;
-  bool any = false;
-  for (int64_t j = 0; j < limit; ++j) {
-    const bool vis = kpm == nullptr || kpm[j] != 0;
-    a[j] *= scale;
-    if (vis) {
-      mx = std::max(mx, a[j]);
-      any = true;
+  constexpr float LOWEST = -3.4028234663852886e38f;
+  bool any = limit > 0;
+  for (int64_t j = 0; j < limit; ++j) a[j] *= scale;
+  if (kpm != nullptr) {
+    int64_t nvis = 0;
+    for (int64_t j = 0; j < limit; ++j) {
+      nvis += kpm[j] != 0;
+      a[j] = kpm[j] != 0 ? a[j] : LOWEST;
     }
+    any = nvis > 0;
   }
   if (!any) {  // no visible key: the reference's finite fill makes the row uniform over all Tk
     const float u = 1.0f / static_cast<float>(Tk);
     for (int64_t j = 0; j < Tk; ++j) a[j] = u;
     return;
   }
-  float s = 0.0f;
-  for (int64_t j = 0; j < limit; ++j) {
-    const bool vis = kpm == nullptr || kpm[j] != 0;
-    const float e = vis ? exp_f(a[j] - mx) : 0.0f;
-    a[j] = e;
-    s += e;
-  }
+  const float mx = max_f(a, limit);
+  for (int64_t j = 0; j < limit; ++j) a[j] = exp_f(a[j] - mx);
+  const float s = sum_f(a, limit);
   for (int64_t j = 0; j < limit; ++j) a[j] /= s;
   for (int64_t j = limit; j < Tk; ++j) a[j] = 0.0f;
 }
 
 FUSED_MV void attention_row_backward(const float* p, float* gp, int64_t Tk, int64_t limit,
                                      float scale, const uint8_t* kpm) {
-  bool any = false;
-  for (int64_t j = 0; j < limit && !any; ++j) any = kpm == nullptr || kpm[j] != 0;
+  bool any = limit > 0;
+  if (kpm != nullptr) {
+    int64_t nvis = 0;
+    for (int64_t j = 0; j < limit; ++j) nvis += kpm[j] != 0;
+    any = nvis > 0;
+  }
   if (!any) {  // every score of the row was a masked constant: no gradient
     for (int64_t j = 0; j < Tk; ++j) gp[j] = 0.0f;
     return;
   }
-  float dot = 0.0f;
-  for (int64_t j = 0; j < limit; ++j) dot += gp[j] * p[j];  // p is 0 beyond limit and on padding
-  for (int64_t j = 0; j < limit; ++j) {
-    const bool vis = kpm == nullptr || kpm[j] != 0;
-    gp[j] = vis ? (p[j] * (gp[j] - dot)) * scale : 0.0f;
-  }
+  const float dot = dot_f(gp, p, limit);  // p is 0 beyond limit and on padding
+  for (int64_t j = 0; j < limit; ++j) gp[j] = (p[j] * (gp[j] - dot)) * scale;
+  if (kpm != nullptr)
+    for (int64_t j = 0; j < limit; ++j) gp[j] = kpm[j] != 0 ? gp[j] : 0.0f;
   for (int64_t j = limit; j < Tk; ++j) gp[j] = 0.0f;
 }
 
 FUSED_MV void cross_entropy_row(const float* l, int64_t t, int64_t ignore_index, float* nll,
                                 float* lse, int64_t V) {
-  float mx = l[0];
-  for (int64_t j = 1; j < V; ++j) mx = std::max(mx, l[j]);
+  const float mx = max_f(l, V);
+  float buf[256];  // exp of one chunk of the row, summed with sum_f (the row is read-only)
   float s = 0.0f;
-  for (int64_t j = 0; j < V; ++j) s += exp_f(l[j] - mx);
+  for (int64_t j0 = 0; j0 < V; j0 += 256) {
+    const int64_t n = std::min<int64_t>(256, V - j0);
+    for (int64_t j = 0; j < n; ++j) buf[j] = exp_f(l[j0 + j] - mx);
+    s += sum_f(buf, n);
+  }
   const float z = mx + std::log(s);
   *lse = z;
   *nll = (t == ignore_index) ? 0.0f : z - l[t];
