@@ -243,6 +243,8 @@ PYBIND11_MODULE(_fused, m) {
       "minillm._fused: C++ twins of minillm's non-GEMM ops (csrc/fused_cpu.cpp) on float32 "
       "C-contiguous NumPy arrays. Use minillm.fused / minillm.functional, not this module.";
   m.def("num_threads", &fused::num_threads, "OpenMP threads the kernels use (1 without OpenMP).");
+  m.def("set_num_threads", &fused::set_num_threads, py::arg("n"),
+        "Set the OpenMP threads of the kernels (default 1; values < 1 mean 1).");
   m.def("gelu_forward", &gelu_forward, py::arg("x"), "tanh GELU of x (any shape) -> new array.");
   m.def("gelu_backward", &gelu_backward, py::arg("x"), py::arg("grad"), "grad * GELU'(x).");
   m.def("layer_norm_forward", &layer_norm_forward, py::arg("x"), py::arg("weight"), py::arg("bias"),

@@ -49,6 +49,11 @@ namespace {
 // Elementwise work below this many elements runs on one thread (an OpenMP fork costs a few µs).
 constexpr int64_t PAR_MIN_ELEMS = 1 << 16;
 
+// Threads the kernels may use: 1 until set_num_threads() says otherwise. Not OpenMP's default (one
+// per core): these loops are memory-bound, and on a machine where another process holds a core a
+// team of two waits at every barrier for the descheduled thread (measured: LayerNorm 10x slower).
+int g_threads = 1;
+
 // Cephes expf: e^x = 2^n · e^r, |r| ≤ ln2/2, e^r by a degree-5 polynomial (≈ 1 ulp). Inputs are
 // clamped to [-88, 88]: e^-88 flushes to 0 (the masked entries of a softmax), e^88 stays finite.
 FUSED_INLINE float exp_f(float x) {
@@ -282,7 +287,7 @@ FUSED_MV void adamw_span(float* p, const float* g, float* m, float* v, int64_t n
 template <typename F>
 void parallel_spans(int64_t n, F f) {
   const int64_t nchunks = std::max<int64_t>(1, n / PAR_MIN_ELEMS);
-#pragma omp parallel for schedule(static) if (nchunks > 1)
+#pragma omp parallel for schedule(static) num_threads(g_threads) if (g_threads > 1 && nchunks > 1)
   for (int64_t c = 0; c < nchunks; ++c) {
     const int64_t lo = n * c / nchunks, hi = n * (c + 1) / nchunks;
     f(lo, hi);
@@ -292,7 +297,8 @@ void parallel_spans(int64_t n, F f) {
 // Rows are independent: parallel over rows when rows × cols is large enough.
 template <typename F>
 void parallel_rows(int64_t rows, int64_t cols, F f) {
-#pragma omp parallel for schedule(static) if (rows > 1 && rows * cols >= PAR_MIN_ELEMS)
+#pragma omp parallel for schedule(static) num_threads(g_threads) \
+    if (g_threads > 1 && rows > 1 && rows * cols >= PAR_MIN_ELEMS)
   for (int64_t r = 0; r < rows; ++r) f(r);
 }
 
@@ -321,7 +327,7 @@ void layer_norm_backward(const float* g, const float* x, const float* w, const f
   // added in thread order (deterministic for a given thread count).
   int nt = 1;
 #ifdef _OPENMP
-  if (N * C >= PAR_MIN_ELEMS) nt = std::max(1, std::min<int>(omp_get_max_threads(), static_cast<int>(N)));
+  if (N * C >= PAR_MIN_ELEMS) nt = std::max(1, std::min<int>(g_threads, static_cast<int>(N)));
 #endif
   std::vector<float> part(dw != nullptr ? static_cast<size_t>(nt) * 2 * C : 0, 0.0f);
 #pragma omp parallel num_threads(nt) if (nt > 1)
@@ -399,10 +405,12 @@ void adamw_update(float* p, const float* g, float* m, float* v, int64_t n, float
 
 int num_threads() {
 #ifdef _OPENMP
-  return omp_get_max_threads();
+  return g_threads;
 #else
   return 1;
 #endif
 }
+
+void set_num_threads(int n) { g_threads = std::max(1, n); }
 
 }  // namespace fused

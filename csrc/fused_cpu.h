@@ -49,7 +49,9 @@ void adamw_update(float* p, const float* g, float* m, float* v, int64_t n, float
                   bool has_decay, float beta1, float one_minus_beta1, float beta2,
                   float one_minus_beta2, float bias_correction2_sqrt, float eps, float step_size);
 
-// OpenMP threads the kernels use (1 without OpenMP).
+// OpenMP threads the kernels use (1 without OpenMP; 1 until set_num_threads).
 int num_threads();
+// Set the OpenMP threads of the kernels (values < 1 mean 1). Not thread-safe: set it between steps.
+void set_num_threads(int n);
 
 }  // namespace fused

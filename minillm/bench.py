@@ -51,19 +51,34 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bench_generate(new_tokens: int = 256, repeats: int = 3, seed: int = 0) -> dict:
-    """Greedy generation of ``new_tokens`` after a 1-token prompt, with and without the KV cache."""
+def bench_generate(new_tokens: int = 256, repeats: int = 3, seed: int = 0, thread_counts: tuple[int, ...] = (1, 2)) -> dict:
+    """Greedy generation of ``new_tokens`` after a 1-token prompt, with and without the KV cache, at
+    each thread count (``MINILLM_THREADS`` set for the measurement, so ``GPT.generate``'s own
+    choice is overridden). Seconds are medians; ``speedup`` = recompute / KV cache at the first count.
+    """
     cfg = GPTConfig(**{**REFERENCE, "block_size": new_tokens + 1})
     model = GPT(cfg, seed=seed)
     prompt = np.array([[1]], dtype=np.int64)
-    out = {}
-    for use_cache in (True, False):
-        s = _median_time(lambda: model.generate(prompt, max_new_tokens=new_tokens, temperature=0,
-                                                use_cache=use_cache), repeats)
-        out["kv_cache" if use_cache else "recompute"] = {"seconds": round(s, 4), "tokens_per_s": round(new_tokens / s, 1)}
-    out["speedup"] = round(out["recompute"]["seconds"] / out["kv_cache"]["seconds"], 2)
-    out["config"] = cfg.to_dict()
-    out["new_tokens"] = new_tokens
+    out: dict = {"config": cfg.to_dict(), "new_tokens": new_tokens, "load_before": machine_load(), "by_threads": {}}
+    saved = os.environ.get("MINILLM_THREADS")
+    try:
+        for t in thread_counts:
+            os.environ["MINILLM_THREADS"] = str(t)
+            row = {}
+            for use_cache in (True, False):
+                s = _median_time(lambda: model.generate(prompt, max_new_tokens=new_tokens, temperature=0,
+                                                        use_cache=use_cache), repeats)
+                row["kv_cache" if use_cache else "recompute"] = {"seconds": round(s, 4), "tokens_per_s": round(new_tokens / s, 1)}
+            row["speedup"] = round(row["recompute"]["seconds"] / row["kv_cache"]["seconds"], 2)
+            out["by_threads"][str(t)] = row
+    finally:
+        if saved is None:
+            os.environ.pop("MINILLM_THREADS", None)
+        else:
+            os.environ["MINILLM_THREADS"] = saved
+    first = out["by_threads"][str(thread_counts[0])]
+    out["kv_cache"], out["recompute"], out["speedup"] = first["kv_cache"], first["recompute"], first["speedup"]
+    out["load_after"] = machine_load()
     return out
 
 
@@ -148,29 +163,155 @@ def _qualnames() -> dict:
     return out
 
 
-def bench_train_step(repeats: int = 5, profile: bool = False, with_torch: bool = True) -> dict:
-    """Seconds per step of the reference config in minillm and (if installed) PyTorch eager."""
-    # numpy's BLAS uses OPENBLAS_NUM_THREADS (or OMP_NUM_THREADS) threads, else one per core: torch gets the same
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = int(os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or cores)
+def step_flops(config: dict | None = None, batch_size: int = 16) -> dict:
+    """Floating-point operations of one training step (forward + backward + AdamW), from the config.
+
+    ``matmul``: every matrix product as minillm computes it — the Linear layers and the tied LM
+    head (2·N·in·out forward, twice that backward: the input and the weight gradient) and attention's
+    Q·Kᵀ and P·V (full T×T, the causal half is computed too); N = batch·T tokens.
+    ``rest``: an operation count of everything else (LayerNorm, GELU, softmax, residual and bias
+    adds, cross-entropy, AdamW), with exp/tanh/sqrt/division counted as one operation each: an
+    estimate, to say how much of the step is not a GEMM. Returns GFLOP (1e9) per part and in total.
+    """
+    c = {**REFERENCE, **(config or {})}
+    B, T, C, L, V, H = batch_size, c["block_size"], c["n_embd"], c["n_layer"], c["vocab_size"], c["n_head"]
+    N = B * T
+    linear_fwd = 2 * N * (L * 12 * C * C + V * C)  # q, k, v, o (4C²) + MLP (8C²) per layer; LM head
+    attn_fwd = L * 2 * (2 * B * T * T * C)  # Q·Kᵀ and P·V over all heads
+    per_layer_rest = (2 * 20 * N * C  # two LayerNorms, ≈ 8 ops/element forward, 12 backward
+                      + 26 * N * 4 * C  # GELU ≈ 10 forward, 16 backward
+                      + 10 * B * H * T * T  # softmax ≈ 5 forward, 5 backward
+                      + 2 * 3 * N * C  # two residual adds forward, gradient sums backward
+                      + 2 * N * 9 * C)  # bias adds forward, bias-gradient sums backward (q,k,v,o: 4C, MLP: 5C)
+    params = L * (12 * C * C + 13 * C) + V * C + c["block_size"] * C + 2 * C
+    rest = L * per_layer_rest + 20 * N * C + 8 * N * V + 12 * params  # ln_f, cross-entropy, AdamW
+    g = 1e9
+    return {"matmul_linear": round(3 * linear_fwd / g, 3), "matmul_attention": round(3 * attn_fwd / g, 3),
+            "matmul": round(3 * (linear_fwd + attn_fwd) / g, 3), "rest_estimate": round(rest / g, 3),
+            "total": round((3 * (linear_fwd + attn_fwd) + rest) / g, 3)}
+
+
+def _gemm_shapes(config: dict | None = None, batch_size: int = 16) -> list[tuple[int, int, int, int]]:
+    """(M, K, N, count) of the Linear-layer GEMMs of one step (forward, input grad, weight grad)."""
+    c = {**REFERENCE, **(config or {})}
+    C, L, V = c["n_embd"], c["n_layer"], c["vocab_size"]
+    Ntok = batch_size * c["block_size"]
+    shapes = []
+    for fin, fout, n in ((C, C, 4 * L), (C, 4 * C, L), (4 * C, C, L), (C, V, 1)):
+        shapes += [(Ntok, fin, fout, n), (Ntok, fout, fin, n), (fout, Ntok, fin, n)]
+    return shapes
+
+
+def gemm_rate(repeats: int = 3, config: dict | None = None, batch_size: int = 16) -> dict:
+    """The machine's float32 GEMM rate through NumPy at the current thread count, in GFLOP/s.
+
+    ``step_shapes``: the FLOP-weighted rate over the Linear GEMMs of one training step (the ceiling
+    a step can reach); ``square_1024``: a 1024³ product (the machine's peak). Best of ``repeats``.
+    """
+    rng = np.random.default_rng(0)
+    total_flops = total_time = 0.0
+    for M, K, N, count in _gemm_shapes(config, batch_size):
+        a = rng.standard_normal((M, K), dtype=np.float32)
+        b = rng.standard_normal((K, N), dtype=np.float32)
+        a @ b
+        best = min(_timed(lambda: a @ b) for _ in range(repeats))
+        total_flops += 2 * M * K * N * count
+        total_time += best * count
+    a = rng.standard_normal((1024, 1024), dtype=np.float32)
+    a @ a
+    sq = min(_timed(lambda: a @ a) for _ in range(repeats))
+    return {"step_shapes": round(total_flops / total_time / 1e9, 1), "square_1024": round(2 * 1024 ** 3 / sq / 1e9, 1)}
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _stats(ts: list[float]) -> dict:
+    return {"min": round(min(ts), 4), "median": round(float(np.median(ts)), 4), "runs": len(ts)}
+
+
+def machine_load() -> dict:
+    """What else the machine is doing now: idle cores over 0.2 s and the 1-minute load average."""
+    from minillm import threads
+
+    out = {"cores": threads.cores(), "idle_cores": threads.idle_cores()}
+    if out["idle_cores"] is not None:
+        out["idle_cores"] = round(out["idle_cores"], 2)
+    if hasattr(os, "getloadavg"):
+        out["load_average_1min"] = round(os.getloadavg()[0], 2)
+    return out
+
+
+def bench_train_step(repeats: int = 5, profile: bool = False, with_torch: bool = True,
+                     thread_counts: tuple[int, ...] = (1, 2)) -> dict:
+    """Seconds per step of the reference config in minillm and (if installed) PyTorch eager, at each
+    thread count, against the FLOP count of the step and the machine's GEMM rate.
+
+    For each count t in ``thread_counts`` (NumPy's BLAS and the C++ twins limited to t threads by
+    ``minillm.threads.limit``, torch by ``torch.set_num_threads(t)``), after one warm-up step each,
+    ``repeats`` rounds of: one minillm step, one torch step, one GEMM-rate probe — interleaved so a
+    change in the machine's load hits all three alike. Reports min and median of each, the ratio
+    minillm / torch (of the medians and of the minima), and the model FLOPs utilisation
+    ``mfu = step GFLOP (matmul + rest) / seconds / GEMM rate`` for both. ``load`` says how busy the
+    machine was (idle cores before and after); figures measured under load are marked so.
+    """
+    from minillm import threads
+
+    flops = step_flops()
+    out: dict = {"config": {**REFERENCE, "batch_size": 16}, "flops_gflop": flops,
+                 "load_before": machine_load(), "policy_threads_train": threads.choose("train"),
+                 "extensions": {"fused": __import__("minillm.fused", fromlist=["x"]).available()},
+                 "by_threads": {}}
     step = _minillm_step()
-    out: dict = {"config": {**REFERENCE, "batch_size": 16}, "threads": threads}
-    out["minillm_seconds_per_step"] = round(_median_time(step, repeats), 4)
+    for t in thread_counts:
+        row: dict = {}
+        with threads.limit(t):
+            tstep = None
+            if with_torch:
+                try:
+                    tstep, version = _torch_step(t)
+                    out["torch_version"] = version
+                except ImportError:
+                    out["note_torch"] = "torch not installed: pip install -e '.[crosscheck]' for the side-by-side figure"
+            step()
+            if tstep is not None:
+                tstep()
+            ms, ts, rates = [], [], []
+            for _ in range(repeats):
+                ms.append(_timed(step))
+                if tstep is not None:
+                    ts.append(_timed(tstep))
+                rates.append(gemm_rate(repeats=1)["step_shapes"])
+            peak = gemm_rate(repeats=3)
+        row["minillm_seconds"] = _stats(ms)
+        row["gemm_gflops_step_shapes"] = {"max": max(rates), "median": round(float(np.median(rates)), 1)}
+        row["gemm_gflops_square_1024"] = peak["square_1024"]
+        rate = row["gemm_gflops_step_shapes"]["median"]
+        row["minillm_gflops"] = round(flops["total"] / row["minillm_seconds"]["median"], 1)
+        row["mfu_median"] = round(flops["total"] / row["minillm_seconds"]["median"] / rate, 3)
+        row["mfu_best"] = round(flops["total"] / row["minillm_seconds"]["min"] / row["gemm_gflops_step_shapes"]["max"], 3)
+        if ts:
+            row["torch_seconds"] = _stats(ts)
+            row["torch_mfu_median"] = round(flops["total"] / row["torch_seconds"]["median"] / rate, 3)
+            row["ratio_minillm_over_torch_median"] = round(row["minillm_seconds"]["median"] / row["torch_seconds"]["median"], 3)
+            row["ratio_minillm_over_torch_min"] = round(row["minillm_seconds"]["min"] / row["torch_seconds"]["min"], 3)
+        out["by_threads"][str(t)] = row
+    out["load_after"] = machine_load()
     out["peak_rss_mb"] = round(peak_rss_mb(), 1)
-    if with_torch:
-        try:
-            tstep, version = _torch_step(threads)
-            out["torch_seconds_per_step"] = round(_median_time(tstep, repeats), 4)
-            out["torch_version"] = version
-            out["ratio_minillm_over_torch"] = round(out["minillm_seconds_per_step"] / out["torch_seconds_per_step"], 3)
-        except ImportError:
-            out["torch_seconds_per_step"] = None
-            out["note"] = "torch not installed: pip install -e '.[crosscheck]' for the side-by-side figure"
+    idle = [x["idle_cores"] for x in (out["load_before"], out["load_after"]) if x["idle_cores"] is not None]
+    if idle and min(idle) < out["load_before"]["cores"] - 0.5:
+        out["note"] = (f"measured under load: only {min(idle):.1f} of {out['load_before']['cores']} cores were idle "
+                       "(other processes); times, ratios and MFU are not quiet-machine figures, and a ratio "
+                       "measured under load flatters whichever side loses less to the load")
     if profile:
         prof = cProfile.Profile()
-        prof.enable()
-        step()
-        prof.disable()
+        with threads.limit(thread_counts[0]):
+            prof.enable()
+            step()
+            prof.disable()
         stats = pstats.Stats(prof)
         names = _qualnames()
         rows = sorted(((v[2], names.get((k[0], k[1]), f"{Path(k[0]).name}:{k[1]}({k[2]})"))
@@ -190,14 +331,23 @@ def add_arguments(parser) -> None:
     parser.add_argument("--profile", action="store_true", help="train-step: add a cProfile breakdown")
     parser.add_argument("--no-torch", action="store_true", help="train-step: skip the PyTorch side")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="kernel: which device")
+    parser.add_argument("--threads", default="1,2",
+                        help="train-step/generate: comma-separated thread counts to measure (default 1,2)")
     parser.add_argument("--out", default=None, help="also write the JSON to this file")
 
 
 def run(args) -> int:
+    try:
+        counts = tuple(int(x) for x in str(args.threads).split(",") if x.strip())
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise ValueError(f"--threads must be positive integers separated by commas, got {args.threads!r}")
     if args.what == "generate":
-        res = bench_generate(repeats=args.repeats)
+        res = bench_generate(repeats=args.repeats, thread_counts=counts)
     elif args.what == "train-step":
-        res = bench_train_step(repeats=args.repeats, profile=args.profile, with_torch=not args.no_torch)
+        res = bench_train_step(repeats=args.repeats, profile=args.profile, with_torch=not args.no_torch,
+                               thread_counts=counts)
     elif args.what == "quant":
 
         res = bench_quant(repeats=args.repeats)
@@ -216,7 +366,7 @@ def run(args) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(run(__import__("argparse").Namespace(what=sys.argv[1], repeats=3, profile=False, no_torch=False,
-                                                   device="cpu", out=None)))
+                                                   device="cpu", out=None, threads="1,2")))
 
 
 def bench_quant(repeats: int = 5, n: int = 4096, seed: int = 0) -> dict:

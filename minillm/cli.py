@@ -102,7 +102,10 @@ def main(argv: list[str] | None = None) -> int:
                 from minillm.checkpoint import check_output_dir
 
                 check_output_dir(getattr(args, attr))
-        return int(module.run(args) or 0)
+        from minillm import threads
+
+        with threads.phase("train"):  # BLAS threads for this command (generation sets its own)
+            return int(module.run(args) or 0)
     except KeyboardInterrupt:
         print(f"minillm {name}: interrupted", file=sys.stderr)
         return 130

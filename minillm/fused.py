@@ -58,6 +58,18 @@ def unavailable_reason() -> str:
     return "" if _F is not None else f"minillm._fused not importable ({_MISSING})"
 
 
+def num_threads() -> int:
+    """OpenMP threads the C++ twins use (1 when they are not built)."""
+    return _F.num_threads() if _F is not None else 1
+
+
+def set_num_threads(n: int) -> None:
+    """Let the C++ twins use ``n`` OpenMP threads (default 1; ``minillm.threads`` sets it per phase).
+    A no-op when they are not built."""
+    if _F is not None:
+        _F.set_num_threads(int(n))
+
+
 def accepts(*arrays) -> bool:
     """True when the fused C++ kernels will run on ``arrays`` (see the module docstring).
 

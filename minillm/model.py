@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from minillm import backend
+from minillm import backend, threads
 from minillm import functional as F
 from minillm.nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList
 from minillm.functional import IGNORE_INDEX
@@ -392,7 +392,8 @@ class GPT(Module):
         top_k / top_p filter the distribution before sampling (note: log-probs are still those of
         the filtered distribution actually sampled from). EOS stops a row; later slots hold pad_id.
         ``use_cache=False`` recomputes the whole sequence each step (the reference the cache is
-        tested against). Runs in eval mode under no_grad; restores the previous mode.
+        tested against). Runs in eval mode under no_grad, with ``threads.phase("generate")``'s thread
+        count (1 unless ``MINILLM_THREADS`` is set); restores the previous mode and threads.
 
         Raises ValueError if prompt + max_new_tokens exceeds block_size, temperature < 0, or
         temperature > 0 without an ``rng``.
@@ -418,7 +419,7 @@ class GPT(Module):
         resp_mask = np.zeros((B, max_new_tokens), dtype=np.int64)
         finished = np.zeros(B, dtype=bool)
         try:
-            with no_grad():
+            with no_grad(), threads.phase("generate"):  # decoding: 1 thread unless MINILLM_THREADS says
                 cache = (KVCache(self.config, B, T + max_new_tokens, dtype=self.transformer.wte.weight.dtype)
                          if use_cache else None)
                 step_ids, step_mask = seq, seq_mask

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from minillm import threads
 from minillm.checkpoint import write_json_atomic
 
 STAGES = ("pretrain", "prompting", "sft", "sft_lora", "sft_qlora", "sft_opener", "sft_noisy", "reward",
@@ -365,8 +366,10 @@ def run_stage(ctx: Context, stage: str) -> dict:
                 old.unlink()
         write_json_atomic(marker, fp)
     t0 = time.perf_counter()
-    summary = STAGE_FUNCTIONS[stage](ctx)
+    with threads.phase("train") as n_threads:  # chosen per stage: the machine's load may have changed
+        summary = STAGE_FUNCTIONS[stage](ctx)
     summary.setdefault("seconds", time.perf_counter() - t0)
+    summary.setdefault("threads", n_threads)
     summary["fingerprint"] = stage_fingerprint(ctx)
     write_json_atomic(path, summary)
     ctx.summaries[stage] = summary

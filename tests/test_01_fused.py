@@ -187,3 +187,57 @@ def test_no_extensions_env_runs_chapter_01_ops_on_numpy():
                          env=env, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     assert " passed" in res.stdout and " failed" not in res.stdout
+
+
+# ------------------------------------------------------------------ threads and the step's FLOPs
+
+
+def test_step_flops_of_the_reference_config():
+    from minillm.bench import step_flops
+
+    f = step_flops()
+    # 6 · 2048 tokens · (4 layers · 12 · 256² + 512 · 256) = 40.27 GFLOP in the Linear layers and the
+    # LM head; attention's Q·Kᵀ and P·V: 3 · 4 layers · 2 · 2 · 16 · 128² · 256 = 3.22 GFLOP.
+    assert f["matmul_linear"] == pytest.approx(6 * 2048 * (4 * 12 * 256 ** 2 + 512 * 256) / 1e9, rel=1e-4)
+    assert f["matmul_attention"] == pytest.approx(3 * 4 * 4 * 16 * 128 ** 2 * 256 / 1e9, rel=1e-4)
+    assert 0 < f["rest_estimate"] < 0.05 * f["matmul"]
+    assert f["total"] == pytest.approx(f["matmul"] + f["rest_estimate"], abs=2e-3)
+
+
+def test_thread_policy_reads_the_environment(monkeypatch):
+    from minillm import threads
+
+    for name in ("MINILLM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MINILLM_THREADS", "3")
+    assert threads.choose("train") == 3 and threads.choose("generate") == 3
+    monkeypatch.setenv("MINILLM_THREADS", "auto")
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+    assert threads.choose("generate") == 1
+    monkeypatch.setattr(threads, "idle_cores", lambda window=0.2: 2.0)  # a quiet machine
+    monkeypatch.setattr(threads, "cores", lambda: 2)
+    assert threads.choose("train") == 2  # auto beats the BLAS pin
+    monkeypatch.setattr(threads, "idle_cores", lambda window=0.2: 0.9)  # another process holds a core
+    assert threads.choose("train") == 1
+    monkeypatch.delenv("MINILLM_THREADS")
+    monkeypatch.setattr(threads, "idle_cores", lambda window=0.2: 2.0)
+    assert threads.choose("train") == 1  # OPENBLAS_NUM_THREADS=1 honoured when MINILLM_THREADS is unset
+    monkeypatch.setenv("MINILLM_THREADS", "0")
+    with pytest.raises(ValueError, match="MINILLM_THREADS"):
+        threads.choose("train")
+    with pytest.raises(ValueError, match="phase"):
+        threads.phase("eval").__enter__()
+
+
+def test_thread_limit_sets_and_restores_both_pools():
+    from minillm import threads
+
+    before = threads.limits()
+    with threads.limit(2) as n:
+        assert n == 2
+        inside = threads.limits()
+        if fused.available():
+            assert inside["fused"] == 2
+        if inside["blas"] is not None:
+            assert inside["blas"] == 2
+    assert threads.limits() == before
