@@ -64,7 +64,7 @@ def num_threads() -> int:
 
 
 def set_num_threads(n: int) -> None:
-    """Let the C++ twins use ``n`` OpenMP threads (default 1; ``minillm.threads`` sets it per phase).
+    """Let the C++ twins use ``n`` OpenMP threads (default 1, see docs/performance.md for why).
     A no-op when they are not built."""
     if _F is not None:
         _F.set_num_threads(int(n))

@@ -3,7 +3,10 @@
 Scope
     Two thread pools do minillm's CPU work: the BLAS under NumPy's matrix products (OpenBLAS) and
     the OpenMP threads of the C++ twins (``minillm._fused``). ``phase(name)`` is a context manager
-    that sets both for one phase and restores them after; ``choose(name)`` says what it would pick.
+    that sets the BLAS threads for one phase and restores them after; ``choose(name)`` says what it
+    would pick. The C++ twins stay on one thread (``fused.set_num_threads`` changes that): they are
+    memory-bound, and measured on the shared 2-core machine a second OpenMP thread made a 2-thread
+    training step slower (docs/performance.md).
     The CLI runs each command, and the pipeline each stage, inside ``phase("train")``;
     ``GPT.generate`` runs inside ``phase("generate")``.
 
@@ -11,7 +14,7 @@ Scope
 
     * generation: 1 thread. Decoding multiplies a few rows by each weight matrix; a second thread
       costs more in hand-offs than it saves.
-    * training: a second thread only when a core is free right now. Before the phase starts the
+    * training: a second BLAS thread only when a core is free right now. Before the phase starts the
       machine's CPU use is sampled for 0.2 s from /proc/stat (this process is idle then, so what is
       busy is someone else); with ≥ 1.75 idle cores (of the cores this process may run on) it uses
       2 threads, else 1. A second BLAS thread that has to share a core with another process makes
@@ -22,7 +25,7 @@ Scope
       the environment is honoured as a fixed count, as NumPy users expect.
 
     Without threadpoolctl the BLAS pool is left as the environment set it (``limits()`` reports
-    that) and only the C++ twins' threads follow the policy.
+    None for it).
 
 Sources
     threadpoolctl (``threadpool_limits``, ``threadpool_info``); Linux ``proc(5)`` /proc/stat.
@@ -133,7 +136,7 @@ def choose(name: str) -> int:
 
 
 def limits() -> dict:
-    """Current thread counts: {"blas": int or None (threadpoolctl missing), "fused": int}."""
+    """Current thread counts: {"blas": int or None (threadpoolctl missing), "fused": the C++ twins' OpenMP threads}."""
     blas = None
     if _tpc is not None:
         infos = [i for i in _tpc.threadpool_info() if i.get("user_api") == "blas"]
@@ -143,18 +146,14 @@ def limits() -> dict:
 
 @contextlib.contextmanager
 def limit(n: int) -> Iterator[int]:
-    """Run the block with ``n`` BLAS threads and ``n`` OpenMP threads in the C++ twins; restores both."""
+    """Run the block with ``n`` BLAS threads (threadpoolctl; nothing changes without it); restores
+    the previous count after. The C++ twins' OpenMP threads are left as they are (see above)."""
     n = max(1, int(n))
-    before = fused.num_threads()
-    fused.set_num_threads(n)
-    try:
-        if _tpc is not None:
-            with _tpc.threadpool_limits(limits=n, user_api="blas"):
-                yield n
-        else:
+    if _tpc is not None:
+        with _tpc.threadpool_limits(limits=n, user_api="blas"):
             yield n
-    finally:
-        fused.set_num_threads(before)
+    else:
+        yield n
 
 
 @contextlib.contextmanager
