@@ -51,10 +51,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bench_generate(new_tokens: int = 256, repeats: int = 3, seed: int = 0, thread_counts: tuple[int, ...] = (1, 2)) -> dict:
+def bench_generate(new_tokens: int = 256, repeats: int = 3, seed: int = 0, thread_counts: tuple = (1, 2, "default")) -> dict:
     """Greedy generation of ``new_tokens`` after a 1-token prompt, with and without the KV cache, at
     each thread count (``MINILLM_THREADS`` set for the measurement, so ``GPT.generate``'s own
-    choice is overridden). Seconds are medians; ``speedup`` = recompute / KV cache at the first count.
+    choice is overridden; ``"default"``: ``MINILLM_THREADS=auto``, the policy's choice).
+    Seconds are medians; ``speedup`` = recompute / KV cache at the first count.
     """
     cfg = GPTConfig(**{**REFERENCE, "block_size": new_tokens + 1})
     model = GPT(cfg, seed=seed)
@@ -63,7 +64,7 @@ def bench_generate(new_tokens: int = 256, repeats: int = 3, seed: int = 0, threa
     saved = os.environ.get("MINILLM_THREADS")
     try:
         for t in thread_counts:
-            os.environ["MINILLM_THREADS"] = str(t)
+            os.environ["MINILLM_THREADS"] = "auto" if t == "default" else str(t)
             row = {}
             for use_cache in (True, False):
                 s = _median_time(lambda: model.generate(prompt, max_new_tokens=new_tokens, temperature=0,
@@ -209,24 +210,37 @@ def gemm_rate(repeats: int = 3, config: dict | None = None, batch_size: int = 16
     a step can reach); ``square_1024``: a 1024³ product (the machine's peak). Best of ``repeats``.
     """
     rng = np.random.default_rng(0)
-    total_flops = total_time = 0.0
+    total_flops = total_time = total_cpu = 0.0
     for M, K, N, count in _gemm_shapes(config, batch_size):
         a = rng.standard_normal((M, K), dtype=np.float32)
         b = rng.standard_normal((K, N), dtype=np.float32)
         a @ b
-        best = min(_timed(lambda: a @ b) for _ in range(repeats))
+        wall, cpu = [], []
+        for _ in range(repeats):
+            _timed_cpu(lambda: a @ b, wall, cpu)
         total_flops += 2 * M * K * N * count
-        total_time += best * count
+        total_time += min(wall) * count
+        total_cpu += max(min(cpu), 1e-9) * count
     a = rng.standard_normal((1024, 1024), dtype=np.float32)
     a @ a
     sq = min(_timed(lambda: a @ a) for _ in range(repeats))
-    return {"step_shapes": round(total_flops / total_time / 1e9, 1), "square_1024": round(2 * 1024 ** 3 / sq / 1e9, 1)}
+    return {"step_shapes": round(total_flops / total_time / 1e9, 1),
+            "step_shapes_per_cpu_second": round(total_flops / total_cpu / 1e9, 1),
+            "square_1024": round(2 * 1024 ** 3 / sq / 1e9, 1)}
 
 
 def _timed(fn) -> float:
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
+
+
+def _timed_cpu(fn, wall: list, cpu: list) -> None:
+    """Append fn's wall-clock and process CPU seconds (all threads) to ``wall`` and ``cpu``."""
+    c, t = time.process_time(), time.perf_counter()
+    fn()
+    wall.append(time.perf_counter() - t)
+    cpu.append(time.process_time() - c)
 
 
 def _stats(ts: list[float]) -> dict:
@@ -246,7 +260,7 @@ def machine_load() -> dict:
 
 
 def bench_train_step(repeats: int = 5, profile: bool = False, with_torch: bool = True,
-                     thread_counts: tuple[int, ...] = (1, 2)) -> dict:
+                     thread_counts: tuple = (1, 2, "default")) -> dict:
     """Seconds per step of the reference config in minillm and (if installed) PyTorch eager, at each
     thread count, against the FLOP count of the step and the machine's GEMM rate.
 
@@ -254,11 +268,26 @@ def bench_train_step(repeats: int = 5, profile: bool = False, with_torch: bool =
     ``minillm.threads.limit``, torch by ``torch.set_num_threads(t)``), after one warm-up step each,
     ``repeats`` rounds of: one minillm step, one torch step, one GEMM-rate probe — interleaved so a
     change in the machine's load hits all three alike. Reports min and median of each, the ratio
-    minillm / torch (of the medians and of the minima), and the model FLOPs utilisation
-    ``mfu = step GFLOP (matmul + rest) / seconds / GEMM rate`` for both. ``load`` says how busy the
+    minillm / torch (of the medians and of the minima), process CPU seconds beside the wall-clock
+    ones (at one thread the CPU time is the work done, which load inflates much less than the
+    wall-clock time: ``ratio_cpu_seconds_min`` is the load-robust comparison), and the model FLOPs utilisation
+    ``mfu = step GFLOP (matmul + rest) / seconds / GEMM rate`` for both (``mfu_cpu``: the same
+    from CPU seconds of the step and of the GEMM probe, the figure load disturbs least at one thread). ``load`` says how busy the
     machine was (idle cores before and after); figures measured under load are marked so.
+    The count ``"default"`` runs each side as it would run unconfigured: minillm with the thread
+    count its CLI policy picks now (``threads.choose("train")``), PyTorch with its own default
+    (one thread per core).
     """
     from minillm import threads
+
+    torch_default = None
+    if with_torch:
+        try:
+            import torch
+
+            torch_default = torch.get_num_threads()
+        except ImportError:
+            pass
 
     flops = step_flops()
     out: dict = {"config": {**REFERENCE, "batch_size": 16}, "flops_gflop": flops,
@@ -268,33 +297,45 @@ def bench_train_step(repeats: int = 5, profile: bool = False, with_torch: bool =
     step = _minillm_step()
     for t in thread_counts:
         row: dict = {}
-        with threads.limit(t):
+        n = threads.choose("train") if t == "default" else int(t)
+        if t == "default":
+            row["minillm_threads"], row["torch_threads"] = n, torch_default
+        with threads.limit(n):
             tstep = None
             if with_torch:
                 try:
-                    tstep, version = _torch_step(t)
+                    tstep, version = _torch_step(torch_default if t == "default" else n)
                     out["torch_version"] = version
                 except ImportError:
                     out["note_torch"] = "torch not installed: pip install -e '.[crosscheck]' for the side-by-side figure"
             step()
             if tstep is not None:
                 tstep()
-            ms, ts, rates = [], [], []
+            ms, ts, mc, tc, rates, cpu_rates = [], [], [], [], [], []
             for _ in range(repeats):
-                ms.append(_timed(step))
+                _timed_cpu(step, ms, mc)
                 if tstep is not None:
-                    ts.append(_timed(tstep))
-                rates.append(gemm_rate(repeats=1)["step_shapes"])
+                    _timed_cpu(tstep, ts, tc)
+                r = gemm_rate(repeats=1)
+                rates.append(r["step_shapes"])
+                cpu_rates.append(r["step_shapes_per_cpu_second"])
             peak = gemm_rate(repeats=3)
         row["minillm_seconds"] = _stats(ms)
+        row["minillm_cpu_seconds"] = _stats(mc)
         row["gemm_gflops_step_shapes"] = {"max": max(rates), "median": round(float(np.median(rates)), 1)}
         row["gemm_gflops_square_1024"] = peak["square_1024"]
         rate = row["gemm_gflops_step_shapes"]["median"]
         row["minillm_gflops"] = round(flops["total"] / row["minillm_seconds"]["median"], 1)
         row["mfu_median"] = round(flops["total"] / row["minillm_seconds"]["median"] / rate, 3)
         row["mfu_best"] = round(flops["total"] / row["minillm_seconds"]["min"] / row["gemm_gflops_step_shapes"]["max"], 3)
+        # the same in CPU seconds (GEMM probe and step alike): what the step does with the CPU time it gets
+        row["gemm_gflops_per_cpu_second"] = max(cpu_rates)
+        row["mfu_cpu"] = round(flops["total"] / row["minillm_cpu_seconds"]["min"] / max(cpu_rates), 3)
         if ts:
             row["torch_seconds"] = _stats(ts)
+            row["torch_cpu_seconds"] = _stats(tc)
+            row["ratio_cpu_seconds_min"] = round(row["minillm_cpu_seconds"]["min"] / row["torch_cpu_seconds"]["min"], 3)
+            row["torch_mfu_cpu"] = round(flops["total"] / row["torch_cpu_seconds"]["min"] / max(cpu_rates), 3)
             row["torch_mfu_median"] = round(flops["total"] / row["torch_seconds"]["median"] / rate, 3)
             row["ratio_minillm_over_torch_median"] = round(row["minillm_seconds"]["median"] / row["torch_seconds"]["median"], 3)
             row["ratio_minillm_over_torch_min"] = round(row["minillm_seconds"]["min"] / row["torch_seconds"]["min"], 3)
@@ -308,7 +349,7 @@ def bench_train_step(repeats: int = 5, profile: bool = False, with_torch: bool =
                        "measured under load flatters whichever side loses less to the load")
     if profile:
         prof = cProfile.Profile()
-        with threads.limit(thread_counts[0]):
+        with threads.limit(threads.choose("train") if thread_counts[0] == "default" else int(thread_counts[0])):
             prof.enable()
             step()
             prof.disable()
@@ -331,18 +372,19 @@ def add_arguments(parser) -> None:
     parser.add_argument("--profile", action="store_true", help="train-step: add a cProfile breakdown")
     parser.add_argument("--no-torch", action="store_true", help="train-step: skip the PyTorch side")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="kernel: which device")
-    parser.add_argument("--threads", default="1,2",
-                        help="train-step/generate: comma-separated thread counts to measure (default 1,2)")
+    parser.add_argument("--threads", default="1,2,default",
+                        help="train-step/generate: comma-separated thread counts to measure; 'default' = each "
+                             "side unconfigured (minillm's policy, PyTorch's default) (default 1,2,default)")
     parser.add_argument("--out", default=None, help="also write the JSON to this file")
 
 
 def run(args) -> int:
     try:
-        counts = tuple(int(x) for x in str(args.threads).split(",") if x.strip())
+        counts = tuple(x.strip() if x.strip() == "default" else int(x) for x in str(args.threads).split(",") if x.strip())
     except ValueError:
         counts = ()
-    if not counts or min(counts) < 1:
-        raise ValueError(f"--threads must be positive integers separated by commas, got {args.threads!r}")
+    if not counts or min((c for c in counts if c != "default"), default=1) < 1:
+        raise ValueError(f"--threads must be positive integers or 'default', separated by commas; got {args.threads!r}")
     if args.what == "generate":
         res = bench_generate(repeats=args.repeats, thread_counts=counts)
     elif args.what == "train-step":
@@ -366,7 +408,7 @@ def run(args) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(run(__import__("argparse").Namespace(what=sys.argv[1], repeats=3, profile=False, no_torch=False,
-                                                   device="cpu", out=None, threads="1,2")))
+                                                   device="cpu", out=None, threads="1,2,default")))
 
 
 def bench_quant(repeats: int = 5, n: int = 4096, seed: int = 0) -> dict:
