@@ -240,3 +240,32 @@ def test_thread_limit_sets_and_restores_blas_and_leaves_fused_on_one_thread():
         if inside["blas"] is not None:
             assert inside["blas"] == 2
     assert threads.limits() == before
+
+
+def test_gemm_probe_covers_exactly_the_linear_flops_of_a_step():
+    from minillm.bench import _gemm_shapes, step_flops
+
+    total = sum(2 * M * K * N * count for M, K, N, count in _gemm_shapes())
+    assert total / 1e9 == pytest.approx(step_flops()["matmul_linear"], rel=1e-4)
+
+
+def test_generate_runs_on_one_thread_while_training_may_take_two(monkeypatch):
+    from minillm import threads
+
+    for name in ("MINILLM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(threads, "idle_cores", lambda window=0.2: 2.0)
+    monkeypatch.setattr(threads, "cores", lambda: 2)
+    seen = []
+    real_limit = threads.limit
+
+    def spy(n):
+        seen.append(n)
+        return real_limit(n)
+
+    monkeypatch.setattr(threads, "limit", spy)
+    model = GPT(GPTConfig(vocab_size=31, block_size=12, n_layer=1, n_head=2, n_embd=8), seed=0)
+    with threads.phase("train") as n_train:
+        out = model.generate(np.array([[1, 2]]), max_new_tokens=3, temperature=0)
+    assert n_train == 2 and seen == [2, 1]
+    assert out.new_tokens.shape == (1, 3)
