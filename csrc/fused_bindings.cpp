@@ -58,25 +58,27 @@ std::pair<int64_t, int64_t> rows_cols(const py::array& a, const char* name) {
   return {a.size() / cols, cols};
 }
 
-py::array_t<float> gelu_forward(const py::array& x) {
+py::tuple gelu_forward(const py::array& x) {
   const float* xp = check<float>(x, "x", -1);
   auto y = like(x);
-  float* yp = y.mutable_data();
+  auto t = like(x);
+  float *yp = y.mutable_data(), *tp = t.mutable_data();
   {
     py::gil_scoped_release nogil;
-    fused::gelu_forward(xp, yp, x.size());
+    fused::gelu_forward(xp, yp, tp, x.size());
   }
-  return y;
+  return py::make_tuple(y, t);
 }
 
-py::array_t<float> gelu_backward(const py::array& x, const py::array& g) {
+py::array_t<float> gelu_backward(const py::array& x, const py::array& t, const py::array& g) {
   const float* xp = check<float>(x, "x", -1);
+  const float* tp = check<float>(t, "tanh", x.size());
   const float* gp = check<float>(g, "grad", x.size());
   auto dx = like(x);
   float* dp = dx.mutable_data();
   {
     py::gil_scoped_release nogil;
-    fused::gelu_backward(xp, gp, dp, x.size());
+    fused::gelu_backward(xp, tp, gp, dp, x.size());
   }
   return dx;
 }
@@ -223,6 +225,24 @@ py::array_t<float> cross_entropy_backward(const py::array& logits, const py::arr
   return d;
 }
 
+void scatter_add_rows(const py::array& target, const py::array& index, const py::array& values) {
+  if (target.ndim() != 2) bad("target must be 2-D (V, C), got " + shape_str(target));
+  const int64_t V = target.shape(0), C = target.shape(1);
+  if (index.ndim() != 1) bad("index must be 1-D, got " + shape_str(index));
+  const int64_t N = index.shape(0);
+  float* tp = check<float>(target, "target", -1, true);
+  const int64_t* ip = check<int64_t>(index, "index", N);
+  const float* vp = check<float>(values, "values", N * C);
+  if (values.ndim() != 2 || values.shape(0) != N)
+    bad("values must be (N, C) = (" + std::to_string(N) + ", " + std::to_string(C) + "), got " + shape_str(values));
+  for (int64_t i = 0; i < N; ++i)
+    if (ip[i] < -V || ip[i] >= V)
+      throw py::index_error("scatter_add: index " + std::to_string(ip[i]) + " out of range for " +
+                            std::to_string(V) + " rows");
+  py::gil_scoped_release nogil;
+  fused::scatter_add_rows(tp, V, ip, vp, N, C);
+}
+
 void adamw_update(const py::array& p, const py::array& g, const py::array& m, const py::array& v,
                   float decay, bool has_decay, float beta1, float one_minus_beta1, float beta2,
                   float one_minus_beta2, float bias_correction2_sqrt, float eps, float step_size) {
@@ -245,8 +265,10 @@ PYBIND11_MODULE(_fused, m) {
   m.def("num_threads", &fused::num_threads, "OpenMP threads the kernels use (1 without OpenMP).");
   m.def("set_num_threads", &fused::set_num_threads, py::arg("n"),
         "Set the OpenMP threads of the kernels (default 1; values < 1 mean 1).");
-  m.def("gelu_forward", &gelu_forward, py::arg("x"), "tanh GELU of x (any shape) -> new array.");
-  m.def("gelu_backward", &gelu_backward, py::arg("x"), py::arg("grad"), "grad * GELU'(x).");
+  m.def("gelu_forward", &gelu_forward, py::arg("x"),
+        "tanh GELU of x (any shape) -> (y, t), t = the tanh the backward needs.");
+  m.def("gelu_backward", &gelu_backward, py::arg("x"), py::arg("tanh"), py::arg("grad"),
+        "grad * GELU'(x) from x and the saved tanh.");
   m.def("layer_norm_forward", &layer_norm_forward, py::arg("x"), py::arg("weight"), py::arg("bias"),
         py::arg("eps"), "LayerNorm over the last axis -> (y, mean (N,), rstd (N,)).");
   m.def("layer_norm_backward", &layer_norm_backward, py::arg("grad"), py::arg("x"), py::arg("weight"),
@@ -264,6 +286,8 @@ PYBIND11_MODULE(_fused, m) {
         py::arg("ignore_index"), "-> (nll (N,), lse (N,)); IndexError on a target out of range.");
   m.def("cross_entropy_backward", &cross_entropy_backward, py::arg("logits"), py::arg("lse"),
         py::arg("targets"), py::arg("scale"), "(softmax - onehot) * scale[row].");
+  m.def("scatter_add_rows", &scatter_add_rows, py::arg("target"), py::arg("index"), py::arg("values"),
+        "In place target[index[i]] += values[i] (repeated indices accumulate); IndexError out of range.");
   m.def("adamw_update", &adamw_update, py::arg("param"), py::arg("grad"), py::arg("exp_avg"),
         py::arg("exp_avg_sq"), py::arg("decay"), py::arg("has_decay"), py::arg("beta1"),
         py::arg("one_minus_beta1"), py::arg("beta2"), py::arg("one_minus_beta2"),

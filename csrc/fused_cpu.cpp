@@ -29,11 +29,11 @@
 #include <omp.h>
 #endif
 
-// As in nf4_cpu.cpp: compile the hot loops for baseline x86-64 and for x86-64-v3 (AVX2) and let
-// the loader pick by CPU feature bits.
+// As in nf4_cpu.cpp: compile the hot loops for baseline x86-64, x86-64-v3 (AVX2) and x86-64-v4
+// (AVX-512) and let the loader pick by CPU feature bits.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) && \
     __GNUC__ >= 11
-#define FUSED_MV __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define FUSED_MV __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define FUSED_MV
 #endif
@@ -121,18 +121,20 @@ FUSED_INLINE float tanh_f(float u) { return 1.0f - 2.0f / (exp_f(2.0f * u) + 1.0
 constexpr float GELU_C = 0.7978845608028654f;  // sqrt(2/pi)
 constexpr float GELU_K = 0.044715f;
 
-FUSED_MV void gelu_forward_span(const float* x, float* y, int64_t n) {
+FUSED_MV void gelu_forward_span(const float* x, float* y, float* tanh_out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const float xi = x[i];
     const float t = tanh_f(GELU_C * (xi + GELU_K * xi * xi * xi));
+    tanh_out[i] = t;
     y[i] = 0.5f * xi * (1.0f + t);
   }
 }
 
-FUSED_MV void gelu_backward_span(const float* x, const float* g, float* dx, int64_t n) {
+FUSED_MV void gelu_backward_span(const float* x, const float* tanh_in, const float* g, float* dx,
+                                 int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const float xi = x[i];
-    const float t = tanh_f(GELU_C * (xi + GELU_K * xi * xi * xi));
+    const float t = tanh_in[i];
     const float du = GELU_C * (1.0f + 3.0f * GELU_K * xi * xi);
     dx[i] = g[i] * (0.5f * (1.0f + t) + 0.5f * xi * (1.0f - t * t) * du);
   }
@@ -282,6 +284,10 @@ FUSED_MV void adamw_span(float* p, const float* g, float* m, float* v, int64_t n
   }
 }
 
+FUSED_MV void add_row(float* dst, const float* src, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) dst[c] += src[c];
+}
+
 // Split [0, n) into chunks of at least PAR_MIN_ELEMS elements and run f(lo, hi) on each,
 // in parallel when there is more than one.
 template <typename F>
@@ -304,13 +310,13 @@ void parallel_rows(int64_t rows, int64_t cols, F f) {
 
 }  // namespace
 
-void gelu_forward(const float* x, float* y, int64_t n) {
-  parallel_spans(n, [&](int64_t lo, int64_t hi) { gelu_forward_span(x + lo, y + lo, hi - lo); });
+void gelu_forward(const float* x, float* y, float* t, int64_t n) {
+  parallel_spans(n, [&](int64_t lo, int64_t hi) { gelu_forward_span(x + lo, y + lo, t + lo, hi - lo); });
 }
 
-void gelu_backward(const float* x, const float* g, float* dx, int64_t n) {
+void gelu_backward(const float* x, const float* t, const float* g, float* dx, int64_t n) {
   parallel_spans(n, [&](int64_t lo, int64_t hi) {
-    gelu_backward_span(x + lo, g + lo, dx + lo, hi - lo);
+    gelu_backward_span(x + lo, t + lo, g + lo, dx + lo, hi - lo);
   });
 }
 
@@ -401,6 +407,15 @@ void adamw_update(float* p, const float* g, float* m, float* v, int64_t n, float
     adamw_span(p + lo, g + lo, m + lo, v + lo, hi - lo, decay, has_decay, beta1, one_minus_beta1,
                beta2, one_minus_beta2, bias_correction2_sqrt, eps, step_size);
   });
+}
+
+void scatter_add_rows(float* target, int64_t V, const int64_t* index, const float* values,
+                      int64_t N, int64_t C) {
+  // One thread: two rows with the same index would race.
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t r = index[i] < 0 ? index[i] + V : index[i];
+    add_row(target + r * C, values + i * C, C);
+  }
 }
 
 int num_threads() {

@@ -9,10 +9,11 @@
 
 namespace fused {
 
-// functional.GELU.forward: y = 0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³))), n elements.
-void gelu_forward(const float* x, float* y, int64_t n);
-// functional.GELU.backward: dx = g · dGELU/dx, recomputing tanh from x (nothing else saved).
-void gelu_backward(const float* x, const float* g, float* dx, int64_t n);
+// functional.GELU.forward: y = 0.5·x·(1 + tanh(u)), u = √(2/π)(x + 0.044715x³), n elements; t gets
+// tanh(u), which the backward needs (saved, as the reference does: recomputing it costs more).
+void gelu_forward(const float* x, float* y, float* t, int64_t n);
+// functional.GELU.backward: dx = g · dGELU/dx from x and the saved t.
+void gelu_backward(const float* x, const float* t, const float* g, float* dx, int64_t n);
 
 // functional.LayerNorm.forward over the last axis of x (N, C): y, and per row mean and rstd (N,).
 void layer_norm_forward(const float* x, const float* w, const float* b, float* y, float* mean,
@@ -48,6 +49,11 @@ void cross_entropy_backward(const float* logits, const float* lse, const int64_t
 void adamw_update(float* p, const float* g, float* m, float* v, int64_t n, float decay,
                   bool has_decay, float beta1, float one_minus_beta1, float beta2,
                   float one_minus_beta2, float bias_correction2_sqrt, float eps, float step_size);
+
+// functional.scatter_add for rows: target[index[i], :] += values[i, :] for i < N, repeated indices
+// accumulated in order (np.add.at). Indices must already be in [-V, V) (negative: from the end).
+void scatter_add_rows(float* target, int64_t V, const int64_t* index, const float* values,
+                      int64_t N, int64_t C);
 
 // OpenMP threads the kernels use (1 without OpenMP; 1 until set_num_threads).
 int num_threads();

@@ -458,9 +458,10 @@ class GELU(Function):
 
     def forward(self, x):
         self.x = x
-        if fused.accepts(x):  # the lines below in one pass (csrc/fused_cpu.cpp); tanh recomputed in backward
-            self.t = None
-            return fused.gelu_forward(x)
+        self.fused = fused.accepts(x)
+        if self.fused:  # the lines below in one pass (csrc/fused_cpu.cpp), saving the same t
+            y, self.t = fused.gelu_forward(x)
+            return y
         xp = _xp(x)
         c, k = x.dtype.type(_GELU_C), x.dtype.type(0.044715)
         u = x * x
@@ -476,8 +477,8 @@ class GELU(Function):
 
     def backward(self, g):
         x, t = self.x, self.t
-        if t is None:
-            return fused.gelu_backward(x, g)
+        if self.fused:
+            return fused.gelu_backward(x, t, g)
         c, k3, half = x.dtype.type(_GELU_C), x.dtype.type(3 * 0.044715), x.dtype.type(0.5)
         # dy/dx = 0.5·(1 + t) + 0.5·x·(1 − t²)·c·(1 + 3k·x²)
         d = x * x
@@ -622,6 +623,10 @@ def scatter_add(target, index, values) -> None:
         import cupyx
 
         cupyx.scatter_add(target, index, values)
+    elif (target.ndim == 2 and target.flags.c_contiguous and isinstance(index, np.ndarray) and index.ndim == 1
+          and index.dtype.kind in "iu" and values.shape == (index.shape[0], target.shape[1])
+          and fused.accepts(target, values)):
+        fused.scatter_add_rows(target, index, values)  # whole rows, one pass (csrc/fused_cpu.cpp)
     else:
         np.add.at(target, index, values)
 

@@ -11,13 +11,14 @@ Scope
     ================================ ============================================================
     NumPy reference                  C++ twin (csrc/fused_cpu.cpp)
     ================================ ============================================================
-    functional.GELU                  gelu_forward / gelu_backward (recomputes tanh: saves nothing)
+    functional.GELU                  gelu_forward / gelu_backward (saves tanh, as the reference)
     functional.LayerNorm             layer_norm_forward / layer_norm_backward (llm.c's layout)
     functional.Softmax               softmax_forward / softmax_backward (last axis)
     functional.ScaledDotProduct-     attention_softmax_forward / _backward: scale, causal and
     Attention (between the GEMMs)    padding masks and softmax, in place on the (B, H, Tq, Tk) scores
     functional.CrossEntropy          cross_entropy_forward / cross_entropy_backward
     optim.adamw_update               adamw_update (bit-identical)
+    functional.scatter_add (rows)    scatter_add_rows: the Embedding backward (np.add.at is slow)
     ================================ ============================================================
 
 Dispatch (``accepts``)
@@ -95,14 +96,15 @@ def _c32(a) -> np.ndarray:
 # ---------------------------------------------------------------------------------- GELU
 
 
-def gelu_forward(x: np.ndarray) -> np.ndarray:
-    """tanh GELU of float32 ``x`` (any shape) -> new array; fuses ``functional.GELU.forward``."""
+def gelu_forward(x: np.ndarray):
+    """tanh GELU of float32 ``x`` (any shape) -> (y, t), t = tanh(√(2/π)(x + 0.044715x³)) for the
+    backward; fuses ``functional.GELU.forward``."""
     return _F.gelu_forward(_c32(x))
 
 
-def gelu_backward(x: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """``g · GELU'(x)`` (shapes of x); fuses ``functional.GELU.backward`` (tanh recomputed)."""
-    return _F.gelu_backward(_c32(x), _c32(g))
+def gelu_backward(x: np.ndarray, t: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """``g · GELU'(x)`` (shapes of x) from x and the saved t; fuses ``functional.GELU.backward``."""
+    return _F.gelu_backward(_c32(x), t, _c32(g))
 
 
 # ---------------------------------------------------------------------------- LayerNorm
@@ -170,6 +172,13 @@ def cross_entropy_backward(logits2d, lse, targets, scale) -> np.ndarray:
     """(softmax(logits) − onehot(targets)) · scale[:, None], (N, V); scale (N,) float32 carries the
     reduction and is 0 on ignored rows. Fuses ``functional.CrossEntropy.backward``."""
     return _F.cross_entropy_backward(_c32(logits2d), lse, np.ascontiguousarray(targets, dtype=np.int64), _c32(scale))
+
+
+def scatter_add_rows(target: np.ndarray, index: np.ndarray, values: np.ndarray) -> None:
+    """In place ``target[index[i]] += values[i]`` for target (V, C) C-contiguous float32, integer
+    index (N,) in [-V, V) (negative counts from the end) and values (N, C), repeated indices accumulated in order; fuses
+    ``functional.scatter_add`` (``np.add.at``) for whole rows. Raises IndexError out of range."""
+    _F.scatter_add_rows(target, np.ascontiguousarray(index, dtype=np.int64), _c32(values))
 
 
 # -------------------------------------------------------------------------------- AdamW

@@ -269,3 +269,14 @@ def test_generate_runs_on_one_thread_while_training_may_take_two(monkeypatch):
         out = model.generate(np.array([[1, 2]]), max_new_tokens=3, temperature=0)
     assert n_train == 2 and seen == [2, 1]
     assert out.new_tokens.shape == (1, 3)
+
+
+@needs_fused
+def test_fused_embedding_backward_equals_numpy_with_repeated_and_negative_ids(monkeypatch, rng):
+    V, C = 11, 7
+    w = rng.standard_normal((V, C))
+    ids = np.array([[3, 3, 0, 10], [3, 5, 10, 1]])
+    _same(lambda w: F.embedding(ids, w), [w], monkeypatch)
+    x = rng.standard_normal((V, C))
+    rows = np.array([-1, 2, 2, -11, 4])  # fancy indexing with negatives and repeats: Index.backward
+    _same(lambda x: x[rows], [x], monkeypatch)
