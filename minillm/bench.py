@@ -2,20 +2,31 @@
 
 Scope
     ``minillm bench generate``: tokens/s of greedy generation of 256 new tokens with and without
-    the KV cache, and their ratio. ``minillm bench train-step``: seconds per training step
-    (forward + backward + AdamW) of the reference config (n_layer=4, n_embd=256, n_head=4,
-    block_size=128, batch 16, vocab 512), peak resident memory, the same step of the same
-    architecture in PyTorch eager on the CPU with the same number of threads, and the ratio
-    minillm / PyTorch; ``--profile`` adds where minillm's time goes (by function, from cProfile).
-    ``minillm bench quant`` and ``minillm bench kernel`` call the benchmarks of quant.py and
-    kernels.py. Speed targets are measured here, never asserted by timed tests.
+    the KV cache, and their ratio, at each thread count of ``--threads``. ``minillm bench
+    train-step``: one training step (forward + backward + AdamW) of the reference config
+    (n_layer=4, n_embd=256, n_head=4, block_size=128, batch 16, vocab 512) against its own
+    ceiling: the step's FLOPs from the config (``step_flops``: matrix products and the rest), the
+    machine's float32 GEMM rate on the step's shapes at the same thread count (``gemm_rate``), and
+    their ratio, the model FLOPs utilisation (MFU); beside it the same architecture in PyTorch eager
+    on the CPU at the same threads. For each thread count of ``--threads`` (default ``1,2,default``;
+    ``default`` = each side unconfigured: minillm's thread policy, PyTorch's own default) the
+    minillm step, the PyTorch step and a GEMM probe alternate for ``--repeats`` rounds; min and
+    median of wall-clock and process-CPU seconds, the ratio minillm / PyTorch, the MFU, peak
+    resident memory, and how busy the machine was before and after (a ``note`` marks a measurement
+    taken under load). ``--profile`` adds where minillm's time goes (by function, from cProfile).
+    ``minillm bench quant`` and ``minillm bench kernel``: the NF4 quantization and kernel
+    benchmarks. Speed targets are measured here, never asserted by timed tests; the measurements
+    behind the defaults are in docs/performance.md.
 
 Sources
     PyTorch eager ``nn.Linear``/``F.scaled_dot_product_attention``/``torch.optim.AdamW`` as the
-    reference; timing is the median of repeated runs after one warm-up step.
+    reference; model FLOPs utilisation as in Chowdhery et al. 2022 (PaLM) Appendix B, with the
+    machine's measured GEMM rate in place of the accelerator's peak.
 
 Deviations
-    None.
+    * MFU here counts the FLOPs minillm actually computes (attention over the full T × T, the
+      causal half included) and divides by the measured GEMM rate of this machine at the same
+      thread count, not by a datasheet peak.
 """
 from __future__ import annotations
 

@@ -13,6 +13,12 @@ Scope
     ``scaled_dot_product_attention``. ``gradcheck`` compares any op's backward with central
     finite differences in float64.
 
+    The NumPy code of each op is the reference. For float32 NumPy arrays, GELU, LayerNorm,
+    softmax, attention's softmax-and-mask, cross-entropy and the row scatter-add of the embedding
+    backward hand their non-GEMM work to C++ twins (``minillm.fused``, csrc/fused_cpu.cpp) that do
+    the same arithmetic in one pass; ``MINILLM_KERNELS=numpy`` or ``MINILLM_NO_EXTENSIONS=1`` keep
+    the NumPy code everywhere (tests/test_01_fused.py checks each twin against it).
+
 Sources
     * LayerNorm: Ba, Kiros & Hinton 2016, Eq. 3–4; backward as in llm.c ``layernorm_backward``.
     * GELU, tanh form: Hendrycks & Gimpel 2016 §2 (the approximation GPT-2 uses,
