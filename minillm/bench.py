@@ -383,19 +383,21 @@ def add_arguments(parser) -> None:
     parser.add_argument("--profile", action="store_true", help="train-step: add a cProfile breakdown")
     parser.add_argument("--no-torch", action="store_true", help="train-step: skip the PyTorch side")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="kernel: which device")
-    parser.add_argument("--threads", default="1,2,default",
+    parser.add_argument("--threads", default=None,
                         help="train-step/generate: comma-separated thread counts to measure; 'default' = each "
-                             "side unconfigured (minillm's policy, PyTorch's default) (default 1,2,default)")
+                             "side unconfigured (minillm's policy, PyTorch's default). Default: train-step "
+                             "1,2,default; generate 1,2 (its policy is 1 thread)")
     parser.add_argument("--out", default=None, help="also write the JSON to this file")
 
 
 def run(args) -> int:
+    spec = args.threads or ("1,2" if args.what == "generate" else "1,2,default")
     try:
-        counts = tuple(x.strip() if x.strip() == "default" else int(x) for x in str(args.threads).split(",") if x.strip())
+        counts = tuple(x.strip() if x.strip() == "default" else int(x) for x in str(spec).split(",") if x.strip())
     except ValueError:
         counts = ()
     if not counts or min((c for c in counts if c != "default"), default=1) < 1:
-        raise ValueError(f"--threads must be positive integers or 'default', separated by commas; got {args.threads!r}")
+        raise ValueError(f"--threads must be positive integers or 'default', separated by commas; got {spec!r}")
     if args.what == "generate":
         res = bench_generate(repeats=args.repeats, thread_counts=counts)
     elif args.what == "train-step":
@@ -419,7 +421,7 @@ def run(args) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(run(__import__("argparse").Namespace(what=sys.argv[1], repeats=3, profile=False, no_torch=False,
-                                                   device="cpu", out=None, threads="1,2,default")))
+                                                   device="cpu", out=None, threads=None)))
 
 
 def bench_quant(repeats: int = 5, n: int = 4096, seed: int = 0) -> dict:

@@ -280,3 +280,11 @@ def test_fused_embedding_backward_equals_numpy_with_repeated_and_negative_ids(mo
     x = rng.standard_normal((V, C))
     rows = np.array([-1, 2, 2, -11, 4])  # fancy indexing with negatives and repeats: Index.backward
     _same(lambda x: x[rows], [x], monkeypatch)
+
+
+def test_bench_rejects_a_bad_thread_list(capsys, monkeypatch):
+    from minillm import cli
+
+    monkeypatch.setenv("MINILLM_THREADS", "1")
+    assert cli.main(["bench", "train-step", "--threads", "0,2"]) == 1
+    assert "--threads must be positive integers" in capsys.readouterr().err
