@@ -32,8 +32,8 @@ Dispatch (``matmul_4bit``, ``dequantize_4bit``)
     * numpy input -> ``cpp`` when ``minillm._C`` was built, else the NumPy reference.
     Force a path with ``kernel="numpy" | "cpp" | "cuda"`` or the environment variable
     ``MINILLM_KERNELS`` (same values, read at call time; "auto" = the rules above).
-    ``MINILLM_DISABLE_EXTENSIONS=1`` (read at import) makes this module ignore both extensions, as on
-    a machine where they were never built. ``available()`` says what exists.
+    ``MINILLM_NO_EXTENSIONS=1`` (read at import, ``backend.load_extension``) makes this module ignore
+    both extensions, as on a machine where they were never built. ``available()`` says what exists.
 
 Errors
     A CUDA function called where no GPU/driver is usable raises RuntimeError naming the cause (the
@@ -61,7 +61,6 @@ Deliberate deviations
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import os
 import tempfile
@@ -71,7 +70,7 @@ from typing import Optional
 import numpy as np
 
 from minillm import quant
-from minillm.backend import is_cupy, to_numpy
+from minillm.backend import is_cupy, load_extension, to_numpy
 
 KERNELS = ("auto", "numpy", "cpp", "cuda")
 #: Largest number of x rows the CUDA GEMV handles (more rows go to the GEMM).
@@ -84,18 +83,8 @@ GEMM_DEQUANT_MIN_M = 256
 _DTYPE_CODE = {"float32": 0, "float16": 1, "bfloat16": 2}
 
 
-def _load_extension(name: str):
-    """(module or None, reason it is missing or '')."""
-    if os.environ.get("MINILLM_DISABLE_EXTENSIONS", "") == "1":
-        return None, "disabled by MINILLM_DISABLE_EXTENSIONS=1"
-    try:
-        return importlib.import_module(f"minillm.{name}"), ""
-    except ImportError as e:  # not built (no compiler / no nvcc / pure-Python install)
-        return None, f"{type(e).__name__}: {e}"
-
-
-_C, _C_MISSING = _load_extension("_C")
-_cuda, _CUDA_MISSING = _load_extension("_cuda")
+_C, _C_MISSING = load_extension("_C")
+_cuda, _CUDA_MISSING = load_extension("_cuda")
 
 
 def available() -> dict:
