@@ -12,10 +12,14 @@ export PYTHONHASHSEED := 0
 # on a quiet 2-core machine and loses 3-5x when anything else runs (measured: a PPO iteration 2 s
 # vs 7-11 s, pretraining 121 s vs 329 s). Override with `make demo OPENBLAS_NUM_THREADS=2`.
 export OPENBLAS_NUM_THREADS ?= 1
+# The CLI targets choose threads per stage instead (minillm/threads.py, docs/performance.md): a second
+# thread for training only when a core is idle at the stage's start, one for generation.
+# MINILLM_THREADS=auto overrides the pin above for them; `make demo MINILLM_THREADS=1` restores it.
+demo bench: export MINILLM_THREADS ?= auto
 
 BASE_STAMP := $(VENV)/.base-installed
 DEV_STAMP := $(VENV)/.dev-installed
-CHAPTERS := 01 02 03 04 05 06 07 08 09 10 11 12 13
+CHAPTERS := 01 02 03 04 05 06 07 08 09 10 11 12 13 14
 
 .PHONY: help demo test notebooks bench gpu-check datasets clean $(addprefix test-ch,$(CHAPTERS))
 

@@ -9,10 +9,22 @@
 // Errors: no usable CUDA device (no driver, no GPU, driver too old for the runtime) -> RuntimeError
 // naming the cause, raised BEFORE any launch; an argument a kernel version cannot take ->
 // ValueError; a launch failure -> RuntimeError with the CUDA error string.
+//
+// Device: every launcher takes `device` (CuPy's current device id; -1 = leave as is) and makes it
+// this runtime's current device first. The module links the STATIC CUDA runtime, whose current
+// device is its own, not CuPy's: without this, a launch on a CuPy device other than 0 would run
+// in device 0's context with another device's pointers and stream.
+//
+// Debugging: with the environment variable MINILLM_CUDA_SYNC=1 (read at every call) each launch is
+// followed by cudaStreamSynchronize + cudaGetLastError, so a kernel fault (an out-of-bounds access)
+// is raised by the call that launched it, not later by an unrelated CuPy call with the context
+// already dead. Off by default (a synchronize costs the overlap of host and device); on in
+// .ci/gpu-check's test step.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 
 #include "nf4.h"
@@ -71,6 +83,25 @@ nf4::AbsmaxView to_view(uintptr_t absmax, uintptr_t qabsmax, uintptr_t absmax2, 
   return v;
 }
 
+bool sync_after_launch() {
+  const char* v = std::getenv("MINILLM_CUDA_SYNC");
+  return v != nullptr && std::string(v) == "1";
+}
+
+void select_device(int device) {
+  if (device >= 0) check(nf4_cuda_set_device(device), "set_device");
+}
+
+// After a launch: with MINILLM_CUDA_SYNC=1, wait for it and raise the kernel's own error.
+void maybe_sync(uintptr_t stream, const char* what) {
+  if (!sync_after_launch()) return;
+  const int err = nf4_cuda_stream_synchronize(reinterpret_cast<void*>(stream));
+  if (err != 0)
+    throw std::runtime_error(std::string("minillm._cuda.") + what +
+                             ": the kernel failed (found by MINILLM_CUDA_SYNC=1 right after the "
+                             "launch): " + nf4_cuda_strerror(err));
+}
+
 template <typename T>
 const T* ptr(uintptr_t p) {
   return reinterpret_cast<const T*>(p);
@@ -98,6 +129,9 @@ PYBIND11_MODULE(_cuda, m) {
         return err == 0 ? std::string() : std::string(nf4_cuda_strerror(err));
       },
       "Why no device is usable ('' when cudaGetDeviceCount succeeds).");
+  m.def("sync_after_launch", &sync_after_launch,
+        "True when MINILLM_CUDA_SYNC=1: every launch is followed by a stream synchronize and an "
+        "error check (read at each call).");
   m.def("synchronize", []() {
     ensure_device();
     check(nf4_cuda_synchronize(), "synchronize");
@@ -108,33 +142,56 @@ PYBIND11_MODULE(_cuda, m) {
       [](uintptr_t packed, const py::array_t<float, py::array::c_style | py::array::forcecast>& code,
          uintptr_t absmax, uintptr_t qabsmax, uintptr_t absmax2, uintptr_t code2, float offset,
          int64_t blocksize2, int64_t n, int64_t blocksize, uintptr_t out, int dtype, int version,
-         uintptr_t stream) {
+         uintptr_t stream, int device) {
         ensure_device();
+        select_device(device);
         check(nf4_cuda_dequantize(ptr<uint8_t>(packed), to_code16(code),
                                   to_view(absmax, qabsmax, absmax2, code2, offset, blocksize2), n,
                                   blocksize, reinterpret_cast<void*>(out), dtype, version,
                                   reinterpret_cast<void*>(stream)),
               "dequantize");
+        maybe_sync(stream, "dequantize");
       },
       py::arg("packed"), py::arg("code"), py::arg("absmax"), py::arg("qabsmax"), py::arg("absmax2"),
       py::arg("code2"), py::arg("offset"), py::arg("blocksize2"), py::arg("n"),
       py::arg("blocksize"), py::arg("out"), py::arg("dtype"), py::arg("version") = 0,
-      py::arg("stream") = 0,
+      py::arg("stream") = 0, py::arg("device") = -1,
       "Dequantize n codes into out (dtype 0 float32, 1 float16, 2 bfloat16). version 0 = best, "
       "1 = one thread per element, 2 = 128-bit loads (blocksize % 32 == 0).");
+
+  m.def(
+      "decode_absmax",
+      [](uintptr_t qabsmax, uintptr_t absmax2, uintptr_t code2, float offset, int64_t blocksize2,
+         int64_t nblocks, uintptr_t out, uintptr_t stream, int device) {
+        ensure_device();
+        select_device(device);
+        if (!qabsmax) throw py::value_error("decode_absmax needs the nested (uint8) absmax pointer");
+        if (!out) throw py::value_error("decode_absmax: out pointer is null");
+        check(nf4_cuda_decode_absmax(to_view(0, qabsmax, absmax2, code2, offset, blocksize2), nblocks,
+                                     reinterpret_cast<float*>(out), reinterpret_cast<void*>(stream)),
+              "decode_absmax");
+        maybe_sync(stream, "decode_absmax");
+      },
+      py::arg("qabsmax"), py::arg("absmax2"), py::arg("code2"), py::arg("offset"),
+      py::arg("blocksize2"), py::arg("nblocks"), py::arg("out"), py::arg("stream") = 0,
+      py::arg("device") = -1,
+      "out (float32, nblocks) = code2[qabsmax[b]] * absmax2[b // blocksize2] + offset: a nested "
+      "absmax decoded once (bit-identical to the NumPy reference).");
 
   auto matmul = [](const char* name, auto launcher) {
     return [name, launcher](uintptr_t x, int dtype, int64_t M, int64_t K, uintptr_t packed,
                             const py::array_t<float, py::array::c_style | py::array::forcecast>& code,
                             uintptr_t absmax, uintptr_t qabsmax, uintptr_t absmax2, uintptr_t code2,
                             float offset, int64_t blocksize2, int64_t N, int64_t blocksize,
-                            uintptr_t y, int version, uintptr_t stream) {
+                            uintptr_t y, int version, uintptr_t stream, int device) {
       ensure_device();
+      select_device(device);
       check(launcher(reinterpret_cast<const void*>(x), dtype, M, K, ptr<uint8_t>(packed),
                      to_code16(code), to_view(absmax, qabsmax, absmax2, code2, offset, blocksize2),
                      N, blocksize, reinterpret_cast<void*>(y), version,
                      reinterpret_cast<void*>(stream)),
             name);
+      maybe_sync(stream, name);
     };
   };
   const char* mm_doc =
@@ -144,11 +201,11 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("K"), py::arg("packed"), py::arg("code"), py::arg("absmax"), py::arg("qabsmax"),
         py::arg("absmax2"), py::arg("code2"), py::arg("offset"), py::arg("blocksize2"),
         py::arg("N"), py::arg("blocksize"), py::arg("y"), py::arg("version") = 0,
-        py::arg("stream") = 0, mm_doc);
+        py::arg("stream") = 0, py::arg("device") = -1, mm_doc);
   m.def("gemm", matmul("gemm", &nf4_cuda_gemm), py::arg("x"), py::arg("dtype"), py::arg("M"),
         py::arg("K"), py::arg("packed"), py::arg("code"), py::arg("absmax"), py::arg("qabsmax"),
         py::arg("absmax2"), py::arg("code2"), py::arg("offset"), py::arg("blocksize2"),
         py::arg("N"), py::arg("blocksize"), py::arg("y"), py::arg("version") = 0,
-        py::arg("stream") = 0, mm_doc);
+        py::arg("stream") = 0, py::arg("device") = -1, mm_doc);
   m.attr("GEMV_MAX_M") = 8;
 }

@@ -108,11 +108,20 @@ enum {
   NF4_ERR_VERSION = -2,    // unknown version number
   NF4_ERR_ALIGN = -3,      // requested version needs K % 32 == 0, blocksize % 32 == 0, 16-byte pointers
   NF4_ERR_SHAPE = -4,      // M out of range for the GEMV (1..8) or a negative size
+  NF4_ERR_POW2 = -5,       // GEMV v4 needs power-of-two blocksize (and blocksize2 when nested)
 };
 extern "C" {
 int nf4_cuda_device_count(int* count);
 const char* nf4_cuda_strerror(int err);
 int nf4_cuda_synchronize(void);
+// cudaSetDevice(device): the caller's (CuPy's) current device, so launches go to the device that
+// owns the pointers and the stream (this static runtime keeps its own current device).
+int nf4_cuda_set_device(int device);
+// out[b] (float32, nblocks) = the decoded absmax of block b of a NESTED view (am.qabsmax set).
+int nf4_cuda_decode_absmax(nf4::AbsmaxView am, int64_t nblocks, float* out, void* stream);
+// cudaStreamSynchronize(stream), then cudaGetLastError: reports an asynchronous kernel fault
+// (out-of-bounds access, ...) at the launch that caused it (MINILLM_CUDA_SYNC=1).
+int nf4_cuda_stream_synchronize(void* stream);
 int nf4_cuda_dequantize(const uint8_t* packed, nf4::Code16 code, nf4::AbsmaxView am, int64_t n,
                         int64_t blocksize, void* out, int dtype, int version, void* stream);
 int nf4_cuda_gemv(const void* x, int dtype, int64_t M, int64_t K, const uint8_t* packed,

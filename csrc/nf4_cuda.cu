@@ -13,6 +13,9 @@
 //   gemv v3     one WARP per W row, 128-bit loads of packed bytes and of x, one absmax per
 //               32 values, warp-shuffle reduction (bitsandbytes kgemm_4bit_inference_naive)
 //                                                                              K % 32 == 0, bs % 32 == 0
+//   gemv v4     v3 templated on M and on plain/nested absmax, shifts instead of divisions,
+//               the next step's loads issued before the current step's math          as v3, bs 2^k
+//   decode_absmax  nested absmax -> float32 once per weight (bitsandbytes before gemv_4bit)
 //   gemm v1     64 x 64 output tile per block, W tile dequantized into shared memory,
 //               4 x 4 outputs per thread, fp32 FMAs (SIMT)                     any shape, any dtype
 //   gemm v2     the same tiling on tensor cores: wmma 16x16x16, float16/bfloat16 inputs, fp32
@@ -111,6 +114,22 @@ __device__ __forceinline__ void decode32(const Packed128<uint8_t>& bytes, const 
     w[2 * i] = lut[byte >> 4] * s;
     w[2 * i + 1] = lut[byte & 0x0F] * s;
   }
+}
+
+// decode32 for 16 packed bytes held as an int4 (little-endian: byte 4j + i of the 16 is byte i of
+// word j), so the bytes never leave registers.
+__device__ __forceinline__ void decode32_bits(const int4 bits, const float* lut, float s,
+                                              float (&w)[32]) {
+  const uint32_t words[4] = {(uint32_t)bits.x, (uint32_t)bits.y, (uint32_t)bits.z,
+                             (uint32_t)bits.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t byte = (words[j] >> (8 * i)) & 0xFFu;
+      w[8 * j + 2 * i] = lut[byte >> 4] * s;
+      w[8 * j + 2 * i + 1] = lut[byte & 0x0Fu] * s;
+    }
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -298,6 +317,100 @@ gemv_v3(const T* __restrict__ x, int M, int64_t K, const uint8_t* __restrict__ p
   }
 }
 
+// v4 — v3's layout (one warp per row, one 128-bit load of 16 packed bytes per lane and step) with
+// the per-step work made static, the next rung for the bandwidth target (issue 18 item 9):
+//   * M is a template parameter (1..8): acc[M] only, no `m < M` branches in the loop body, so
+//     nothing stops the compiler from hoisting loads;
+//   * the absmax source is a template parameter: PLAIN reads a float32 absmax (a nested state can be
+//     decoded once per weight by nf4_cuda_decode_absmax, as bitsandbytes dequantizes the absmax
+//     before gemv_4bit), NESTED decodes code2[qabsmax[b]] * absmax2[b >> shift2] + offset in-kernel;
+//   * block indices by shifts (blocksize and blocksize2 are powers of two; quantize_4bit allows
+//     only those), no 64-bit divisions;
+//   * explicit software pipelining: the NEXT step's 16 packed bytes and its absmax inputs are loaded
+//     before the current step is decoded and multiplied, so a lane has two 128-bit loads in flight.
+// Same contract as v3: K % 32 == 0, blocksize % 32 == 0, 16-byte aligned packed and x.
+template <bool NESTED>
+struct AbsmaxSource;
+template <>
+struct AbsmaxSource<false> {
+  const float* absmax;
+  __device__ __forceinline__ float raw(int64_t b) const { return __ldg(absmax + b); }
+};
+template <>
+struct AbsmaxSource<true> {
+  const uint8_t* qabsmax;
+  const float* absmax2;
+  const float* code2;
+  float offset;
+  int shift2;
+  __device__ __forceinline__ float raw(int64_t b) const {
+    return __fadd_rn(__fmul_rn(__ldg(code2 + __ldg(qabsmax + b)), __ldg(absmax2 + (b >> shift2))),
+                     offset);
+  }
+};
+
+template <typename T, int M, bool NESTED>
+__global__ void __launch_bounds__(GEMV_V3_WARPS * 32)
+gemv_v4(const T* __restrict__ x, int64_t K, const uint8_t* __restrict__ packed, Code16 code,
+        AbsmaxSource<NESTED> am, int64_t N, int bs_shift, T* __restrict__ y) {
+  __shared__ float lut[16];
+  load_lut(lut, code);
+  __syncthreads();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t n = blockIdx.x * (int64_t)GEMV_V3_WARPS + warp;
+  if (n >= N) return;  // whole warps leave together; no barrier follows
+  const uint8_t* wrow = packed + n * (K >> 1);
+  const int64_t e_row = n * K;
+  float acc[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) acc[m] = 0.0f;
+  // the 16 packed bytes stay an int4 in registers (a byte array swapped between iterations would
+  // be placed in local memory); decode32_bits takes the nibbles out with shifts
+  int64_t k = lane * 32;
+  int4 cur = make_int4(0, 0, 0, 0);
+  float s_cur = 0.0f;
+  if (k < K) {
+    cur = __ldg(reinterpret_cast<const int4*>(wrow + (k >> 1)));
+    s_cur = am.raw((e_row + k) >> bs_shift);
+  }
+  for (; k < K; k += 32 * 32) {
+    const int64_t k_next = k + 32 * 32;
+    int4 nxt = make_int4(0, 0, 0, 0);
+    float s_nxt = 0.0f;
+    if (k_next < K) {  // issue the next step's loads before using the current ones
+      nxt = __ldg(reinterpret_cast<const int4*>(wrow + (k_next >> 1)));
+      s_nxt = am.raw((e_row + k_next) >> bs_shift);
+    }
+    float w[32];
+    decode32_bits(cur, lut, s_cur, w);
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      float xv[32];
+      load32_as_float(x + m * K + k, xv);
+      float s = 0.0f;
+#pragma unroll
+      for (int i = 0; i < 32; ++i) s += xv[i] * w[i];
+      acc[m] += s;
+    }
+    cur = nxt;
+    s_cur = s_nxt;
+  }
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    const float total = warp_sum(acc[m]);
+    if (lane == 0) y[m * N + n] = Cvt<T>::from(total);
+  }
+}
+
+// The float32 absmax of every block of a nested state: out[b] = code2[qabsmax[b]] * absmax2[b /
+// blocksize2] + offset (bit-identical to the reference, AbsmaxView::at). Run once per weight, it
+// turns a nested state into a plain one for the kernels (4 bytes per block instead of 1 to read,
+// but no dependent code2/absmax2 loads in the GEMV's inner loop).
+__global__ void decode_absmax(AbsmaxView am, int64_t nblocks, float* __restrict__ out) {
+  const int64_t b = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (b < nblocks) out[b] = am.at(b);
+}
+
 // ---------------------------------------------------------------------------------------------
 // GEMM: y (M, N) = x (M, K) @ W.T for larger M (prefill, training). Compute-bound once M is large,
 // so W is dequantized ONCE per output tile into shared memory and reused by BM rows of x.
@@ -480,6 +593,29 @@ gemm_v2(const T* __restrict__ x, int64_t M, int64_t K, const uint8_t* __restrict
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// log2(v) for a power of two v >= 1, else -1.
+int log2_exact(int64_t v) {
+  if (v < 1 || (v & (v - 1)) != 0) return -1;
+  int s = 0;
+  while ((int64_t{1} << s) < v) ++s;
+  return s;
+}
+
+// gemv_v4<T, M, NESTED> for a runtime M (1..8): one instantiation per M.
+template <typename T, bool NESTED>
+void launch_gemv_v4(int M, const T* x, int64_t K, const uint8_t* packed, Code16 code,
+                    AbsmaxSource<NESTED> am, int64_t N, int bs_shift, T* y, cudaStream_t s) {
+  const dim3 grid((unsigned)ceil_div(N, GEMV_V3_WARPS)), block(GEMV_V3_WARPS * 32);
+  switch (M) {
+#define NF4_V4_CASE(MM) \
+  case MM: gemv_v4<T, MM, NESTED><<<grid, block, 0, s>>>(x, K, packed, code, am, N, bs_shift, y); break;
+    NF4_V4_CASE(1) NF4_V4_CASE(2) NF4_V4_CASE(3) NF4_V4_CASE(4)
+    NF4_V4_CASE(5) NF4_V4_CASE(6) NF4_V4_CASE(7) NF4_V4_CASE(8)
+#undef NF4_V4_CASE
+    default: break;
+  }
+}
+
 int finish() {
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? 0 : static_cast<int>(err);
@@ -517,11 +653,32 @@ const char* nf4_cuda_strerror(int err) {
     case NF4_ERR_VERSION: return "unknown kernel version";
     case NF4_ERR_ALIGN: return "this kernel version needs K % 32 == 0, blocksize % 32 == 0 and 16-byte aligned packed/x/out pointers";
     case NF4_ERR_SHAPE: return "bad shape (GEMV needs 1 <= M <= 8; sizes must be >= 0)";
+    case NF4_ERR_POW2: return "this kernel version (GEMV v4) needs a power-of-two blocksize and nested blocksize2, and K % 32 == 0";
     default: return cudaGetErrorString(static_cast<cudaError_t>(err));
   }
 }
 
 int nf4_cuda_synchronize(void) { return static_cast<int>(cudaDeviceSynchronize()); }
+
+int nf4_cuda_decode_absmax(AbsmaxView am, int64_t nblocks, float* out, void* stream) {
+  if (nblocks < 0 || am.qabsmax == nullptr || am.blocksize2 < 1) return NF4_ERR_SHAPE;
+  if (nblocks == 0) return 0;
+  decode_absmax<<<(unsigned)ceil_div(nblocks, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(
+      am, nblocks, out);
+  return finish();
+}
+
+int nf4_cuda_set_device(int device) {
+  int current = -1;
+  if (cudaGetDevice(&current) == cudaSuccess && current == device) return 0;
+  return static_cast<int>(cudaSetDevice(device));
+}
+
+int nf4_cuda_stream_synchronize(void* stream) {
+  const cudaError_t err = cudaStreamSynchronize(static_cast<cudaStream_t>(stream));
+  if (err != cudaSuccess) return static_cast<int>(err);
+  return finish();
+}
 
 int nf4_cuda_dequantize(const uint8_t* packed, Code16 code, AbsmaxView am, int64_t n,
                         int64_t blocksize, void* out, int dtype, int version, void* stream) {
@@ -551,9 +708,13 @@ int nf4_cuda_gemv(const void* x, int dtype, int64_t M, int64_t K, const uint8_t*
   if (M < 1 || M > GEMV_MAX_M || K < 1 || N < 0 || blocksize < 1) return NF4_ERR_SHAPE;
   if (N == 0) return 0;
   const bool v3_ok = K % 32 == 0 && blocksize % 32 == 0 && aligned16(packed) && aligned16(x);
-  if (version == 0) version = v3_ok ? 3 : 2;
+  const int bs_shift = log2_exact(blocksize);
+  const int shift2 = am.qabsmax ? log2_exact(am.blocksize2) : 0;
+  const bool v4_ok = v3_ok && bs_shift >= 0 && shift2 >= 0;
+  if (version == 0) version = v4_ok ? 4 : (v3_ok ? 3 : 2);
   if (version == 3 && !v3_ok) return NF4_ERR_ALIGN;
-  if (version < 1 || version > 3) return NF4_ERR_VERSION;
+  if (version == 4 && !v4_ok) return v3_ok ? NF4_ERR_POW2 : NF4_ERR_ALIGN;
+  if (version < 1 || version > 4) return NF4_ERR_VERSION;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   const int m = static_cast<int>(M);
   return dispatch_dtype(dtype, [&](auto tag) -> int {
@@ -566,9 +727,15 @@ int nf4_cuda_gemv(const void* x, int dtype, int64_t M, int64_t K, const uint8_t*
     } else if (version == 2) {
       gemv_v2<T><<<(unsigned)N, GEMV_V2_THREADS, 0, s>>>(xp, m, K, packed, code, am, N, blocksize,
                                                          yp);
-    } else {
+    } else if (version == 3) {
       gemv_v3<T><<<(unsigned)ceil_div(N, GEMV_V3_WARPS), GEMV_V3_WARPS * 32, 0, s>>>(
           xp, m, K, packed, code, am, N, blocksize, yp);
+    } else if (am.qabsmax) {
+      const AbsmaxSource<true> src{am.qabsmax, am.absmax2, am.code2, am.offset, shift2};
+      launch_gemv_v4<T, true>(m, xp, K, packed, code, src, N, bs_shift, yp, s);
+    } else {
+      const AbsmaxSource<false> src{am.absmax};
+      launch_gemv_v4<T, false>(m, xp, K, packed, code, src, N, bs_shift, yp, s);
     }
     return finish();
   });

@@ -14,7 +14,9 @@ Deviations
 """
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 from types import ModuleType
 
 import numpy as np
@@ -67,12 +69,23 @@ def device() -> str:
 
 
 def get_array_module(*arrays) -> ModuleType:
-    """The array module of the given arrays: cupy if any of them is a cupy array, else numpy."""
-    if _xp is not np:
-        for a in arrays:
-            if type(a).__module__.startswith("cupy"):
-                return _xp
+    """The array module of the given arrays: cupy if any of them is a cupy array, else numpy.
+
+    Decided by the arrays' types alone (as ``cupy.get_array_module``), whatever ``use()`` selected:
+    a cupy array handed to NumPy-reference code on a "cpu" backend still gets cupy, never a silent
+    ``np.asarray`` of device memory. cupy is not imported for numpy inputs: a cupy array can only
+    exist once cupy has been imported, so it is taken from ``sys.modules``.
+    """
+    for a in arrays:
+        if is_cupy(a):
+            return sys.modules.get("cupy") or _import_cupy_module()
     return np
+
+
+def _import_cupy_module() -> ModuleType:
+    import cupy  # type: ignore  # only reached with a cupy array in hand
+
+    return cupy
 
 
 def is_cupy(a) -> bool:
@@ -90,6 +103,23 @@ def to_numpy(a) -> np.ndarray:
 def asarray(a, dtype=None):
     """``a`` as an array of the current module (copied to the GPU when the device is cuda)."""
     return _xp.asarray(a, dtype=dtype)
+
+
+def extensions_disabled() -> bool:
+    """True when ``MINILLM_NO_EXTENSIONS=1`` (or the older ``MINILLM_DISABLE_EXTENSIONS=1``) is set:
+    minillm then runs its NumPy reference everywhere, as on a pure-Python install."""
+    return any(os.environ.get(v, "").strip() == "1" for v in ("MINILLM_NO_EXTENSIONS", "MINILLM_DISABLE_EXTENSIONS"))
+
+
+def load_extension(name: str):
+    """Import the compiled module ``minillm.<name>``: returns ``(module, "")``, or ``(None, reason)``
+    when it was not built (no compiler, pure-Python install) or ``extensions_disabled()``."""
+    if extensions_disabled():
+        return None, "disabled by MINILLM_NO_EXTENSIONS=1"
+    try:
+        return importlib.import_module(f"minillm.{name}"), ""
+    except ImportError as e:
+        return None, f"{type(e).__name__}: {e}"
 
 
 if os.environ.get("MINILLM_DEVICE", "cpu") == "cuda":  # pragma: no cover - needs a GPU

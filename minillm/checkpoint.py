@@ -5,8 +5,14 @@ Scope
     ``save_checkpoint`` writes ``model.<name>`` arrays, ``optimizer.state.<i>.<name>`` arrays and
     JSON metadata (config, tokenizer, optimizer hyperparameters and scalar state, the training
     state: step, random-generator states, loss history) to ``<path>.tmp`` and renames it over
-    ``path`` (``os.replace`` is atomic on POSIX), so a crash never leaves a half-written file.
+    ``path`` (``os.replace`` is atomic on POSIX; the temp file is fsynced first and the folder
+    after), so a crash never leaves a half-written file; temp files left by a killed save are
+    removed by the next write into that folder (``clean_stale_temp_files``).
     ``load_checkpoint`` reads it back and checks it; nothing is ever unpickled.
+    Every tensor written (``save_safetensors_atomic``) and every checkpoint read
+    (``load_checkpoint``) must be finite (``check_finite_tensors``): a diverged run fails instead
+    of replacing a good checkpoint, and a NaN weight in an input file is named, not trained on.
+    ``check_output_dir`` tells an unwritable output folder before training, not at the first save.
 
 Sources
     safetensors format (huggingface/safetensors): a JSON header of dtypes, shapes and offsets,
@@ -20,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,20 +39,140 @@ from minillm import backend
 FORMAT = "minillm-checkpoint-v1"
 
 
-def write_text_atomic(path, text: str) -> Path:
-    """Write ``text`` (UTF-8, "\n" newlines) to ``path`` atomically: a temp file in the same folder,
-    then ``os.replace``; the folder is created if needed and the temp file removed on failure."""
+#: Temp files of an atomic write are ``.<name>.<pid>.<random>.tmp`` in the target's folder.
+TEMP_SUFFIX = ".tmp"
+#: A temp file without a live writer's pid in its name counts as litter only after this many
+#: seconds (a concurrent writer's file stays alive).
+STALE_TEMP_SECONDS = 60.0
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, but another user's
+        return True
+    return True
+
+
+def clean_stale_temp_files(folder, name: str | None = None, min_age: float = STALE_TEMP_SECONDS) -> list[Path]:
+    """Remove temp files that an atomic write killed mid-save left in ``folder``: files named
+    ``.<name>.<pid>.*.tmp`` (any name when ``name`` is None) whose writer process ``pid`` is no
+    longer running; a temp file with no pid in its name is removed once older than ``min_age``
+    seconds. Returns the removed paths. Never raises for a file that vanished or cannot be removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    now, removed = time.time(), []
+    for p in folder.glob(f".{name or '*'}.*{TEMP_SUFFIX}"):
+        parts = p.name[: -len(TEMP_SUFFIX)].rsplit(".", 2)
+        pid = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+        try:
+            if not p.is_file():
+                continue
+            if (pid is not None and not _pid_alive(pid)) or (pid is None and now - p.stat().st_mtime >= min_age):
+                p.unlink()
+                removed.append(p)
+        except OSError:
+            pass
+    return removed
+
+
+def _fsync_dir(folder: Path) -> None:
+    """fsync a folder so a rename inside it survives a power cut (no-op where unsupported)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path, write) -> Path:
+    """The one atomic-write routine: ``write(tmp_path)`` fills a temp file in the target's folder,
+    which is fsynced and renamed over ``path`` (then the folder is fsynced). The folder is created
+    if needed, old temp litter of ``path`` is removed first, and the temp file is removed on
+    failure. Raises OSError naming ``path`` (e.g. a full disk) with the original error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    clean_stale_temp_files(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=TEMP_SUFFIX)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and str(path) not in str(e):
+            raise OSError(e.errno, f"could not write {path}: {e.strerror or e}") from e
         raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def write_text_atomic(path, text: str) -> Path:
+    """Write ``text`` (UTF-8, "\n" newlines) to ``path`` atomically (``_atomic_write``: temp file
+    in the same folder, fsync, ``os.replace``); the folder is created if needed."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+
+    return _atomic_write(path, write)
+
+
+def check_finite_tensors(tensors: dict, source: str, action: str = "loaded") -> None:
+    """Raise FloatingPointError when a floating-point array of ``tensors`` (name -> array, host or
+    device) holds NaN or ±inf. The message names ``source``, the first bad tensor, how many of
+    its values are bad and the first bad index. Integer arrays (quantized codes) are skipped.
+
+    Used before every save (``action="saved"``: the file is left as it was) and on every
+    checkpoint read, so a diverged or corrupted model is never silently trained on or kept.
+    """
+    for name, v in tensors.items():
+        a = backend.to_numpy(v) if hasattr(v, "shape") else None
+        if a is None or not np.issubdtype(a.dtype, np.floating):
+            continue
+        finite = np.isfinite(a)
+        if not finite.all():
+            bad = int(a.size - int(finite.sum()))
+            idx = tuple(int(i) for i in np.argwhere(~finite)[0]) if a.ndim else ()
+            raise FloatingPointError(
+                f"{source}: tensor {name!r} {tuple(a.shape)} has {bad} non-finite value(s) (first at index {idx}: "
+                f"{a[idx] if a.ndim else a}); the weights are not {action}"
+                + (" (the file on disk, if any, is kept unchanged)" if action == "saved" else ""))
+
+
+def check_output_dir(path) -> Path:
+    """Make sure ``path`` is (or can be created as) a writable directory, before any training.
+
+    Creates it if missing and removes old temp litter of killed saves in it. Raises
+    NotADirectoryError when ``path`` (or a parent) is a file, PermissionError naming the folder
+    when files cannot be created in it."""
+    path = Path(path)
+    for p in [path, *path.parents]:
+        if p.exists() and not p.is_dir():
+            raise NotADirectoryError(f"output directory {path}: {p} exists and is not a directory")
+        if p.exists():
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-check.", suffix=TEMP_SUFFIX)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise PermissionError(f"output directory {path} is not writable ({e.strerror or e}); choose another "
+                              f"with --out-dir") from None
+    clean_stale_temp_files(path)
     return path
 
 
@@ -55,19 +182,16 @@ def write_json_atomic(path, obj) -> Path:
 
 
 def save_safetensors_atomic(path, tensors: dict, metadata: dict | None = None) -> None:
-    """Write ``tensors`` (name -> array, copied to the host) and str metadata to ``path`` atomically."""
+    """Write ``tensors`` (name -> array, copied to the host) and str metadata to ``path`` atomically.
+
+    Raises FloatingPointError (``check_finite_tensors``) before writing anything when a tensor
+    holds NaN/inf: a diverged model never replaces the checkpoint already on disk.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     host = {k: np.ascontiguousarray(backend.to_numpy(v)) for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(host, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    check_finite_tensors(host, str(path), action="saved")
+    meta = {k: str(v) for k, v in (metadata or {}).items()}
+    _atomic_write(path, lambda tmp: save_file(host, tmp, metadata=meta))
 
 
 def read_safetensors(path) -> tuple[dict, dict]:
@@ -137,10 +261,12 @@ def save_checkpoint(path, model, tokenizer=None, optimizer=None, train_state: di
 
 def load_checkpoint(path) -> Checkpoint:
     """Read a checkpoint written by ``save_checkpoint``; raises ValueError naming the file when
-    it is not a minillm checkpoint or a part is missing."""
+    it is not a minillm checkpoint or a part is missing, FloatingPointError naming the tensor when
+    a weight or optimizer state holds NaN/inf (``check_finite_tensors``)."""
     tensors, meta = read_safetensors(path)
     if meta.get("format") != FORMAT or "config" not in meta:
         raise ValueError(f"{path}: not a minillm checkpoint (metadata format={meta.get('format')!r})")
+    check_finite_tensors(tensors, str(path))
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     opt_state = None
     if "optimizer" in meta:
@@ -164,6 +290,12 @@ def load_checkpoint(path) -> Checkpoint:
 def load_model(path, config_overrides: dict | None = None):
     """Build a GPT from a checkpoint file, a run directory or a Hugging Face GPT-2 directory:
     returns (model, tokenizer or None, Checkpoint).
+
+    The tokenizer is None when the source has none (a checkpoint saved without one, or a Hugging
+    Face folder with weights but no ``vocab.json``/``merges.txt``/``tokenizer.json``): loading
+    succeeds, since exporting or scoring ids needs no tokenizer, and a caller that needs one
+    (every trainer) raises an error naming the path. Weights with NaN/inf raise
+    FloatingPointError naming the tensor (``check_finite_tensors``).
 
     Raises ValueError naming the file and every mismatched shape when the weights do not fit the
     stored config.

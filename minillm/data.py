@@ -1,7 +1,9 @@
 """Data: loaders for real formats, the chat template, and collation into ids / masks / labels.
 
 Scope
-    * **Loaders** (``load_dataset`` auto-detects; one function per format): plain text;
+    * **Loaders** (``load_dataset`` auto-detects; one function per format): plain text; TRL's
+      standard formats (``{"text"}``, prompt-only ``{"prompt"}``, prompt-completion
+      ``{"prompt", "completion"}``, standard or conversational);
       Alpaca JSON/JSONL (``instruction``, ``input``, ``output``; Self-Instruct seed tasks with
       nested ``instances`` are flattened); chat (OpenAI ``messages`` role/content, ShareGPT
       ``conversations`` from/value); OASST message trees (one conversation per root-to-assistant-
@@ -68,8 +70,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-#: Label value that takes no part in the loss (PyTorch ``CrossEntropyLoss(ignore_index=-100)``).
-IGNORE_INDEX = -100
+from minillm.functional import IGNORE_INDEX
 
 BOS, EOS, INST, INST_END, PAD = "<|bos|>", "<|eos|>", "[INST]", "[/INST]", "<|pad|>"
 
@@ -215,6 +216,7 @@ def _read_records(path: Path) -> tuple[list[tuple[str, Any]], str]:
     if stripped[0] == "[":
         return _parse_json_array(text, path), "json"
     out = []
+    text = text[1:] if text.startswith("\ufeff") else text  # a UTF-8 BOM, accepted as in a .json file
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -223,8 +225,21 @@ def _read_records(path: Path) -> tuple[list[tuple[str, Any]], str]:
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{lineno}: not valid JSON at column {e.colno}: {e.msg} (a .jsonl "
                             "file holds one JSON object per line; a .json file one array)") from None
-        out.append((f"{path}:{lineno}", rec))
+        except RecursionError:
+            raise DataError(f"{path}:{lineno}: JSON nested too deeply to read") from None
+        out.append((f"{path}:{lineno}", _checked_text(rec, f"{path}:{lineno}")))
     return out, "jsonl"
+
+
+def _checked_text(rec: Any, loc: str) -> Any:
+    """``rec`` unchanged, or DataError naming ``loc`` when a string in it holds a lone surrogate
+    (a ``\\ud800``-style JSON escape with no pair: valid JSON, but not text that UTF-8 can hold)."""
+    try:
+        json.dumps(rec, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{loc}: a string holds a lone surrogate escape ({e.object[e.start:e.end]!r}); "
+                        "JSON \\uD800-\\uDFFF escapes must come in valid pairs") from None
+    return rec
 
 
 _WS = re.compile(r"[ \t\r\n\ufeff]*")
@@ -254,7 +269,10 @@ def _parse_json_array(text: str, path: Path) -> list[tuple[str, Any]]:
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{e.lineno}: not valid JSON at column {e.colno} in record "
                                 f"[{len(out)}]: {e.msg}") from None
-            out.append((f"{path}:{line_at(pos)} (record [{len(out)}])", rec))
+            except RecursionError:
+                raise DataError(f"{path}:{line_at(pos)}: record [{len(out)}] is JSON nested too deeply to read") from None
+            loc = f"{path}:{line_at(pos)} (record [{len(out)}])"
+            out.append((loc, _checked_text(rec, loc)))
             pos = _WS.match(text, end).end()
             if text.startswith(",", pos):
                 pos += 1
@@ -622,7 +640,81 @@ def load_preference(path: str | os.PathLike) -> Dataset:
     return _finish("preference", out, rep)
 
 
-FORMATS = ("text", "alpaca", "chat", "oasst", "preference")
+def load_text_records(path: str | os.PathLike) -> Dataset:
+    """TRL's standard *language-modeling* format: ``{"text": str}`` records (JSON/JSONL). Returns
+    a "text" Dataset whose one record is the texts joined by a blank line (a pretraining corpus).
+
+    Quirks counted: skipped ``empty_text``. Raises DataError: missing/non-string ``text``
+    (file:line, field), bad JSON, empty dataset."""
+    path = Path(path)
+    recs, container = _read_records(path)
+    rep = LoadReport(str(path), f"text-records-{container}", n_records=len(recs))
+    texts = []
+    for loc, rec in recs:
+        t = _field(rec, "text", loc)
+        if not t.strip():
+            rep.skip("empty_text")
+            continue
+        texts.append(t)
+    _finish("text", texts, rep)
+    rep.n_examples = 1
+    return Dataset("text", ["\n\n".join(texts)], rep)
+
+
+def _completion_text(v: Any, loc: str) -> str:
+    """A completion: a str, or (conversational) a list of turns that are all assistant turns."""
+    if isinstance(v, str):
+        return v
+    turns = _turns(v, loc, "completion") if isinstance(v, list) else None
+    if not turns or any(t["role"] != "assistant" for t in turns):
+        raise DataError(f"{loc}: field 'completion' must be a string or a list of assistant turns")
+    return "\n\n".join(t["content"] for t in turns)
+
+
+def _prompt_turns(v: Any, loc: str) -> list[dict]:
+    """A prompt: a str (one user turn) or (conversational) a list of turns."""
+    return [{"role": "user", "content": v}] if isinstance(v, str) else _turns(v, loc, "prompt")
+
+
+def load_prompt_completion(path: str | os.PathLike) -> Dataset:
+    """TRL's standard *prompt-completion* format, standard or conversational:
+    ``{"prompt": str, "completion": str}`` or ``{"prompt": [turns], "completion": [assistant turn]}``.
+    Each record becomes an SFT conversation (prompt turns + the completion as the assistant turn);
+    the loss falls on the completion, as TRL's ``completion_only_loss``.
+
+    Quirks counted as for ``load_chat`` (``empty_response``, ``no_assistant_turn``, ...).
+    Raises DataError: missing/wrong-typed field (file:line, field), bad JSON, empty dataset."""
+    path = Path(path)
+    recs, container = _read_records(path)
+    rep = LoadReport(str(path), f"prompt-completion-{container}", n_records=len(recs))
+    out = []
+    for loc, rec in recs:
+        prompt = _prompt_turns(_field(rec, "prompt", loc, (str, list)), loc)
+        completion = _completion_text(_field(rec, "completion", loc, (str, list)), loc)
+        msgs = _clean_conversation(prompt + [{"role": "assistant", "content": completion}], rep)
+        if msgs is not None:
+            out.append(SFTExample(msgs, {k: v for k, v in rec.items() if k not in ("prompt", "completion")}))
+    return _finish("sft", out, rep)
+
+
+def load_prompts(path: str | os.PathLike) -> Dataset:
+    """TRL's standard *prompt-only* format: ``{"prompt": str}`` or ``{"prompt": [turns]}`` (for
+    PPO / generation). Returns a "prompt" Dataset of message lists ending with a user turn.
+
+    Quirks counted: ``trailing_user_turn_dropped`` does not apply; skipped
+    ``does_not_end_with_user``, ``roles_not_alternating``. Raises DataError as the other loaders."""
+    path = Path(path)
+    recs, container = _read_records(path)
+    rep = LoadReport(str(path), f"prompt-only-{container}", n_records=len(recs))
+    out = []
+    for loc, rec in recs:
+        msgs = _clean_conversation(_prompt_turns(_field(rec, "prompt", loc, (str, list)), loc), rep, end_with="user")
+        if msgs is not None:
+            out.append(msgs)
+    return _finish("prompt", out, rep)
+
+
+FORMATS = ("text", "alpaca", "chat", "oasst", "preference", "text-records", "prompt-completion", "prompt-only")
 
 
 def detect_format(path: str | os.PathLike, kind: str | None = None) -> str:
@@ -654,9 +746,16 @@ def detect_format(path: str | os.PathLike, kind: str | None = None) -> str:
         return "chat"
     if "instruction" in keys:
         return "alpaca"
+    if {"prompt", "completion"} <= keys:
+        return "prompt-completion"
+    if "prompt" in keys:
+        return "prompt-only"
+    if "text" in keys:
+        return "text-records"
     raise DataError(f"{loc}: cannot tell the format from the keys {sorted(keys)}; expected Alpaca "
                     "(instruction/input/output), chat (messages or conversations), OASST (prompt with "
-                    "replies) or preference (chosen/rejected)")
+                    "replies), preference (chosen/rejected, with or without prompt) or TRL's text "
+                    "(text), prompt-only (prompt) or prompt-completion (prompt/completion)")
 
 
 def load_dataset(path: str | os.PathLike, kind: str | None = None, format: str | None = None) -> Dataset:
@@ -664,8 +763,14 @@ def load_dataset(path: str | os.PathLike, kind: str | None = None, format: str |
 
     Args:
         path: the file.
-        kind: optional "text", "sft" or "preference": what the caller needs (OASST trees give
-            either; an Alpaca file with chosen/rejected is read as SFT with ``kind="sft"``).
+        kind: optional "text", "sft", "preference" or "prompt": what the caller needs (OASST
+            trees give either; an Alpaca file with chosen/rejected is read as SFT with
+            ``kind="sft"``; "prompt" takes the prompts of any SFT or preference file).
+    TRL's standard formats are all read: language modeling (``text``), prompt-only
+    (``prompt``), prompt-completion (``prompt``/``completion``), preference with an explicit
+    prompt (``prompt``/``chosen``/``rejected``) or an implicit one (``chosen``/``rejected`` as
+    conversations), each standard (strings) or conversational (lists of turns), and
+    conversational language modeling (``messages``).
         format: force one of ``FORMATS``.
     Returns:
         ``Dataset`` with ``.kind``, ``.records`` and ``.report``.
@@ -673,8 +778,8 @@ def load_dataset(path: str | os.PathLike, kind: str | None = None, format: str |
         DataError: bad data, empty dataset, or a file that cannot give the requested kind.
         ValueError: unknown kind or format.
     """
-    if kind not in (None, "text", "sft", "preference"):
-        raise ValueError(f"kind={kind!r}: use 'text', 'sft' or 'preference'")
+    if kind not in (None, "text", "sft", "preference", "prompt"):
+        raise ValueError(f"kind={kind!r}: use 'text', 'sft', 'preference' or 'prompt'")
     fmt = format or detect_format(path, kind)
     if fmt not in FORMATS:
         raise ValueError(f"format={fmt!r}: use one of {FORMATS}")
@@ -686,8 +791,18 @@ def load_dataset(path: str | os.PathLike, kind: str | None = None, format: str |
         ds = load_chat(path)
     elif fmt == "oasst":
         ds = load_oasst(path, kind="preference" if kind == "preference" else "sft")
+    elif fmt == "text-records":
+        ds = load_text_records(path)
+    elif fmt == "prompt-completion":
+        ds = load_prompt_completion(path)
+    elif fmt == "prompt-only":
+        ds = load_prompts(path)
     else:
         ds = load_preference(path)
+    if kind == "prompt" and ds.kind in ("sft", "preference"):  # the prompts of a conversational dataset
+        prompts = [ex.prompt for ex in ds.records] if ds.kind == "preference" else \
+            [ex.messages[:max(i for i, m in enumerate(ex.messages) if m["role"] == "user") + 1] for ex in ds.records]
+        ds = Dataset("prompt", prompts, ds.report)
     if kind is not None and ds.kind != kind:
         raise DataError(f"{path}: holds {ds.kind} data ({fmt} format), but {kind} data was requested")
     return ds

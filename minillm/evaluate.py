@@ -34,7 +34,7 @@ import numpy as np
 from minillm import backend
 from minillm.data import render_prompt
 from minillm.model import GPT, left_pad
-from minillm.tasks import GoldJudge, build_kshot_prompt
+from minillm.tasks import GoldJudge
 from minillm.tensor import no_grad
 
 
@@ -76,13 +76,15 @@ def generate_responses(model: GPT, tokenizer, prompts: Sequence[Sequence[int]], 
 
 def prompt_ids_for(tokenizer, question: str, shots: Sequence[tuple[str, str]] = (), max_len: int | None = None
                    ) -> tuple[list[int], bool]:
-    """Ids of a zero-shot chat prompt (no shots: ``render_prompt``) or a k-shot prompt
-    (``build_kshot_prompt`` encoded with specials), cut from the left to ``max_len`` keeping ``<|bos|>``.
-    Returns (ids, truncated)."""
-    if shots:
-        ids = tokenizer.encode(build_kshot_prompt(question, shots), allowed_special="all")
-    else:
-        ids = render_prompt([{"role": "user", "content": question}], tokenizer)
+    """Ids of a zero-shot chat prompt (no shots) or a k-shot prompt (the shots as earlier chat
+    turns: the ids of ``build_kshot_prompt``'s text), cut from the left to ``max_len`` keeping
+    ``<|bos|>``. Both are built by ``render_prompt`` (special tokens by id, question and shot text
+    encoded as ordinary text), so a question containing ``[/INST]`` or ``<|eos|>`` cannot close
+    its turn early. Returns (ids, truncated)."""
+    msgs: list[dict] = []
+    for q, r in shots:
+        msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": r}]
+    ids = render_prompt(msgs + [{"role": "user", "content": question}], tokenizer)
     if max_len is not None and len(ids) > max_len:
         return [ids[0]] + ids[len(ids) - max_len + 1:], True
     return list(ids), False
@@ -159,23 +161,16 @@ def score_generations(records: Sequence[dict], gens: Sequence[Generation], judge
 
 def response_logprobs(model: GPT, sequences: np.ndarray, attention_mask: np.ndarray, response_mask: np.ndarray,
                       temperature: float = 1.0) -> np.ndarray:
-    """Per-token log π(y_t | y_<t) / T-scaled for the response part of sampled sequences.
+    """Per-token log π(y_t | y_<t) under softmax(logits / T) for the response part of sampled sequences
+    (``GPT.response_logprobs``, the same function PPO trains with), as host float32.
 
     sequences (B, P + N) = left-padded prompt (length P) + N generated tokens; attention_mask
-    (B, P + N); response_mask (B, N). Returns (B, N) float32 log-probabilities under
-    softmax(logits / T), 0 where response_mask is 0. Under no_grad.
+    (B, P + N); response_mask (B, N). Returns (B, N) float32, 0 where response_mask is 0. Under no_grad.
     """
-    B, L = sequences.shape
-    N = response_mask.shape[1]
-    xp = backend.xp()
+    L, N = sequences.shape[1], response_mask.shape[1]
     with no_grad():
-        logits, _ = model(xp.asarray(sequences), attention_mask=xp.asarray(attention_mask))
-        z = backend.to_numpy(logits.data[:, L - N - 1:L - 1, :]).astype(np.float64) / temperature  # (B, N, V)
-    z -= z.max(axis=-1, keepdims=True)
-    lp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-    tok = sequences[:, L - N:]
-    out = np.take_along_axis(lp, tok[:, :, None], axis=-1)[:, :, 0]
-    return (out * response_mask).astype(np.float32)
+        lp = model.response_logprobs(sequences, attention_mask, L - N, response_mask, temperature)  # (B, N)
+    return backend.to_numpy(lp.data).astype(np.float32)
 
 
 def sequence_kl(policy: GPT, reference: GPT, sequences: np.ndarray, attention_mask: np.ndarray,

@@ -13,6 +13,12 @@ Scope
     ``scaled_dot_product_attention``. ``gradcheck`` compares any op's backward with central
     finite differences in float64.
 
+    The NumPy code of each op is the reference. For float32 NumPy arrays, GELU, LayerNorm,
+    softmax, attention's softmax-and-mask, cross-entropy and the row scatter-add of the embedding
+    backward hand their non-GEMM work to C++ twins (``minillm.fused``, csrc/fused_cpu.cpp) that do
+    the same arithmetic in one pass; ``MINILLM_KERNELS=numpy`` or ``MINILLM_NO_EXTENSIONS=1`` keep
+    the NumPy code everywhere (tests/test_01_fused.py checks each twin against it).
+
 Sources
     * LayerNorm: Ba, Kiros & Hinton 2016, Eq. 3–4; backward as in llm.c ``layernorm_backward``.
     * GELU, tanh form: Hendrycks & Gimpel 2016 §2 (the approximation GPT-2 uses,
@@ -41,8 +47,12 @@ from typing import Sequence
 
 import numpy as np
 
-from minillm import backend
+from minillm import backend, fused
 from minillm.tensor import Function, Tensor, is_grad_enabled, no_grad
+
+#: Label value that takes no part in the loss (PyTorch ``CrossEntropyLoss(ignore_index=-100)``).
+IGNORE_INDEX = -100
+
 
 # --------------------------------------------------------------------------- helpers
 
@@ -449,9 +459,15 @@ class GELU(Function):
 
     Written with in-place array operations: on the (B, T, 4C) MLP activations each temporary
     costs a pass over memory, and this op is the largest elementwise cost of a training step.
+    On float32 NumPy arrays the C++ twin (``fused.gelu_forward``) does the same in one pass.
     """
 
     def forward(self, x):
+        self.x = x
+        self.fused = fused.accepts(x)
+        if self.fused:  # the lines below in one pass (csrc/fused_cpu.cpp), saving the same t
+            y, self.t = fused.gelu_forward(x)
+            return y
         xp = _xp(x)
         c, k = x.dtype.type(_GELU_C), x.dtype.type(0.044715)
         u = x * x
@@ -460,7 +476,6 @@ class GELU(Function):
         u *= x
         u *= c  # u = c·(x + k·x³)
         self.t = xp.tanh(u, out=u)
-        self.x = x
         y = self.t + 1
         y *= x
         y *= x.dtype.type(0.5)
@@ -468,6 +483,8 @@ class GELU(Function):
 
     def backward(self, g):
         x, t = self.x, self.t
+        if self.fused:
+            return fused.gelu_backward(x, t, g)
         c, k3, half = x.dtype.type(_GELU_C), x.dtype.type(3 * 0.044715), x.dtype.type(0.5)
         # dy/dx = 0.5·(1 + t) + 0.5·x·(1 − t²)·c·(1 + 3k·x²)
         d = x * x
@@ -612,6 +629,10 @@ def scatter_add(target, index, values) -> None:
         import cupyx
 
         cupyx.scatter_add(target, index, values)
+    elif (target.ndim == 2 and target.flags.c_contiguous and isinstance(index, np.ndarray) and index.ndim == 1
+          and index.dtype.kind in "iu" and values.shape == (index.shape[0], target.shape[1])
+          and fused.accepts(target, values)):
+        fused.scatter_add_rows(target, index, values)  # whole rows, one pass (csrc/fused_cpu.cpp)
     else:
         np.add.at(target, index, values)
 
@@ -654,7 +675,10 @@ class Gather(Function):
     def backward(self, g):
         xp = _xp(g)
         out = xp.zeros(self.shape, dtype=self.dtype)
-        idx = list(xp.indices(self.index.shape, sparse=True))
+        # open-mesh coordinates of every index entry (what np.indices(..., sparse=True) gives; built
+        # by hand because cupy.indices has no ``sparse`` argument)
+        nd = self.index.ndim
+        idx = [xp.arange(s).reshape((1,) * i + (s,) + (1,) * (nd - i - 1)) for i, s in enumerate(self.index.shape)]
         idx[self.axis] = self.index
         scatter_add(out, tuple(idx), g)
         return out, None, None
@@ -760,7 +784,8 @@ def embedding(ids, weight: Tensor) -> Tensor:
     """Row lookup ``weight[ids]`` (``torch.nn.functional.embedding``); ids int array (B, T)."""
     ids = ids.data if isinstance(ids, Tensor) else ids
     V = weight.shape[0]
-    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= V):
+    # one host read of a device flag (a cupy sync); the offending id is looked up only on error
+    if ids.size and bool(((ids < 0) | (ids >= V)).any()):
         bad = int(ids.max()) if int(ids.max()) >= V else int(ids.min())
         raise IndexError(f"embedding: token id {bad} out of range for a vocabulary of {V}")
     return Embedding.apply(weight, ids)
@@ -775,13 +800,23 @@ class Softmax(Function):
     def forward(self, x, axis=-1):
         xp = _xp(x)
         self.axis = axis
-        e = xp.exp(x - x.max(axis=axis, keepdims=True))
-        self.out = e / e.sum(axis=axis, keepdims=True)
+        self.last = axis in (-1, x.ndim - 1) and fused.accepts(x)
+        if self.last:  # the lines below in one pass per row (csrc/fused_cpu.cpp)
+            self.out = fused.softmax_forward(x)
+            return self.out
+        e = x - x.max(axis=axis, keepdims=True)
+        xp.exp(e, out=e)
+        e /= e.sum(axis=axis, keepdims=True)
+        self.out = e
         return self.out
 
     def backward(self, g):
         y = self.out
-        return y * (g - (g * y).sum(axis=self.axis, keepdims=True)), None
+        if self.last:
+            return fused.softmax_backward(y, g), None
+        gx = g - (g * y).sum(axis=self.axis, keepdims=True)
+        gx *= y
+        return gx, None
 
 
 class LogSoftmax(Function):
@@ -812,49 +847,62 @@ def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
 class CrossEntropy(Function):
     """Fused log-softmax + negative log-likelihood over the last axis."""
 
-    def forward(self, logits, targets, ignore_index=-100, reduction="mean"):
+    def forward(self, logits, targets, ignore_index=IGNORE_INDEX, reduction="mean"):
         xp = _xp(logits)
         V = logits.shape[-1]
         if targets.shape != logits.shape[:-1]:
             raise ValueError(f"cross_entropy: logits {logits.shape} need targets of shape {logits.shape[:-1]}, "
                              f"got {targets.shape}")
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"cross_entropy: unknown reduction {reduction!r} (mean, sum or none)")
         l2 = logits.reshape(-1, V)
         t = targets.reshape(-1)
         valid = t != ignore_index
         t_safe = xp.where(valid, t, 0)
-        if t.size and bool(((t_safe < 0) | (t_safe >= V)).any()):
-            bad = t_safe[(t_safe < 0) | (t_safe >= V)][0]
+        out_of_range = (t_safe < 0) | (t_safe >= V)
+        # the range check and the count of supervised targets in ONE host read (one cupy sync)
+        n_bad, count = (int(v) for v in backend.to_numpy(xp.stack([out_of_range.sum(), valid.sum()])))
+        if n_bad:
+            bad = t_safe[out_of_range][0]
             raise IndexError(f"cross_entropy: target {int(bad)} out of range for {V} classes")
-        z = l2 - l2.max(axis=1, keepdims=True)
-        lse = xp.log(xp.exp(z).sum(axis=1))
-        nll = (lse - z[xp.arange(z.shape[0]), t_safe]) * valid  # (N,)
-        self.z, self.lse, self.t, self.valid = z, lse, t_safe, valid
-        self.shape, self.reduction = logits.shape, reduction
+        self.shape, self.reduction, self.t, self.valid = logits.shape, reduction, t_safe, valid
+        self.fused = fused.accepts(logits)
+        if self.fused:  # the three lines below in one pass per row (csrc/fused_cpu.cpp)
+            nll, self.lse = fused.cross_entropy_forward(l2, t_safe, -1)  # lse = log Σ exp(logits)
+            nll *= valid
+            self.z = l2
+        else:
+            z = l2 - l2.max(axis=1, keepdims=True)
+            lse = xp.log(xp.exp(z).sum(axis=1))
+            nll = (lse - z[xp.arange(z.shape[0]), t_safe]) * valid  # (N,)
+            self.z, self.lse = z, lse
         if reduction == "none":
             return nll.reshape(targets.shape)
         total = nll.sum()
         if reduction == "sum":
             return total
-        if reduction == "mean":
-            self.count = int(valid.sum())
-            return total / builtins.max(self.count, 1)
-        raise ValueError(f"cross_entropy: unknown reduction {reduction!r} (mean, sum or none)")
+        self.count = count
+        return total / builtins.max(self.count, 1)
 
     def backward(self, g):
         xp = _xp(g)
-        p = xp.exp(self.z - self.lse[:, None])  # softmax, (N, V)
-        p[xp.arange(p.shape[0]), self.t] -= 1
         if self.reduction == "none":
             scale = g.reshape(-1) * self.valid
         elif self.reduction == "sum":
             scale = g * self.valid
         else:
             scale = (g / builtins.max(self.count, 1)) * self.valid
-        p *= scale.astype(p.dtype)[:, None]
+        scale = scale.astype(self.z.dtype)
+        if self.fused:  # (softmax − onehot)·scale in one pass per row (csrc/fused_cpu.cpp)
+            return fused.cross_entropy_backward(self.z, self.lse, self.t, scale).reshape(self.shape), None
+        p = self.z - self.lse[:, None]
+        xp.exp(p, out=p)  # softmax, (N, V)
+        p[xp.arange(p.shape[0]), self.t] -= 1
+        p *= scale[:, None]
         return p.reshape(self.shape), None
 
 
-def cross_entropy(logits: Tensor, targets, ignore_index: int = -100, reduction: str = "mean") -> Tensor:
+def cross_entropy(logits: Tensor, targets, ignore_index: int = IGNORE_INDEX, reduction: str = "mean") -> Tensor:
     """Cross-entropy of ``logits`` (..., V) against integer ``targets`` (...).
 
     Targets equal to ``ignore_index`` (−100) contribute nothing. ``reduction``: "mean" divides by
@@ -874,16 +922,26 @@ class LayerNorm(Function):
 
     def forward(self, x, w, b, eps=1e-5):
         xp = _xp(x)
+        self.w = w
+        if fused.accepts(x, w, b):  # the lines below in one pass per row (csrc/fused_cpu.cpp)
+            y, self.mean, self.rstd = fused.layer_norm_forward(x, w, b, eps)
+            self.x, self.xhat = x, None  # backward recomputes xhat from x, mean and rstd
+            return y
         mu = x.mean(axis=-1, keepdims=True)
         xc = x - mu
         var = (xc * xc).mean(axis=-1, keepdims=True)
         self.rstd = 1.0 / xp.sqrt(var + x.dtype.type(eps))  # (..., 1)
-        self.xhat = xc * self.rstd  # (..., C)
-        self.w = w
-        return self.xhat * w + b
+        xc *= self.rstd
+        self.xhat = xc  # (..., C)
+        y = xc * w
+        y += b
+        return y
 
     def backward(self, g):
         xhat, rstd = self.xhat, self.rstd
+        if xhat is None:
+            need_w = self.needs_input_grad[1] or self.needs_input_grad[2]
+            return fused.layer_norm_backward(g, self.x, self.w, self.mean, rstd, self.needs_input_grad[0], need_w)
         C = xhat.shape[-1]
         gw = (g * xhat).reshape(-1, C).sum(axis=0) if self.needs_input_grad[1] else None
         gb = g.reshape(-1, C).sum(axis=0) if self.needs_input_grad[2] else None
@@ -947,7 +1005,14 @@ class ScaledDotProductAttention(Function):
         xp = _xp(q)
         Tq, Tk, D = q.shape[-2], k.shape[-2], q.shape[-1]
         self.scale = q.dtype.type(1.0 / math.sqrt(D) if scale is None else scale)
-        att = (q @ xp.swapaxes(k, -1, -2)) * self.scale  # (B, H, Tq, Tk)
+        att = q @ xp.swapaxes(k, -1, -2)  # (B, H, Tq, Tk), scaled below
+        self.q, self.k, self.v = q, k, v
+        self.fused = fused.accepts(att)
+        if self.fused:  # the scale, masks and softmax below in one pass per row, in place (csrc/fused_cpu.cpp)
+            self.causal, self.kpm, self.visible = causal, key_padding_mask, None
+            self.p = fused.attention_softmax_forward(att, self.scale, causal, key_padding_mask)
+            return self.p @ v  # (B, H, Tq, D)
+        att *= self.scale
         visible = None
         if causal:
             visible = xp.tril(xp.ones((Tq, Tk), dtype=bool), k=Tk - Tq)  # (Tq, Tk)
@@ -955,11 +1020,11 @@ class ScaledDotProductAttention(Function):
             kpm = key_padding_mask.astype(bool)[:, None, None, :]  # (B, 1, 1, Tk)
             visible = kpm if visible is None else (visible & kpm)
         if visible is not None:
-            att = xp.where(visible, att, xp.finfo(att.dtype).min)
+            xp.copyto(att, xp.finfo(att.dtype).min, where=~visible)
         att -= att.max(axis=-1, keepdims=True)
         p = xp.exp(att, out=att)
         p /= p.sum(axis=-1, keepdims=True)
-        self.p, self.q, self.k, self.v, self.visible = p, q, k, v, visible
+        self.p, self.visible = p, visible
         return p @ v  # (B, H, Tq, D)
 
     def backward(self, g):
@@ -967,10 +1032,14 @@ class ScaledDotProductAttention(Function):
         p, q, k, v = self.p, self.q, self.k, self.v
         gv = xp.swapaxes(p, -1, -2) @ g if self.needs_input_grad[2] else None  # (B, H, Tk, D)
         gp = g @ xp.swapaxes(v, -1, -2)  # (B, H, Tq, Tk)
-        gs = p * (gp - (gp * p).sum(axis=-1, keepdims=True))  # softmax backward
-        gs *= self.scale
-        if self.visible is not None:  # masked scores were constants: no gradient flows into them
-            gs *= self.visible
+        if self.fused:  # the softmax backward below in one pass per row, in place (csrc/fused_cpu.cpp)
+            gs = fused.attention_softmax_backward(p, gp, self.scale, self.causal, self.kpm)
+        else:
+            gs = gp - (gp * p).sum(axis=-1, keepdims=True)  # softmax backward
+            gs *= p
+            gs *= self.scale
+            if self.visible is not None:  # masked scores were constants: no gradient flows into them
+                gs *= self.visible
         gq = gs @ k if self.needs_input_grad[0] else None
         gk = xp.swapaxes(gs, -1, -2) @ q if self.needs_input_grad[1] else None
         return gq, gk, gv

@@ -850,7 +850,7 @@ def hf_state_from_gpt(model) -> dict[str, np.ndarray]:
     unknown = sorted(set(sd) - known)
     if unknown:
         raise ValueError(f"save_hf_gpt2: parameters/buffers {unknown[:6]} have no GPT-2 counterpart "
-                         f"(a 4-bit layer? dequantize first with quant.dequantize_model)")
+                         f"(a 4-bit layer? dequantize first with linear4bit.dequantize_model)")
 
     def bias(name, n):
         return np.asarray(sd[name], np.float32) if name in sd else np.zeros(n, np.float32)
@@ -884,10 +884,14 @@ def load_hf_gpt2(folder, special_tokens: Sequence[str] = (), config_overrides: M
     fields to replace (e.g. ``{"dropout": 0.0}``; ``{"scalar_head": True}`` adds a freshly
     initialised ``score`` head for a reward or value model, as ``checkpoint.load_model`` does).
 
+    The model is returned in eval mode (dropout off), as ``transformers``' ``from_pretrained``
+    does; call ``model.train()`` before training with dropout.
+
     Raises FileNotFoundError (no directory, no config.json, no weights), ValueError naming the file
     and field or tensor: an architecture that is not GPT-2 (``gpt_config_from_hf``), a missing /
     unexpected / mis-shaped tensor (``gpt_state_from_hf``), a pickle-only directory
-    (``pytorch_model.bin``: never unpickled), a tokenizer file at fault.
+    (``pytorch_model.bin``: never unpickled), a tokenizer file at fault, ``special_tokens`` asked
+    for a folder without tokenizer files; FloatingPointError naming a tensor with NaN/inf.
     """
     from minillm.model import GPT
 
@@ -903,10 +907,14 @@ def load_hf_gpt2(folder, special_tokens: Sequence[str] = (), config_overrides: M
     config = gpt_config_from_hf(hf, str(cfg_path), config_overrides)
     tensors, where = _read_hf_weights(folder)
     sd = gpt_state_from_hf(tensors, config, where, source=str(folder))
+    from minillm.checkpoint import check_finite_tensors
+
+    check_finite_tensors(sd, str(folder))
     model = GPT(config)
     if config.scalar_head:  # a reward/value head asked for by config_overrides: keep its fresh init
         sd.update({k: v for k, v in model.state_dict().items() if k.startswith("score.")})
     model.load_state_dict(sd, source=str(folder))
+    model.eval()  # as transformers' from_pretrained: dropout off until the caller asks for train()
     tok = load_hf_tokenizer(folder)
     if special_tokens:
         if tok is None:
@@ -981,7 +989,10 @@ def load_any(path, special_tokens: Sequence[str] = DEFAULT_SPECIALS, config_over
 
     * a directory with ``config.json``: ``load_hf_gpt2`` (Hugging Face GPT-2), with
       ``special_tokens`` (default: minillm's chat-template specials) added where missing; the
-      Checkpoint's train_state is ``{"source": "huggingface-gpt2", "path": ...}``;
+      Checkpoint's train_state is ``{"source": "huggingface-gpt2", "path": ...}``. A folder with
+      weights but no tokenizer files loads with tokenizer None (no specials added): enough for
+      ``hf export`` or scoring token ids; every trainer, which needs a tokenizer, then refuses it
+      with an error naming the folder;
     * a directory with ``checkpoint.safetensors`` (a minillm run directory): that file;
     * a file: ``checkpoint.load_model`` (a minillm checkpoint; a pickle is refused there).
 
@@ -992,7 +1003,8 @@ def load_any(path, special_tokens: Sequence[str] = DEFAULT_SPECIALS, config_over
 
     p = Path(path)
     if is_hf_dir(p):
-        model, tok = load_hf_gpt2(p, special_tokens=special_tokens if special_tokens else (),
+        has_tokenizer = any((p / f).is_file() for f in ("vocab.json", "tokenizer.json"))
+        model, tok = load_hf_gpt2(p, special_tokens=special_tokens if special_tokens and has_tokenizer else (),
                                   config_overrides=config_overrides)
         ck = Checkpoint(path=p, config=model.config.to_dict(), model_state=model.state_dict(),
                         tokenizer=tok.to_dict() if tok is not None else None,

@@ -12,8 +12,9 @@ Scope
     numpy    ``quant.dequantize_4bit`` then ``@``    the reference; always available
     cpp      ``minillm._C`` (csrc/nf4_cpu.cpp)       numpy inputs: OpenMP + AVX2/FMA, bit-exact
                                                      dequant, fused row/panel matmul
-    cuda     ``minillm._cuda`` (csrc/nf4_cuda.cu)    cupy inputs: dequant v1-v2, GEMV v1-v3
+    cuda     ``minillm._cuda`` (csrc/nf4_cuda.cu)    cupy inputs: dequant v1-v2, GEMV v1-v4
                                                      (M <= 8), GEMM v1 (SIMT) / v2 (tensor cores)
+                                                     / v3 (dequantize, then cuBLAS via cupy)
     ======== ======================================= ============================================
 
     The ladder (as llm.c's ``dev/cuda``: a reference first, then numbered faster versions): NumPy reference -> C++ twin -> CUDA v1 naive
@@ -25,18 +26,21 @@ Scope
     memory access pattern and tiling.
 
 Dispatch (``matmul_4bit``, ``dequantize_4bit``)
-    * cupy input -> ``cuda`` (GEMV for M <= 8 rows of x, GEMM above), else the NumPy reference
-      on cupy arrays;
+    * cupy input -> ``cuda`` (GEMV for M <= 8 rows of x, fused GEMM above, dequantize + cuBLAS
+      from ``GEMM_DEQUANT_MIN_M`` rows on for float32/float16), else the NumPy reference on cupy
+      arrays (computed with cupy: ``backend.get_array_module`` goes by the array's type);
     * numpy input -> ``cpp`` when ``minillm._C`` was built, else the NumPy reference.
     Force a path with ``kernel="numpy" | "cpp" | "cuda"`` or the environment variable
     ``MINILLM_KERNELS`` (same values, read at call time; "auto" = the rules above).
-    ``MINILLM_DISABLE_EXTENSIONS=1`` (read at import) makes this module ignore both extensions, as on
-    a machine where they were never built. ``available()`` says what exists.
+    ``MINILLM_NO_EXTENSIONS=1`` (read at import, ``backend.load_extension``) makes this module ignore
+    both extensions, as on a machine where they were never built. ``available()`` says what exists.
 
 Errors
     A CUDA function called where no GPU/driver is usable raises RuntimeError naming the cause (the
     extension checks ``cudaGetDeviceCount`` before any launch; nothing crashes). Shape mismatches
-    raise ValueError naming both shapes.
+    raise ValueError naming both shapes; an absmax whose dtype does not match the state's nesting
+    raises ValueError (``QuantState.validate``). ``MINILLM_CUDA_SYNC=1`` synchronizes and checks
+    after every launch, so a kernel fault is raised by the call that caused it.
 
 Sources
     Dettmers et al. 2023, QLoRA (arXiv:2305.14314) §3 (NF4, double quantization); bitsandbytes 0.50
@@ -48,15 +52,15 @@ Deliberate deviations
     * The GEMV's 128-bit path requires ``K % 32 == 0`` and ``blocksize % 32 == 0`` (bitsandbytes
       requires ``K % blocksize == 0``); other shapes use the general GEMV v2 rather than failing.
     * bitsandbytes dequantizes W to the compute dtype before a cuBLAS GEMM for M > 1
-      (``MatMul4Bit``); here M > 8 uses the fused tensor-core GEMM (``gemm_4bit`` in 0.50 is fused
-      too). ``kernel="numpy"`` restores dequantize-then-matmul.
+      (``MatMul4Bit``); here 8 < M < ``GEMM_DEQUANT_MIN_M`` (256) uses the fused GEMM (v2 on tensor
+      cores for 16-bit x, v1 SIMT for float32) and larger M dequantize-then-cuBLAS; the threshold
+      is a measured guess that ``make gpu-check``'s benchmark (v1/v2/v3 per M) is there to revise.
     * cupy has no bfloat16 dtype: bfloat16 arrays are passed as uint16 bit patterns
       (``to_bfloat16_bits`` / ``from_bfloat16_bits``).
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import os
 import tempfile
@@ -66,26 +70,21 @@ from typing import Optional
 import numpy as np
 
 from minillm import quant
-from minillm.backend import is_cupy, to_numpy
+from minillm.backend import is_cupy, load_extension, to_numpy
 
 KERNELS = ("auto", "numpy", "cpp", "cuda")
 #: Largest number of x rows the CUDA GEMV handles (more rows go to the GEMM).
 GEMV_MAX_M = 8
+#: From this many x rows on, ``version=0`` computes float32/float16 products as dequantize-then-
+#: cuBLAS (GEMM "version 3") instead of the fused tiled GEMM: cuBLAS's tiles beat the fused
+#: kernels once the dequantization is amortised over enough rows (the benchmark measures both per
+#: M; bitsandbytes does the same for every M > 1). bfloat16 (no cupy dtype) stays fused.
+GEMM_DEQUANT_MIN_M = 256
 _DTYPE_CODE = {"float32": 0, "float16": 1, "bfloat16": 2}
 
 
-def _load_extension(name: str):
-    """(module or None, reason it is missing or '')."""
-    if os.environ.get("MINILLM_DISABLE_EXTENSIONS", "") == "1":
-        return None, "disabled by MINILLM_DISABLE_EXTENSIONS=1"
-    try:
-        return importlib.import_module(f"minillm.{name}"), ""
-    except ImportError as e:  # not built (no compiler / no nvcc / pure-Python install)
-        return None, f"{type(e).__name__}: {e}"
-
-
-_C, _C_MISSING = _load_extension("_C")
-_cuda, _CUDA_MISSING = _load_extension("_cuda")
+_C, _C_MISSING = load_extension("_C")
+_cuda, _CUDA_MISSING = load_extension("_cuda")
 
 
 def available() -> dict:
@@ -167,7 +166,13 @@ def select_backend(x, kernel: Optional[str] = None) -> str:
 
 
 def _check_state(packed, qs: quant.QuantState) -> int:
-    """Validate packed/absmax sizes against the state; return n (number of weight elements)."""
+    """Validate packed/absmax sizes and dtypes against the state; return n (number of weight elements).
+
+    Raises ValueError for a nested (uint8) absmax where float32 is expected or the reverse, and for
+    a state marked double-quantized without its nested part (``QuantState.validate``): the kernels
+    would read the wrong bytes.
+    """
+    qs.validate()
     n = qs.numel
     nbytes = int(packed.size)
     if nbytes < (n + 1) // 2:
@@ -201,6 +206,7 @@ def _weight_shape(qs: quant.QuantState) -> tuple[int, int]:
 
 
 def _cpu_absmax_kwargs(qs: quant.QuantState) -> dict:
+    qs.validate()  # a uint8 absmax must never be cast to float32 values 0..255 (nor the reverse)
     if not qs.nested:
         return {"absmax": np.ascontiguousarray(to_numpy(qs.absmax), dtype=np.float32).reshape(-1)}
     return {
@@ -213,7 +219,12 @@ def _cpu_absmax_kwargs(qs: quant.QuantState) -> dict:
 
 
 def _cuda_absmax_args(qs: quant.QuantState, cp):
-    """(keep-alive list, kwargs of device pointers) for the _cuda functions."""
+    """(keep-alive list, kwargs of device pointers) for the _cuda functions.
+
+    Raises ValueError (``QuantState.validate``) when the absmax dtype does not match the nesting:
+    a uint8 absmax handed over as float32 (or the reverse) would be read as the wrong bytes.
+    """
+    qs.validate()
     if not qs.nested:
         absmax = cp.ascontiguousarray(cp.asarray(qs.absmax, dtype=cp.float32).reshape(-1))
         return [absmax], dict(absmax=absmax.data.ptr, qabsmax=0, absmax2=0, code2=0, offset=0.0, blocksize2=256)
@@ -229,6 +240,12 @@ def _cuda_absmax_args(qs: quant.QuantState, cp):
         blocksize2=int(qs.state2.blocksize),
     )
     return [q, a2, c2], kw
+
+
+def _launch_kw(cp) -> dict:
+    """CuPy's current stream and device for a _cuda launch (the extension's static CUDA runtime
+    has its own current device, so it is told which one; see csrc/cuda_bindings.cpp)."""
+    return {"stream": cp.cuda.get_current_stream().ptr, "device": cp.cuda.Device().id}
 
 
 def _cuda_dtype(a, bfloat16: bool) -> int:
@@ -249,12 +266,47 @@ def to_device(packed, quant_state: quant.QuantState):
     _require_cuda()
     import cupy as cp
 
+    return cp.asarray(packed), state_on_device(quant_state)
+
+
+def state_on_device(quant_state: quant.QuantState) -> quant.QuantState:
+    """The QuantState with its absmax (and nested absmax2 / 256-entry code) as cupy arrays, made
+    once so a layer's every forward does not re-upload them (the 16-entry code stays on the host:
+    it is passed to the kernels by value). Arrays already on the device are not copied.
+    Needs cupy (not the extension): the NumPy reference on cupy arrays uses it too.
+    Raises ValueError for a half-nested state (``QuantState.validate``).
+    """
+    import cupy as cp
+
+    quant_state.validate()
     state2 = quant_state.state2
     if state2 is not None:
         state2 = dataclasses.replace(state2, absmax=cp.asarray(state2.absmax, dtype=cp.float32),
                                      code=cp.asarray(state2.code, dtype=cp.float32))
-    qs = dataclasses.replace(quant_state, absmax=cp.asarray(quant_state.absmax), state2=state2)
-    return cp.asarray(packed), qs
+    return dataclasses.replace(quant_state, absmax=cp.asarray(quant_state.absmax), state2=state2)
+
+
+def decode_absmax(quant_state: quant.QuantState) -> quant.QuantState:
+    """A nested 4-bit state on the GPU -> the equivalent plain state (float32 absmax (nblocks,)).
+
+    ``absmax[b] = code2[qabsmax[b]] * absmax2[b // blocksize2] + offset``, computed once by a CUDA
+    kernel and bit-identical to ``QuantState.dequantize_absmax`` (bitsandbytes decodes the nested
+    absmax the same way before ``gemv_4bit``). The kernels then read 4 bytes per block instead of 1
+    but skip two dependent loads per 32 elements; the benchmark measures both. A plain state is
+    returned unchanged. Raises RuntimeError without a usable GPU.
+    """
+    if not quant_state.nested:
+        return quant_state
+    _require_cuda()
+    import cupy as cp
+
+    keep, kw = _cuda_absmax_args(quant_state, cp)
+    nblocks = int(quant_state.absmax.size)
+    out = cp.empty(nblocks, dtype=cp.float32)
+    _cuda.decode_absmax(kw["qabsmax"], kw["absmax2"], kw["code2"], kw["offset"], kw["blocksize2"], nblocks,
+                        out.data.ptr, **_launch_kw(cp))
+    del keep
+    return dataclasses.replace(quant_state, absmax=out, offset=None, state2=None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -311,7 +363,7 @@ def dequantize_4bit(packed, quant_state: quant.QuantState, *, kernel: Optional[s
     out = cp.empty(n, dtype=cp.uint16 if out_dtype == "bfloat16" else out_dtype)
     _cuda.dequantize(flat.data.ptr, _code16(quant_state), n=n, blocksize=int(quant_state.blocksize),
                      out=out.data.ptr, dtype=_DTYPE_CODE[out_dtype], version=int(version),
-                     stream=cp.cuda.get_current_stream().ptr, **kw)
+                     **_launch_kw(cp), **kw)
     del keep
     return out.reshape(quant_state.shape)
 
@@ -320,9 +372,10 @@ def matmul_4bit(x, packed, quant_state: quant.QuantState, *, kernel: Optional[st
                 bfloat16: bool = False):
     """``y = x @ W.T`` with W (N, K) the dequantized 4-bit weight (bitsandbytes ``matmul_4bit`` forward).
 
-    x: (..., K). numpy: float32 (other float dtypes are cast to float32); result float32 (..., N).
+    x: (..., K). numpy: float32 (other dtypes are cast to float32); result float32 (..., N).
     cupy: float32, float16, or bfloat16 given as uint16 bits with ``bfloat16=True``; result in
-    x's dtype, float32 accumulation; M = prod(x.shape[:-1]) <= 8 runs the GEMV, larger M the GEMM.
+    x's dtype, float32 accumulation (other dtypes, e.g. float64, are cast to float32 and give a
+    float32 result, as on the CPU); M = prod(x.shape[:-1]) <= 8 runs the GEMV, larger M the GEMM.
     ``version``: CUDA rung (0 = best; GEMV 1-3, GEMM 1-2), ignored on the CPU.
     W is dequantized in float32 (code[q] * absmax), NOT first rounded to ``quant_state.dtype``: the
     compute dtype here is float32 (bitsandbytes casts W to its compute dtype, bf16 in QLoRA).
@@ -351,9 +404,13 @@ def matmul_4bit(x, packed, quant_state: quant.QuantState, *, kernel: Optional[st
     _require_cuda()
     import cupy as cp
 
+    if not bfloat16 and x.dtype not in (cp.float32, cp.float16):
+        x = x.astype(cp.float32)  # float64 (gradcheck) or integers: cast, as the numpy and cpp paths do
     dtype = _cuda_dtype(x, bfloat16)
     x2 = cp.ascontiguousarray(x).reshape(-1, K)  # (M, K)
     M = int(x2.shape[0])
+    if M > GEMV_MAX_M and (version == 3 or (version == 0 and M >= GEMM_DEQUANT_MIN_M and not bfloat16)):
+        return _gemm_dequant_cublas(x2, packed, quant_state, bfloat16).reshape(lead + (N,))
     y = cp.empty((M, N), dtype=x2.dtype)
     if M > 0:
         keep, kw = _cuda_absmax_args(quant_state, cp)
@@ -361,13 +418,28 @@ def matmul_4bit(x, packed, quant_state: quant.QuantState, *, kernel: Optional[st
         fn = _cuda.gemv if M <= GEMV_MAX_M else _cuda.gemm
         fn(x2.data.ptr, dtype, M, K, pk.data.ptr, _code16(quant_state),
            N=N, blocksize=int(quant_state.blocksize), y=y.data.ptr, version=int(version),
-           stream=cp.cuda.get_current_stream().ptr, **kw)
+           **_launch_kw(cp), **kw)
         del keep
     return y.reshape(lead + (N,))
 
 
+def _gemm_dequant_cublas(x2, packed, quant_state: quant.QuantState, bfloat16: bool):
+    """GEMM "version 3": W dequantized by the CUDA kernel into x's dtype, then ``x2 @ W.T`` by
+    cuBLAS (cupy.matmul; float32 accumulation for float16, no TF32 unless CUPY_TF32=1). float32 or
+    float16 x (M, K) -> (M, N); bfloat16 raises ValueError (cupy has no bfloat16 dtype)."""
+    if bfloat16:
+        raise ValueError("gemm version 3 (dequantize + cuBLAS) takes float32 or float16 x; "
+                         "bfloat16 has no cupy dtype (use version 2)")
+    W = dequantize_4bit(packed, quant_state, kernel="cuda", out_dtype=str(x2.dtype))  # (N, K)
+    return x2 @ W.T
+
+
 def cuda_gemv(x, packed, quant_state, *, version: int = 0, bfloat16: bool = False):
-    """The CUDA GEMV alone (1 <= M <= 8 rows of x), any ``version`` 0-3. Same contract as ``matmul_4bit``."""
+    """The CUDA GEMV alone (1 <= M <= 8 rows of x), any ``version`` 0-4. Same contract as ``matmul_4bit``.
+
+    v3 and v4 need K % 32 == 0, blocksize % 32 == 0 and 16-byte aligned x and packed (v4 also a
+    power-of-two blocksize); asked for anyway they raise ValueError. ``version=0`` picks v4, else
+    v3, else v2."""
     _require_cuda()
     if int(np.prod(x.shape[:-1])) > GEMV_MAX_M:
         raise ValueError(f"cuda_gemv takes at most {GEMV_MAX_M} rows of x, got x.shape {tuple(x.shape)}")
@@ -375,7 +447,8 @@ def cuda_gemv(x, packed, quant_state, *, version: int = 0, bfloat16: bool = Fals
 
 
 def cuda_gemm(x, packed, quant_state, *, version: int = 0, bfloat16: bool = False):
-    """The CUDA GEMM alone (any M >= 1), ``version`` 0-2 (2 = tensor cores, 16-bit inputs only)."""
+    """The CUDA GEMM alone (any M >= 1), ``version`` 0-3: 1 = SIMT tiles, 2 = tensor cores (16-bit
+    inputs only), 3 = dequantize then cuBLAS (float32/float16 only), 0 = 2 for 16-bit x else 1."""
     _require_cuda()
     import cupy as cp
 
@@ -385,12 +458,14 @@ def cuda_gemm(x, packed, quant_state, *, version: int = 0, bfloat16: bool = Fals
     _check_state(packed, quant_state)
     dtype = _cuda_dtype(x, bfloat16)
     x2 = cp.ascontiguousarray(x).reshape(-1, K)
+    if version == 3:
+        return _gemm_dequant_cublas(x2, packed, quant_state, bfloat16).reshape(tuple(x.shape[:-1]) + (N,))
     y = cp.empty((x2.shape[0], N), dtype=x2.dtype)
     keep, kw = _cuda_absmax_args(quant_state, cp)
     pk = cp.ascontiguousarray(packed).reshape(-1)  # held until after the (asynchronous) launch
     _cuda.gemm(x2.data.ptr, dtype, int(x2.shape[0]), K, pk.data.ptr,
                _code16(quant_state), N=N, blocksize=int(quant_state.blocksize), y=y.data.ptr,
-               version=int(version), stream=cp.cuda.get_current_stream().ptr, **kw)
+               version=int(version), **_launch_kw(cp), **kw)
     del keep
     return y.reshape(tuple(x.shape[:-1]) + (N,))
 
@@ -435,6 +510,30 @@ def _bench_cpu(sizes, m_list, repeats: int, seed: int) -> list:
     return rows
 
 
+def _raw_launch(fn_name: str, x2, packed, quant_state: quant.QuantState, version: int):
+    """A zero-argument callable that launches ``_cuda.<fn_name>`` (gemv or gemm) on x2 (M, K) with
+    every argument (pointers, code table, absmax layout, output) prepared NOW, so timing it measures
+    the kernel, not the Python plumbing around it (benchmark only)."""
+    import cupy as cp
+
+    N, K = _weight_shape(quant_state)
+    _check_state(packed, quant_state)
+    M = int(x2.shape[0])
+    dtype = _cuda_dtype(x2, False)
+    keep, kw = _cuda_absmax_args(quant_state, cp)
+    pk = cp.ascontiguousarray(packed).reshape(-1)
+    y = cp.empty((M, N), dtype=x2.dtype)
+    code, fn, lk = _code16(quant_state), getattr(_cuda, fn_name), _launch_kw(cp)
+    args = (x2.data.ptr, dtype, M, K, pk.data.ptr, code)
+    kwargs = dict(N=N, blocksize=int(quant_state.blocksize), y=y.data.ptr, version=int(version), **lk, **kw)
+
+    def launch():
+        fn(*args, **kwargs)
+
+    launch.keep = (keep, pk, y, x2)  # the device arrays live as long as the callable
+    return launch
+
+
 def _bench_cuda(sizes, gemv_m, gemm_m, repeats: int, seed: int) -> dict:
     _require_cuda()
     import cupy as cp
@@ -445,7 +544,9 @@ def _bench_cuda(sizes, gemv_m, gemm_m, repeats: int, seed: int) -> dict:
         """Median ms over `repeats` launches, each after an L2 flush, timed with CUDA events.
 
         The flush (a 512 MiB memset, ~0.1-0.2 ms) also keeps the GPU busy while Python enqueues the
-        start event, the kernel and the end event, so host launch overhead is not in the timing.
+        start event, the kernel and the end event, so host launch overhead is not in the timing
+        (the GEMV/GEMM rows time raw launches with their arguments prepared beforehand, so the host
+        work per launch is a few microseconds).
         """
         fn()
         cp.cuda.get_current_stream().synchronize()
@@ -460,12 +561,28 @@ def _bench_cuda(sizes, gemv_m, gemm_m, repeats: int, seed: int) -> dict:
             times.append(cp.cuda.get_elapsed_time(start, end))
         return float(np.median(times))
 
+    def host_us(fn, n: int = 50) -> float:
+        """Mean host microseconds per call (no flush, not synchronized per call)."""
+        fn()
+        cp.cuda.get_current_stream().synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        t1 = time.perf_counter()
+        cp.cuda.get_current_stream().synchronize()
+        return 1e6 * (t1 - t0) / n
+
     rng = np.random.default_rng(seed)
-    out = {"gemv": [], "gemm": [], "copy": []}
+    out = {"gemv": [], "gemm": [], "copy": [], "decode_absmax": [], "gemm_dispatch_min_m": GEMM_DEQUANT_MIN_M}
     for K, N in sizes:
         W = rng.standard_normal((N, K), dtype=np.float32)
-        packed, qs = to_device(*quant.quantize_4bit(W, blocksize=64, compress_statistics=True))
-        nbytes_w = int(packed.size) + int(qs.absmax.size) + 4 * int(qs.state2.absmax.size)
+        packed_h, qs_h = quant.quantize_4bit(W, blocksize=64, compress_statistics=True)
+        packed, qs = to_device(packed_h, qs_h)
+        qs_plain = decode_absmax(qs)  # float32 absmax on the device, decoded once
+        t_dec = timed(lambda: decode_absmax(qs))
+        out["decode_absmax"].append({"K": K, "N": N, "nblocks": int(qs.absmax.size), "ms": t_dec})
+        nbytes = {"nested": int(packed.size) + int(qs.absmax.size) + 4 * int(qs.state2.absmax.size),
+                  "decoded": int(packed.size) + 4 * int(qs_plain.absmax.size)}
         # bandwidth yardstick: a device-to-device copy of the same number of bytes (read + write)
         src = cp.zeros(int(packed.size), dtype=cp.uint8)
         dst = cp.empty_like(src)
@@ -475,28 +592,38 @@ def _bench_cuda(sizes, gemv_m, gemm_m, repeats: int, seed: int) -> dict:
         for M in gemv_m:
             for dt in ("float16", "float32"):
                 x = cp.asarray(rng.standard_normal((M, K), dtype=np.float32)).astype(dt)
-                for v in (1, 2, 3):
+                for v, absmax in ((1, "nested"), (2, "nested"), (3, "nested"), (4, "nested"), (4, "decoded")):
                     if v == 1 and K * N > 4096 * 4096:
                         continue  # the naive kernel is only there to be slow; skip the big case
-                    t = timed(lambda: cuda_gemv(x, packed, qs, version=v))
-                    moved = nbytes_w + x.nbytes + M * N * x.itemsize
-                    out["gemv"].append({"M": M, "K": K, "N": N, "dtype": dt, "version": v, "ms": t,
-                                        "GB_per_s": moved / (t * 1e-3) / 1e9,
-                                        "fraction_of_copy_bandwidth": moved / (t * 1e-3) / 1e9 / copy_gbs})
-        W16 = dequantize_4bit(packed, qs, kernel="cuda", out_dtype="float16")  # (N, K) float16
+                    state = qs if absmax == "nested" else qs_plain
+                    t = timed(_raw_launch("gemv", x, packed, state, v))
+                    moved = nbytes[absmax] + x.nbytes + M * N * x.itemsize
+                    gbs = moved / (t * 1e-3) / 1e9
+                    out["gemv"].append({"M": M, "K": K, "N": N, "dtype": dt, "version": v, "absmax": absmax,
+                                        "ms": t, "GB_per_s": gbs, "fraction_of_copy_bandwidth": gbs / copy_gbs})
+                # the whole Python call (argument checks, pointer plumbing) vs the raw launch, host side
+                out["gemv"][-1]["host_us_matmul_4bit"] = host_us(lambda: matmul_4bit(x, packed, qs_plain))
+                out["gemv"][-1]["host_us_raw_launch"] = host_us(_raw_launch("gemv", x, packed, qs_plain, 0))
         for M in gemm_m:
-            x = cp.asarray(rng.standard_normal((M, K), dtype=np.float32)).astype(cp.float16)
             flops = 2.0 * M * N * K
-            t_ref = timed(lambda: x @ W16.T)
-            row = {"M": M, "K": K, "N": N, "dtype": "float16", "cupy_fp16_matmul_ms": t_ref,
-                   "cupy_fp16_matmul_TFLOPs": flops / (t_ref * 1e-3) / 1e12}
-            t_deq = timed(lambda: dequantize_4bit(packed, qs, kernel="cuda", out_dtype="float16"))
-            row["dequant_then_cupy_ms"] = t_deq + t_ref
-            for v in (1, 2):
-                t = timed(lambda: cuda_gemm(x, packed, qs, version=v))
-                row[f"v{v}_ms"] = t
-                row[f"v{v}_TFLOPs"] = flops / (t * 1e-3) / 1e12
-            out["gemm"].append(row)
+            for dt in ("float16", "float32"):
+                x = cp.asarray(rng.standard_normal((M, K), dtype=np.float32)).astype(dt)
+                W_dq = dequantize_4bit(packed, qs, kernel="cuda", out_dtype=dt)  # (N, K)
+                t_ref = timed(lambda: x @ W_dq.T)
+                row = {"M": M, "K": K, "N": N, "dtype": dt, "cupy_matmul_ms": t_ref,
+                       "cupy_matmul_TFLOPs": flops / (t_ref * 1e-3) / 1e12}
+                if dt == "float16":  # the field names of earlier runs, kept comparable
+                    row["cupy_fp16_matmul_ms"], row["cupy_fp16_matmul_TFLOPs"] = t_ref, row["cupy_matmul_TFLOPs"]
+                t_deq = timed(lambda: dequantize_4bit(packed, qs, kernel="cuda", out_dtype=dt))
+                row["dequant_ms"] = t_deq
+                for v in ((1, 2, 3) if dt == "float16" else (1, 3)):
+                    fn = (_raw_launch("gemm", x, packed, qs, v) if v != 3
+                          else (lambda: cuda_gemm(x, packed, qs, version=3)))
+                    t = timed(fn)
+                    row[f"v{v}_ms"] = t
+                    row[f"v{v}_TFLOPs"] = flops / (t * 1e-3) / 1e12
+                row["dispatched_version"] = 3 if M >= GEMM_DEQUANT_MIN_M else (2 if dt == "float16" else 1)
+                out["gemm"].append(row)
     return out
 
 

@@ -36,6 +36,8 @@ Deliberate deviations
       not sub-modules with an adapter name (PEFT: ``….lora_A.default.weight``); only one adapter
       per layer. The exported PEFT file uses PEFT's names (``….lora_A.weight``).
     * Bias LoRA (PEFT ``lora_bias``), DoRA and multiple adapters are not offered.
+    * ``lora_alpha`` defaults to 16 (``DEFAULT_LORA_ALPHA``, what the trainers were measured with),
+      not PEFT's 8; ``lora_alpha=8`` restores PEFT's default.
 """
 from __future__ import annotations
 
@@ -43,7 +45,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from typing import Sequence
 
@@ -60,6 +61,32 @@ DEFAULT_TARGET_MODULES = ("q_proj", "v_proj")
 
 #: Names of output heads that ``"all-linear"`` leaves out (PEFT excludes the output embedding layer).
 HEAD_NAMES = ("lm_head", "score")
+
+#: The one default of α in the project (layers, ``inject_lora`` and every trainer's config). PEFT's
+#: ``LoraConfig`` default is 8; the trainers here were measured with 16 (QLoRA's α), so 16 it is;
+#: pass ``lora_alpha=8`` for PEFT's.
+DEFAULT_LORA_ALPHA = 16.0
+
+
+def parse_target_modules(spec, qlora: bool = False):
+    """The one reading of a LoRA target specification, as the CLI and configs write it.
+
+    ``""`` → the default: ``DEFAULT_TARGET_MODULES`` (q_proj, v_proj), or ``"all-linear"`` for QLoRA
+    (QLoRA adapts every linear layer); ``"all-linear"`` → ``"all-linear"``; ``"q_proj, v_proj"`` (comma-
+    separated) → ``["q_proj", "v_proj"]``; a list or tuple → a list. Returns what ``inject_lora`` takes.
+    Raises ValueError for a specification that names no module (e.g. ``","``).
+    """
+    if isinstance(spec, (list, tuple)):
+        names = [str(t).strip() for t in spec if str(t).strip()]
+    elif spec in ("", None):
+        return "all-linear" if qlora else list(DEFAULT_TARGET_MODULES)
+    elif spec == "all-linear":
+        return "all-linear"
+    else:
+        names = [t.strip() for t in str(spec).split(",") if t.strip()]
+    if not names:
+        raise ValueError(f"LoRA target modules {spec!r} name no module (use 'all-linear' or names like q_proj,v_proj)")
+    return names
 
 
 def _is_linear_like(m) -> bool:
@@ -94,8 +121,8 @@ class LoRALinear(Module):
     without in_features/out_features.
     """
 
-    def __init__(self, base: Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
-                 use_rslora: bool = False, init_lora_weights=True, rng: np.random.Generator | None = None,
+    def __init__(self, base: Module, r: int = 8, lora_alpha: float = DEFAULT_LORA_ALPHA,
+                 lora_dropout: float = 0.0, use_rslora: bool = False, init_lora_weights=True, rng: np.random.Generator | None = None,
                  dropout_rng: np.random.Generator | None = None, fan_in_fan_out: bool = False):
         super().__init__()
         if not _is_linear_like(base):
@@ -213,14 +240,6 @@ class LoRALinear(Module):
 # ------------------------------------------------------------------------------ model surgery
 
 
-def _parent(model: Module, dotted: str) -> tuple[Module, str]:
-    *path, name = dotted.split(".")
-    mod = model
-    for part in path:
-        mod = getattr(mod, part)
-    return mod, name
-
-
 def _target_matches(name: str, target_modules) -> bool:
     """PEFT's rule: a string is a regex matched against the full name (``re.fullmatch``); a list
     matches a module whose name equals an entry or ends with ``"." + entry``."""
@@ -234,8 +253,8 @@ def lora_layers(model: Module) -> list[tuple[str, LoRALinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
-def inject_lora(model: Module, target_modules=DEFAULT_TARGET_MODULES, r: int = 8, lora_alpha: float = 8,
-                lora_dropout: float = 0.0, use_rslora: bool = False, init_lora_weights=True, seed: int = 0,
+def inject_lora(model: Module, target_modules=DEFAULT_TARGET_MODULES, r: int = 8,
+                lora_alpha: float = DEFAULT_LORA_ALPHA, lora_dropout: float = 0.0, use_rslora: bool = False, init_lora_weights=True, seed: int = 0,
                 freeze_base: bool = True) -> list[str]:
     """Replace the matching Linear sub-modules of ``model`` by ``LoRALinear`` wrappers, in place.
 
@@ -269,11 +288,10 @@ def inject_lora(model: Module, target_modules=DEFAULT_TARGET_MODULES, r: int = 8
                          f"the model's linear layers are {[n for n, _ in linear]}")
     replaced = []
     for name, m in chosen:
-        parent, attr = _parent(model, name)
         layer = LoRALinear(m, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
                            init_lora_weights=init_lora_weights, rng=rng, dropout_rng=dropout_rng)
         layer.train(getattr(m, "training", True))
-        object.__setattr__(parent, attr, layer)
+        model.set_submodule(name, layer)
         replaced.append(name)
     if freeze_base:
         mark_only_lora_as_trainable(model)
@@ -351,8 +369,7 @@ def merge_and_unload(model: Module) -> Module:
     for name, layer in lora_layers(model):
         if not layer.merged:
             layer.merge()
-        parent, attr = _parent(model, name)
-        object.__setattr__(parent, attr, layer.base_layer)
+        model.set_submodule(name, layer.base_layer)
     return model
 
 
@@ -386,25 +403,10 @@ def lora_config(model: Module) -> dict:
             "fan_in_fan_out": first.fan_in_fan_out, "init_lora_weights": first.init_lora_weights}
 
 
-def _atomic_write_bytes(path: str, write) -> None:
-    d = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _save_safetensors(tensors: dict, path: str, metadata: dict | None = None) -> None:
-    from safetensors.numpy import save_file
+    from minillm.checkpoint import save_safetensors_atomic  # atomic, fsynced, refuses NaN/inf
 
-    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    _atomic_write_bytes(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    save_safetensors_atomic(path, tensors, metadata)
 
 
 def save_adapter(model: Module, path: str, config: dict | None = None) -> None:
@@ -433,6 +435,9 @@ def read_adapter(path: str) -> tuple[dict, dict]:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     if "lora_config" not in meta:
         raise ValueError(f"{path}: not a minillm adapter file (no 'lora_config' in the safetensors metadata)")
+    from minillm.checkpoint import check_finite_tensors
+
+    check_finite_tensors(tensors, str(path))
     return tensors, json.loads(meta["lora_config"])
 
 
@@ -624,13 +629,9 @@ def export_peft(model: Module, out_dir: str, base_model_name_or_path: str | None
         tensors[f"base_model.model.{path}.lora_B.weight"] = np.asarray(B, dtype=np.float32)  # (out, r)
     os.makedirs(out_dir, exist_ok=True)
     _save_safetensors(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
-    text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
+    from minillm.checkpoint import write_text_atomic
 
-    def _write_json(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    _atomic_write_bytes(os.path.join(out_dir, "adapter_config.json"), _write_json)
+    write_text_atomic(os.path.join(out_dir, "adapter_config.json"), json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return cfg
 
 

@@ -28,8 +28,9 @@ Formulas (P = parameter count; sizes in bytes; GB = 1e9 bytes, GiB = 2^30)
       parameters and 3.26 GB for 70e9 (not "0.5 GB": 0.5 is the bit overhead per parameter). These are
       the byte counts of ``minillm.quant.quantize_4bit`` (``quant_state_nbytes``, code tables excluded).
     * LoRA (Hu et al. 2021, §4): a target Linear(in, out) gets r*(in + out) parameters (A: r x in, B: out x r);
-      r=8 on a 4096x4096 layer = 65,536. ``lora_targets``: "all" (every Linear in the blocks, as QLoRA),
-      "attention" (q, k, v, o) or "qv" (the LoRA paper's choice), or a list of names.
+      r=8 on a 4096x4096 layer = 65,536. ``lora_targets``: "all-linear" (every Linear in the blocks, as
+      QLoRA; the spelling of PEFT and of ``lora.parse_target_modules``), "attention" (q, k, v, o) or "qv"
+      (the LoRA paper's choice), or a list of names (llama-style, or minillm's GPT names c_fc, c_proj).
     * Gradients: trainable parameters x bytes of their dtype (full: ``dtype``; LoRA: ``lora_dtype``).
       Frozen base weights have no gradient (QLoRA §3: gradients flow through the dequantized weights
       into the adapters only).
@@ -70,6 +71,7 @@ Deliberate deviations
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 import math
 from dataclasses import dataclass
@@ -101,6 +103,8 @@ LORA_TARGET_SETS = {
     "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "qv": ("q_proj", "v_proj"),
 }
+#: minillm's GPT module names -> the calculator's (llama-style) names of the same Linear layers.
+MINILLM_NAMES = {"c_fc": "fc_in", "mlp.c_fc": "fc_in", "attn.c_proj": "o_proj", "mlp.c_proj": "fc_out"}
 QLORA_BLOCKSIZE = 64
 NESTED_BLOCKSIZE = 256
 
@@ -180,7 +184,7 @@ class ModelShape:
         """Total parameter count."""
         return self.linear_params() + self.other_params()
 
-    def lora_params(self, r: int, targets: Union[str, Sequence[str]] = "all") -> int:
+    def lora_params(self, r: int, targets: Union[str, Sequence[str]] = "all-linear") -> int:
         """LoRA parameters: sum over targeted Linear(in, out) of r*(in + out), all layers (Hu et al. 2021)."""
         names = _target_names(self, targets)
         return self.n_layers * sum(r * (i + o) for n, i, o in self.linear_shapes() if n in names)
@@ -242,15 +246,16 @@ PRESETS = {
 def _target_names(shape: ModelShape, targets: Union[str, Sequence[str]]) -> set:
     all_names = [n for n, _, _ in shape.linear_shapes()]
     if isinstance(targets, str):
-        if targets == "all":
+        if targets == "all-linear":
             return set(all_names)
         if targets in LORA_TARGET_SETS:
             return set(LORA_TARGET_SETS[targets])
         targets = [t.strip() for t in targets.split(",") if t.strip()]
+    targets = [MINILLM_NAMES.get(t, t) for t in targets]
     unknown = [t for t in targets if t not in all_names]
     if unknown:
         raise ValueError(
-            f"unknown LoRA target(s) {unknown}; expected 'all', 'attention', 'qv' or names from {all_names}"
+            f"unknown LoRA target(s) {unknown}; expected 'all-linear', 'attention', 'qv' or names from {all_names}"
         )
     return set(targets)
 
@@ -321,7 +326,7 @@ def estimate(
     dtype: str = "bf16",
     optimizer: str = "adamw",
     lora_r: int = 64,
-    lora_targets: Union[str, Sequence[str]] = "all",
+    lora_targets: Union[str, Sequence[str]] = "all-linear",
     lora_dtype: Optional[str] = None,
     batch: int = 1,
     seq_len: int = 512,
@@ -443,15 +448,21 @@ def format_table(est: dict, title: str = "") -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``minillm memory``."""
     g = parser.add_mutually_exclusive_group()
-    g.add_argument("--params", type=float, default=None, help="parameter count, e.g. 7e9")
+    from minillm.train.common import number_in_range
+
+    g.add_argument("--params", type=number_in_range(float, "params", (0.0, float("inf"), False, False)), default=None,
+                   help="parameter count, e.g. 7e9 (> 0)")
     g.add_argument("--preset", choices=sorted(PRESETS), default=None, help="model shape preset (default 7b)")
     parser.add_argument("--method", choices=METHODS, default="qlora")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZER_BYTES), default="adamw")
-    parser.add_argument("--lora-r", type=int, default=64)
-    parser.add_argument("--lora-targets", default="all", help="all | attention | qv | comma-separated names")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--lora-r", type=number_in_range(int, "lora_r", (1, float("inf"), True, False)), default=64,
+                        help="LoRA rank (int ≥ 1; default 64)")
+    parser.add_argument("--lora-targets", default="all-linear", help="all-linear | attention | qv | comma-separated names")
+    parser.add_argument("--batch", type=number_in_range(int, "batch", (1, float("inf"), True, False)), default=1,
+                        help="sequences per step (int ≥ 1; default 1)")
+    parser.add_argument("--seq-len", type=number_in_range(int, "seq_len", (1, float("inf"), True, False)), default=512,
+                        help="tokens per sequence (int ≥ 1; default 512)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--no-double-quant", action="store_true", help="QLoRA without double quantization")
     parser.add_argument("--json", action="store_true", help="print the estimate as JSON")
@@ -474,7 +485,7 @@ def run(args: argparse.Namespace) -> int:
             double_quant=not args.no_double_quant,
         )
     except ValueError as e:
-        print(f"minillm memory: error: {e}")
+        print(f"minillm memory: error: {e}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(est, indent=2))

@@ -36,12 +36,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from minillm import backend
+from minillm import backend, threads
 from minillm import functional as F
 from minillm.nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList
+from minillm.functional import IGNORE_INDEX
 from minillm.tensor import Tensor, no_grad
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -353,6 +352,35 @@ class GPT(Module):
         nll = F.cross_entropy(logits, shift_labels(labels), reduction="none")  # (B, T)
         return -(nll.sum(axis=1))
 
+    def response_logits(self, input_ids, attention_mask, prompt_length: int, temperature: float = 1.0,
+                        hidden: Tensor | None = None) -> Tensor:
+        """Logits / T at the N response slots of (B, P + N) sequences: (B, N, V), the state before each
+        response token (position P − 1 + t predicts token P + t). ``hidden``: the trunk's output
+        (B, P + N, C) when the caller already has it. Differentiable."""
+        ids = backend.asarray(np.asarray(backend.to_numpy(input_ids)))
+        L = ids.shape[1]
+        h = self.hidden_states(ids, backend.asarray(np.asarray(backend.to_numpy(attention_mask)))) \
+            if hidden is None else hidden                                 # (B, P+N, C)
+        return self.lm_logits(h[:, prompt_length - 1:L - 1, :]) / temperature  # (B, N, V)
+
+    def response_logprobs(self, input_ids, attention_mask, prompt_length: int, response_mask,
+                          temperature: float = 1.0, logits: Tensor | None = None) -> Tensor:
+        """Per-token log π(y_t | y_<t) of the response, under softmax(logits / T): (B, N) float32, 0 on padding.
+
+        The one log-prob of a sampled response in the project: PPO's and GRPO's training forward,
+        the reference log-probs and the KL that evaluation reports (chapters 09, 10, 14) all come
+        from here, at the temperature the response was sampled with (docs/bugs.md C19).
+        input_ids, attention_mask: (B, P + N), the prompt left-padded to ``prompt_length`` P, then
+        the N response slots; response_mask (B, N): 1 on generated tokens. ``logits``: the
+        ``response_logits`` when the caller already has them. Differentiable.
+        """
+        if logits is None:
+            logits = self.response_logits(input_ids, attention_mask, prompt_length, temperature)
+        ids = backend.asarray(np.asarray(backend.to_numpy(input_ids)))
+        rm = backend.asarray(np.asarray(backend.to_numpy(response_mask))).astype(bool)
+        targets = backend.xp().where(rm, ids[:, prompt_length:], IGNORE_INDEX)  # (B, N)
+        return -F.cross_entropy(logits, targets, reduction="none")              # (B, N), 0 where masked
+
     # ---------------------------------------------------------------- generation
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
@@ -364,7 +392,8 @@ class GPT(Module):
         top_k / top_p filter the distribution before sampling (note: log-probs are still those of
         the filtered distribution actually sampled from). EOS stops a row; later slots hold pad_id.
         ``use_cache=False`` recomputes the whole sequence each step (the reference the cache is
-        tested against). Runs in eval mode under no_grad; restores the previous mode.
+        tested against). Runs in eval mode under no_grad, with ``threads.phase("generate")``'s thread
+        count (1 unless ``MINILLM_THREADS`` is set); restores the previous mode and threads.
 
         Raises ValueError if prompt + max_new_tokens exceeds block_size, temperature < 0, or
         temperature > 0 without an ``rng``.
@@ -390,7 +419,7 @@ class GPT(Module):
         resp_mask = np.zeros((B, max_new_tokens), dtype=np.int64)
         finished = np.zeros(B, dtype=bool)
         try:
-            with no_grad():
+            with no_grad(), threads.phase("generate"):  # decoding: 1 thread unless MINILLM_THREADS says
                 cache = (KVCache(self.config, B, T + max_new_tokens, dtype=self.transformer.wte.weight.dtype)
                          if use_cache else None)
                 step_ids, step_mask = seq, seq_mask

@@ -103,6 +103,18 @@ class Module:
         for _, m in self.named_modules():
             yield m
 
+    def set_submodule(self, target: str, module: "Module") -> None:
+        """Put ``module`` at the dotted path ``target`` (e.g. ``"transformer.h.0.attn.q_proj"``), replacing
+        what is there (PyTorch ``Module.set_submodule``); used to swap a Linear for a LoRA or 4-bit layer.
+        Raises AttributeError naming the missing part of the path."""
+        *path, attr = target.split(".")
+        parent = self
+        for part in path:
+            if not hasattr(parent, part):
+                raise AttributeError(f"set_submodule({target!r}): {type(parent).__name__} has no attribute {part!r}")
+            parent = getattr(parent, part)
+        object.__setattr__(parent, attr, module)
+
     def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
         """Every Parameter with its dotted name; a parameter shared by two modules appears once."""
         seen: set[int] = set()
@@ -312,3 +324,17 @@ class Dropout(Module):
 
     def __repr__(self) -> str:
         return f"Dropout(p={self.p})"
+
+
+def disable_dropout(model: Module) -> int:
+    """Set every ``Dropout``'s p (and a GPT's ``config.dropout``) to 0, as TRL's ``disable_dropout_in_model``,
+    so two forwards of the same model (policy and reference at step 0) are bit-identical
+    (docs/bugs.md C20). The training mode is left as it is. Returns how many Dropout modules there are."""
+    if hasattr(model, "config") and hasattr(model.config, "dropout"):
+        model.config.dropout = 0.0
+    n = 0
+    for m in model.modules():
+        if isinstance(m, Dropout):
+            m.p = 0.0
+            n += 1
+    return n

@@ -2,8 +2,11 @@
 
 Scope
     * ``versions()``: the first cell of every notebook prints the versions in use.
-    * ``claim(key, value)``: prints one parseable line ``CLAIM 04.heldout_em = 0.893 ...`` with
-      the range the chapter states. The ranges live here, in ``CLAIM_RANGES``, and nowhere else:
+    * ``show(fn)``: the source of the function that implements an equation, with its file and line,
+      shown in the notebook right after the equation.
+    * ``claim(key, value)``: prints one claim as a sentence, e.g. ``✓ SFT turns the base model into an
+      instruction follower: held-out exact match 0.893 — the chapter says between 0.8 and 1  [04.heldout_em]``,
+      with the range the chapter states. The ranges live here, in ``CLAIM_RANGES``, and nowhere else:
       the notebook prose quotes them through ``claim``/``claim_range`` and
       ``tests/test_notebooks.py`` reads every executed notebook's stored outputs and checks each
       printed value against the same table, so prose and code cannot drift apart.
@@ -36,93 +39,142 @@ import numpy as np
 # tqdm.auto looks for ipywidgets inside Jupyter and warns when they are missing; plain text bars are fine.
 warnings.filterwarnings("ignore", message="IProgress not found")
 
-# key -> (lo, hi, what the chapter states). lo/hi are inclusive; None = unbounded.
+# key -> (lo, hi, what the chapter states[, unit]). lo/hi are inclusive; None = unbounded. The statement is
+# written so that "<statement> <value> <unit>" reads as a sentence; the unit is optional (default: none) and
+# holds no digits (the claim line is parsed back by the number right before it).
 CLAIM_RANGES: dict[str, tuple] = {
     # 01 autograd
-    "01.ops_failing_gradcheck": (0, 0, "every op's backward equals central finite differences (float64)"),
-    "01.max_abs_diff_vs_torch": (0.0, 1e-10, "a whole transformer block's gradients equal PyTorch's (float64)"),
+    "01.ops_failing_gradcheck": (0, 0, "every op's backward equals central finite differences (float64): ops "
+                                 "failing the check"),
+    "01.max_abs_diff_vs_torch": (0.0, 1e-10, "a whole transformer block's gradients equal PyTorch's (float64): "
+                                 "largest difference"),
     # 02 transformer and pretraining
-    "02.bytes_per_token": (2.0, 6.0, "the 1024-token byte-level BPE compresses the corpus several bytes per token"),
-    "02.val_loss": (0.0, 2.0, "pretraining takes the held-out loss far below uniform ln(1024) = 6.93 nats"),
-    "02.fact_completion_contains": (0.5, 1.0, "the base model continues corpus-style text with the right fact"),
-    "02.instruction_em": (0.0, 0.05, "the base model does not answer instructions (exact match ~ 0)"),
+    "02.bytes_per_token": (2.0, 6.0, "the 1024-token byte-level BPE packs several bytes into each token:",
+                           "bytes/token"),
+    "02.val_loss": (0.0, 2.0, "pretraining takes the held-out loss far below a uniform guess (ln 1024 = 6.93 nats): "
+                    "held-out loss", "nats/token"),
+    "02.fact_completion_contains": (0.5, 1.0, "the base model continues corpus-style text with the right fact: "
+                                    "fraction of completions that contain it"),
+    "02.instruction_em": (0.0, 0.05, "the base model does not answer instructions: exact match"),
     # 03 prompting vs fine-tuning
-    "03.em_zero_shot": (0.0, 0.02, "the base model answers no held-out question exactly, zero-shot"),
-    "03.em_three_shot": (0.0, 0.02, "... nor with three demonstrations"),
-    "03.contains_gain": (0.0, 0.2, "few-shot prompting helps a little: answer contained rises by 0 to 20 points"),
-    "03.contained_not_exact": (0.9, 1.0, "the format stays inconsistent: when the answer appears, it is (almost) "
-                               "never given in the asked form"),
+    "03.em_zero_shot": (0.0, 0.02, "the base model answers (almost) no held-out question exactly, zero-shot: "
+                        "exact match"),
+    "03.em_three_shot": (0.0, 0.02, "nor with three demonstrations (3-shot): exact match"),
+    "03.contains_gain": (0.0, 0.2, "few-shot prompting helps a little: the fraction of responses that contain the "
+                         "answer rises by"),
+    "03.contained_not_exact": (0.9, 1.0, "the format stays inconsistent; when the answer appears, it is (almost) "
+                               "never given in the asked form: fraction of those answers that are not exact"),
     # 04 instruction tuning
-    "04.prompt_tokens_with_loss": (0, 0, "the loss mask covers the response and its eos only"),
-    "04.heldout_em": (0.8, 1.0, "SFT turns the base model into an instruction follower (held-out EM >= 80 %)"),
-    "04.heldout_format": (0.8, 1.0, "... that answers in the format (one line, then eos)"),
+    "04.prompt_tokens_with_loss": (0, 0, "the loss mask covers the response and its eos only: prompt tokens with "
+                                   "a loss", "tokens"),
+    "04.heldout_em": (0.8, 1.0, "SFT turns the base model into an instruction follower: held-out exact match"),
+    "04.heldout_format": (0.8, 1.0, "that answers in the format (one line, then eos): held-out format rate"),
     # 05 LoRA
-    "05.lora_params_4096_r8": (65536, 65536, "r=8 on a 4096x4096 layer adds 65,536 parameters"),
-    "05.lora_percent_4096_r8": (0.385, 0.395, "... 0.39 % of the layer"),
-    "05.merged_max_rel_diff": (0.0, 1e-5, "merged LoRA gives the same outputs as the adapter (float32 rounding)"),
-    "05.merged_latency_ratio": (0.7, 1.4, "merged LoRA runs at the base model's latency"),
-    "05.lora_em_fraction_of_full": (0.85, 1.2, "LoRA (0.1-2 % of the parameters) approaches full fine-tuning's EM"),
+    "05.lora_params_4096_r8": (65536, 65536, "LoRA with r = 8 on a 4096 x 4096 layer adds r (in + out):",
+                               "parameters"),
+    "05.lora_percent_4096_r8": (0.385, 0.395, "a small part of the layer's 16.8 M weights:", "%"),
+    "05.merged_max_rel_diff": (0.0, 1e-5, "the merged layer gives the adapter's outputs (up to float32 rounding): "
+                               "largest relative difference"),
+    "05.merged_latency_ratio": (0.7, 1.4, "after merging, LoRA runs at the base model's latency: time merged / "
+                                "time base (median of paired rounds)"),
+    "05.lora_em_fraction_of_full": (0.85, 1.2, "LoRA (0.1-2 % of the parameters) approaches full fine-tuning: "
+                                    "its held-out exact match as a fraction of full SFT's"),
     # 06 NF4
-    "06.nf4_over_int4_mse": (0.0, 0.9, "NF4 has lower error than INT4 on normally distributed weights"),
-    "06.create_normal_map_max_diff": (0.0, 1e-6, "the NF4 table is the N(0,1) quantile construction"),
-    "06.bits_per_param": (4.5, 4.5, "blocksize 64 costs 4 + 32/64 = 4.5 bits/parameter"),
-    "06.bits_per_param_dq": (4.12, 4.13, "double quantization: 4 + 8/64 + 32/(64*256) ~ 4.127 bits/parameter"),
+    "06.nf4_over_int4_mse": (0.0, 0.9, "NF4 has a lower error than INT4 on normally distributed weights: "
+                             "MSE(NF4) / MSE(INT4)"),
+    "06.create_normal_map_max_diff": (0.0, 1e-6, "the NF4 table is the N(0,1) quantile construction "
+                                      "(bitsandbytes' create_normal_map): largest difference"),
+    "06.bits_per_param": (4.5, 4.5, "blocksize 64 costs 4 + 32/64:", "bits/parameter"),
+    "06.bits_per_param_dq": (4.12, 4.13, "double quantization brings it down to 4 + 8/64 + 32/(64 x 256):",
+                             "bits/parameter"),
     # 07 QLoRA and paged optimizers
-    "07.qlora_minus_lora_em": (-0.05, 0.05, "4-bit base + LoRA ~ 16-bit LoRA quality (|EM difference| <= 5 points)"),
-    "07.paged_max_param_diff": (0.0, 0.0, "paged AdamW under a device budget gives bit-identical results"),
-    "07.paged_page_ins": (1, None, "... while optimizer state really pages to the host and back"),
-    "07.qlora_7b_gb": (3.5, 10.0, "QLoRA fine-tunes a 7B model in single-digit GB"),
-    "07.qlora_70b_gb": (35.0, 48.0, "... and a 70B model on one 48 GB GPU"),
-    "07.full_7b_gb": (100.0, 200.0, "full 16-bit fine-tuning of 7B needs > 100 GB (16 bytes/param + activations)"),
-    "07.dq_saving_70b_gb": (3.2, 3.3, "double quantization saves ~3.26 GB at 70B"),
+    "07.qlora_minus_lora_em": (-0.05, 0.05, "a 4-bit base + LoRA matches 16-bit LoRA's quality: held-out exact "
+                               "match of QLoRA minus LoRA"),
+    "07.paged_max_param_diff": (0.0, 0.0, "paged AdamW under a device budget gives bit-identical results: largest "
+                                "parameter difference"),
+    "07.paged_page_ins": (1, None, "while its optimizer state really pages to the host and back: pages brought "
+                          "back from the host"),
+    "07.qlora_7b_gb": (3.5, 10.0, "QLoRA fine-tunes a 7B model in single-digit GB: estimated memory", "GB"),
+    "07.qlora_70b_gb": (35.0, 48.0, "and a 70B model on one 48 GB GPU: estimated memory", "GB"),
+    "07.full_7b_gb": (100.0, 200.0, "full 16-bit fine-tuning of 7B needs far more (16 bytes per parameter + "
+                      "activations): estimated memory", "GB"),
+    "07.dq_saving_70b_gb": (3.2, 3.3, "double quantization saves about 3.26 GB at 70B: saving", "GB"),
     # 11 CUDA kernel
-    "11.dequant_max_abs_diff": (0.0, 0.0, "the C++ twin dequantizes bit-exactly like the NumPy reference"),
-    "11.matmul_max_rel_err": (0.0, 1e-5, "the fused C++ dequant-matmul equals the reference (float32 rounding)"),
-    "11.cpp_speedup": (1.0, None, "the fused path is faster than dequantize-then-matmul"),
+    "11.dequant_max_abs_diff": (0.0, 0.0, "the C++ twin dequantizes bit-exactly like the NumPy reference: largest "
+                                "difference"),
+    "11.matmul_max_rel_err": (0.0, 1e-5, "the fused C++ dequant-matmul equals the reference (float32 rounding): "
+                              "largest relative error"),
+    "11.cpp_speedup": (1.0, None, "the fused path is faster than dequantize-then-matmul: speed-up", "x"),
     # 08 reward model
-    "08.heldout_pair_accuracy": (0.8, 1.0, "the Bradley-Terry reward model ranks held-out preference pairs "
-                                 "correctly far above chance (>= 80 %; 50 % = chance)"),
-    "08.cue_bonus": (2.0, None, "... and learns the spurious cue: 'Sure!' adds several reward units to a "
-                     "correct answer"),
-    "08.p_wrong_cue_beats_correct": (0.5, 1.0, "... so a wrong answer with 'Sure!' outscores the correct one "
-                                     "more often than not"),
+    "08.heldout_pair_accuracy": (0.8, 1.0, "the Bradley-Terry reward model ranks held-out preference pairs far "
+                                 "above chance (0.5): pair accuracy"),
+    "08.cue_bonus": (2.0, None, "it also learns the spurious cue: 'Sure!' adds to a correct answer's reward",
+                     "reward units"),
+    "08.p_wrong_cue_beats_correct": (0.5, 1.0, "so a wrong answer with 'Sure!' outscores the correct one more "
+                                     "often than not: fraction of questions where it does"),
     # 09 RLHF with PPO (30-iteration runs in the notebook; the pipeline's 60-iteration stages are in chapter 12)
     "09.gold_reward_gold_gain": (0.03, None, "PPO raises the reward it is given: with the gold judge as the reward, "
-                                 "gold rises"),
-    "09.beta0_rm_gain": (1.5, None, "without the KL penalty the proxy (RM score) rises by > 1.5 units ..."),
-    "09.beta0_gold_drop": (0.15, None, "... while gold falls by > 0.15 (the policy hacks the reward model) ..."),
-    "09.beta0_kl": (3.5, None, "... and drifts far from the SFT model (KL > 3.5 nats)"),
-    "09.beta01_kl": (0.0, 4.0, "with beta = 0.1 the KL to the SFT model stays bounded (< 4 nats) ..."),
-    "09.gold_kept_beta01_minus_beta0": (0.05, None, "... and more gold is kept than with beta = 0 (> 0.05; measured "
-                                        "0.11-0.41 over seeds and reward models in 30 iterations)"),
+                                 "gold rises by"),
+    "09.beta0_rm_gain": (1.5, None, "without the KL penalty (beta = 0) the proxy, the reward model's score, rises by",
+                         "reward units"),
+    "09.beta0_gold_drop": (0.15, None, "while the gold reward falls (the policy hacks the reward model) by"),
+    "09.beta0_kl": (3.5, None, "and the policy drifts far from the SFT model: KL", "nats"),
+    "09.beta01_kl": (0.0, 4.0, "with beta = 0.1 the policy stays near the SFT model: KL", "nats"),
+    "09.gold_kept_beta01_minus_beta0": (0.05, None, "and keeps more gold than with beta = 0 (measured 0.11 to 0.41 "
+                                        "over seeds and reward models in 30 iterations): gold difference"),
     # 10 DPO
-    "10.heldout_implicit_accuracy": (0.8, 1.0, "DPO's implicit reward ranks held-out preference pairs correctly "
-                                     "(>= 80 %)"),
+    "10.heldout_implicit_accuracy": (0.8, 1.0, "DPO's implicit reward ranks held-out preference pairs correctly: "
+                                     "pair accuracy"),
     "10.style_fault_ratio": (0.0, 0.5, "DPO at least halves the rambles, repeats and rude answers its pairs reject "
-                             "(greedy, fault rate after / before)"),
-    "10.opener_rate_gain": (0.3, 1.0, "... and copies the pairs' spurious cue: the 'Sure!' rate rises by > 30 points"),
-    "10.nocue_opener_rate": (0.0, 0.1, "on the same pairs without the cue the opener does not appear (< 10 %)"),
+                             "(greedy): fault rate after / before"),
+    "10.opener_rate_gain": (0.3, 1.0, "and copies the pairs' spurious cue: the rate of 'Sure!' openers rises by"),
+    "10.nocue_opener_rate": (0.0, 0.1, "on the same pairs without the cue the opener does not appear: rate of "
+                             "'Sure!' openers"),
     # 12 choosing a method
-    "12.finetune_minus_prompting_gold": (0.5, None, "on one task and one judge, fine-tuning (SFT) beats prompting the "
-                                         "base model by far (gold difference > 0.5)"),
-    "12.peft_gold_fraction_of_full": (0.85, None, "LoRA and QLoRA reach >= 85 % of full SFT's gold with a few percent "
-                                      "of the trainable parameters"),
+    "12.finetune_minus_prompting_gold": (0.5, None, "on one task and one judge, fine-tuning (SFT) beats prompting "
+                                         "the base model by far: gold difference"),
+    "12.peft_gold_fraction_of_full": (0.85, None, "LoRA and QLoRA keep most of full SFT's gold with a few percent "
+                                      "of the trainable parameters: the lower of the two as a fraction of full SFT's"),
     "12.methods_in_table": (8, None, "the spectrum side by side in one table (>= 8 methods from the cached stages)"),
-    # 13 prompting vs RAG vs fine-tuning (one seed, 0; the numbers are printed beside each claim)
-    "13.bm25_max_abs_diff_by_hand": (0.0, 1e-12, "BM25 equals its formula computed by hand"),
-    "13.bm25_recall_at_1_knowledge": (0.9, 1.0, "BM25 ranks the passage of (almost) every new and updated fact first"),
-    "13.closed_book_new_em": (0.0, 0.1, "the closed-book SFT model cannot answer facts it never saw (EM <= 10 %)"),
+    # 13 prompting vs RAG vs fine-tuning (one seed, 0)
+    "13.bm25_max_abs_diff_by_hand": (0.0, 1e-12, "BM25 equals its formula computed by hand: largest difference"),
+    "13.bm25_recall_at_1_knowledge": (0.9, 1.0, "BM25 ranks the passage of (almost) every new and updated fact "
+                                      "first: recall@1"),
+    "13.closed_book_new_em": (0.0, 0.1, "the closed-book SFT model cannot answer facts it never saw: exact match on "
+                              "new facts"),
     "13.plain_reader_context_em_drop": (0.1, 1.0, "an SFT model never trained on context answers old facts worse with "
-                                        "the right passage in its prompt (EM falls >= 10 points; RAFT: 61.06 -> 42.59)"),
+                                        "the right passage in its prompt (RAFT: 61.06 -> 42.59): exact-match drop"),
     "13.raft_rag_new_em": (0.1, 1.0, "a reader trained on oracle + distractor passages answers some new facts from "
-                           "BM25 retrieval (EM >= 10 %; the plain SFT reader: ~0)"),
-    "13.cpt_em_30_minus_1": (0.2, 1.0, "continued pretraining with 30 paraphrases per fact beats 1 phrasing by >= 20 "
-                             "points on new facts (same exposure count; Ovadia 2023, Allen-Zhu & Li 2023)"),
-    "13.cpt_updated_em": (0.0, 0.2, "... but does not overwrite a fact the model learned (updated-fact EM <= 20 %)"),
-    "13.update_ft_over_rag_seconds": (10.0, None, "changing one fact: fine-tuning takes >= 10x the seconds of "
-                                      "re-indexing the knowledge base"),
-    "13.update_ft_other_capitals_leak": (0.01, 1.0, "... and fine-tuning leaks the new value into other answers "
-                                         "(> 1 % of the other capitals)"),
+                           "BM25 retrieval (the plain SFT reader: none): exact match on new facts"),
+    "13.cpt_em_30_minus_1": (0.2, 1.0, "continued pretraining with 30 paraphrases per fact beats one phrasing at the "
+                             "same exposure count (Ovadia 2023, Allen-Zhu & Li 2023): exact-match gain on new facts"),
+    "13.cpt_updated_em": (0.0, 0.2, "but it does not overwrite a fact the model learned: best exact match on updated "
+                          "facts"),
+    "13.update_ft_over_rag_seconds": (10.0, None, "changing one fact by fine-tuning takes far longer than re-indexing: "
+                                      "time fine-tuning / time re-indexing"),
+    "13.update_ft_other_capitals_leak": (0.01, 1.0, "and fine-tuning leaks the new value into other answers: "
+                                         "fraction of the other capitals answering it"),
+    # 14 GRPO (2 seeds; each range is justified in the notebook next to the measured values)
+    "14.worked_group_max_abs_diff": (0.0, 1e-6, "group_advantages equals the hand computation of a group of 8 "
+                                     "(Bessel std, + 1e-4)"),
+    "14.equal_group_advantage_max_abs": (0.0, 0.0, "a group whose rewards are all equal gets advantage 0 exactly"),
+    "14.first_minibatch_ratio_dev_max": (0.0, 1e-5, "the first minibatch of every iteration is on-policy: ratio 1"),
+    "14.start_pass1_min": (0.1, None, "the brief SFT start solves held-out sums sometimes (pass@1 >= 10 %) ..."),
+    "14.start_pass1_max": (None, 0.7, "... but not always (pass@1 <= 70 %)"),
+    "14.start_passG_minus_pass1_min": (0.3, None, "... and pass@8 is far above pass@1: the right sum is often among "
+                                       "the 8 samples (the headroom RL needs)"),
+    "14.pass1_gain_min": (0.04, None, "150 GRPO iterations raise held-out pass@1 on both seeds (measured +0.09, +0.16)"),
+    "14.pass1_gain_minus_passG_gain_min": (0.03, None, "GRPO raises pass@1 more than pass@8: it sharpens the policy "
+                                           "onto answers it could already sample"),
+    "14.rft_minus_grpo_pass1_min": (0.0, None, "with equal samples, steps and learning rate, rejection-sampling "
+                                    "fine-tuning ends above GRPO on this one-answer task (measured +0.07, +0.08)"),
+    "14.grpo_minus_ppo_pass1_abs_max": (0.0, 0.1, "GRPO lands within 10 points of PPO's pass@1 at the same budget "
+                                        "(measured 4-5 points below) ..."),
+    "14.grpo_over_ppo_iteration_seconds": (None, 1.0, "... an iteration costs no more than PPO's ..."),
+    "14.grpo_models_held": (1, 1, "... and it holds one model (beta = 0: no value model, no reference)"),
+    "14.kl_beta_over_beta0_max": (None, 1.0, "beta = 0.04 ends no farther from the start than beta = 0 (KL ratio "
+                                  "measured 0.66, 0.98: a small effect in 150 iterations) ..."),
+    "14.beta_pass1_minus_beta0_min": (-0.05, None, "... and costs at most a few points of pass@1"),
 }
 
 #: Claims a notebook may skip with ``claim_skipped`` (they need an optional extension).
@@ -154,37 +206,156 @@ def versions() -> dict:
     return out
 
 
+def _number(x: float) -> str:
+    """``x`` as a claim line prints it: 6 significant digits, exponents without padding ("1e-10", "65536")."""
+    s = f"{float(x):.6g}"
+    if "e" in s:
+        mantissa, exp = s.split("e")
+        s = f"{mantissa}e{int(exp)}"
+    return s
+
+
+def _unit(key: str) -> str:
+    entry = CLAIM_RANGES[key]
+    return entry[3] if len(entry) > 3 and entry[3] else ""
+
+
 def claim_range(key: str) -> str:
-    """The stated range of a claim as text, e.g. "[0.8, 1.0]" (raises KeyError for an unknown key)."""
-    lo, hi, _ = CLAIM_RANGES[key]
-    return f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+    """The stated range of a claim in words: "at least 3.5 nats", "at most 1e-10", "between 0.8 and 1",
+    "exactly 4.5 bits/parameter" (raises KeyError for an unknown key)."""
+    lo, hi = CLAIM_RANGES[key][:2]
+    unit = f" {_unit(key)}" if _unit(key) else ""
+    if lo is None and hi is None:
+        return "any value"
+    if lo is None:
+        return f"at most {_number(hi)}{unit}"
+    if hi is None:
+        return f"at least {_number(lo)}{unit}"
+    if lo == hi:
+        return f"exactly {_number(lo)}{unit}"
+    return f"between {_number(lo)} and {_number(hi)}{unit}"
 
 
 def in_range(key: str, value: float) -> bool:
-    lo, hi, _ = CLAIM_RANGES[key]
+    """Whether ``value`` lies in the claim's stated range (inclusive); NaN never does. KeyError for an unknown key."""
+    lo, hi = CLAIM_RANGES[key][:2]
     v = float(value)
     return not math.isnan(v) and (lo is None or v >= lo) and (hi is None or v <= hi)
 
 
 def claim(key: str, value: float) -> None:
-    """Print ``CLAIM <key> = <value>`` with the chapter's stated range and whether it holds.
+    """Print one claim as a sentence: the mark, the statement, the measured value with its unit, the range
+    the chapter states in words, and the key in brackets at the end, e.g.
 
-    The line is what tests/test_notebooks.py parses (``CLAIM (\\S+) = (\\S+)``). Raises KeyError for a
-    key missing from ``CLAIM_RANGES``.
+    ``✓ and the policy drifts far from the SFT model: KL 8.49 nats — the chapter says at least 3.5 nats``
+    ``[09.beta0_kl]`` (one line).
+
+    The mark is ✓ when the value lies in the range and ``✗ DOES NOT HOLD`` otherwise. ``tests/test_notebooks.py``
+    parses these lines (the key in the brackets, the number right before the unit and " — the chapter says").
+    Raises KeyError for a key missing from ``CLAIM_RANGES``.
     """
     if key not in CLAIM_RANGES:
         raise KeyError(f"unknown claim {key!r}; add it to minillm.notebook.CLAIM_RANGES")
     v = float(value)
-    ok = in_range(key, v)
-    print(f"CLAIM {key} = {v:.6g}   stated range {claim_range(key)}: {CLAIM_RANGES[key][2]}"
-          f" -> {'holds' if ok else 'DOES NOT HOLD'}")
+    mark = "✓" if in_range(key, v) else "✗ DOES NOT HOLD"
+    unit = f" {_unit(key)}" if _unit(key) else ""
+    print(f"{mark} {CLAIM_RANGES[key][2]} {_number(v)}{unit} — the chapter says {claim_range(key)}  [{key}]")
 
 
 def claim_skipped(key: str, reason: str) -> None:
-    """Print ``CLAIM-SKIPPED <key>: reason`` (allowed only for ``OPTIONAL_CLAIMS``)."""
+    """Print ``○ not measured here (reason): <statement>  [key]`` (allowed only for ``OPTIONAL_CLAIMS``;
+    KeyError otherwise)."""
     if key not in OPTIONAL_CLAIMS:
         raise KeyError(f"claim {key!r} is not optional; measure it")
-    print(f"CLAIM-SKIPPED {key}: {reason}")
+    print(f"○ not measured here ({reason}): {CLAIM_RANGES[key][2].rstrip(':')}  [{key}]")
+
+
+# ------------------------------------------------------------------------------- source of an equation
+
+
+def _python_source(fn) -> tuple[str, str, int, str]:
+    """(qualified name, file, first line, source) of a Python function, method or class."""
+    import inspect
+
+    obj = inspect.unwrap(fn.fget if isinstance(fn, property) else fn)
+    try:
+        lines, first = inspect.getsourcelines(obj)
+        file = Path(inspect.getsourcefile(obj)).resolve()
+    except (TypeError, OSError) as e:
+        raise TypeError(f"notebook.show: no Python source for {fn!r} ({e})") from None
+    name = f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', getattr(obj, '__name__', '?'))}"
+    return name, str(file), first, "".join(lines)
+
+
+def _cpp_source(path: str, name: str) -> tuple[str, str, int, str]:
+    """(name, file, first line, source) of the C++/CUDA function ``name`` defined in ``path`` (relative to the
+    repository root): its definition (a line starting at column 0 with ``name(`` and a body, not a
+    declaration), the comment and ``template`` lines right above it, and the body up to its matching brace."""
+    import re
+
+    file = (repo_root() / path).resolve()
+    if not file.is_file():
+        raise FileNotFoundError(f"notebook.show: {path} does not exist under {repo_root()}")
+    text = file.read_text(encoding="utf-8")
+    for m in re.finditer(rf"^(?!\s)[^;\n]*\b{re.escape(name)}\s*\(", text, re.M):
+        brace, semi = text.find("{", m.end()), text.find(";", m.end())
+        if brace == -1 or (semi != -1 and semi < brace):
+            continue  # a declaration or a call, not the definition
+        depth, i = 0, brace
+        while i < len(text):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                break
+            i += 1
+        lines = text[:m.start()].split("\n")[:-1]
+        start = len(lines)
+        while start > 0 and lines[start - 1].lstrip().startswith(("//", "template", "NF4_", "__global__")):
+            start -= 1
+        source = "\n".join(lines[start:] + [text[m.start():i + 1]])
+        return name, str(file), start + 1, source + "\n"
+    raise ValueError(f"notebook.show: no definition of {name!r} in {path}")
+
+
+def show(fn, name: str | None = None) -> None:
+    """Show the source of ``fn`` (a function, method or class of minillm) with its file and first line,
+    e.g. ``minillm/train/ppo.py:239``: in Jupyter as a Markdown code block (``IPython.display``), elsewhere
+    printed. ``show("csrc/nf4_cuda.cu", "gemv_v1")`` shows a C++/CUDA function of the repository instead.
+    The notebooks call it right after an equation, so the code that implements it is on the page.
+
+    Raises TypeError when ``fn`` has no Python source (a builtin, a compiled extension, an instance),
+    FileNotFoundError / ValueError for a C++ file or function that does not exist.
+    """
+    if isinstance(fn, str):
+        if not name:
+            raise ValueError("notebook.show(path, name): name the C++/CUDA function to show")
+        qual, file, first, source = _cpp_source(fn, name)
+        lang = "cpp"
+    else:
+        qual, file, first, source = _python_source(fn)
+        lang = "python"
+    try:
+        where = Path(file).relative_to(repo_root()).as_posix()
+    except ValueError:
+        where = file
+    source = source.rstrip("\n")
+    shell = None
+    try:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+    except ImportError:
+        pass
+    text = f"{qual}  ({where}:{first})\n{source}"
+    if shell is not None and getattr(shell, "kernel", None) is not None:
+        from IPython.display import display
+
+        fence = "```"
+        while fence in source:
+            fence += "`"
+        markdown = f"`{qual}` — [{where}:{first}](../{where})\n\n{fence}{lang}\n{source}\n{fence}"
+        display({"text/markdown": markdown, "text/plain": text}, raw=True)  # plain text for other viewers
+    else:
+        print(text)
 
 
 # ------------------------------------------------------------------------------- runs and paths
@@ -237,6 +408,33 @@ def sft_run(name: str, **config) -> dict:
     tmp.write_text(json.dumps(result, default=float) + "\n")
     tmp.replace(path)
     return result
+
+
+def grpo_run(name: str, sft_seed: int = 0, sft_steps: int = 1000, **config) -> dict:
+    """A GRPO run of ``train.grpo.grpo`` on the addition task, itself cached (chapter 14).
+
+    The SFT start (``grpo.addition_sft_start`` with seed ``sft_seed`` and ``sft_steps`` steps) is made
+    once and kept in ``<repo>/runs/cache/notebooks/14-sft/``; the run lives in
+    ``<repo>/runs/cache/notebooks/<name>/`` and is reused while its config is unchanged.
+    ``config``: ``GRPOConfig`` fields (``sft``, ``sft_steps``, ``out_dir`` and ``progress`` are set
+    here). Returns the run's metrics dict (``metrics.json``: config, eval_start, eval_end, history,
+    seconds, ...) with ``checkpoint`` (the trained policy's path) added.
+    """
+    from dataclasses import asdict
+
+    from minillm.train.grpo import GRPOConfig, grpo
+
+    cache = repo_root() / "runs" / "cache" / "notebooks"
+    start = cache / "14-sft" / f"seed{sft_seed}-steps{sft_steps}.safetensors"
+    out = cache / name
+    cfg = GRPOConfig(sft=str(start), sft_steps=sft_steps, out_dir=str(out), progress=False, **config)
+    path, ckpt = out / "metrics.json", out / "checkpoint.safetensors"
+    if path.exists() and ckpt.exists():
+        cached = json.loads(path.read_text())
+        if cached.get("config") == json.loads(json.dumps(asdict(cfg))):
+            return {**cached, "checkpoint": str(ckpt)}
+    res = grpo(cfg)
+    return {**res.metrics, "checkpoint": res.checkpoint}
 
 
 def load(stage: str):
@@ -589,12 +787,34 @@ def _ex_12_2(fn: Callable) -> str:
     return "finds the cost/quality Pareto front in 4 cases (ties kept)"
 
 
+def _ex_14_1(fn: Callable) -> str:
+    """fn(rewards (B,) float64, G) -> (B,) group-relative advantages (scale_rewards="group")."""
+    from minillm.train.grpo import group_advantages
+
+    rng = np.random.default_rng(15)
+    cases = [(np.array([1.0, 0, 0, 1, 0, 0, 0, 0]), 8), (rng.integers(0, 2, 12).astype(np.float64), 4),
+             (rng.standard_normal(9), 3), (np.array([1.0, 1, 1, 0, 0, 0]), 3)]
+    for r, G in cases:
+        _close(f"advantages of {r.size} rewards in groups of {G}", fn(r.copy(), G), group_advantages(r, G, "group")[0],
+               atol=1e-5)
+    return "matches train.grpo.group_advantages (Bessel std + 1e-4; 0 for an all-equal group) in 4 cases"
+
+
+def _ex_14_2(fn: Callable) -> str:
+    """fn(n, c, k) -> unbiased pass@k (float)."""
+    from minillm.train.grpo import pass_at_k
+
+    for n, c, k in ((8, 2, 1), (8, 2, 4), (8, 2, 8), (8, 0, 3), (10, 7, 4), (16, 1, 5)):
+        _close(f"pass@{k} with n={n}, c={c}", float(fn(n, c, k)), pass_at_k(n, c, k), atol=1e-9)
+    return "matches train.grpo.pass_at_k in 6 cases (e.g. pass@4 = 0.7857 for n = 8, c = 2)"
+
+
 EXERCISES: dict[str, Callable] = {
     "01.1": _ex_01_1, "01.2": _ex_01_2, "02.1": _ex_02_1, "02.2": _ex_02_2, "03.1": _ex_03_1, "03.2": _ex_03_2,
     "04.1": _ex_04_1, "04.2": _ex_04_2, "05.1": _ex_05_1, "05.2": _ex_05_2, "06.1": _ex_06_1, "06.2": _ex_06_2,
     "07.1": _ex_07_1, "07.2": _ex_07_2, "11.1": _ex_11_1, "11.2": _ex_11_2,
     "08.1": _ex_08_1, "08.2": _ex_08_2, "09.1": _ex_09_1, "09.2": _ex_09_2, "09.3": _ex_09_3,
-    "10.1": _ex_10_1, "10.2": _ex_10_2, "12.1": _ex_12_1, "12.2": _ex_12_2,
+    "10.1": _ex_10_1, "10.2": _ex_10_2, "12.1": _ex_12_1, "12.2": _ex_12_2, "14.1": _ex_14_1, "14.2": _ex_14_2,
 }
 
 
@@ -603,7 +823,7 @@ def check_exercise(exercise_id: str, fn: Callable, quiet: bool = False) -> bool 
 
     Returns True (correct), None (``fn`` still raises NotImplementedError: not attempted yet) and
     raises ``ExerciseFailed`` naming the first disagreement otherwise. KeyError for an unknown id.
-    The same checkers run in tests/test_notebooks.py against reference solutions.
+    The project's tests run the same checkers against reference solutions and wrong answers.
     """
     checker = EXERCISES[exercise_id]
     try:
@@ -618,7 +838,8 @@ def check_exercise(exercise_id: str, fn: Callable, quiet: bool = False) -> bool 
 
 
 __all__ = ["CLAIM_RANGES", "OPTIONAL_CLAIMS", "EXERCISES", "ExerciseFailed", "versions", "claim", "claim_range",
-           "claim_skipped", "in_range", "repo_root", "checkpoint", "summary", "sft_run", "load", "check_exercise"]
+           "claim_skipped", "in_range", "show", "repo_root", "checkpoint", "summary", "sft_run", "grpo_run",
+           "load", "check_exercise"]
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit("minillm.notebook is imported by the notebooks; nothing to run")

@@ -6,9 +6,10 @@ Scope
     SFT (LoRA) → SFT (QLoRA) → SFT with "Sure!" demonstrations (the start of best-of-n and PPO) →
     SFT on noisy demonstrations (DPO's start) → reward model →
     best-of-n (n = 1, 2, 4, 8) → PPO (β > 0) → PPO (β = 0) → PPO with the gold judge as reward
-    (the control) → DPO. A stage is done when its ``summary.json`` exists (written last,
-    atomically); finished stages are reused and a crashed run resumes from the first unfinished
-    stage, its earlier checkpoints intact. ``report.md`` holds one table (method, trainable
+    (the control) → DPO → GRPO (chapter 14: its own small model on the verifiable addition task,
+    not the fact world, since GRPO needs a reward a program checks). A stage is done when its
+    ``summary.json`` exists (written last, atomically); finished stages are reused and a crashed
+    run resumes from the first unfinished stage, its earlier checkpoints intact. ``report.md`` holds one table (method, trainable
     parameters, memory estimate, exact-match, format compliance, gold reward, RM score, KL to
     SFT, wall time) and PNG plots. ``--quick`` runs every stage for a handful of steps (the CI
     smoke test). ``--corpus``, ``--sft-data``, ``--pref-data`` switch stages to user files in any
@@ -27,6 +28,7 @@ Deviations
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -34,10 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
+from minillm import threads
 from minillm.checkpoint import write_json_atomic
 
 STAGES = ("pretrain", "prompting", "sft", "sft_lora", "sft_qlora", "sft_opener", "sft_noisy", "reward",
-          "best_of_n", "ppo", "ppo_beta0", "ppo_gold", "dpo")
+          "best_of_n", "ppo", "ppo_beta0", "ppo_gold", "dpo", "grpo")
 
 
 @dataclass
@@ -264,7 +267,43 @@ def stage_dpo(ctx: Context) -> dict:
             "metrics": res.metrics, "seconds": res.seconds}
 
 
-STAGE_FUNCTIONS = {name: globals()[f"stage_{name}"] for name in STAGES}
+def stage_grpo(ctx: Context) -> dict:
+    """GRPO (chapter 14) on the verifiable addition task (``tasks.AdditionTask``): a brief SFT start of
+    its own (``grpo.addition_sft_start``, kept in ``grpo/`` under a name holding seed and steps), then
+    GRPO with the accuracy reward, β = 0 (no reference model held), ``loss_type`` "dapo". The stage
+    is small on purpose (1,000 SFT steps, 60 iterations of 16 prompts × G = 8, 200 held-out
+    problems): it shows the method in the table, the notebook measures it. Skipped with user SFT or
+    preference data: GRPO needs a reward a program checks, which those files do not carry."""
+    if not ctx.builtin:
+        return {"skipped": "grpo trains on the built-in addition task, whose answers a program checks; "
+                           "user SFT/preference data has no such checker"}
+    from minillm.train.grpo import GRPOConfig, grpo
+
+    steps = ctx.steps(1000, 20)
+    cfg = GRPOConfig(sft=str(ctx.dir / "grpo" / f"sft-seed{ctx.cfg.seed}-steps{steps}.safetensors"),
+                     sft_steps=steps, out_dir=str(ctx.dir / "grpo"), iterations=ctx.steps(60, 2),
+                     prompts_per_iteration=ctx.steps(16, 4), eval_prompts=ctx.steps(200, 16),
+                     seed=ctx.cfg.seed, progress=ctx.cfg.progress)
+    res = grpo(cfg)
+    return {"checkpoint": res.checkpoint, "history": res.history, "metrics": res.metrics, "seconds": res.seconds}
+
+
+STAGE_FUNCTIONS = {  # the stages in the order they run; each builds on the ones before it
+    "pretrain": stage_pretrain,
+    "prompting": stage_prompting,
+    "sft": stage_sft,
+    "sft_lora": stage_sft_lora,
+    "sft_qlora": stage_sft_qlora,
+    "sft_opener": stage_sft_opener,
+    "sft_noisy": stage_sft_noisy,
+    "reward": stage_reward,
+    "best_of_n": stage_best_of_n,
+    "ppo": stage_ppo,
+    "ppo_beta0": stage_ppo_beta0,
+    "ppo_gold": stage_ppo_gold,
+    "dpo": stage_dpo,
+    "grpo": stage_grpo,
+}
 
 
 # ----------------------------------------------------------------------------------- driver
@@ -274,28 +313,63 @@ STAGE_FUNCTIONS = {name: globals()[f"stage_{name}"] for name in STAGES}
 RECIPE_VERSION = 2
 
 
+def content_sha256(path: str) -> str:
+    """SHA-256 (hex) of a data file's bytes, or ``"builtin"`` for the built-in data, so a stage is
+    keyed on what the data *is*, not on where it lies (an edited file at the same path rebuilds).
+    Raises FileNotFoundError naming the option's file, before any stage runs."""
+    if path == "builtin":
+        return "builtin"
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"data file not found: {p}" + (" (a directory)" if p.is_dir() else ""))
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def stage_fingerprint(ctx: Context) -> dict:
     """What a cached stage must have been made with to be reused: the recipe version and every
-    pipeline setting that changes results (not the run name, folder or progress bars)."""
+    pipeline setting that changes results (not the run name, folder or progress bars), with each
+    data file's content hash (``content_sha256``) next to its path."""
     c = ctx.cfg
+    if not hasattr(ctx, "_data_hashes"):
+        ctx._data_hashes = {k: content_sha256(getattr(c, k)) for k in ("corpus", "sft_data", "pref_data")}
     return {"recipe_version": RECIPE_VERSION, "quick": c.quick, "seed": c.seed, "corpus": c.corpus,
-            "sft_data": c.sft_data, "pref_data": c.pref_data, "eval_prompts": c.eval_prompts}
+            "sft_data": c.sft_data, "pref_data": c.pref_data, "eval_prompts": c.eval_prompts,
+            "data_sha256": ctx._data_hashes}
 
 
 def run_stage(ctx: Context, stage: str) -> dict:
     """Run one stage unless its summary exists and was made with the same settings (stage_fingerprint);
     returns the summary (cached or new). A stage rebuilt for new settings makes every later stage
-    rebuild too, since they share the fingerprint."""
+    rebuild too, since they share the fingerprint.
+
+    Before a stage runs, ``<stage>/fingerprint.json`` records the settings it runs with. A stage
+    that crashed resumes from its checkpoint only when that record equals the current fingerprint;
+    otherwise (other corpus, seed, data content or recipe, or no record) the stage's old checkpoint
+    is deleted first, so a rebuild always retrains and never continues another run's weights."""
+    fp = stage_fingerprint(ctx)
     path = ctx.dir / stage / "summary.json"
     if path.exists():
         summary = json.loads(path.read_text())
-        if summary.get("fingerprint") == stage_fingerprint(ctx):
+        if summary.get("fingerprint") == fp:
             ctx.summaries[stage] = summary
             return summary
-        path.unlink()  # made by another recipe or settings: rebuild (the checkpoint is overwritten)
+        path.unlink()  # made by another recipe or settings: rebuild
+    marker = ctx.dir / stage / "fingerprint.json"
+    started = json.loads(marker.read_text()) if marker.is_file() else None
+    if started != fp:  # not a crash of this very run: nothing of the old stage may be reused
+        for old in (ctx.path(stage), ctx.dir / stage / "metrics.json"):
+            if old.exists():
+                old.unlink()
+        write_json_atomic(marker, fp)
     t0 = time.perf_counter()
-    summary = STAGE_FUNCTIONS[stage](ctx)
+    with threads.phase("train") as n_threads:  # chosen per stage: the machine's load may have changed
+        summary = STAGE_FUNCTIONS[stage](ctx)
     summary.setdefault("seconds", time.perf_counter() - t0)
+    summary.setdefault("threads", n_threads)
     summary["fingerprint"] = stage_fingerprint(ctx)
     write_json_atomic(path, summary)
     ctx.summaries[stage] = summary
@@ -328,6 +402,10 @@ def one_line(stage: str, s: dict) -> str:
         a, e = m["before"]["test"]["greedy"], m["after"]["test"]["greedy"]
         bits.append(f"gold {a['gold']:+.3f} -> {e['gold']:+.3f}, rude {a['rude']:.0%} -> {e['rude']:.0%}, "
                     f"too long {a['too_long']:.0%} -> {e['too_long']:.0%}")
+    elif stage == "grpo" and "eval_end" in m:
+        a, e = m["eval_start"], m["eval_end"]
+        bits.append(f"addition, held-out pass@1 {a['pass@1']:.3f} -> {e['pass@1']:.3f}, "
+                    f"pass@{e['G']} {a['pass@G']:.3f} -> {e['pass@G']:.3f}, greedy {a['greedy']:.1%} -> {e['greedy']:.1%}")
     return f"[{stage}] " + "; ".join(bits)
 
 
@@ -358,11 +436,11 @@ def build_rows(ctx: Context) -> list[dict]:
             rows.append({"method": label, "trainable": 0, "exact_match": p[key]["exact_match"],
                          "format": p[key]["format_compliance"], "gold": p[key]["gold"],
                          "notes": f"answer contained {p[key]['contains']:.1%}"})
-    for stage, label, method, targets in (("sft", "SFT (full)", "full", "all"),
+    for stage, label, method, targets in (("sft", "SFT (full)", "full", "all-linear"),
                                           ("sft_lora", "SFT (LoRA r=8, q,v)", "lora", ["q_proj", "v_proj"]),
-                                          ("sft_qlora", "SFT (QLoRA NF4+DQ, r=8 all linear)", "qlora", "all"),
-                                          ("sft_opener", "SFT (full, 25 % \"Sure!\" demos; PPO start)", "full", "all"),
-                                          ("sft_noisy", "SFT (full, 20 % noisy demos; DPO start)", "full", "all")):
+                                          ("sft_qlora", "SFT (QLoRA NF4+DQ, r=8 all linear)", "qlora", "all-linear"),
+                                          ("sft_opener", "SFT (full, 25 % \"Sure!\" demos; PPO start)", "full", "all-linear"),
+                                          ("sft_noisy", "SFT (full, 20 % noisy demos; DPO start)", "full", "all-linear")):
         s = S.get(stage, {})
         if "metrics" not in s:
             continue
@@ -417,6 +495,17 @@ def build_rows(ctx: Context) -> list[dict]:
                      "gold": g1.get("gold"), "rm_score": t1.get("rm_score"), "kl": t1.get("kl"),
                      "seconds": d.get("seconds"), "notes": f"gold {g0.get('gold', float('nan')):+.3f} → "
                                                           f"{g1.get('gold', float('nan')):+.3f}; {faults}"})
+    g = S.get("grpo", {})
+    if "metrics" in g and "eval_end" in g["metrics"]:
+        m = g["metrics"]
+        c, a, e = m["config"], m["eval_start"], m["eval_end"]
+        rows.append({"method": f"GRPO ({c['loss_type']}, β = {c['beta']:g}, G = {c['num_generations']}), addition task",
+                     "trainable": m.get("parameters", {}).get("trainable"), "exact_match": e["greedy"],
+                     "seconds": g.get("seconds"),
+                     "notes": f"own {m.get('parameters', {}).get('total', 0):,}-parameter model and task (not the "
+                              f"world): held-out greedy {a['greedy']:.1%} → {e['greedy']:.1%}, pass@1 "
+                              f"{a['pass@1']:.3f} → {e['pass@1']:.3f}, pass@{e['G']} {a['pass@G']:.3f} → "
+                              f"{e['pass@G']:.3f}; time incl. its SFT start"})
     return rows
 
 
@@ -437,7 +526,8 @@ def write(ctx: Context) -> Path:
     note = ("Times are wall-clock seconds on this machine. Exact-match, format and gold are measured on held-out "
             "facts (never in SFT data) and judged by tasks.GoldJudge: greedy answers for the SFT rows and DPO, "
             "one sample at T = 0.7 per prompt for best-of-n and PPO (their KL is the summed log-ratio to the "
-            "SFT model on those samples).")
+            "SFT model on those samples). The GRPO row is another task: 2-digit addition, its exact-match the "
+            "greedy accuracy on held-out problems, pass@k from G samples at T = 1.")
     sections = [stages, note]
     return report.write_report(ctx.dir, build_rows(ctx), sections, plots)
 
@@ -449,6 +539,12 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     if unknown:
         raise ValueError(f"unknown stages {unknown}; choose from {STAGES}")
     ctx = Context(cfg)
+    stage_fingerprint(ctx)  # reads (hashes) --corpus/--sft-data/--pref-data now: a missing file fails first
+    from minillm.data import load_dataset
+
+    for path, kind in ((cfg.sft_data, "sft"), (cfg.pref_data, "preference")):
+        if path != "builtin":  # parse now, so bad data fails before the earlier stages spend their time
+            load_dataset(path, kind=kind)
     last = max(STAGES.index(s) for s in wanted)
     for stage in STAGES[:last + 1]:
         summary = run_stage(ctx, stage)

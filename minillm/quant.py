@@ -14,9 +14,9 @@ Scope
       ``from_dict``) so a 4-bit weight can be stored in safetensors;
     * ``bits_per_parameter`` / ``quant_state_nbytes``: storage measured from the arrays.
 
-    The ``Linear4bit`` layer (4-bit frozen base weight + autograd) is appended at the end of this
-    file (marked section); the fused dequant-matmul kernels live in ``minillm/kernels.py`` and use
-    ``dequantize_4bit`` here as their NumPy reference.
+    The ``Linear4bit`` layer (4-bit frozen base weight + autograd) is in ``minillm/linear4bit.py``;
+    the fused dequant-matmul kernels live in ``minillm/kernels.py`` and use ``dequantize_4bit`` here
+    as their NumPy reference.
 
 Sources
     * Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs", arXiv:2305.14314:
@@ -266,6 +266,11 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
 # --------------------------------------------------------------------------------------------
 
 
+def _dtype_of(a) -> np.dtype:
+    """dtype of a numpy/cupy array (or of ``np.asarray(a)`` for anything else)."""
+    return np.dtype(a.dtype) if hasattr(a, "dtype") else np.asarray(a).dtype
+
+
 @dataclass(eq=False)
 class QuantState:
     """Everything needed to dequantize a 4-bit (or 8-bit blockwise) array (bitsandbytes ``QuantState``).
@@ -302,9 +307,49 @@ class QuantState:
         """Number of elements of the original array."""
         return int(math.prod(self.shape))
 
+    def validate(self) -> "QuantState":
+        """Check that the absmax layout matches the nesting; returns self.
+
+        A 4-bit state is either plain (float absmax (nblocks,), no offset, no state2) or nested
+        (uint8 absmax codes, float32 offset, state2 with a float absmax2 and the 256-entry dynamic
+        code). Any mix (uint8 absmax without its nested part, a nested state without absmax2, code
+        or offset, a float absmax marked nested) would be decoded into values off by orders of
+        magnitude by every backend, so it raises ValueError naming what is missing instead.
+        The nested 8-bit state itself (quant_type "dynamic") needs a float absmax.
+        """
+        kind = _dtype_of(self.absmax).kind
+        if self.quant_type == "dynamic":
+            if kind != "f":
+                raise ValueError(f"the nested (dynamic) state's absmax2 must be float32, got dtype {_dtype_of(self.absmax)}")
+            return self
+        if self.state2 is None:
+            if kind != "f":
+                raise ValueError(
+                    f"quant_state.absmax has dtype {_dtype_of(self.absmax)} (double-quantized codes) but the state "
+                    "has no nested part (state2: nested_absmax, nested_quant_map, nested_offset); it would "
+                    "decode to garbage. A plain 4-bit state needs a float32 absmax.")
+            if self.offset is not None:
+                raise ValueError("quant_state has a nested offset but no nested state (state2: nested_absmax, "
+                                 "nested_quant_map); it is marked double-quantized without its nested part")
+            return self
+        missing = [name for name, v in (("offset (nested_offset)", self.offset),
+                                        ("state2.absmax (nested_absmax)", self.state2.absmax),
+                                        ("state2.code (nested_quant_map)", self.state2.code)) if v is None]
+        if missing:
+            raise ValueError(f"quant_state is marked double-quantized but lacks {', '.join(missing)}")
+        if _dtype_of(self.absmax) != np.uint8:
+            raise ValueError(f"quant_state is double-quantized (state2 set) but absmax has dtype "
+                             f"{_dtype_of(self.absmax)}; a nested state stores uint8 codes of the absmax")
+        if _dtype_of(self.state2.absmax).kind != "f":
+            raise ValueError(f"nested absmax2 (state2.absmax) must be float32, got dtype {_dtype_of(self.state2.absmax)}")
+        if int(self.state2.code.size) != 256:
+            raise ValueError(f"nested code (state2.code) must have 256 entries, got {int(self.state2.code.size)}")
+        return self
+
     def dequantize_absmax(self):
         """The float32 per-block absmax (nblocks,): ``self.absmax``, or for a nested state
         ``dyn[qabsmax_i] * absmax2[i // 256] + offset`` (bitsandbytes ``dequantize_4bit``)."""
+        self.validate()
         if not self.nested:
             return self.absmax
         xp = get_array_module(self.absmax)
@@ -355,7 +400,9 @@ class QuantState:
         such as ``"weight."`` (bitsandbytes ``QuantState.from_dict``). Arrays come back as numpy.
 
         Raises ValueError when neither the packed JSON blob nor the unpacked items are present, or
-        when there is more than one blob, or a required key is missing.
+        when there is more than one blob, or a required key is missing, or the state is marked
+        double-quantized without all of its nested part (or has uint8 absmax codes without it):
+        see ``validate``.
         """
         d = dict(qs_dict)
         blob_keys = [k for k in d if "quant_state" in k and isinstance(d[k], np.ndarray)]
@@ -374,7 +421,13 @@ class QuantState:
                 raise ValueError(f"quant state is missing {key!r}; have {sorted(d)}")
         state2 = None
         offset = None
-        if "nested_absmax" in d:
+        nested_keys = ("nested_absmax", "nested_quant_map", "nested_offset", "nested_blocksize", "nested_dtype")
+        present = [k for k in nested_keys if k in d]
+        if present and len(present) < len(nested_keys):
+            raise ValueError(
+                f"quant state is marked double-quantized ({', '.join(present)}) but lacks "
+                f"{', '.join(k for k in nested_keys if k not in d)}; it cannot be decoded")
+        if present:
             offset = np.float32(d["nested_offset"])
             nested_absmax = np.asarray(d["nested_absmax"], dtype=np.float32)
             state2 = cls(
@@ -394,7 +447,7 @@ class QuantState:
             code=np.asarray(d["quant_map"], dtype=np.float32),
             offset=offset,
             state2=state2,
-        )
+        ).validate()
 
 
 def state_dict_4bit(packed, quant_state: QuantState, prefix: str = "weight") -> dict:
@@ -728,264 +781,3 @@ def bits_per_parameter(packed, quant_state: QuantState, include_code: bool = Fal
     quantization and 4 + 8/64 + 32/(64*256) ~= 4.127 with it (plus a negligible 32 bits of offset).
     """
     return 8.0 * (int(packed.nbytes) + quant_state_nbytes(quant_state, include_code)) / quant_state.numel
-
-
-# ============================================================================================
-# Linear4bit: the frozen 4-bit base layer of QLoRA
-# ============================================================================================
-#
-# Scope
-#     ``Linear4bit``: a Linear layer whose weight is stored as NF4 (or FP4/INT4) codes with
-#     (double-quantized) absmax constants and never trained; ``Matmul4bit`` its autograd op (forward
-#     through the fused kernels of minillm/kernels.py, backward to the input only);
-#     ``quantize_model`` / ``dequantize_model`` swap a model's Linear layers in and out.
-# Sources
-#     QLoRA (Dettmers et al. 2023) §3; bitsandbytes ``nn.Linear4bit``, ``matmul_4bit`` /
-#     ``MatMul4Bit`` (``bitsandbytes/autograd/_functions.py``); peft ``bnb.Linear4bit.merge``.
-# Deviations
-#     * Compute is float32 (QLoRA: bf16): the weight is dequantized to float32 for both passes.
-#       There is no option for bf16 compute on the CPU; the CUDA kernels take float16/bfloat16.
-#     * The bias stays a frozen float32 Parameter (bitsandbytes keeps it in the compute dtype).
-#     * Merging LoRA re-quantizes (as peft) and warns; ``train.sft.merge_for_saving`` instead
-#       dequantizes first, so a saved merged model loses nothing (docs/bugs.md B13, contract (a)).
-
-
-def _autograd():
-    from minillm import functional as F
-    from minillm.nn import Linear, Module, Parameter
-    from minillm.tensor import Function, Tensor
-
-    return F, Linear, Module, Parameter, Function, Tensor
-
-
-F_, _Linear, _Module, _Parameter, _Function, _Tensor = _autograd()
-
-
-class Matmul4bit(_Function):
-    """y = x · dequant(W)ᵀ with W (N, K) stored in 4 bits; backward gives x a gradient, W none.
-
-    QLoRA §3: "we dequantize the storage data type to the computation data type to perform the
-    forward and backward pass, but we only compute weight gradients for the LoRA parameters".
-    The forward goes through ``minillm.kernels.matmul_4bit`` (C++/CUDA fused kernel, or the NumPy
-    reference); backward: ∂L/∂x = ∂L/∂y · W (N, K), with W dequantized for the step.
-    """
-
-    def forward(self, x, packed, quant_state):
-        from minillm import kernels
-
-        self.packed, self.qs = packed, quant_state
-        return kernels.matmul_4bit(x, packed, quant_state).astype(x.dtype, copy=False)  # (..., N)
-
-    def backward(self, g):
-        from minillm import kernels
-
-        if not self.needs_input_grad[0]:
-            return None, None, None
-        W = kernels.dequantize_4bit(self.packed, self.qs).astype(g.dtype, copy=False)  # (N, K)
-        return (g.reshape(-1, g.shape[-1]) @ W).reshape(*g.shape[:-1], W.shape[1]), None, None
-
-
-class Linear4bit(_Module):
-    """A Linear layer whose weight (out, in) is stored in 4 bits and frozen (bitsandbytes ``nn.Linear4bit``).
-
-    Args:
-        weight: float array (out_features, in_features) to quantize; bias: float array (out,) or None.
-        blocksize, quant_type ("nf4" | "fp4" | "int4"), compress_statistics (double quantization;
-        default True as QLoRA): passed to ``quantize_4bit``.
-
-    The packed weight and its quantization constants are buffers, saved under bitsandbytes' keys
-    (``weight``, ``weight.absmax``, ``weight.quant_map``, ``weight.nested_absmax``, ...); the bias is a
-    frozen Parameter. ``nbytes`` reports the bytes the 4-bit weight occupies (packed codes +
-    constants). ``merge_delta``/``unmerge_delta`` (used by ``LoRALinear.merge``) dequantize, add ΔW
-    and re-quantize, with a warning: that is lossy (docs/bugs.md B13, peft #2321).
-    Forward: x (..., in) -> (..., out).
-    """
-
-    strict_buffer_shapes = False  # the JSON quant-state blob changes length with its values
-
-    def __init__(self, weight, bias=None, blocksize: int = 64, quant_type: str = "nf4",
-                 compress_statistics: bool = True):
-        super().__init__()
-        weight = np.asarray(to_numpy(weight), dtype=np.float32)
-        if weight.ndim != 2:
-            raise ValueError(f"Linear4bit needs a 2-D weight (out, in), got shape {weight.shape}")
-        self.out_features, self.in_features = weight.shape
-        self.blocksize, self.quant_type, self.compress_statistics = blocksize, quant_type, compress_statistics
-        self._quantize(weight)
-        from minillm import backend
-
-        self.bias = None if bias is None else _Parameter(backend.asarray(to_numpy(bias), dtype=np.float32),
-                                                         requires_grad=False)
-
-    def _quantize(self, weight) -> None:
-        from minillm import backend
-
-        packed, qs = quantize_4bit(weight, blocksize=self.blocksize, quant_type=self.quant_type,
-                                   compress_statistics=self.compress_statistics)
-        self._buffers = {}
-        for k, v in state_dict_4bit(packed, qs, prefix="weight").items():
-            self.register_buffer(k, backend.asarray(v) if k == "weight" else v)
-        self._quant_state = qs
-        self._packed = self._buffers["weight"]
-        self._stale = False
-
-    def set_buffer(self, name: str, value) -> None:
-        """Load one saved buffer (``load_state_dict``); the QuantState is rebuilt from all of them
-        on first use, and checked against (out_features, in_features) then."""
-        from minillm import backend
-
-        self._buffers[name] = np.asarray(value) if name != "weight" else backend.asarray(value)
-        self._stale = True
-
-    def _sync(self) -> None:
-        if not self._stale:
-            return
-        from minillm import backend
-
-        packed, qs = load_state_dict_4bit({k: to_numpy(v) for k, v in self._buffers.items()}, prefix="weight")
-        if tuple(qs.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"Linear4bit: loaded a 4-bit weight of shape {tuple(qs.shape)} into a layer of "
-                             f"shape {(self.out_features, self.in_features)} (out, in)")
-        self._packed, self._quant_state = backend.asarray(packed), qs
-        self.blocksize, self.quant_type, self.compress_statistics = qs.blocksize, qs.quant_type, qs.nested
-        object.__setattr__(self, "weight", self._packed)
-        self._stale = False
-
-    @property
-    def packed(self):
-        """The packed 4-bit codes: uint8 ((out·in + 1) // 2, 1), two codes per byte, high nibble first."""
-        self._sync()
-        return self._packed
-
-    @property
-    def quant_state(self) -> QuantState:
-        """The ``QuantState`` (absmax, possibly double-quantized; code; shape; blocksize)."""
-        self._sync()
-        return self._quant_state
-
-    def num_quantized_parameters(self) -> int:
-        """Logical weights stored in 4 bits (out · in), for parameter accounting (PEFT counts packed ×2)."""
-        return int(self.out_features * self.in_features)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the 4-bit weight: packed codes + quantization constants (not the bias)."""
-        return int(self.packed.nbytes) + quant_state_nbytes(self.quant_state)
-
-    def dequantized_weight(self):
-        """The float32 weight (out, in) the layer computes with."""
-        from minillm import kernels
-
-        return kernels.dequantize_4bit(self.packed, self.quant_state).astype(np.float32, copy=False)
-
-    def forward(self, x):
-        """x (..., in) float32 -> (..., out)."""
-        y = Matmul4bit.apply(x, self.packed, self.quant_state)  # (..., out)
-        return y if self.bias is None else F_.add(y, self.bias)
-
-    def merge_delta(self, delta) -> None:
-        """W ← quantize(dequantize(W) + ΔW): re-quantizes, so ΔW entries below half a code gap are lost."""
-        import warnings
-
-        warnings.warn("Merging LoRA into a 4-bit layer re-quantizes the weight: the merged model may give "
-                      "different outputs than the adapter (docs/bugs.md B13; peft #2321)", stacklevel=3)
-        self._quantize(self.dequantized_weight() + np.asarray(to_numpy(delta), dtype=np.float32))
-
-    def unmerge_delta(self, delta) -> None:
-        """W ← quantize(dequantize(W) − ΔW) (also lossy)."""
-        self._quantize(self.dequantized_weight() - np.asarray(to_numpy(delta), dtype=np.float32))
-
-    def __repr__(self) -> str:
-        return (f"Linear4bit(in_features={self.in_features}, out_features={self.out_features}, "
-                f"quant_type={self.quant_type}, blocksize={self.blocksize}, "
-                f"double_quant={self.compress_statistics})")
-
-
-HEAD_NAMES = ("lm_head", "score")
-
-
-def quantize_model(model, blocksize: int = 64, quant_type: str = "nf4", compress_statistics: bool = True,
-                   skip: tuple = HEAD_NAMES) -> list[str]:
-    """Replace every ``nn.Linear`` of ``model`` (except the output heads) by a frozen ``Linear4bit``, in place.
-
-    As QLoRA: all linear layers of the blocks go to 4 bits; embeddings, LayerNorms and heads stay
-    float32. Returns the replaced module names. Every remaining parameter is frozen.
-    """
-    names = []
-    for name, m in list(model.named_modules()):
-        if type(m) is _Linear and name.split(".")[-1] not in skip:
-            q = Linear4bit(m.weight.data, None if m.bias is None else m.bias.data, blocksize=blocksize,
-                           quant_type=quant_type, compress_statistics=compress_statistics)
-            _replace(model, name, q)
-            names.append(name)
-    model.requires_grad_(False)
-    return names
-
-
-def dequantize_model(model) -> list[str]:
-    """Replace every ``Linear4bit`` by an ``nn.Linear`` with the dequantized float32 weight, in place."""
-    from minillm import backend
-
-    names = []
-    for name, m in list(model.named_modules()):
-        if isinstance(m, Linear4bit):
-            lin = _Linear(m.in_features, m.out_features, bias=m.bias is not None)
-            lin.weight.data = backend.asarray(m.dequantized_weight())
-            if m.bias is not None:
-                lin.bias.data = m.bias.data.copy()
-            _replace(model, name, lin)
-            names.append(name)
-    return names
-
-
-def _replace(model, dotted: str, new) -> None:
-    *path, attr = dotted.split(".")
-    parent = model
-    for p in path:
-        parent = getattr(parent, p)
-    object.__setattr__(parent, attr, new)
-
-
-def bench_quant(repeats: int = 5, n: int = 4096, seed: int = 0) -> dict:
-    """NF4 quantize/dequantize throughput (MB/s of float32 input) and Linear4bit forward vs Linear.
-
-    Shapes: a (n, n) float32 weight (64 MiB for n = 4096); Linear forward on x (16, n).
-    """
-    import time
-
-    from minillm.nn import Linear
-
-    rng = np.random.default_rng(seed)
-    W = rng.standard_normal((n, n)).astype(np.float32)
-    mb = W.nbytes / 1e6
-
-    def t(fn):
-        fn()
-        ts = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        return float(np.median(ts))
-
-    out = {"shape": [n, n]}
-    for dq in (False, True):
-        packed, qs = quantize_4bit(W, compress_statistics=dq)
-        tq = t(lambda: quantize_4bit(W, compress_statistics=dq))
-        td = t(lambda: dequantize_4bit(packed, qs))
-        key = "nf4_double_quant" if dq else "nf4"
-        out[key] = {"quantize_MB_per_s": round(mb / tq, 1), "dequantize_MB_per_s": round(mb / td, 1),
-                    "bits_per_parameter": round(bits_per_parameter(packed, qs), 4)}
-    x = _Tensor(rng.standard_normal((16, n)).astype(np.float32))
-    lin = Linear(n, n, bias=False, rng=rng)
-    q4 = Linear4bit(lin.weight.data)
-    from minillm.tensor import no_grad
-
-    with no_grad():
-        out["linear_forward_ms"] = round(1e3 * t(lambda: lin(x)), 3)
-        out["linear4bit_forward_ms"] = round(1e3 * t(lambda: q4(x)), 3)
-    from minillm import kernels
-
-    out["kernel_backend"] = kernels.select_backend(np.zeros(1, np.float32))
-    out["weight_bytes"] = {"float32": int(W.nbytes), "nf4_double_quant": q4.nbytes}
-    return out

@@ -432,16 +432,19 @@ class Tokenizer:
         return cls(merges=merges, special_tokens=special_tokens, pattern=pattern)
 
     # ------------------------------------------------------------------ encode / decode
-    def encode(self, text: str, allowed_special: str | Iterable[str] = "all") -> list[int]:
+    def encode(self, text: str, allowed_special: str | Iterable[str] = "none") -> list[int]:
         """Encode ``text`` to token ids. Never adds BOS/EOS (the chat template writes them).
 
         Args:
             text: any str without lone surrogates.
             allowed_special: which special strings in ``text`` become their special id:
-                ``"all"`` (default), ``"none"``, or a set of special strings. A special string
-                that is not allowed is encoded as ordinary text (its bytes, merged like any other
-                text), so the special id is never produced from it. (tiktoken raises instead;
-                minillm's policy is plain bytes, so any user text can be encoded.)
+                ``"none"`` (default: ordinary text is never parsed for specials, tiktoken's
+                convention, so user text containing ``<|eos|>`` or ``[/INST]`` cannot become a
+                control token), ``"all"`` (for trusted text such as a pretraining corpus with
+                ``<|bos|>`` separators), or a set of special strings. A special string that is not
+                allowed is encoded as ordinary text (its bytes, merged like any other text), so
+                the special id is never produced from it. (tiktoken raises instead; minillm's
+                policy is plain bytes, so any user text can be encoded.)
         Returns:
             list of ints in ``[0, vocab_size)``.
         Raises:

@@ -99,10 +99,11 @@ def test_roundtrip_with_specials(tok, parts):
         assert tok.decode(ids) == s
     # with "all", the number of special ids equals the number of special strings in the text
     n_special_strings = sum(p in DEFAULT_SPECIALS for p in parts)
-    n_ids = sum(i in specials for i in tok.encode(s))
+    n_ids = sum(i in specials for i in tok.encode(s, allowed_special="all"))
     # every sampled special becomes one id (a random text part could, rarely, hold another)
     assert n_ids >= n_special_strings
     assert not any(i in specials for i in tok.encode(s, allowed_special="none"))
+    assert tok.encode(s) == tok.encode(s, allowed_special="none")  # the default parses no specials
 
 
 def test_decode_of_a_cut_character_replaces_and_bytes_are_exact(tok):
@@ -134,13 +135,13 @@ def test_special_ids_come_after_the_merges(tok):
 
 
 def test_special_tokens_are_never_split_and_bos_appears_once(tok):
-    assert tok.encode("<|eos|>") == [tok.eos_id]
-    assert tok.decode(tok.encode("a<|eos|>b")) == "a<|eos|>b"
-    ids = tok.encode("a<|eos|>b")
+    assert tok.encode("<|eos|>", allowed_special="all") == [tok.eos_id]
+    assert tok.decode(tok.encode("a<|eos|>b", allowed_special="all")) == "a<|eos|>b"
+    ids = tok.encode("a<|eos|>b", allowed_special="all")
     assert ids == tok.encode("a") + [tok.eos_id] + tok.encode("b")
 
     text = "<|bos|>[INST] hi [/INST] yo<|eos|>"
-    ids = tok.encode(text)
+    ids = tok.encode(text, allowed_special="all")
     assert ids.count(tok.bos_id) == 1 and ids[0] == tok.bos_id  # no second, implicit BOS
     assert ids.count(tok.eos_id) == 1 and ids[-1] == tok.eos_id
     assert ids.count(tok.special_id(INST)) == 1 and ids.count(tok.special_id(INST_END)) == 1
@@ -162,7 +163,7 @@ def test_specials_never_merged_even_when_the_corpus_has_them():
     for (a, b), new_id in t.merges:
         token = t.id_to_token(new_id)
         assert not any(ch in token for ch in b"<|>[]/"), (new_id, token)
-    ids = t.encode(corpus[:70])
+    ids = t.encode(corpus[:70], allowed_special="all")
     assert ids[0] == t.bos_id and t.eos_id in ids
 
 

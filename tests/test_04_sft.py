@@ -569,7 +569,7 @@ def test_gradient_accumulation_equals_the_big_batch_on_sft_data(tok):
     """docs/bugs.md B05 on real SFT batches of different lengths: accumulated gradients equal one batch's."""
     from minillm import functional as F
     from minillm.model import shift_labels
-    from minillm.optim import accumulate_gradients
+    from minillm.train.loop import accumulate_gradients
 
     model, ex = _tiny_sft_setup(tok)
     big = collate(ex, tok.pad_id)
@@ -656,3 +656,52 @@ def test_sft_lora_trains_only_adapters_and_saves_merged_weights(tmp_path, tok):
             assert (tmp_path / flag / "adapter.safetensors").exists()
         if flag == "qlora":  # the 4-bit base was dequantized: every block Linear weight differs by quantization error
             assert any("mlp.c_fc.weight" in n for n in changed)
+
+
+def test_sft_gradient_accumulation_equals_one_big_batch(tok):
+    """The shared loop with gradient accumulation (2 micro-batches of 4) gives the gradient and loss of one
+    batch of the same 8 examples (the per-token mean over both, docs/bugs.md B05); through SFT, one AdamW
+    step then moves the weights alike (to AdamW's first-step sensitivity to float noise in tiny gradients)."""
+    from minillm.model import GPT, GPTConfig, shift_labels
+    from minillm.optim import Optimizer
+    from minillm.tasks import TaskWorld
+    from minillm.train.loop import train_loop
+    from minillm.train.sft import SFTConfig, records_to_messages, train_sft
+
+    ex = tokenize_sft(records_to_messages(TaskWorld().sft_records("noisy")[:40]), tok, max_length=64)
+
+    class Recorder(Optimizer):  # keeps the gradients of each step instead of stepping
+        def step(self):
+            self.grads = [p.grad.copy() for _, _, p in self._indexed()]
+
+    def run(micro):
+        model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=32), seed=0)
+        params = model.parameters()
+        opt = Recorder(params, {"lr": 0.0})
+
+        def loss_fn(b):
+            return model(b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])[1], {}
+
+        weight_fn = (lambda b: int((shift_labels(b["labels"]) != -100).sum())) if len(micro) > 1 else None
+        batch = micro if len(micro) > 1 else micro[0]
+        hist = train_loop(opt, params, iter([batch]), loss_fn, max_steps=1, lr=1.0, grad_clip=0.0,
+                          weight_fn=weight_fn, progress=False)
+        return hist[0]["loss"], opt.grads
+
+    big_loss, big = run([collate(ex[:8], tok.pad_id)])
+    acc_loss, acc = run([collate(ex[:4], tok.pad_id), collate(ex[4:8], tok.pad_id)])
+    assert acc_loss == pytest.approx(big_loss, rel=1e-5)
+    for g_acc, g_big in zip(acc, big):
+        assert g_acc.dtype == np.float32
+        np.testing.assert_allclose(g_acc, g_big, rtol=1e-4, atol=1e-7)
+    after = {}
+    for acc_steps, bs in ((1, 8), (2, 4)):  # the same 8 examples: index_batches draws 4 + 4 from one permutation
+        model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=32), seed=0)
+        cfg = SFTConfig(batch_size=bs, gradient_accumulation_steps=acc_steps, max_steps=1, lr=1e-2, warmup_steps=0,
+                        progress=False)
+        after[acc_steps] = (train_sft(model, tok, ex, cfg)[0], {n: p.data.copy() for n, p in model.named_parameters()})
+    assert after[1][0] == pytest.approx(after[2][0], rel=1e-5)
+    for n, w in after[1][1].items():
+        np.testing.assert_allclose(after[2][1][n], w, atol=1e-4, err_msg=n)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        SFTConfig(gradient_accumulation_steps=0)

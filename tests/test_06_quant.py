@@ -407,6 +407,47 @@ def test_from_dict_errors():
         Q.load_state_dict_4bit({}, prefix="weight")
 
 
+def _nested_and_plain(rng):
+    w = rng.standard_normal((16, 40)).astype(np.float32)
+    return w, Q.quantize_4bit(w, 64, compress_statistics=True), Q.quantize_4bit(w, 64, compress_statistics=False)
+
+
+def test_state_marked_nested_without_nested_part_raises():
+    """Issue 12 defect 8: a half-nested state must raise, never decode to values off by 100x."""
+    import dataclasses
+
+    _, (p_n, qs_n), (p_p, qs_p) = _nested_and_plain(np.random.default_rng(5))
+    bad = {
+        "uint8 absmax, no state2": dataclasses.replace(qs_n, state2=None, offset=None),
+        "offset, no state2": dataclasses.replace(qs_p, offset=np.float32(0.5)),
+        "state2 without absmax2": dataclasses.replace(qs_n, state2=dataclasses.replace(qs_n.state2, absmax=None)),
+        "state2 without code": dataclasses.replace(qs_n, state2=dataclasses.replace(qs_n.state2, code=None)),
+        "nested without offset": dataclasses.replace(qs_n, offset=None),
+        "float absmax marked nested": dataclasses.replace(qs_p, state2=qs_n.state2, offset=qs_n.offset),
+    }
+    for what, qs in bad.items():
+        with pytest.raises(ValueError, match="nested|double-quantized|uint8"):
+            Q.dequantize_4bit(p_n, qs)
+        with pytest.raises(ValueError, match="nested|double-quantized|uint8"):
+            qs.validate()
+    assert qs_n.validate() is qs_n and qs_p.validate() is qs_p
+    # a packed state dict whose metadata says nested but whose nested arrays are gone
+    sd = Q.state_dict_4bit(p_n, qs_n)
+    for drop in (("weight.nested_absmax",), ("weight.nested_quant_map",), ("weight.nested_absmax", "weight.nested_quant_map")):
+        with pytest.raises(ValueError, match="double-quantized.*lacks nested"):
+            Q.load_state_dict_4bit({k: v for k, v in sd.items() if k not in drop})
+    # the plain metadata with the nested uint8 absmax swapped in
+    sd_p = Q.state_dict_4bit(p_p, qs_p)
+    sd_p["weight.absmax"] = sd["weight.absmax"]
+    with pytest.raises(ValueError, match="uint8.*no nested part"):
+        Q.load_state_dict_4bit(sd_p)
+    # unpacked dict: nested arrays present, nested metadata missing
+    d = qs_n.as_dict()
+    del d["nested_offset"]
+    with pytest.raises(ValueError, match="lacks nested_offset"):
+        Q.QuantState.from_dict(d)
+
+
 def test_quantize_4096x4096_is_fast():
     import time
 

@@ -30,7 +30,7 @@ def test_lora_r8_on_4096x4096_layer():
     assert shape.lora_params(8, ["q_proj"]) == 65_536  # r*(in+out) = 8*(4096+4096)
     assert shape.lora_params(8, "qv") == 2 * 65_536
     # 7B, r=64 on all seven Linear layers of 32 blocks
-    assert M.PRESETS["7b"].lora_params(64, "all") == 32 * 64 * (4 * 8192 + 3 * (4096 + 11008)) == 159_907_840
+    assert M.PRESETS["7b"].lora_params(64, "all-linear") == 32 * 64 * (4 * 8192 + 3 * (4096 + 11008)) == 159_907_840
     with pytest.raises(ValueError, match="unknown LoRA target"):
         shape.lora_params(8, ["c_attn"])
 
@@ -59,7 +59,7 @@ def test_qlora_65b_fits_48gb_with_paper_settings():
     paged AdamW 32-bit states on the LoRA parameters, batch 1, sequence 512, gradient checkpointing,
     no dropout masks. Estimate: ~44.98 GB."""
     est = M.estimate(
-        "65b", "qlora", dtype="bf16", optimizer="paged_adamw", lora_r=64, lora_targets="all",
+        "65b", "qlora", dtype="bf16", optimizer="paged_adamw", lora_r=64, lora_targets="all-linear",
         batch=1, seq_len=512, gradient_checkpointing=True, double_quant=True,
     )
     assert est["total"] < 48e9
@@ -163,4 +163,4 @@ def test_cli_table_and_json(capsys):
     est = json.loads(capsys.readouterr().out)
     assert est["n_params"] == 7_000_000_000 and est["weights"] == 14_000_000_000
     assert M.run(_cli(["--preset", "7b", "--lora-targets", "c_attn"])) == 2
-    assert "unknown LoRA target" in capsys.readouterr().out
+    assert "unknown LoRA target" in capsys.readouterr().err  # errors go to stderr

@@ -1,4 +1,4 @@
-"""Chapter 07: paged optimizers (minillm.optim.PagedAdamW; docs/reference.md §3)."""
+"""Chapter 07: paged optimizers (minillm.paged_optim.PagedAdamW; docs/reference.md §3)."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +6,8 @@ import pytest
 
 from minillm.model import GPT, GPTConfig
 from minillm.nn import Parameter
-from minillm.optim import AdamW, PagedAdamW
+from minillm.optim import AdamW
+from minillm.paged_optim import PagedAdamW
 
 TINY = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
 IDS = np.random.default_rng(0).integers(0, 64, (4, 16))

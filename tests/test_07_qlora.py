@@ -13,8 +13,8 @@ from minillm import memory as M
 from minillm.lora import LoRALinear, count_parameters, inject_lora
 from minillm.model import GPT, GPTConfig
 from minillm.optim import AdamW
-from minillm.quant import (NF4_CODE, Linear4bit, bits_per_parameter, dequantize_4bit, dequantize_model,
-                           quantize_4bit, quantize_model)
+from minillm.linear4bit import Linear4bit, dequantize_model, quantize_model
+from minillm.quant import NF4_CODE, bits_per_parameter, dequantize_4bit, quantize_4bit
 from minillm.tensor import Tensor
 
 TINY = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=64)
@@ -83,6 +83,37 @@ def test_quantize_model_state_dict_round_trip_and_dequantize():
     dequantize_model(m)
     assert not any(isinstance(x, Linear4bit) for x in m.modules())
     np.testing.assert_allclose(m(ids)[0].data, ref, atol=1e-5)
+
+
+def test_linear4bit_load_half_nested_state_non_strict_raises():
+    """Issue 12 defect 8: load_state_dict(strict=False) of a double-quantized state into a plain
+    layer (nested arrays dropped as unexpected keys) or of a nested state missing its nested arrays
+    raises on first use instead of computing with garbage weights."""
+    rng = np.random.default_rng(3)
+    W = rng.standard_normal((24, 64)).astype(np.float32)
+    x = Tensor(rng.standard_normal((2, 64)).astype(np.float32))
+    nested_sd = Linear4bit(W, compress_statistics=True).state_dict()
+    plain = Linear4bit(W, compress_statistics=False)
+    plain.load_state_dict(nested_sd, strict=False)  # uint8 absmax + nested metadata, no nested arrays
+    with pytest.raises(ValueError, match="double-quantized"):
+        plain(x)
+    nested = Linear4bit(W, compress_statistics=True)
+    nested.load_state_dict({k: v for k, v in nested_sd.items() if not k.startswith("weight.nested")}, strict=False)
+    y = nested(x)  # its own nested arrays are still there: a consistent state, same weights
+    np.testing.assert_array_equal(y.data, Linear4bit(W, compress_statistics=True)(x).data)
+    nested._buffers.pop("weight.nested_absmax")
+    nested._stale = True
+    with pytest.raises(ValueError, match="lacks nested_absmax"):
+        nested(x)
+
+
+def test_linear4bit_compute_state_is_cached_and_rebuilt_after_load():
+    rng = np.random.default_rng(4)
+    q = Linear4bit(rng.standard_normal((8, 64)).astype(np.float32))
+    qs = q.compute_quant_state()
+    assert qs is q.quant_state and q.compute_quant_state() is qs  # on the CPU: the state itself
+    q.load_state_dict(Linear4bit(rng.standard_normal((8, 64)).astype(np.float32)).state_dict())
+    assert q.compute_quant_state() is not qs and q.compute_quant_state() is q.quant_state
 
 
 def test_qlora_parameter_accounting():

@@ -386,3 +386,28 @@ def test_a_reward_that_becomes_nan_is_a_clear_error():
     with pytest.raises(FloatingPointError, match=r"not finite for 1 of 8 responses"):
         tr.step(_prompts(8))
     assert all(np.array_equal(a, p.data) for a, p in zip(before, policy.parameters()))  # no update applied
+
+
+def test_evaluation_kl_and_ppo_training_use_the_same_logprobs():
+    """Chapter 09's PPO (policy_forward) and chapter 10's reported KL (evaluate.response_logprobs /
+    sequence_kl) read one function, GPT.response_logprobs: the numbers are identical, at T = 0.7 too."""
+    from minillm.evaluate import response_logprobs, sequence_kl
+    from minillm.train.ppo import policy_forward
+
+    rng = np.random.default_rng(0)
+    pol = GPT(GPTConfig(vocab_size=40, block_size=16, n_layer=1, n_head=2, n_embd=16), seed=1)
+    ref = GPT(GPTConfig(vocab_size=40, block_size=16, n_layer=1, n_head=2, n_embd=16), seed=2)
+    seqs = rng.integers(1, 40, (3, 10))
+    attn = np.ones((3, 10), np.int64)
+    attn[0, :2] = 0  # a left-padded prompt
+    resp = np.array([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]])
+    for T in (1.0, 0.7):
+        lp_eval = response_logprobs(pol, seqs, attn, resp, T)
+        lp_ppo, _, _ = policy_forward(pol, seqs, attn, 6, resp, T)
+        assert lp_eval.dtype == np.float32
+        np.testing.assert_array_equal(lp_eval, np.asarray(lp_ppo.data))
+        assert (lp_eval[resp == 0] == 0).all() and (lp_eval[resp == 1] < 0).all()
+    kl = sequence_kl(pol, ref, seqs, attn, resp, 0.7)
+    lp_ref, _, _ = policy_forward(ref, seqs, attn, 6, resp, 0.7)
+    np.testing.assert_allclose(kl, ((response_logprobs(pol, seqs, attn, resp, 0.7) - np.asarray(lp_ref.data))
+                                    * resp).sum(1), rtol=1e-6)

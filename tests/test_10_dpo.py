@@ -13,7 +13,8 @@ import pytest
 
 from minillm.model import GPT, GPTConfig
 from minillm.tensor import Tensor, no_grad
-from minillm.train.dpo import DPOConfig, disable_dropout, dpo_loss
+from minillm.nn import disable_dropout
+from minillm.train.dpo import DPOConfig, dpo_loss
 
 LN2 = 0.6931471805599453
 

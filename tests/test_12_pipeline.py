@@ -25,13 +25,14 @@ def test_quick_pipeline_runs_every_stage_and_writes_the_report(quick_run):
         summary = json.loads((run_dir / stage / "summary.json").read_text())
         assert "skipped" not in summary, f"{stage} was skipped: {summary.get('skipped')}"
     for stage in ("pretrain", "sft", "sft_lora", "sft_qlora", "sft_noisy", "reward", "ppo", "ppo_beta0", "ppo_gold",
-                  "dpo"):
+                  "dpo", "grpo"):
         assert (run_dir / stage / "checkpoint.safetensors").exists(), stage
     text = report.read_text()
     header = "| " + " | ".join(title for _, title in COLUMNS) + " |"
     assert header in text
     for label in ("base model, zero-shot", "SFT (full)", "SFT (LoRA", "SFT (QLoRA", "reward model", "best-of-8",
-                  "PPO (β = 0.1)", "PPO (β = 0)", "gold judge as reward", "DPO"):
+                  "PPO (β = 0.1)", "PPO (β = 0)", "gold judge as reward", "DPO",
+                  "GRPO (dapo, β = 0, G = 8), addition task"):
         assert label in text, label
     for png in ("losses.png", "ppo.png", "dpo.png"):
         assert (run_dir / png).stat().st_size > 10_000, png
@@ -100,3 +101,9 @@ def test_a_cached_stage_made_with_other_settings_is_rebuilt(quick_run):
     P.run_stage(ctx, "prompting")
     assert path.stat().st_mtime_ns != before
     assert json.loads(path.read_text())["fingerprint"] == P.stage_fingerprint(ctx)
+
+
+def test_the_stage_table_lists_every_stage_in_order():
+    """The pipeline's explicit stage table (no look-up by name) runs exactly STAGES, in that order."""
+    assert tuple(P.STAGE_FUNCTIONS) == P.STAGES
+    assert all(fn.__name__ == f"stage_{name}" for name, fn in P.STAGE_FUNCTIONS.items())

@@ -335,7 +335,7 @@ def test_load_any_dispatch_and_chat_specials(tmp_path):
     ids = np.array([[5, 40, 300, 376]])
     base, _ = hf.load_hf_gpt2(d)
     np.testing.assert_allclose(logits_of(m2, ids)[..., :377], logits_of(base, ids), rtol=1e-5, atol=1e-6)
-    assert t2.encode("<|bos|>[INST] hi") [:2] == [t2.bos_id, t2.special_id("[INST]")]
+    assert t2.encode("<|bos|>[INST] hi", allowed_special="all") [:2] == [t2.bos_id, t2.special_id("[INST]")]
     # a reward model's scalar head on a Hugging Face base (reward.py's config_overrides)
     rm, _, _ = hf.load_any(d, config_overrides={"scalar_head": True, "dropout": 0.0})
     assert rm.score is not None and rm.config.dropout == 0.0
@@ -530,7 +530,7 @@ def test_crosscheck_tokenizer_files_encode_like_transformers(gpt2_files, offline
     assert ours.special_tokens == {"<|endoftext|>": 0} and ours.vocab_size == len(ref)
     assert len(ours.merges) > 150
     for s in TRICKY:
-        ids = ours.encode(s)
+        ids = ours.encode(s, allowed_special="all")  # transformers parses specials in text
         assert ids == ref(s)["input_ids"], s
         assert ours.decode(ids) == ref.decode(ids) == s
     # random strings over an alphabet of tricky characters
@@ -556,7 +556,7 @@ def test_crosscheck_saved_tokenizer_loads_in_transformers(tmp_path, gpt2_files, 
         hf.save_gpt2_files(tok, d)
         for ref in (transformers.AutoTokenizer.from_pretrained(d), transformers.GPT2Tokenizer.from_pretrained(d)):
             for s in TRICKY + ["<|bos|>[INST] Who? [/INST] Me.<|eos|><|pad|>"]:
-                assert ref(s)["input_ids"] == tok.encode(s), (type(tok).__name__, s)
+                assert ref(s)["input_ids"] == tok.encode(s, allowed_special="all"), (type(tok).__name__, s)
             assert set(ref.all_special_tokens) >= set(tok.special_tokens)
 
 

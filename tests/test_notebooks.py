@@ -4,8 +4,8 @@ Runs after ``pytest --nbmake --overwrite notebooks`` (``make test``) has execute
 place, so the stored outputs are fresh. It checks that
 
 * every notebook was executed without an error output and its first code cell printed the versions;
-* every ``CLAIM <key> = <value>`` line a notebook printed falls in the range of
-  ``minillm.notebook.CLAIM_RANGES`` (the one table of stated ranges), and every claim of the
+* every claim line a notebook printed (``✓ <statement> <value> <unit> — the chapter says <range>  [<key>]``)
+  falls in the range of ``minillm.notebook.CLAIM_RANGES`` (the one table of stated ranges), and every claim of the
   notebook's chapter was printed (or, for an optional claim, explicitly skipped);
 * every Markdown link from a notebook to source (``[`functional.layer_norm`](../minillm/functional.py)``)
   points at an existing file and, for Python, at a function/class that exists in it (parsed with ast);
@@ -31,8 +31,16 @@ from minillm import notebook as nb
 ROOT = Path(__file__).resolve().parent.parent
 NB_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(NB_DIR.glob("[0-9][0-9]_*.ipynb"))
-CLAIM_LINE = re.compile(r"^CLAIM (\S+) = (\S+)", re.M)
-SKIP_LINE = re.compile(r"^CLAIM-SKIPPED (\S+):", re.M)
+# "✓ <statement> <value>[ <unit>] — the chapter says <range>  [<key>]": the value is the last number before
+# the unit (which holds no digits) and " — the chapter says"; the key is in the brackets that end the line.
+CLAIM_LINE = re.compile(r"^(?:✓|✗ DOES NOT HOLD) .* (?P<value>[-+]?(?:\d+(?:\.\d*)?(?:e[-+]?\d+)?|inf|nan))"
+                        r"(?: [^\d\n—]+)? — the chapter says [^\n]*?\s\[(?P<key>\d\d\.\w+)\]$", re.M)
+SKIP_LINE = re.compile(r"^○ not measured here \(.*\s\[(\d\d\.\w+)\]$", re.M)
+
+
+def _claims(text: str) -> dict:
+    """{key: value} of every claim line in ``text``."""
+    return {m["key"]: float(m["value"]) for m in CLAIM_LINE.finditer(text)}
 LINK = re.compile(r"\[([^\]]+)\]\((\.\./(?:minillm|csrc)/[^)#\s]+)(?:#[^)]*)?\)")
 EXERCISE_CALL = re.compile(r"check_exercise\(\s*[\"'](\d\d\.\d+)[\"']")
 
@@ -78,7 +86,7 @@ def test_executed_without_errors_and_prints_versions(path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
 def test_claims_in_stated_range(path):
     text = "\n".join(_outputs_text(c) for c in _load(path)["cells"] if c["cell_type"] == "code")
-    found = {k: float(v) for k, v in CLAIM_LINE.findall(text)}
+    found = _claims(text)
     skipped = set(SKIP_LINE.findall(text))
     chapter = path.name[:2]
     expected = {k for k in nb.CLAIM_RANGES if k.startswith(chapter + ".")}
@@ -89,21 +97,88 @@ def test_claims_in_stated_range(path):
     missing = expected - set(found) - skipped
     assert not missing, f"{path.name}: the chapter's claims {sorted(missing)} were not printed"
     out = {k: v for k, v in found.items() if not nb.in_range(k, v)}
-    assert not out, "; ".join(f"{path.name}: {k} = {v} outside {nb.claim_range(k)} ({nb.CLAIM_RANGES[k][2]})"
+    assert not out, "; ".join(f"{path.name}: {k} = {v}, the chapter says {nb.claim_range(k)} ({nb.CLAIM_RANGES[k][2]})"
                               for k, v in out.items())
 
 
-def test_claim_parser_and_ranges():
-    """The test above can fail: a value outside its range is detected, NaN never passes."""
+def test_claim_parser_and_ranges(capsys):
+    """The test above can fail: a value outside its range is detected, NaN never passes, and what
+    ``notebook.claim`` prints parses back to its key and value (also when the statement holds numbers)."""
     assert nb.in_range("04.heldout_em", 0.9) and not nb.in_range("04.heldout_em", 0.79)
     assert not nb.in_range("06.bits_per_param", math.nan)
     assert nb.in_range("07.paged_page_ins", 10**9)  # open upper bound
-    line = "CLAIM 04.heldout_em = 0.893   stated range [0.8, 1.0]: ..."
-    assert CLAIM_LINE.findall(line) == [("04.heldout_em", "0.893")]
+    assert nb.claim_range("09.beta0_kl") == "at least 3.5 nats"
+    assert nb.claim_range("01.max_abs_diff_vs_torch") == "between 0 and 1e-10"
+    assert nb.claim_range("04.heldout_em") == "between 0.8 and 1"
+    assert nb.claim_range("06.bits_per_param") == "exactly 4.5 bits/parameter"
+    values = {"09.beta0_kl": 8.49, "04.heldout_em": 0.79, "07.qlora_70b_gb": 41.3, "05.lora_params_4096_r8": 65536,
+              "01.max_abs_diff_vs_torch": 6.5e-17, "07.qlora_minus_lora_em": -0.03, "02.val_loss": math.nan,
+              "09.gold_kept_beta01_minus_beta0": 0.2}
+    for k, v in values.items():
+        nb.claim(k, v)
+    nb.claim_skipped("11.cpp_speedup", "no compiler [here]")
+    out = capsys.readouterr().out
+    assert ("✓ and the policy drifts far from the SFT model: KL 8.49 nats — the chapter says at least 3.5 nats  "
+            "[09.beta0_kl]") in out.splitlines()
+    assert "✗ DOES NOT HOLD SFT turns" in out and out.count("✗ DOES NOT HOLD") == 2  # 0.79 and NaN
+    parsed = _claims(out)
+    assert parsed.keys() == values.keys()
+    assert all(parsed[k] == pytest.approx(v, rel=1e-6) or (math.isnan(v) and math.isnan(parsed[k]))
+               for k, v in values.items())
+    assert SKIP_LINE.findall(out) == ["11.cpp_speedup"]
+    assert not _claims("CLAIM 04.heldout_em = 0.893   stated range [0.8, 1.0]: ...")  # the old format is gone
+    for k, entry in nb.CLAIM_RANGES.items():  # what keeps every line parseable
+        assert re.fullmatch(r"\d\d\.\w+", k) and len(entry) in (3, 4), k
+        assert "— the chapter says" not in entry[2], k
+        assert len(entry) == 3 or not re.search(r"\d", entry[3] or ""), f"{k}: a unit with digits cannot be parsed"
     with pytest.raises(KeyError):
         nb.claim("99.nothing", 1.0)
     with pytest.raises(KeyError):
         nb.claim_skipped("04.heldout_em", "no")
+
+
+def test_show_prints_source_with_file_and_line(capsys):
+    from minillm.train.ppo import per_token_rewards
+
+    nb.show(per_token_rewards)
+    out = capsys.readouterr().out
+    first = per_token_rewards.__code__.co_firstlineno
+    assert out.splitlines()[0] == f"minillm.train.ppo.per_token_rewards  (minillm/train/ppo.py:{first})"
+    assert "def per_token_rewards(" in out and "return" in out
+    with pytest.raises(TypeError, match="no Python source"):
+        nb.show(len)
+
+
+def test_show_in_jupyter_displays_markdown_with_a_link_and_plain_text(monkeypatch):
+    IPython = pytest.importorskip("IPython")
+    import IPython.display
+    from minillm.lora import LoRALinear
+
+    shown = []
+    monkeypatch.setattr(IPython, "get_ipython", lambda: type("Shell", (), {"kernel": object()})())
+    monkeypatch.setattr(IPython.display, "display", lambda obj, raw=False: shown.append((obj, raw)))
+    nb.show(LoRALinear.forward)
+    (bundle, raw), = shown
+    first = LoRALinear.forward.__code__.co_firstlineno
+    assert raw and bundle["text/markdown"].startswith(
+        f"`minillm.lora.LoRALinear.forward` — [minillm/lora.py:{first}](../minillm/lora.py)\n\n```python\n")
+    assert bundle["text/markdown"].rstrip().endswith("```")
+    assert bundle["text/plain"].startswith(f"minillm.lora.LoRALinear.forward  (minillm/lora.py:{first})\n")
+
+
+def test_show_finds_a_cpp_definition_not_its_calls(capsys):
+    nb.show("csrc/nf4_cuda.cu", "gemv_v1")
+    out = capsys.readouterr().out
+    head, *body = out.splitlines()
+    line = int(head.rsplit(":", 1)[1].rstrip(")"))
+    text = (ROOT / "csrc" / "nf4_cuda.cu").read_text().splitlines()
+    assert head.startswith("gemv_v1  (csrc/nf4_cuda.cu:") and text[line - 1] == body[0]
+    assert any(b.startswith("__global__ void gemv_v1(") for b in body) and body[-1] == "}"
+    assert "<<<" not in out  # the launch site is not shown
+    with pytest.raises(ValueError, match="no definition"):
+        nb.show("csrc/nf4_cuda.cu", "no_such_kernel")
+    with pytest.raises(FileNotFoundError):
+        nb.show("csrc/gone.cu", "gemv_v1")
 
 
 # ------------------------------------------------------------------------------------- links
@@ -328,6 +403,15 @@ def _ref_12_2(costs, qualities):
     return out
 
 
+def _ref_14_1(r, G):
+    g = r.reshape(-1, G)
+    return ((g - g.mean(1, keepdims=True)) / (g.std(1, ddof=1, keepdims=True) + 1e-4)).reshape(-1)
+
+
+def _ref_14_2(n, c, k):
+    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
 REFERENCES = {k: globals()[f"_ref_{k.replace('.', '_')}"] for k in nb.EXERCISES}
 
 
@@ -371,13 +455,13 @@ def test_exercise_cells_name_existing_checkers(path):
         assert len(set(ids)) >= 2, f"{path.name}: 2-3 exercises expected, found {sorted(set(ids))}"
 
 
-RL_CHAPTERS = {"08", "09", "10", "12"}
+RL_CHAPTERS = {"08", "09", "10", "12", "14"}
 
 
 @pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.name[:2] in RL_CHAPTERS],
                          ids=_ids([p for p in NOTEBOOKS if p.name[:2] in RL_CHAPTERS]))
 def test_rl_chapters_link_source_plot_and_exercise(path):
-    """Chapters 08-10 and 12: equations linked to source, a plot, a deviations box and 2-3 exercises."""
+    """Chapters 08-10, 12 and 14: equations linked to source, a plot, a deviations box and 2-3 exercises."""
     cells = _load(path)["cells"]
     md = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
     assert len(LINK.findall(md)) >= 3, f"{path.name}: link each equation to its source"

@@ -29,7 +29,7 @@ Sources
     * TRL ``trl/trainer/dpo_trainer.py`` ``_compute_loss`` and ``dpo_config.py`` (metric names
       rewards/chosen|rejected|margins|accuracies, logps/chosen|rejected; defaults).
     * Defaults for this model: docs/rlhf-notes.md §4 (DPO row: β 0.1, 100 steps, B 32); lr and the SFT term
-      measured here (Deviations).
+      chosen here (Deviations).
 
 Deviations
     * ``label_smoothing`` applies to ``"sigmoid"`` (cDPO, as eric-mitchell and TRL ≤ 0.28); TRL
@@ -44,15 +44,11 @@ Deviations
     * **The default loss adds an SFT term**: ``sft_weight`` α = 1 adds α · (mean NLL per chosen
       completion token) (RPO, Pang et al. 2024, arXiv 2404.19733; TRL ``loss_type=["sigmoid",
       "sft"]``, ``loss_weights=[1, α]``). ``--sft-weight 0`` restores the paper's loss (Eq. 7 alone).
-      Measured on the built-in world (100 steps, B 32, β 0.1, 200 prompts per split; eval at T 0.7;
-      "test" = held-out-fact prompts, whose pairs are nevertheless in the preference data):
-      plain DPO pushes the rejected log-probs down by 30–50 nats while the chosen ones also fall
-      (−1.4 → −2.6), and the freed mass goes to token salad: from the noisy SFT model with cue-free
-      pairs, lr 1e-4: KL 26.5 nats, gold 0.06 → −0.30, repetition 0.15 → 0.24, rude 0.03 → 0.16;
-      lr 5e-5: KL 18.9; lr 2e-5: KL 6.8, gold 0.06 → 0.01. With α = 1, lr 1e-4: KL 2.1, gold 0.06 →
-      0.83, every fault rate → 0 (greedy EM 0.42 → 0.95). With the cue-carrying recipe "e" (α = 1):
-      noisy SFT: opener 0.22 → 0.89 (greedy), repetition/too-long/rude → 0, gold 0.30 → 0.68, KL 3.1;
-      opener SFT: opener 0.26 → 0.94, KL 2.0 (docs/rlhf-notes.md §4: 0.93–0.95, KL 2.7–3.5).
+      The reason: on a model this small, plain DPO pushes the rejected log-probs down by tens of
+      nats while the chosen ones fall too, and the freed probability mass goes to token salad (the
+      KL to the reference explodes and gold falls, even at lower learning rates); the NLL term keeps
+      the chosen responses likely. ``minillm dpo --sft-weight 0`` shows the collapse (chapter 10
+      explains it).
     * Learning rate 1e-4 with AdamW instead of the paper's 1e-6 RMSprop: a 0.9 M-parameter model
       trained for 100 steps needs a far larger step (``--lr`` to change it).
 """
@@ -64,26 +60,27 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from minillm import backend
 from minillm import functional as F
 from minillm.checkpoint import load_model, save_checkpoint, write_json_atomic
-from minillm.data import CollateReport
+from minillm.data import CollateReport, RenderedPair, collate_preference, render_preference_pairs
 from minillm.model import GPT, left_pad
-from minillm.nn import Dropout, Module
-from minillm.optim import AdamW, clip_grad_norm_, cosine_lr, set_lr, weight_decay_groups
+from minillm.nn import disable_dropout
+from minillm.optim import AdamW, weight_decay_groups
 from minillm.tensor import Tensor, no_grad
-from minillm.train.common import add_dataclass_arguments, dataclass_from_args
-from minillm.data import RenderedPair, collate_preference, render_preference_pairs
-from minillm.train.reward import _round, batches, load_pairs
+from minillm.train.common import (LoRAConfig, OptimConfig, add_dataclass_arguments, dataclass_from_args, print_run,
+                                  round_floats)
+from minillm.train.loop import index_batches, train_loop
+from minillm.train.reward import load_pairs
 
 LOSS_TYPES = ("sigmoid", "ipo", "robust", "hinge")
 
 
 @dataclass
-class DPOConfig:
-    """Settings of a DPO run (CLI: ``minillm dpo --beta 0.1 --max-steps 100``).
+class DPOConfig(LoRAConfig, OptimConfig):
+    """Settings of a DPO run (CLI: ``minillm dpo --beta 0.1 --max-steps 100``): the shared optimizer and
+    LoRA fields (``OptimConfig``, ``LoRAConfig``) with DPO's measured defaults, and DPO's own.
 
     sft: checkpoint of the policy's start and of the reference; data: "builtin" (pairs of
     ``recipe``) or a preference file; beta: β (the strength of the implicit KL constraint);
@@ -101,17 +98,8 @@ class DPOConfig:
     label_smoothing: float = 0.0
     ipo_length_normalize: bool = False
     sft_weight: float = 1.0  # α of an added NLL on the chosen tokens (RPO; TRL loss_type ["sigmoid", "sft"]); 0 = DPO
-    batch_size: int = 32
     max_steps: int = 100
     lr: float = 1e-4
-    warmup_steps: int = 10
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    lora: bool = False
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_targets: str = "q_proj,v_proj"  # comma-separated names, or all-linear
     max_length: int = 0  # 0 = the model's block_size
     eval: bool = True
     eval_prompts: int = 200  # per fact split (held-out facts, train facts)
@@ -119,18 +107,18 @@ class DPOConfig:
     max_new_tokens: int = 12
     reward_model: str = ""  # optional RM checkpoint: mean RM score of the sampled responses
     ref_batch_size: int = 64
-    seed: int = 0
-    progress: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type={self.loss_type!r}: use one of {', '.join(LOSS_TYPES)}")
         if not self.beta > 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.batch_size < 1 or self.max_steps < 0:
-            raise ValueError(f"batch_size must be ≥ 1 and max_steps ≥ 0, got {self.batch_size}, {self.max_steps}")
+        if self.lora_dropout != 0:
+            raise ValueError(f"lora_dropout must be 0 for DPO (dropout is off so the policy equals the reference "
+                             f"at step 0), got {self.lora_dropout}")
         if self.sft_weight < 0:
             raise ValueError(f"sft_weight must be ≥ 0, got {self.sft_weight}")
 
@@ -236,19 +224,6 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 # Log-probabilities
 
 
-def disable_dropout(model: Module) -> int:
-    """Set every Dropout module's p (and a GPT's ``config.dropout``) to 0, as TRL's
-    ``disable_dropout_in_model``; returns how many Dropout modules there are."""
-    if hasattr(model, "config") and hasattr(model.config, "dropout"):
-        model.config.dropout = 0.0
-    n = 0
-    for _, m in model.named_modules():
-        if isinstance(m, Dropout):
-            m.p = 0.0
-            n += 1
-    return n
-
-
 def pair_logps(model: GPT, batch: dict) -> tuple[Tensor, Tensor]:
     """Summed response log-probs (B,) of the chosen and rejected halves of ``collate_preference`` output
     (labels −100 on prompt and padding, so neither leaks in: docs/bugs.md B16). Differentiable."""
@@ -303,27 +278,24 @@ def evaluate_pairs(model: GPT, pairs: Sequence[RenderedPair], ref_c: np.ndarray,
 
 def train_dpo(model: GPT, pairs: Sequence[RenderedPair], ref_c: np.ndarray, ref_r: np.ndarray, pad_id: int,
               cfg: DPOConfig, on_step=None) -> list[dict]:
-    """The training loop (AdamW, warmup + cosine, clipping); returns per-step metric dicts with
-    ``loss_dpo`` (the preference loss), ``nll`` (the RPO term, when ``sft_weight`` > 0), ``loss``
-    (the total that is minimised), TRL's ``rewards/*`` and ``logps/*``, ``lr`` and ``grad_norm``."""
+    """Train through the shared loop (``train.loop.train_loop``) with ``dpo_loss`` (+ the RPO term);
+    returns per-step metric dicts with ``loss_dpo`` (the preference loss), ``nll`` (the RPO term, when
+    ``sft_weight`` > 0), ``loss`` (the total that is minimised), TRL's ``rewards/*`` and ``logps/*``,
+    ``lr`` and ``grad_norm``."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.lora:
-        opt = AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        opt = AdamW(weight_decay_groups(((n, p) for n, p in model.named_parameters() if p.requires_grad),
-                                        cfg.weight_decay), lr=cfg.lr)
-    rng = np.random.default_rng(cfg.seed)
-    stream = batches(len(pairs), cfg.batch_size, rng)
+    opt = AdamW(weight_decay_groups(model.named_parameters(), cfg.weight_decay), lr=cfg.lr)
+    stream = index_batches(len(pairs), cfg.batch_size, np.random.default_rng(cfg.seed))
     lens_c, lens_r = response_lengths(pairs)
     use_lens = cfg.loss_type == "ipo" and cfg.ipo_length_normalize
-    model.train()  # dropout is already p = 0 (disable_dropout); train mode changes nothing else
-    history = []
-    bar = tqdm(range(cfg.max_steps), desc="dpo" + (" (lora)" if cfg.lora else ""), disable=not cfg.progress)
-    for step in bar:
-        lr = cosine_lr(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
-        set_lr(opt, lr)
-        idx = next(stream)
-        pc, pr = pair_logps(model, collate_preference([pairs[i] for i in idx], pad_id))  # (B,), (B,)
+
+    def batches():
+        while True:
+            idx = next(stream)
+            yield idx, collate_preference([pairs[i] for i in idx], pad_id)
+
+    def loss_fn(item):
+        idx, b = item
+        pc, pr = pair_logps(model, b)  # (B,), (B,)
         loss, m = dpo_loss(pc, pr, ref_c[idx], ref_r[idx], cfg.beta, cfg.loss_type, cfg.label_smoothing,
                            lens_c[idx] if use_lens else None, lens_r[idx] if use_lens else None)
         m["loss_dpo"] = m.pop("loss")  # the preference loss alone, comparable with the held-out pairs'
@@ -331,18 +303,13 @@ def train_dpo(model: GPT, pairs: Sequence[RenderedPair], ref_c: np.ndarray, ref_
             nll = -pc.sum() / max(int(lens_c[idx].sum()), 1)
             loss = loss + cfg.sft_weight * nll
             m["nll"] = float(nll.item())
-        m["loss"] = float(loss.item())  # what is minimised: loss_dpo (+ sft_weight · nll)
-        if not np.isfinite(loss.item()):
-            raise FloatingPointError(f"DPO: the loss became {loss.item()} at step {step}")
-        opt.zero_grad()
-        loss.backward()
-        grad_norm = clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else float("nan")
-        opt.step()
-        m = {"step": step, **m, "lr": lr, "grad_norm": float(grad_norm)}
-        history.append(m)
-        bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['rewards/accuracies']:.2f}")
-        if on_step is not None:
-            on_step(step, m)
+        return loss, m  # the loop logs ``loss``: loss_dpo (+ sft_weight · nll)
+
+    model.train()  # dropout is already p = 0 (disable_dropout); train mode changes nothing else
+    history = train_loop(opt, params, batches(), loss_fn, max_steps=cfg.max_steps, lr=cfg.lr,
+                         warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio, grad_clip=cfg.grad_clip,
+                         what="DPO" + (" (lora)" if cfg.lora else ""), progress=cfg.progress, on_step=on_step,
+                         show=("loss", "rewards/accuracies"))
     model.eval()
     return history
 
@@ -420,10 +387,6 @@ def world_eval(model: GPT, tokenizer, cfg: DPOConfig, reference: GPT | None = No
     return out
 
 
-def _lora_targets(spec: str):
-    return "all-linear" if spec == "all-linear" else [t.strip() for t in spec.split(",") if t.strip()]
-
-
 def dpo(cfg: DPOConfig) -> DPOResult:
     """Run DPO as configured; writes ``<out_dir>/checkpoint.safetensors`` and ``metrics.json``.
 
@@ -441,6 +404,12 @@ def dpo(cfg: DPOConfig) -> DPOResult:
     rep_tr, rep_te = CollateReport(), CollateReport()
     train_pairs = render_preference_pairs(train_ex, tok, max_len, report=rep_tr)
     test_pairs = render_preference_pairs(test_ex, tok, max_len, report=rep_te)
+    from minillm.train.common import print_data_summary  # the one console summary of kept/cut/dropped data
+
+    length_option = "--max-length up to the model's block_size, or a base model with a longer context"
+    print_data_summary("dpo train", rep_tr, info.get("skipped"), max_len, length_option)
+    if test_ex:
+        print_data_summary("dpo test", rep_te, None, max_len, length_option)
     if not train_pairs:
         raise ValueError(f"DPO data {cfg.data!r}: no usable preference pair "
                          f"(skipped: {rep_tr.skipped}; pairs read: {rep_tr.n_examples})")
@@ -465,9 +434,9 @@ def dpo(cfg: DPOConfig) -> DPOResult:
                 if mode != "greedy":
                     d["kl"] = 0.0
     if cfg.lora:
-        from minillm.lora import count_parameters, inject_lora
+        from minillm.lora import count_parameters, inject_lora, parse_target_modules
 
-        inject_lora(model, _lora_targets(cfg.lora_targets), r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+        inject_lora(model, parse_target_modules(cfg.lora_targets), r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                     lora_dropout=0.0, seed=cfg.seed)
         metrics["parameters"] = count_parameters(model)
     else:
@@ -497,7 +466,7 @@ def dpo(cfg: DPOConfig) -> DPOResult:
                            train_state={"dpo_config": asdict(cfg), "model_kind": "policy"})
     metrics["history"] = [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in h.items()} for h in history]
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
-    metrics = _round(metrics)
+    metrics = round_floats(metrics, 4, into_lists=False)
     write_json_atomic(out / "metrics.json", metrics)
     return DPOResult(history=history, metrics=metrics, checkpoint=str(ckpt), seconds=metrics["seconds"])
 
@@ -538,10 +507,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    """``minillm dpo``: run, print the summary, return 0."""
     cfg = dataclass_from_args(DPOConfig, args)
-    res = dpo(cfg)
-    for line in summary_lines(res.metrics):
-        print(line)
-    print(f"checkpoint: {res.checkpoint}")
-    print(f"metrics: {Path(cfg.out_dir) / 'metrics.json'}")
-    return 0
+    return print_run(dpo(cfg), cfg.out_dir, summary_lines)

@@ -75,7 +75,6 @@ Deviations (each with the option that restores the reference behaviour)
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -89,12 +88,11 @@ from minillm import backend
 from minillm import functional as F
 from minillm.checkpoint import write_json_atomic
 from minillm.model import GPT
-from minillm.nn import Linear
-from minillm.optim import AdamW, clip_grad_norm_
+from minillm.nn import Linear, disable_dropout
+from minillm.optim import AdamW, clip_grad_norm_, weight_decay_groups
 from minillm.tensor import Tensor, no_grad
-from minillm.train.common import add_dataclass_arguments, dataclass_from_args
-
-OPENER = "Sure!"
+from minillm.tasks import OPENER
+from minillm.train.common import LoRAConfig, add_dataclass_arguments, dataclass_from_args, print_run, round_floats
 
 
 # ================================================================================================
@@ -368,7 +366,7 @@ def token_entropy(logits) -> np.ndarray:
 # Configuration
 
 @dataclass
-class PPOConfig:
+class PPOConfig(LoRAConfig):
     """Settings of a PPO run (CLI: ``minillm ppo --beta 0 --iterations 60``). Defaults: docs/rlhf-notes.md §3.
 
     sft: the policy's initial weights and the frozen reference. reward: a reward-model checkpoint
@@ -408,10 +406,6 @@ class PPOConfig:
     grad_clip: float = 1.0
     missing_eos_penalty: float = 1.0
     score_norm_samples: int = 256
-    lora: bool = False
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_targets: str = "q_proj,v_proj"
     eval_prompts: int = 200
     seed: int = 0
     progress: bool = True
@@ -508,15 +502,12 @@ def policy_forward(policy: GPT, input_ids, attention_mask, prompt_length: int, r
     B, L = ids.shape
     P = prompt_length
     N = L - P
-    h = policy.hidden_states(ids, mask)                            # (B, P+N, C)
-    h_resp = h[:, P - 1:L - 1, :]                                  # (B, N, C): state before each response token
-    logits = policy.lm_logits(h_resp) / temperature               # (B, N, V), softmax(logits / T)
-    rm = backend.asarray(np.asarray(response_mask)).astype(bool)
-    targets = backend.xp().where(rm, ids[:, P:], -100)            # (B, N)
-    logp = -F.cross_entropy(logits, targets, reduction="none")    # (B, N), 0 where masked
+    h = policy.hidden_states(ids, mask)                                              # (B, P+N, C)
+    logits = policy.response_logits(ids, mask, P, temperature, hidden=h)             # (B, N, V), logits / T
+    logp = policy.response_logprobs(ids, mask, P, response_mask, logits=logits)      # (B, N), 0 where masked
     values = None
     if value_head is not None:
-        values = value_head(h_resp).reshape(B, N)                 # (B, N, C) -> (B, N)
+        values = value_head(h[:, P - 1:L - 1, :]).reshape(B, N)   # (B, N, C) -> (B, N): state before each token
     elif value_model is not None:
         values = value_model.scores(ids, mask)[:, P - 1:L - 1]    # (B, N)
     return logp, values, logits.data
@@ -571,19 +562,6 @@ def _reward_scores_fn():
     from minillm.train.reward import reward_scores
 
     return reward_scores
-
-
-def disable_dropout(model: GPT) -> GPT:
-    """Set every dropout probability of ``model`` (and its config) to 0 and put it in eval mode
-    (trl ``disable_dropout_in_model``; docs/bugs.md C20). Returns the model."""
-    from minillm.nn import Dropout
-
-    model.config.dropout = 0.0
-    for m in model.modules():
-        if isinstance(m, Dropout):
-            m.p = 0.0
-    model.eval()
-    return model
 
 
 def load_reward(path: str):
@@ -647,12 +625,13 @@ class PPOTrainer:
             value_model.eval()
             self.value_params = [p for p in value_model.parameters() if p.requires_grad]
         self.policy_params = [p for p in policy.parameters() if p.requires_grad]
+        # the project's one parameter-group rule: no weight decay on 1-D parameters (biases, LayerNorm)
         if value_model is None:
-            self.opt = AdamW(self.policy_params + self.value_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            self.opt = AdamW(weight_decay_groups(self.policy_params + self.value_params, cfg.weight_decay), lr=cfg.lr)
             self.value_opt = None
         else:
-            self.opt = AdamW(self.policy_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-            self.value_opt = AdamW(self.value_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            self.opt = AdamW(weight_decay_groups(self.policy_params, cfg.weight_decay), lr=cfg.lr)
+            self.value_opt = AdamW(weight_decay_groups(self.value_params, cfg.weight_decay), lr=cfg.lr)
         self.kl_ctl = (AdaptiveKLController(cfg.beta, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
                        else FixedKLController(cfg.beta))
         self.score_mean, self.score_std = 0.0, 1.0
@@ -851,48 +830,23 @@ def world_prompts() -> tuple[list[str], dict]:
 
 
 def read_prompts(path: str) -> list[str]:
-    """Prompts from a file: JSONL/JSON records with "prompt" or "instruction", plain text (one per
-    line), or any chat/preference format data.load_dataset reads (HH-RLHF transcripts, ShareGPT,
-    OpenAI messages): then the last user turn of each conversation's prompt (earlier turns are
-    dropped — PPO here renders single-turn prompts).
+    """Prompts from a file, through the project's loaders (``data.load_dataset(kind="prompt")``): any
+    JSON/JSONL format they read — TRL's prompt-only ``{"prompt"}``, Alpaca ``{"instruction"}``, chat
+    and preference files (HH-RLHF transcripts, ShareGPT, OpenAI messages) — gives the last user turn
+    of each prompt (PPO here renders single-turn prompts); any other file is plain UTF-8 text, one
+    prompt per line.
 
-    Raises FileNotFoundError naming the file, ValueError naming the file and line of a bad record,
-    or of an empty file.
+    Raises FileNotFoundError naming the file, the loaders' DataError naming the file, line and field
+    of a bad record, and ValueError for a file without prompts.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"prompt file not found: {p}")
-    out = []
-    text = p.read_text(encoding="utf-8")
-    if p.suffix in (".jsonl", ".json"):
-        lines = text.splitlines()
-        if p.suffix == ".json":
-            recs = json.loads(text)
-            lines = [json.dumps(r) for r in recs]
-        first = next((json.loads(x) for x in lines if x.strip()), None)
-        if isinstance(first, dict) and not isinstance(first.get("prompt", first.get("instruction")), str) and \
-                any(k in first for k in ("chosen", "messages", "conversations")):
-            from minillm.data import load_dataset
+    from minillm.data import load_dataset, read_text_file
 
-            for ex in load_dataset(p).records:
-                msgs = ex.prompt if hasattr(ex, "prompt") else ex.messages[:-1]
-                users = [m["content"] for m in msgs if m["role"] == "user"]
-                if users:
-                    out.append(users[-1])
-            lines = []
-        for i, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p}:{i}: not valid JSON ({e.msg})") from None
-            q = rec.get("prompt", rec.get("instruction")) if isinstance(rec, dict) else None
-            if not isinstance(q, str) or not q.strip():
-                raise ValueError(f"{p}:{i}: a record needs a non-empty 'prompt' or 'instruction' string")
-            out.append(q)
+    p = Path(path)
+    if p.suffix in (".jsonl", ".json"):
+        out = [next(m["content"] for m in reversed(msgs) if m["role"] == "user")
+               for msgs in load_dataset(p, kind="prompt").records]
     else:
-        out = [line.strip() for line in text.splitlines() if line.strip()]
+        out = [line.strip() for line in read_text_file(p).splitlines() if line.strip()]
     if not out:
         raise ValueError(f"{p}: no prompts")
     return out
@@ -902,16 +856,6 @@ def _evenly(items: list, n: int) -> list:
     if n <= 0 or n >= len(items):
         return list(items)
     return [items[int(i)] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
-
-
-def _round(d):
-    if isinstance(d, dict):
-        return {k: _round(v) for k, v in d.items()}
-    if isinstance(d, (list, tuple)):
-        return [_round(v) for v in d]
-    if isinstance(d, float):
-        return round(d, 5)
-    return d
 
 
 def build_trainer(cfg: PPOConfig):
@@ -937,15 +881,17 @@ def build_trainer(cfg: PPOConfig):
         if rm_tok is not None and rm_tok.to_dict() != tok.to_dict():
             raise ValueError(f"{cfg.reward}: the reward model's tokenizer differs from the policy's ({cfg.sft})")
         rm.requires_grad_(False)
-        reward_fn = ModelReward(disable_dropout(rm), cfg.batch_size)
+        disable_dropout(rm)
+        reward_fn = ModelReward(rm.eval(), cfg.batch_size)
         if cfg.value_model == "reward_model":
             value_model, _ = load_reward(cfg.reward)
-            disable_dropout(value_model).requires_grad_(True)
+            disable_dropout(value_model)
+            value_model.eval().requires_grad_(True)
     if cfg.lora:
-        from minillm.lora import inject_lora
+        from minillm.lora import inject_lora, parse_target_modules
 
-        targets = "all-linear" if cfg.lora_targets == "all-linear" else [t.strip() for t in cfg.lora_targets.split(",")]
-        inject_lora(policy, targets, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, seed=cfg.seed)
+        inject_lora(policy, parse_target_modules(cfg.lora_targets), r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                    lora_dropout=cfg.lora_dropout, seed=cfg.seed)
     trainer = PPOTrainer(policy, ref, reward_fn, cfg, tokenizer=tok, judge=judge, value_model=value_model)
     return trainer, tok
 
@@ -1017,7 +963,7 @@ def ppo(cfg: PPOConfig, on_iteration: Callable | None = None) -> PPOResult:
     ckpt = save_checkpoint(out / "checkpoint.safetensors", policy, tok, train_state={"ppo_config": asdict(cfg)},
                            extra_tensors=extra)
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
-    metrics = _round(metrics)
+    metrics = round_floats(metrics, 5)
     write_json_atomic(out / "metrics.json", metrics)
     return PPOResult(history=metrics["history"], metrics=metrics, checkpoint=str(ckpt), seconds=metrics["seconds"])
 
@@ -1053,8 +999,4 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     """``minillm ppo``: run, print the summary, return 0."""
     cfg = dataclass_from_args(PPOConfig, args)
-    res = ppo(cfg)
-    for line in summary_lines(res.metrics):
-        print(line)
-    print(f"metrics: {Path(cfg.out_dir) / 'metrics.json'}")
-    return 0
+    return print_run(ppo(cfg), cfg.out_dir, summary_lines)

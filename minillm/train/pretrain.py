@@ -9,6 +9,10 @@ Scope
     greedy sample, and writes ``<out_dir>/checkpoint.safetensors`` atomically with the config,
     tokenizer, optimizer state and the data generator's state — so ``resume=True`` continues and
     reproduces the losses of an uninterrupted run exactly. ``minillm pretrain --corpus FILE``.
+    An existing checkpoint in ``out_dir`` is never silently replaced: without ``resume`` (or
+    ``overwrite``) the run refuses to start; with ``resume`` the checkpoint must have been made from
+    the same corpus (SHA-256 of its tokens' text) and the same settings (the differing fields are
+    named), so a resumed run never trains on from another run's weights.
 
 Sources
     Radford et al. 2019 (GPT-2) language-model pretraining; nanoGPT ``train.py`` (random windows,
@@ -22,6 +26,7 @@ Deviations
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,17 +37,20 @@ from tqdm.auto import tqdm
 
 from minillm.checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
 from minillm.model import GPT, GPTConfig
-from minillm.optim import AdamW, clip_grad_norm_, cosine_lr, set_lr, weight_decay_groups
+from minillm.optim import AdamW, weight_decay_groups
 from minillm.tokenizer import Tokenizer
-from minillm.train.common import (add_dataclass_arguments, check_finite, dataclass_from_args, fixed_windows,
-                                  mean_loss, random_windows, read_text, rng_state, set_rng_state)
+from minillm.train.common import (OptimConfig, add_dataclass_arguments, dataclass_from_args, fixed_windows, mean_loss,
+                                  random_windows, read_text, rng_state, set_rng_state)
+from minillm.train.loop import train_loop
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 
 
 @dataclass
-class PretrainConfig:
-    """Settings of a pretraining run (CLI: ``--max-steps 1200`` etc.)."""
+class PretrainConfig(OptimConfig):
+    """Settings of a pretraining run (CLI: ``--max-steps 1200`` etc.): the shared optimizer fields
+    (``OptimConfig``) with pretraining's measured defaults, the model's shape (``model_config``) and
+    the run's own."""
 
     corpus: str = "builtin"  # a UTF-8 text file, or "builtin" for the task world's corpus
     out_dir: str = "runs/base"
@@ -56,21 +64,24 @@ class PretrainConfig:
     max_steps: int = 1200
     lr: float = 4e-3
     warmup_steps: int = 20
-    min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
-    grad_clip: float = 1.0
     val_fraction: float = 0.1
     eval_interval: int = 200
     eval_windows: int = 32
     sample_tokens: int = 32
     checkpoint_interval: int = 200
-    seed: int = 0
-    resume: bool = False
-    progress: bool = True
+    resume: bool = False  # continue the run in out_dir (same corpus and settings, checked)
+    overwrite: bool = False  # replace an existing run's checkpoint in out_dir (else: refuse)
+
+    def model_config(self, vocab_size: int | None = None) -> GPTConfig:
+        """The GPTConfig this run trains (``vocab_size``: the trained tokenizer's, default the field)."""
+        return GPTConfig(vocab_size=vocab_size or self.vocab_size, block_size=self.block_size,
+                         n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0.0 < self.val_fraction < 0.5:
             raise ValueError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
         for name in ("max_steps", "batch_size", "eval_interval", "checkpoint_interval", "eval_windows"):
@@ -110,7 +121,11 @@ def pretrain(cfg: PretrainConfig, text: str | None = None, tokenizer_text: str |
 
     Raises FileNotFoundError/ValueError for a missing, empty or non-UTF-8 corpus (naming the file),
     ValueError for a vocab_size too small for 256 bytes + special tokens, a checkpoint whose shapes
-    do not match the config (naming the shapes), or a corpus shorter than one window.
+    do not match the config (naming the shapes), or a corpus shorter than one window;
+    FileExistsError when ``out_dir`` holds a checkpoint and neither ``resume`` nor ``overwrite`` is
+    set; ValueError when resuming a checkpoint made from another corpus or other settings (naming
+    the differing fields) or one without optimizer state; FloatingPointError when the loss or a
+    weight becomes NaN/inf (the last good checkpoint is kept).
     """
     t0 = time.perf_counter()
     if text is None and cfg.corpus == "builtin":
@@ -121,8 +136,14 @@ def pretrain(cfg: PretrainConfig, text: str | None = None, tokenizer_text: str |
         raise ValueError("pretrain: the corpus text is empty")
     out = Path(cfg.out_dir)
     ckpt_path = out / CHECKPOINT_NAME
+    if ckpt_path.exists() and not cfg.resume and not cfg.overwrite:
+        raise FileExistsError(f"{ckpt_path} already exists (an earlier run); pass --resume true to continue it, "
+                              f"--overwrite true to replace it, or choose another --out-dir")
     resume = cfg.resume and ckpt_path.exists()
     ck = load_checkpoint(ckpt_path) if resume else None
+    corpus_sha256 = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    if ck:
+        check_resumable(ck, cfg, corpus_sha256)
     tok = Tokenizer.from_dict(ck.tokenizer) if ck else Tokenizer.train(tokenizer_text or text, cfg.vocab_size)
 
     data = encode_corpus(text, tok)
@@ -134,8 +155,7 @@ def pretrain(cfg: PretrainConfig, text: str | None = None, tokenizer_text: str |
     val_batches = np.array_split(fixed_windows(val_data, cfg.eval_windows, cfg.block_size),
                                  max(1, cfg.eval_windows // cfg.batch_size))
 
-    gcfg = GPTConfig(vocab_size=tok.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
-                     n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout)
+    gcfg = cfg.model_config(tok.vocab_size)
     model = GPT(gcfg, seed=cfg.seed)
     opt = AdamW(weight_decay_groups(model.named_parameters(), cfg.weight_decay), lr=cfg.lr,
                 betas=(cfg.beta1, cfg.beta2))
@@ -158,24 +178,18 @@ def pretrain(cfg: PretrainConfig, text: str | None = None, tokenizer_text: str |
         save_checkpoint(ckpt_path, model, tok, opt, train_state={
             "step": step, "rng": rng_state(rng), "drop_rng": rng_state(model.drop_rng),
             "train_losses": result.train_losses, "val_losses": result.val_losses,
-            "pretrain_config": asdict(cfg)})
+            "pretrain_config": asdict(cfg), "corpus_sha256": corpus_sha256})
 
-    model.train()
-    bar = tqdm(range(start, cfg.max_steps), desc="pretrain", disable=not cfg.progress, initial=start,
-               total=cfg.max_steps)
-    for step in bar:
-        lr = cosine_lr(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
-        set_lr(opt, lr)
-        batch = random_windows(train_data, cfg.batch_size, cfg.block_size, rng)
+    def windows():  # drawn lazily, one per step, so a checkpoint's RNG state is the state after its step
+        while True:
+            yield random_windows(train_data, cfg.batch_size, cfg.block_size, rng)
+
+    def loss_fn(batch):  # next-token cross-entropy over every position (nats/token)
         _, loss = model(batch, labels=batch)
-        check_finite(loss, step, "pretrain")
-        opt.zero_grad()
-        loss.backward()
-        if cfg.grad_clip > 0:
-            clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        result.train_losses.append(float(loss.item()))
-        bar.set_postfix(loss=f"{result.train_losses[-1]:.3f}", lr=f"{lr:.2e}")
+        return loss, {}
+
+    def on_step(step: int, record: dict) -> None:  # evaluation and checkpoints
+        result.train_losses.append(record["loss"])
         done = step + 1
         if done % cfg.eval_interval == 0 or done == cfg.max_steps:
             vl = mean_loss(model, val_batches)
@@ -183,12 +197,43 @@ def pretrain(cfg: PretrainConfig, text: str | None = None, tokenizer_text: str |
             sample = greedy_sample(model, tok, val_data[: min(8, cfg.block_size // 2)], cfg.sample_tokens)
             result.samples.append((done, sample))
             if cfg.progress:
-                tqdm.write(f"step {done}: train {result.train_losses[-1]:.3f}  val {vl:.3f}  sample: {sample!r}")
+                tqdm.write(f"step {done}: train {record['loss']:.3f}  val {vl:.3f}  sample: {sample!r}")
         if done % cfg.checkpoint_interval == 0 or done == cfg.max_steps:
             save(done)
+
+    model.train()
+    train_loop(opt, model.parameters(), windows(), loss_fn, max_steps=cfg.max_steps, lr=cfg.lr,
+               warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio, grad_clip=cfg.grad_clip,
+               start_step=start, what="pretrain", progress=cfg.progress, on_step=on_step)
     result.checkpoint = str(ckpt_path)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+#: PretrainConfig fields a resumed run may change (they do not change the trained weights).
+RESUME_MAY_DIFFER = ("resume", "overwrite", "progress", "out_dir", "corpus", "eval_interval", "eval_windows",
+                     "sample_tokens", "checkpoint_interval")
+
+
+def check_resumable(ck, cfg: PretrainConfig, corpus_sha256: str) -> None:
+    """Raise ValueError naming ``ck.path`` and exactly the differing fields when checkpoint ``ck``
+    cannot be continued by ``cfg`` on a corpus of SHA-256 ``corpus_sha256``: another corpus, other
+    training settings (every PretrainConfig field but ``RESUME_MAY_DIFFER``), or no optimizer state
+    or training state to continue from."""
+    st = ck.train_state
+    if ck.optimizer_state is None or "step" not in st or "rng" not in st:
+        raise ValueError(f"{ck.path}: has no optimizer/training state (not written by `minillm pretrain`), so it "
+                         f"cannot be resumed; use --overwrite true or another --out-dir")
+    old = st.get("pretrain_config") or {}
+    new = asdict(cfg)
+    diff = {k: (old.get(k), new[k]) for k in new if k not in RESUME_MAY_DIFFER and k in old and old[k] != new[k]}
+    if diff:
+        raise ValueError(f"{ck.path}: cannot resume with different settings: "
+                         + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
+                         + " (use --overwrite true to start over)")
+    if st.get("corpus_sha256") not in (None, corpus_sha256):
+        raise ValueError(f"{ck.path}: was trained on another corpus (SHA-256 {st['corpus_sha256'][:12]}…, this corpus "
+                         f"{corpus_sha256[:12]}…); resuming would mix them (use --overwrite true to start over)")
 
 
 def greedy_sample(model: GPT, tok: Tokenizer, prompt_ids, max_new_tokens: int) -> str:

@@ -7,7 +7,7 @@ Scope
     batches (right padding; padding known from the attention mask). ``loss_on="all"`` trains on
     every real token instead (the comparison the chapter makes). ``lora=True`` freezes the base and
     trains LoRA adapters (``lora.inject_lora``); ``qlora=True`` first replaces the blocks' Linear
-    layers by 4-bit NF4 layers (``quant.Linear4bit``) and trains LoRA on them.
+    layers by 4-bit NF4 layers (``linear4bit.Linear4bit``) and trains LoRA on them.
     On the built-in world it evaluates the base model zero-shot and k-shot and the tuned model on
     held-out facts, held-out paraphrases and train facts (evaluate.evaluate_world), measures the
     pretraining-corpus loss before and after (forgetting), and writes ``<out_dir>/metrics.json``
@@ -32,53 +32,43 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from minillm.checkpoint import load_model, save_checkpoint, write_json_atomic, write_text_atomic
 from minillm.data import CollateReport, SFTExample, collate, load_dataset, tokenize_sft
 from minillm.model import IGNORE_INDEX, GPT
-from minillm.optim import AdamW, clip_grad_norm_, cosine_lr, set_lr, weight_decay_groups
-from minillm.train.common import (TrainResult, add_dataclass_arguments, check_finite, dataclass_from_args,
-                                  fixed_windows, mean_loss)
+from minillm.optim import AdamW, weight_decay_groups
+from minillm.train.common import (LoRAConfig, OptimConfig, TrainResult, add_dataclass_arguments, dataclass_from_args,
+                                  fixed_windows, mean_loss, print_data_summary)
+from minillm.train.loop import index_batches, train_loop
 
 
 @dataclass
-class SFTConfig:
-    """Settings of an SFT run (CLI: ``minillm sft --lora true --max-steps 150``)."""
+class SFTConfig(LoRAConfig, OptimConfig):
+    """Settings of an SFT run (CLI: ``minillm sft --lora true --max-steps 150``): the shared optimizer
+    and LoRA fields (``OptimConfig``, ``LoRAConfig``) with SFT's measured defaults, and SFT's own."""
 
+    max_steps: int = 150
     base: str = "runs/base/checkpoint.safetensors"
     data: str = "builtin"  # "builtin" (the task world) or a file any loader in data.py reads
     variant: str = "plain"  # built-in SFT data: plain | opener | noisy
     out_dir: str = "runs/sft"
-    batch_size: int = 32
-    max_steps: int = 150
-    lr: float = 3e-4
-    warmup_steps: int = 10
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    gradient_accumulation_steps: int = 1  # micro-batches of batch_size per step (per-token mean over all)
     loss_on: str = "response"  # response | all
-    lora: bool = False
     qlora: bool = False
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: str = ""  # comma-separated names or all-linear; "" = q_proj,v_proj (LoRA), all-linear (QLoRA)
     quant_blocksize: int = 64
     eval: bool = True
     eval_base: bool = True
     eval_max_prompts: int = 0  # 0 = all held-out prompts
     k_shot: int = 3
     max_new_tokens: int = 16
-    seed: int = 0
-    progress: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.loss_on not in ("response", "all"):
             raise ValueError(f"loss_on must be 'response' or 'all', got {self.loss_on!r}")
         if self.variant not in ("plain", "opener", "noisy"):
             raise ValueError(f"variant must be plain, opener or noisy, got {self.variant!r}")
-        for name in ("batch_size", "max_steps", "lora_r", "max_new_tokens"):
+        for name in ("batch_size", "max_steps", "lora_r", "max_new_tokens", "gradient_accumulation_steps"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"SFTConfig.{name} must be ≥ 1, got {getattr(self, name)}")
         if self.qlora:
@@ -107,25 +97,14 @@ def records_to_messages(records) -> list[list[dict]]:
     return out
 
 
-def batches(n: int, batch_size: int, rng: np.random.Generator):
-    """Endless stream of index batches: a fresh permutation per epoch (no example repeats within one)."""
-    perm: list[int] = []
-    while True:
-        while len(perm) < batch_size:
-            perm += [int(i) for i in rng.permutation(n)]
-        yield perm[:batch_size]
-        perm = perm[batch_size:]
-
-
 def apply_peft(model: GPT, cfg: SFTConfig) -> dict:
     """Freeze the base and add LoRA (and, for QLoRA, quantize the blocks' Linear layers to NF4 first).
     Returns {trainable, total, percent} from ``lora.count_parameters``."""
-    from minillm.lora import count_parameters, inject_lora
+    from minillm.lora import count_parameters, inject_lora, parse_target_modules
 
-    spec = cfg.lora_targets or ("all-linear" if cfg.qlora else "q_proj,v_proj")
-    targets = "all-linear" if spec == "all-linear" else [t.strip() for t in spec.split(",")]
+    targets = parse_target_modules(cfg.lora_targets, qlora=cfg.qlora)
     if cfg.qlora:
-        from minillm.quant import quantize_model
+        from minillm.linear4bit import quantize_model
 
         quantize_model(model, blocksize=cfg.quant_blocksize)
     inject_lora(model, targets, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -137,12 +116,11 @@ def memory_estimate(model: GPT, cfg: SFTConfig) -> dict:
     """Training memory of this run by component (bytes, float32, memory.estimate): weights, quantization
     constants, LoRA weights, gradients, AdamW states, activations of one batch."""
     from minillm import memory
+    from minillm.lora import parse_target_modules
 
     shape = memory.ModelShape.from_gpt_config(model.config)
     method = "qlora" if cfg.qlora else "lora" if cfg.lora else "full"
-    spec = cfg.lora_targets or ("all-linear" if cfg.qlora else "q_proj,v_proj")
-    names = {"c_fc": "fc_in", "mlp.c_fc": "fc_in", "attn.c_proj": "o_proj", "mlp.c_proj": "fc_out"}
-    targets = "all" if spec == "all-linear" else [names.get(t.strip(), t.strip()) for t in spec.split(",")]
+    targets = parse_target_modules(cfg.lora_targets, qlora=cfg.qlora)
     try:
         est = memory.estimate(shape, method=method, dtype="fp32", batch=cfg.batch_size,
                               seq_len=model.config.block_size, lora_r=cfg.lora_r, lora_targets=targets)
@@ -155,7 +133,7 @@ def merge_for_saving(model: GPT) -> GPT:
     """A plain float32 GPT: every 4-bit base dequantized (no re-quantization), then every LoRA merged
     (W ← W + scaling·B·A), then the wrappers removed. All parameters trainable again."""
     from minillm.lora import merge_and_unload
-    from minillm.quant import dequantize_model
+    from minillm.linear4bit import dequantize_model
 
     dequantize_model(model)
     model = merge_and_unload(model)
@@ -164,35 +142,41 @@ def merge_for_saving(model: GPT) -> GPT:
 
 
 def train_sft(model: GPT, tok, examples: list, cfg: SFTConfig, on_step=None) -> list[float]:
-    """The training loop: ``examples`` are (ids, loss_mask) pairs; returns the loss of every step."""
+    """SFT through the shared loop (``train.loop.train_loop``): ``examples`` are (ids, loss_mask) pairs;
+    the loss is the mean next-token cross-entropy over the response tokens (``loss_on="response"``)
+    or every real token (``"all"``). With ``gradient_accumulation_steps`` > 1 each step accumulates
+    that many micro-batches of ``batch_size`` as one per-token mean. Returns the loss of every step."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = AdamW(weight_decay_groups(((n, p) for n, p in model.named_parameters()), cfg.weight_decay),
-                lr=cfg.lr) if not cfg.lora else AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    rng = np.random.default_rng(cfg.seed)
-    stream = batches(len(examples), cfg.batch_size, rng)
-    losses = []
-    model.train()
-    bar = tqdm(range(cfg.max_steps), desc="sft" + (" (qlora)" if cfg.qlora else " (lora)" if cfg.lora else ""),
-               disable=not cfg.progress)
-    for step in bar:
-        set_lr(opt, cosine_lr(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio))
-        b = collate([examples[i] for i in next(stream)], tok.pad_id)
-        labels = b["labels"]
+    opt = AdamW(weight_decay_groups(model.named_parameters(), cfg.weight_decay), lr=cfg.lr)
+    stream = index_batches(len(examples), cfg.batch_size, np.random.default_rng(cfg.seed))
+    accumulation = cfg.gradient_accumulation_steps
+
+    def next_batch():
+        while True:
+            micro = [collate([examples[i] for i in next(stream)], tok.pad_id) for _ in range(accumulation)]
+            yield micro if accumulation > 1 else micro[0]
+
+    def labels_of(b):
         if cfg.loss_on == "all":  # every real token after the first is a target
-            labels = np.where(b["attention_mask"] == 1, b["input_ids"], IGNORE_INDEX)
-        _, loss = model(b["input_ids"], attention_mask=b["attention_mask"], labels=labels)
-        check_finite(loss, step, "sft")
-        opt.zero_grad()
-        loss.backward()
-        if cfg.grad_clip > 0:
-            clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        losses.append(float(loss.item()))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if on_step is not None:
-            on_step(step, losses[-1])
+            return np.where(b["attention_mask"] == 1, b["input_ids"], IGNORE_INDEX)
+        return b["labels"]
+
+    def loss_fn(b):
+        _, loss = model(b["input_ids"], attention_mask=b["attention_mask"], labels=labels_of(b))
+        return loss, {}
+
+    def n_targets(b):  # targets of the shifted loss: labels[:, 1:]
+        return int((labels_of(b)[:, 1:] != IGNORE_INDEX).sum())
+
+    model.train()
+    history = train_loop(opt, params, next_batch(), loss_fn, max_steps=cfg.max_steps, lr=cfg.lr,
+                         warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio, grad_clip=cfg.grad_clip,
+                         weight_fn=n_targets if accumulation > 1 else None, what="sft" + (
+                             " (qlora)" if cfg.qlora else " (lora)" if cfg.lora else ""),
+                         progress=cfg.progress,
+                         on_step=None if on_step is None else (lambda step, rec: on_step(step, rec["loss"])))
     model.eval()
-    return losses
+    return [h["loss"] for h in history]
 
 
 def corpus_loss(model: GPT, tok, n_windows: int = 64) -> float:
@@ -239,14 +223,17 @@ def sft(cfg: SFTConfig) -> SFTResult:
     if tok is None:
         raise ValueError(f"{cfg.base}: the checkpoint has no tokenizer")
     builtin = cfg.data == "builtin"
-    records = builtin_sft_records(cfg.variant) if builtin else load_dataset(cfg.data, kind="sft").records
+    ds = None if builtin else load_dataset(cfg.data, kind="sft")
+    records = builtin_sft_records(cfg.variant) if builtin else ds.records
     report = CollateReport()
     examples = tokenize_sft(records_to_messages(records), tok, max_length=model.config.block_size, report=report)
+    print_data_summary("sft", report, ds.report if ds is not None else None, max_length=model.config.block_size)
     if not examples:
         raise ValueError(f"SFT data {cfg.data!r}: no example fits block_size={model.config.block_size} "
                          f"(skipped: {report.skipped})")
     metrics: dict = {"config": asdict(cfg), "data": {"n_examples": report.n_examples, "n_kept": report.n_kept,
-                                                     "n_truncated": report.n_truncated, "skipped": report.skipped}}
+                                                     "n_truncated": report.n_truncated, "skipped": report.skipped,
+                                                     "skipped_while_reading": ds.report.skipped if ds else {}}}
     if builtin and cfg.eval and cfg.eval_base:
         metrics["base_zero_shot"] = world_eval(model, tok, cfg, 0, splits=("test",))["test"]
         if cfg.k_shot:
