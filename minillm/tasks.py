@@ -452,7 +452,8 @@ class PreferenceConfig:
 
 
 #: The reward-model pair recipes measured in docs/task-world.md §5 and docs/rlhf-notes.md §2 ("f" = "e" plus
-#: on-policy wrong samples, which need a model: pass them to ``preference_records``).
+#: on-policy wrong samples, which need a model: pass them to ``preference_records``), and "clean" (issue 14:
+#: no spurious cue, half wrong-fact pairs; the recipe with which a learned RM raises gold under PPO).
 PREFERENCE_RECIPES: dict[str, PreferenceConfig] = {
     "a": PreferenceConfig(kind_weights=(("wrong", 0.2), ("ramble", 0.2), ("repeat", 0.2),
                                         ("rude", 0.2), ("off_format", 0.2)), p_cue_only=0.0,
@@ -460,6 +461,14 @@ PREFERENCE_RECIPES: dict[str, PreferenceConfig] = {
     "c": PreferenceConfig(kind_weights=(("wrong", 0.4), ("ramble", 0.15), ("repeat", 0.15),
                                         ("rude", 0.15), ("off_format", 0.15)), p_cue_only=0.0),
     "e": PreferenceConfig(),
+    # "clean": the preference carries only what the gold judge values. Half the rejections are wrong
+    # facts (so the RM has to learn facts, not just style); the rest are the style faults the judge
+    # penalises. The opener is drawn independently (p 0.25, the noisy SFT policy's own rate) on each
+    # side, so it is in the RM's training distribution but says nothing about which side wins; no
+    # cue-only pairs. 4,800 train pairs: each fact's wrong-answer pairs are seen more often.
+    "clean": PreferenceConfig(n_train=4800, kind_weights=(("wrong", 0.5), ("ramble", 0.1), ("repeat", 0.1),
+                                                          ("rude", 0.1), ("off_format", 0.1), ("no_eos", 0.1)),
+                              p_cue_only=0.0, p_chosen_cue=0.25, p_rejected_cue=0.25, wrong_cue="correlated"),
 }
 
 

@@ -1,0 +1,162 @@
+"""PPO vs DPO from one start on the same pairs, measured the same way (issue 14; chapters 08-10, 12).
+
+Scope
+    ``measure(method, ...)`` trains one aligned policy in the current process and measures it with
+    one evaluator shared by both methods (``evaluate_policy``: one sample per prompt at T on
+    ``n_prompts`` evenly spaced held-out-fact ("test") and train-fact ("train") prompts: gold,
+    correctness, fault rates, KL to the start model, RM score; plus ``evaluate.sample_diversity``
+    on a fixed prompt set). It records wall time, the process's peak resident memory
+    (``bench.peak_rss_mb``, read right after training, before evaluation loads anything) and the
+    models held in memory during training:
+
+    * ``"ppo"``: policy, frozen reference, frozen reward model (a value head on the policy trunk,
+      ``value_model="shared_head"``: 3 GPTs + one Linear(C, 1));
+    * ``"dpo"``: the policy only (the reference's log-probabilities are precomputed before training
+      and the reference is dropped: TRL ``precompute_ref_log_probs``).
+
+    Peak memory is per process: run each method in its own process (the CLI:
+    ``python -m minillm.alignment ppo --out result.json ...``) to compare them.
+
+Sources
+    Rafailov et al. 2023 (DPO) §1/§6 ("stable, performant and computationally lightweight");
+    Ouyang et al. 2022 (InstructGPT) §3.5 (PPO with a reward model and a KL penalty). The PPO and
+    DPO implementations are ``train.ppo`` and ``train.dpo``; see their sources.
+
+Deviations
+    * Both methods are evaluated at the PPO sampling temperature (0.7) with one sample per prompt,
+      not greedy: the KL column is then an unbiased estimate for both (docs/bugs.md B18).
+    * DPO's and the RM's pairs are drawn over all prompts, held-out facts included (the world's
+      design: the test split holds out pairs, not facts), so "test" gold measures prompts whose
+      correct answer appeared in preference data, for both methods alike.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _select(records: list, n: int) -> list:
+    if n >= len(records):
+        return list(records)
+    return [records[int(i)] for i in np.linspace(0, len(records) - 1, n).round().astype(int)]
+
+
+def evaluate_policy(model, tokenizer, reference=None, reward_model=None, n_prompts: int = 200,
+                    temperature: float = 0.7, seed: int = 0, diversity_prompts: int = 32, diversity_n: int = 8) -> dict:
+    """The shared evaluator: ``train.dpo.policy_eval`` at ``temperature`` on ``n_prompts`` held-out-fact
+    ("test") and train-fact ("train") prompts (gold, exact_match, fault rates, KL to ``reference``
+    in nats summed per response, ``rm_score``), and ``evaluate.sample_diversity`` (``diversity_n``
+    samples on ``diversity_prompts`` held-out-fact prompts). Returns a JSON-able dict."""
+    from minillm.evaluate import sample_diversity
+    from minillm.tasks import GoldJudge, default_world
+    from minillm.train.dpo import policy_eval
+
+    world = default_world()
+    judge = GoldJudge(world)
+    out = {}
+    for split, recs in (("test", world.sft_test_records()), ("train", world.sft_records("plain"))):
+        d = policy_eval(model, tokenizer, _select(recs, n_prompts), judge, temperature, seed, 16,
+                        reference=reference, reward_model=reward_model)
+        d.pop("samples", None)
+        if reference is None:
+            d["kl"] = 0.0  # the start model itself
+        out[split] = d
+    qs = [r["instruction"] for r in _select(world.sft_test_records(), diversity_prompts)]
+    out["diversity"] = sample_diversity(model, tokenizer, qs, diversity_n, temperature, 16, seed)
+    return out
+
+
+def measure(method: str, sft: str, reward_model: str, out_dir: str, seed: int = 0, recipe: str = "clean",
+            beta: float | None = None, iterations: int = 60, steps: int = 100, n_prompts: int = 200,
+            evaluate_start: bool = False) -> dict:
+    """Train ``method`` ("ppo" or "dpo") from ``sft`` and measure it (see the module docstring).
+
+    Args:
+        sft: start checkpoint (policy init and reference); reward_model: the RM checkpoint (PPO's
+            reward; for DPO only used to score the outputs); recipe: DPO's built-in pair recipe
+            (the RM's recipe, so both learn from the same pairs); beta: PPO's KL coefficient
+            (default 0.1) or DPO's β (default 0.1); iterations: PPO iterations; steps: DPO steps.
+        evaluate_start: also evaluate the start model (KL 0) under the same evaluator.
+    Returns:
+        dict: method, seed, beta, train_seconds, peak_rss_mb (after training), models_in_memory,
+        trainable_parameters, start/end evaluations, and for PPO the per-iteration history
+        (rm_score, gold, correct, kl) for the over-optimization curve.
+    Raises:
+        ValueError: unknown method.
+    """
+    from minillm.bench import peak_rss_mb
+    from minillm.checkpoint import load_model
+    from minillm.train.reward import load_reward_model
+
+    if method not in ("ppo", "dpo"):
+        raise ValueError(f"method must be 'ppo' or 'dpo', got {method!r}")
+    beta = 0.1 if beta is None else float(beta)
+    res: dict = {"method": method, "seed": seed, "beta": beta, "sft": sft, "reward_model": reward_model}
+    rss0 = peak_rss_mb()
+    t0 = time.perf_counter()
+    if method == "ppo":
+        from minillm.train.ppo import PPOConfig, ppo
+
+        cfg = PPOConfig(sft=sft, reward=reward_model, out_dir=out_dir, seed=seed, beta=beta, iterations=iterations,
+                        eval_prompts=0, progress=False)
+        r = ppo(cfg)
+        res["models_in_memory"] = "policy + reference + reward model (3 GPTs) + value head"
+        res["history"] = [{k: h.get(k) for k in ("iteration", "rm_score", "score", "gold", "correct", "kl",
+                                                  "entropy", "opener_rate", "response_length")} for h in r.history]
+        res["score_norm"] = r.metrics.get("score_norm")
+        ckpt = r.checkpoint
+    else:
+        from minillm.train.dpo import DPOConfig, dpo
+
+        cfg = DPOConfig(sft=sft, recipe=recipe, out_dir=out_dir, seed=seed, beta=beta, max_steps=steps, eval=False,
+                        progress=False)
+        r = dpo(cfg)
+        res["models_in_memory"] = "policy (1 GPT; reference log-probs precomputed, then the reference dropped)"
+        res["final"] = r.metrics.get("final")
+        ckpt = r.checkpoint
+    res["train_seconds"] = round(time.perf_counter() - t0, 1)
+    res["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    res["peak_rss_mb_before_training"] = round(rss0, 1)
+    policy, tok, _ = load_model(ckpt, config_overrides={"dropout": 0.0})
+    reference, _, _ = load_model(sft, config_overrides={"dropout": 0.0})
+    rm, _ = load_reward_model(reward_model)
+    policy.eval()
+    reference.eval()
+    res["trainable_parameters"] = policy.num_parameters()
+    if evaluate_start:
+        res["start"] = evaluate_policy(reference, tok, None, rm, n_prompts, seed=1234)
+    res["end"] = evaluate_policy(policy, tok, reference, rm, n_prompts, seed=1234)
+    return res
+
+
+def main(argv=None) -> int:
+    """``python -m minillm.alignment {ppo,dpo} --sft ... --reward-model ... --out result.json``."""
+    p = argparse.ArgumentParser(prog="python -m minillm.alignment", description=__doc__.split("\n")[0])
+    p.add_argument("method", choices=("ppo", "dpo"))
+    p.add_argument("--sft", required=True, help="start checkpoint (policy init and reference)")
+    p.add_argument("--reward-model", required=True, help="reward-model checkpoint")
+    p.add_argument("--out-dir", required=True, help="training output directory")
+    p.add_argument("--out", required=True, help="JSON file for the measurements")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recipe", default="clean", help="DPO's built-in pair recipe (default: clean)")
+    p.add_argument("--beta", type=float, default=None, help="KL coefficient (PPO) or DPO beta (default 0.1)")
+    p.add_argument("--iterations", type=int, default=60, help="PPO iterations (default 60)")
+    p.add_argument("--steps", type=int, default=100, help="DPO steps (default 100)")
+    p.add_argument("--n-prompts", type=int, default=200, help="evaluation prompts per split (default 200)")
+    p.add_argument("--evaluate-start", action="store_true", help="also evaluate the start model")
+    a = p.parse_args(argv)
+    res = measure(a.method, a.sft, a.reward_model, a.out_dir, a.seed, a.recipe, a.beta, a.iterations, a.steps,
+                  a.n_prompts, a.evaluate_start)
+    from minillm.checkpoint import write_json_atomic
+
+    write_json_atomic(Path(a.out), res)
+    print(json.dumps({k: v for k, v in res.items() if k != "history"}, indent=1)[:4000])
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
