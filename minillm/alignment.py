@@ -133,10 +133,54 @@ def measure(method: str, sft: str, reward_model: str, out_dir: str, seed: int = 
     return res
 
 
+def best_of_n_curve(sft: str, reward_model: str, n_max: int = 8, n_prompts: int = 160, temperature: float = 0.7,
+                    seed: int = 0) -> dict:
+    """Best-of-n against the analytic KL: for n = 1, 2, 4, ..., ``n_max`` the held-out-fact response the
+    RM scores highest among the first n samples (same samples for every n), its gold and RM score.
+
+    Returns {"n": [...], "kl": [log n − (n−1)/n], "d": [√KL], "gold": [...], "proxy": [...],
+    "correct": [...]} (means over ``n_prompts`` evenly spaced held-out-fact prompts).
+    Source: Nakano et al. 2021 (WebGPT) §3; Gao et al. 2022 §2 (KL of best-of-n).
+    """
+    from minillm.checkpoint import load_model
+    from minillm.evaluate import generate_responses, prompt_ids_for
+    from minillm.overoptimization import best_of_n_kl
+    from minillm.tasks import GoldJudge, default_world
+    from minillm.train.reward import load_reward_model, score_responses
+
+    policy, tok, _ = load_model(sft, config_overrides={"dropout": 0.0})
+    policy.eval()
+    rm, _ = load_reward_model(reward_model)
+    world = default_world()
+    judge = GoldJudge(world)
+    recs = _select(world.sft_test_records(), n_prompts)
+    qs = [r["instruction"] for r in recs]
+    prompts = [prompt_ids_for(tok, q, (), policy.config.block_size - 16)[0] for q in qs]
+    rng = np.random.default_rng([seed, 15])
+    gens = [generate_responses(policy, tok, prompts, 16, temperature=temperature, rng=rng) for _ in range(n_max)]
+    scores = np.stack([score_responses(rm, tok, qs, [g.text for g in s], [g.ended for g in s]) for s in gens])
+    golds = np.array([[judge.score(q, g.text, g.ended).total for q, g in zip(qs, s)] for s in gens])
+    corr = np.array([[judge.score(q, g.text, g.ended).correct for q, g in zip(qs, s)] for s in gens])
+    out: dict = {"n": [], "kl": [], "d": [], "gold": [], "proxy": [], "correct": []}
+    n = 1
+    cols = np.arange(len(qs))
+    while n <= n_max:
+        best = scores[:n].argmax(axis=0)
+        kl = best_of_n_kl(n)
+        out["n"].append(n)
+        out["kl"].append(kl)
+        out["d"].append(float(np.sqrt(kl)))
+        out["gold"].append(float(golds[best, cols].mean()))
+        out["proxy"].append(float(scores[best, cols].mean()))
+        out["correct"].append(float(corr[best, cols].mean()))
+        n *= 2
+    return out
+
+
 def main(argv=None) -> int:
-    """``python -m minillm.alignment {ppo,dpo} --sft ... --reward-model ... --out result.json``."""
+    """``python -m minillm.alignment {ppo,dpo,bon} --sft ... --reward-model ... --out result.json``."""
     p = argparse.ArgumentParser(prog="python -m minillm.alignment", description=__doc__.split("\n")[0])
-    p.add_argument("method", choices=("ppo", "dpo"))
+    p.add_argument("method", choices=("ppo", "dpo", "bon"))
     p.add_argument("--sft", required=True, help="start checkpoint (policy init and reference)")
     p.add_argument("--reward-model", required=True, help="reward-model checkpoint")
     p.add_argument("--out-dir", required=True, help="training output directory")
@@ -149,6 +193,13 @@ def main(argv=None) -> int:
     p.add_argument("--n-prompts", type=int, default=200, help="evaluation prompts per split (default 200)")
     p.add_argument("--evaluate-start", action="store_true", help="also evaluate the start model")
     a = p.parse_args(argv)
+    if a.method == "bon":
+        res = best_of_n_curve(a.sft, a.reward_model, seed=a.seed)
+        from minillm.checkpoint import write_json_atomic
+
+        write_json_atomic(Path(a.out), res)
+        print(json.dumps(res))
+        return 0
     res = measure(a.method, a.sft, a.reward_model, a.out_dir, a.seed, a.recipe, a.beta, a.iterations, a.steps,
                   a.n_prompts, a.evaluate_start)
     from minillm.checkpoint import write_json_atomic

@@ -38,7 +38,7 @@ def best_of_n_kl(n) -> np.ndarray | float:
     """KL(best-of-n ‖ base) = log n − (n − 1)/n nats (Gao et al. 2022 §2; Stiennon et al. 2020).
 
     n: an int ≥ 1 or an array of them. Returns a float (or float64 array): 0 for n = 1,
-    0.3068528 for n = 2, 1.3044522 for n = 8. Raises ValueError for n < 1.
+    0.1931472 for n = 2, 1.2044415 for n = 8. Raises ValueError for n < 1.
     """
     a = np.asarray(n, dtype=np.float64)
     if (a < 1).any():
