@@ -72,7 +72,7 @@ def evaluate_policy(model, tokenizer, reference=None, reward_model=None, n_promp
 
 def measure(method: str, sft: str, reward_model: str, out_dir: str, seed: int = 0, recipe: str = "clean",
             beta: float | None = None, iterations: int = 60, steps: int = 100, n_prompts: int = 200,
-            evaluate_start: bool = False) -> dict:
+            evaluate_start: bool = False, data: str = "builtin", refusal: bool = False) -> dict:
     """Train ``method`` ("ppo" or "dpo") from ``sft`` and measure it (see the module docstring).
 
     Args:
@@ -81,6 +81,8 @@ def measure(method: str, sft: str, reward_model: str, out_dir: str, seed: int = 
             (the RM's recipe, so both learn from the same pairs); beta: PPO's KL coefficient
             (default 0.1) or DPO's β (default 0.1); iterations: PPO iterations; steps: DPO steps.
         evaluate_start: also evaluate the start model (KL 0) under the same evaluator.
+        data: DPO's preference file ("builtin": the pairs of ``recipe``); refusal: also measure
+            ``refusal_rates`` (greedy) of the start and the trained policy.
     Returns:
         dict: method, seed, beta, train_seconds, peak_rss_mb (after training), models_in_memory,
         trainable_parameters, start/end evaluations, and for PPO the per-iteration history
@@ -112,7 +114,7 @@ def measure(method: str, sft: str, reward_model: str, out_dir: str, seed: int = 
     else:
         from minillm.train.dpo import DPOConfig, dpo
 
-        cfg = DPOConfig(sft=sft, recipe=recipe, out_dir=out_dir, seed=seed, beta=beta, max_steps=steps, eval=False,
+        cfg = DPOConfig(sft=sft, data=data, recipe=recipe, out_dir=out_dir, seed=seed, beta=beta, max_steps=steps, eval=False,
                         progress=False)
         r = dpo(cfg)
         res["models_in_memory"] = "policy (1 GPT; reference log-probs precomputed, then the reference dropped)"
@@ -130,6 +132,9 @@ def measure(method: str, sft: str, reward_model: str, out_dir: str, seed: int = 
     if evaluate_start:
         res["start"] = evaluate_policy(reference, tok, None, rm, n_prompts, seed=1234)
     res["end"] = evaluate_policy(policy, tok, reference, rm, n_prompts, seed=1234)
+    if refusal:
+        res["refusal_start"] = refusal_rates(reference, tok)
+        res["refusal_end"] = refusal_rates(policy, tok)
     return res
 
 
@@ -177,22 +182,81 @@ def best_of_n_curve(sft: str, reward_model: str, n_max: int = 8, n_prompts: int 
     return out
 
 
+def refusal_pair_files(out_dir, n_unanswerable: int = 600, n_overcautious: int = 600, n_helpful: int = 1200
+                       ) -> dict:
+    """Write the over-refusal preference sets as JSONL (issue 14) and return their paths.
+
+    ``cautious.jsonl``: the "clean" recipe's pairs without the ``off_format`` kind (whose "I do not
+    know." rejections would be helpfulness pairs already) plus a cautious rater's
+    ``tasks.TaskWorld.refusal_pair_records`` (``n_unanswerable`` refusals of fictional entities,
+    ``n_overcautious`` refusals of answerable questions); ``cautious_helpful.jsonl``: the same plus
+    ``n_helpful`` helpfulness pairs (the correct answer over "I don't know.").
+    """
+    import dataclasses
+
+    from minillm.checkpoint import write_text_atomic
+    from minillm.tasks import PREFERENCE_RECIPES, default_world
+
+    world = default_world()
+    cfg = PREFERENCE_RECIPES["clean"]
+    cfg = dataclasses.replace(cfg, kind_weights=tuple((k, w) for k, w in cfg.kind_weights if k != "off_format"))
+    base = world.preference_records("train", cfg)
+    cautious = world.refusal_pair_records(n_unanswerable, n_overcautious, 0)
+    helpful = [r for r in world.refusal_pair_records(0, 0, n_helpful)]
+    out = Path(out_dir)
+    paths = {}
+    for name, recs in (("cautious", base + cautious), ("cautious_helpful", base + cautious + helpful)):
+        rng = np.random.default_rng([0, 16])
+        recs = [recs[int(i)] for i in rng.permutation(len(recs))]
+        paths[name] = str(write_text_atomic(out / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in recs)))
+    return paths
+
+
+def refusal_rates(model, tokenizer, n_answerable: int = 200, temperature: float = 0.0, seed: int = 0) -> dict:
+    """Refusal rate (``tasks.is_refusal``) and gold on answerable held-out-fact prompts (over-refusal),
+    on unanswerable prompts about held-out fictional entities (correct refusal) and on the fictional
+    entities of the cautious rater's pairs ("unanswerable_train"). Greedy by default."""
+    from minillm.evaluate import generate_responses, prompt_ids_for
+    from minillm.tasks import GoldJudge, default_world, is_refusal
+
+    world = default_world()
+    judge = GoldJudge(world)
+    sets = {"answerable": _select(world.sft_test_records(), n_answerable),
+            "unanswerable": world.unanswerable_records("test"),
+            "unanswerable_train": world.unanswerable_records("train")}
+    rng = np.random.default_rng([seed, 17]) if temperature > 0 else None
+    out = {}
+    for name, recs in sets.items():
+        prompts = [prompt_ids_for(tokenizer, r["instruction"], (), model.config.block_size - 16)[0] for r in recs]
+        gens = generate_responses(model, tokenizer, prompts, 16, temperature=temperature, rng=rng)
+        out[name] = {"refusal_rate": float(np.mean([is_refusal(g.text) for g in gens])),
+                     "gold": float(np.mean([judge.score(r["instruction"], g.text, g.ended).total
+                                            for r, g in zip(recs, gens)])), "n": len(recs),
+                     "samples": [(r["instruction"], g.text) for r, g in zip(recs[:3], gens[:3])]}
+    return out
+
+
 def main(argv=None) -> int:
     """``python -m minillm.alignment {ppo,dpo,bon} --sft ... --reward-model ... --out result.json``."""
     p = argparse.ArgumentParser(prog="python -m minillm.alignment", description=__doc__.split("\n")[0])
-    p.add_argument("method", choices=("ppo", "dpo", "bon"))
+    p.add_argument("method", choices=("ppo", "dpo", "bon", "refusal-data"))
     p.add_argument("--sft", required=True, help="start checkpoint (policy init and reference)")
     p.add_argument("--reward-model", required=True, help="reward-model checkpoint")
     p.add_argument("--out-dir", required=True, help="training output directory")
     p.add_argument("--out", required=True, help="JSON file for the measurements")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--recipe", default="clean", help="DPO's built-in pair recipe (default: clean)")
+    p.add_argument("--data", default="builtin", help="DPO's preference file (default: builtin pairs of --recipe)")
+    p.add_argument("--refusal", action="store_true", help="also measure refusal rates before and after")
     p.add_argument("--beta", type=float, default=None, help="KL coefficient (PPO) or DPO beta (default 0.1)")
     p.add_argument("--iterations", type=int, default=60, help="PPO iterations (default 60)")
     p.add_argument("--steps", type=int, default=100, help="DPO steps (default 100)")
     p.add_argument("--n-prompts", type=int, default=200, help="evaluation prompts per split (default 200)")
     p.add_argument("--evaluate-start", action="store_true", help="also evaluate the start model")
     a = p.parse_args(argv)
+    if a.method == "refusal-data":
+        print(refusal_pair_files(a.out_dir))
+        return 0
     if a.method == "bon":
         res = best_of_n_curve(a.sft, a.reward_model, seed=a.seed)
         from minillm.checkpoint import write_json_atomic
@@ -201,7 +265,7 @@ def main(argv=None) -> int:
         print(json.dumps(res))
         return 0
     res = measure(a.method, a.sft, a.reward_model, a.out_dir, a.seed, a.recipe, a.beta, a.iterations, a.steps,
-                  a.n_prompts, a.evaluate_start)
+                  a.n_prompts, a.evaluate_start, a.data, a.refusal)
     from minillm.checkpoint import write_json_atomic
 
     write_json_atomic(Path(a.out), res)
