@@ -215,9 +215,11 @@ def refusal_pair_files(out_dir, n_unanswerable: int = 600, n_overcautious: int =
 def refusal_rates(model, tokenizer, n_answerable: int = 200, temperature: float = 0.0, seed: int = 0) -> dict:
     """Refusal rate (``tasks.is_refusal``) and gold on answerable held-out-fact prompts (over-refusal),
     on unanswerable prompts about held-out fictional entities (correct refusal) and on the fictional
-    entities of the cautious rater's pairs ("unanswerable_train"). Greedy by default."""
+    entities of the cautious rater's pairs ("unanswerable_train"). Greedy by default.
+    ``refusal_attempt_rate`` counts responses that start declining ("I don", "I do not"), even
+    when the small model garbles the rest ("I donkey.")."""
     from minillm.evaluate import generate_responses, prompt_ids_for
-    from minillm.tasks import GoldJudge, default_world, is_refusal
+    from minillm.tasks import GoldJudge, default_world, is_refusal, strip_response
 
     world = default_world()
     judge = GoldJudge(world)
@@ -229,7 +231,9 @@ def refusal_rates(model, tokenizer, n_answerable: int = 200, temperature: float 
     for name, recs in sets.items():
         prompts = [prompt_ids_for(tokenizer, r["instruction"], (), model.config.block_size - 16)[0] for r in recs]
         gens = generate_responses(model, tokenizer, prompts, 16, temperature=temperature, rng=rng)
+        attempts = [strip_response(g.text).lower().startswith(("i don", "i do not")) for g in gens]
         out[name] = {"refusal_rate": float(np.mean([is_refusal(g.text) for g in gens])),
+                     "refusal_attempt_rate": float(np.mean(attempts)),
                      "gold": float(np.mean([judge.score(r["instruction"], g.text, g.ended).total
                                             for r, g in zip(recs, gens)])), "n": len(recs),
                      "samples": [(r["instruction"], g.text) for r, g in zip(recs[:3], gens[:3])]}

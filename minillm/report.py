@@ -146,22 +146,27 @@ def plot_overoptimization(curves: dict, path, fits: dict | None = None) -> Path:
     from minillm.overoptimization import predict
 
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    handles = []
     for i, (name, c) in enumerate(curves.items()):
         color = f"C{i}"
-        for ax, key in zip(axes, ("gold", "proxy")):
-            ax.scatter(c["d"], c[key], s=9, color=color, alpha=0.6, label=name)
+        for j, (ax, key) in enumerate(zip(axes, ("gold", "proxy"))):
+            h = ax.scatter(c["d"], c[key], s=9, color=color, alpha=0.6)
             f = (fits or {}).get(name, {}).get(key)
             if f:
                 xs = np.linspace(0, max(float(np.max(c["d"])), 1e-6) * 1.1, 100)
-                ax.plot(xs, predict(xs, f["alpha"], f["beta"], f["form"]), color=color, lw=1.5,
-                        label=f"{name}: fit α={f['alpha']:.2f} β={f['beta']:.2f}")
+                ax.plot(xs, predict(xs, f["alpha"], f["beta"], f["form"]), color=color, lw=1.5)
+            if j == 0:
+                g = (fits or {}).get(name, {}).get("gold")
+                label = name if not g else f"{name} (gold fit α={g['alpha']:.2f}, β={g['beta']:.2f})"
+                handles.append((h, label))
     for ax, title in zip(axes, ("gold reward − start", "proxy (RM) score − start")):
         ax.axhline(0, color="grey", lw=0.6)
         ax.set_title(title)
         ax.set_xlabel("d = √KL (nats^½)")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    fig.legend([h for h, _ in handles], [lb for _, lb in handles], loc="lower center", ncol=2, fontsize=7,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0.06 + 0.035 * math.ceil(len(handles) / 2), 1, 1))
     _save(fig, path)
     plt.close(fig)
     return Path(path)
