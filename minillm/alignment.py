@@ -70,6 +70,15 @@ def evaluate_policy(model, tokenizer, reference=None, reward_model=None, n_promp
     return out
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process (s): on a shared machine a fairer cost than wall time
+    for single-threaded NumPy (OPENBLAS_NUM_THREADS=1)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def measure(method: str, sft: str, reward_model: str, out_dir: str, seed: int = 0, recipe: str = "clean",
             beta: float | None = None, iterations: int = 60, steps: int = 100, n_prompts: int = 200,
             evaluate_start: bool = False, data: str = "builtin", refusal: bool = False) -> dict:
@@ -84,7 +93,8 @@ def measure(method: str, sft: str, reward_model: str, out_dir: str, seed: int = 
         data: DPO's preference file ("builtin": the pairs of ``recipe``); refusal: also measure
             ``refusal_rates`` (greedy) of the start and the trained policy.
     Returns:
-        dict: method, seed, beta, train_seconds, peak_rss_mb (after training), models_in_memory,
+        dict: method, seed, beta, train_seconds (wall), train_cpu_seconds (user + system CPU time
+        of the process, the fairer cost on a shared machine), peak_rss_mb (after training), models_in_memory,
         trainable_parameters, start/end evaluations, and for PPO the per-iteration history
         (rm_score, gold, correct, kl) for the over-optimization curve.
     Raises:
@@ -99,6 +109,7 @@ def measure(method: str, sft: str, reward_model: str, out_dir: str, seed: int = 
     beta = 0.1 if beta is None else float(beta)
     res: dict = {"method": method, "seed": seed, "beta": beta, "sft": sft, "reward_model": reward_model}
     rss0 = peak_rss_mb()
+    cpu0 = _cpu_seconds()
     t0 = time.perf_counter()
     if method == "ppo":
         from minillm.train.ppo import PPOConfig, ppo
@@ -121,6 +132,7 @@ def measure(method: str, sft: str, reward_model: str, out_dir: str, seed: int = 
         res["final"] = r.metrics.get("final")
         ckpt = r.checkpoint
     res["train_seconds"] = round(time.perf_counter() - t0, 1)
+    res["train_cpu_seconds"] = round(_cpu_seconds() - cpu0, 1)
     res["peak_rss_mb"] = round(peak_rss_mb(), 1)
     res["peak_rss_mb_before_training"] = round(rss0, 1)
     policy, tok, _ = load_model(ckpt, config_overrides={"dropout": 0.0})
