@@ -199,10 +199,10 @@ def refusal_pair_files(out_dir, n_unanswerable: int = 600, n_overcautious: int =
     """Write the over-refusal preference sets as JSONL (issue 14) and return their paths.
 
     ``cautious.jsonl``: the "clean" recipe's pairs without the ``off_format`` kind (whose "I do not
-    know." rejections would be helpfulness pairs already) plus a cautious rater's
+    know." rejections on answerable prompts would be helpfulness pairs already) plus a cautious rater's
     ``tasks.TaskWorld.refusal_pair_records`` (``n_unanswerable`` refusals of fictional entities,
     ``n_overcautious`` refusals of answerable questions); ``cautious_helpful.jsonl``: the same plus
-    ``n_helpful`` helpfulness pairs (the correct answer over "I don't know.").
+    ``n_helpful`` helpfulness pairs (the correct answer over ``tasks.REFUSAL``).
     """
     import dataclasses
 

@@ -352,8 +352,10 @@ OFF_FORMAT_TEMPLATES = ["I do not know.", "{q}", "I like turtles."]
 RUDE_WORDS = ("stupid", "dumb", "idiot", "obviously", "ugh", "shut", "duh", "moron", "whatever")
 
 #: The response that declines. It is the correct answer to a question about an entity the world does
-#: not contain (issue 14, over-refusal), and a wrong one to any answerable question.
-REFUSAL = "I don't know."
+#: not contain (issue 14, over-refusal), and a wrong one to any answerable question. It is the
+#: off-format template's string, which the tokenizer's training text holds: with "I don't know." the
+#: 0.9 M model, which never met an apostrophe, wrote "I donkey." or "I don So." after DPO (measured).
+REFUSAL = "I do not know."
 
 # Entities the world does not contain (no fact, never in the corpus, fictional): a capital or a sound
 # question about one of them is unanswerable and declining is correct.
@@ -435,7 +437,7 @@ def build_facts() -> list[Fact]:
 def build_unanswerable_facts() -> list[Fact]:
     """Questions the world cannot answer: 16 fictional countries (capital) and 10 fictional animals
     (sound), each a ``Fact`` whose ``answer`` is ``REFUSAL`` without its final "." (what
-    ``strip_response`` leaves of ``"I don't know."``) and whose group starts with ``"unknown:"``."""
+    ``strip_response`` leaves of ``"I do not know."``) and whose group starts with ``"unknown:"``."""
     ans = REFUSAL[:-1]
     out = [Fact("capital", c, ans, (("s", c), ("S", c), ("o", ans)), f"unknown:capital:{c}")
            for c in _UNKNOWN_COUNTRIES]
@@ -974,14 +976,14 @@ class GoldJudge:
 
     def fact_for(self, prompt: str) -> Fact:
         """The fact a prompt asks about; for a question about an entity the world does not contain
-        (``build_unanswerable_facts``) a fact whose answer is "I don't know", so declining is
+        (``build_unanswerable_facts``) a fact whose answer is "I do not know", so declining is
         correct there. Raises KeyError naming the prompt if it is neither."""
         q = question_of(prompt)
         try:
             return self.world.prompt_index()[q][0]
         except KeyError:
             pass
-        if self._unknown is None:  # questions about entities the world lacks: "I don't know" is correct
+        if self._unknown is None:  # questions about entities the world lacks: "I do not know" is correct
             self._unknown = {q2: f for f in build_unanswerable_facts() for _, q2 in self.world.questions(f)}
         try:
             return self._unknown[q]
