@@ -17,6 +17,11 @@ Scope
     Peak memory is per process: run each method in its own process (the CLI:
     ``python -m minillm.alignment ppo --out result.json ...``) to compare them.
 
+    Also: ``best_of_n_curve`` (gold and RM score of best-of-n against its analytic KL, for the
+    over-optimization fit of ``overoptimization``), ``refusal_pair_files`` (the cautious rater's
+    preference set, with and without helpfulness pairs) and ``refusal_rates`` (over-refusal on
+    answerable questions, correct refusal on unanswerable ones).
+
 Sources
     Rafailov et al. 2023 (DPO) §1/§6 ("stable, performant and computationally lightweight");
     Ouyang et al. 2022 (InstructGPT) §3.5 (PPO with a reward model and a KL penalty). The PPO and
@@ -194,7 +199,7 @@ def best_of_n_curve(sft: str, reward_model: str, n_max: int = 8, n_prompts: int 
     return out
 
 
-def refusal_pair_files(out_dir, n_unanswerable: int = 600, n_overcautious: int = 600, n_helpful: int = 1200
+def refusal_pair_files(out_dir, n_unanswerable: int = 600, n_overcautious: int = 600, n_helpful: int = 600
                        ) -> dict:
     """Write the over-refusal preference sets as JSONL (issue 14) and return their paths.
 
@@ -202,7 +207,10 @@ def refusal_pair_files(out_dir, n_unanswerable: int = 600, n_overcautious: int =
     know." rejections on answerable prompts would be helpfulness pairs already) plus a cautious rater's
     ``tasks.TaskWorld.refusal_pair_records`` (``n_unanswerable`` refusals of fictional entities,
     ``n_overcautious`` refusals of answerable questions); ``cautious_helpful.jsonl``: the same plus
-    ``n_helpful`` helpfulness pairs (the correct answer over ``tasks.REFUSAL``).
+    ``n_helpful`` helpfulness pairs (the correct answer over ``tasks.REFUSAL``). Measured with DPO
+    from the noisy SFT model (greedy, issue 14): 600 helpfulness pairs cut refusal attempts on
+    answerable questions from 17.5 % to 9.5 % and kept 65 % on unanswerable ones (72.5 % without);
+    1200 removed refusals everywhere (0 % and 0 %).
     """
     import dataclasses
 
