@@ -13,12 +13,22 @@ Scope
     rate, the mean response length in tokens, and exact match per task type.
     ``sequence_kl`` is the summed per-token log-ratio log π(y_t) − log π_ref(y_t) over the
     response tokens of sampled sequences (nats), the KL estimate RLHF reports.
+    ``sample_diversity`` samples n responses per prompt at one temperature and reports
+    ``diversity_metrics``: distinct-1/distinct-2 across a prompt's samples, the mean per-token
+    entropy of the sampling distribution, and the fraction of prompts whose n samples are all
+    identical (the "reduced output diversity" RLHF is said to cause).
 
 Sources
     Exact-match/contains metrics as in docs/task-world.md §4; the KL estimator k1 of Schulman,
-    "Approximating KL divergence" (2020), as logged by TRL (``objective/kl``).
+    "Approximating KL divergence" (2020), as logged by TRL (``objective/kl``). distinct-n: Li et al.
+    2016, "A Diversity-Promoting Objective Function for Neural Conversation Models" (NAACL), §4.3
+    (unique n-grams / all n-grams); diversity across samples of one prompt as in Kirk et al. 2024,
+    "Understanding the Effects of RLHF on LLM Generalisation and Diversity" (ICLR), §3 (per-input
+    diversity of a set of outputs).
 
 Deviations
+    * distinct-n is computed on token ids (not words), per prompt over its n samples, then averaged
+      over the prompts that have at least one n-gram; Li et al. pool all responses of a test set.
     * A k-shot prompt longer than ``block_size − max_new_tokens`` is cut from the left (its first
       token, ``<|bos|>``, is kept), so the earliest demonstration may lose its beginning; use fewer
       shots or a larger block_size to avoid it. ``EvalResult.n_truncated_prompts`` counts it.
@@ -182,3 +192,98 @@ def sequence_kl(policy: GPT, reference: GPT, sequences: np.ndarray, attention_ma
     lp = response_logprobs(policy, sequences, attention_mask, response_mask, temperature)
     lr = response_logprobs(reference, sequences, attention_mask, response_mask, temperature)
     return ((lp - lr) * response_mask).sum(axis=1)
+
+
+def _ngrams(seq: Sequence[int], k: int) -> list[tuple]:
+    return [tuple(seq[i:i + k]) for i in range(len(seq) - k + 1)]
+
+
+def diversity_metrics(samples: Sequence[Sequence[Sequence[int]]], token_entropies: Sequence[float] | None = None
+                      ) -> dict:
+    """Diversity of n sampled responses per prompt (pure; token ids in, floats out).
+
+    Args:
+        samples: ``samples[p][j]`` is the j-th response to prompt p as a sequence of token ids
+            (without ``<|eos|>``); every prompt needs at least 2 samples.
+        token_entropies: optional flat sequence of per-token entropies (nats) of the sampling
+            distribution at every sampled response token, all prompts together.
+    Returns:
+        dict of floats: ``distinct_1``, ``distinct_2`` -- for each prompt, unique k-grams / all
+        k-grams over its samples, averaged over the prompts with at least one k-gram (nan if none);
+        ``all_identical`` -- fraction of prompts whose samples are all equal; ``entropy`` -- mean of
+        ``token_entropies`` (nan without them); ``n_prompts``, ``n_samples`` (per prompt, the
+        smallest).
+        Example: samples [[[1, 2, 3], [1, 2, 4]], [[5], [5]]] -> distinct_1 (4/6 + 1/2)/2 =
+        0.583333, distinct_2 3/4 = 0.75 (the second prompt has no bigram), all_identical 0.5.
+    Raises:
+        ValueError: no prompts, or a prompt with fewer than 2 samples.
+    Source: Li et al. 2016 §4.3 (distinct-n); Kirk et al. 2024 §3 (per-input diversity).
+    """
+    if len(samples) == 0:
+        raise ValueError("diversity_metrics: no prompts")
+    for p, group in enumerate(samples):
+        if len(group) < 2:
+            raise ValueError(f"diversity_metrics: prompt {p} has {len(group)} sample(s); diversity needs at least 2")
+    out: dict = {}
+    for k in (1, 2):
+        ratios = []
+        for group in samples:
+            grams = [g for seq in group for g in _ngrams([int(t) for t in seq], k)]
+            if grams:
+                ratios.append(len(set(grams)) / len(grams))
+        out[f"distinct_{k}"] = float(np.mean(ratios)) if ratios else float("nan")
+    same = [all(list(map(int, s)) == list(map(int, group[0])) for s in group[1:]) for group in samples]
+    out["all_identical"] = float(np.mean(same))
+    ent = np.asarray(token_entropies if token_entropies is not None else [], dtype=np.float64)
+    out["entropy"] = float(ent.mean()) if ent.size else float("nan")
+    out["n_prompts"] = len(samples)
+    out["n_samples"] = int(min(len(g) for g in samples))
+    return out
+
+
+def sample_diversity(model: GPT, tokenizer, questions: Sequence[str], n: int = 8, temperature: float = 0.7,
+                     max_new_tokens: int = 16, seed: int = 0, batch_size: int = 64) -> dict:
+    """Sample ``n`` responses per question at ``temperature`` and measure ``diversity_metrics``.
+
+    Args:
+        model: the policy (GPT); tokenizer: its tokenizer; questions: user instructions (rendered
+            zero-shot in the chat template); n ≥ 2 samples per question; temperature > 0.
+    Returns:
+        ``diversity_metrics`` plus ``temperature``; the entropy is that of softmax(logits / T) at
+        each sampled response token (``<|eos|>`` included), nats, averaged over all of them.
+    Raises:
+        ValueError: n < 2 or temperature ≤ 0.
+    """
+    from minillm.train.ppo import token_entropy
+
+    if n < 2:
+        raise ValueError(f"sample_diversity: n must be ≥ 2, got {n}")
+    if not temperature > 0:
+        raise ValueError(f"sample_diversity: temperature must be > 0, got {temperature}")
+    limit = model.config.block_size - max_new_tokens
+    prompts = [prompt_ids_for(tokenizer, q, (), limit)[0] for q in questions]
+    rng = np.random.default_rng([seed, 14])
+    groups: list[list[list[int]]] = [[] for _ in prompts]
+    ents: list[np.ndarray] = []
+    flat = [i for i in range(len(prompts)) for _ in range(n)]
+    xp = backend.xp()
+    for s in range(0, len(flat), batch_size):
+        idx = flat[s:s + batch_size]
+        ids, mask = left_pad([prompts[i] for i in idx], tokenizer.pad_id)
+        g = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                           eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, rng=rng)
+        P = g.prompt_mask.shape[1]
+        L = g.sequences.shape[1]
+        attn = np.concatenate([g.prompt_mask, g.response_mask], axis=1)
+        with no_grad():
+            logits, _ = model(xp.asarray(g.sequences), attention_mask=xp.asarray(attn))
+        z = backend.to_numpy(logits.data[:, P - 1:L - 1, :]) / temperature  # (B, N, V)
+        ent = token_entropy(z)  # (B, N)
+        ents.append(ent[g.response_mask.astype(bool)])
+        for row, i in enumerate(idx):
+            m = int(g.response_mask[row].sum())
+            toks = [int(t) for t in g.new_tokens[row, :m]]
+            groups[i].append(toks[:-1] if g.finished[row] else toks)
+    out = diversity_metrics(groups, np.concatenate(ents))
+    out["temperature"] = float(temperature)
+    return out

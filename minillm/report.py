@@ -5,11 +5,13 @@ Scope
     estimate, exact-match, format compliance, gold reward, reward-model score, KL to the SFT model,
     wall time, notes) as a Markdown table; ``plot_losses``, ``plot_ppo`` and ``plot_dpo`` draw the
     loss curves of every stage, PPO's RM score / gold reward / KL per iteration for each run with
-    gold and RM score against KL, and DPO's implicit reward margins; ``write_report`` puts it all
+    gold and RM score against KL, and DPO's implicit reward margins; ``plot_overoptimization`` draws
+    gold and proxy reward against √KL with the fitted forms of Gao et al. 2022; ``write_report`` puts it all
     in ``<run_dir>/report.md``. Numbers are only ever copied from measurements, never typed.
 
 Sources
-    matplotlib (Agg backend, no display needed).
+    matplotlib (Agg backend, no display needed); the over-optimization plot after Gao et al. 2022,
+    arXiv 2210.10760, Fig. 1.
 
 Deviations
     None.
@@ -127,6 +129,44 @@ def plot_dpo(history: list[dict], path) -> Path:
     ax.set_ylabel("implicit reward")
     ax.legend(fontsize=8)
     fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_overoptimization(curves: dict, path, fits: dict | None = None) -> Path:
+    """Gold (left) and proxy (right) reward against d = √KL, with fitted curves (Gao et al. 2022 Fig. 1).
+
+    curves: name -> {"d": (N,), "gold": (N,), "proxy": (N,)} (rewards relative to the start, as
+    ``overoptimization.curve_from_history``); fits: name -> {"gold": fit, "proxy": fit} with fits
+    from ``overoptimization.fit_overoptimization`` (drawn as lines). Returns the PNG path.
+    """
+    import numpy as np
+
+    from minillm.overoptimization import predict
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    handles = []
+    for i, (name, c) in enumerate(curves.items()):
+        color = f"C{i}"
+        for j, (ax, key) in enumerate(zip(axes, ("gold", "proxy"))):
+            h = ax.scatter(c["d"], c[key], s=9, color=color, alpha=0.6)
+            f = (fits or {}).get(name, {}).get(key)
+            if f:
+                xs = np.linspace(0, max(float(np.max(c["d"])), 1e-6) * 1.1, 100)
+                ax.plot(xs, predict(xs, f["alpha"], f["beta"], f["form"]), color=color, lw=1.5)
+            if j == 0:
+                g = (fits or {}).get(name, {}).get("gold")
+                label = name if not g else f"{name} (gold fit α={g['alpha']:.2f}, β={g['beta']:.2f})"
+                handles.append((h, label))
+    for ax, title in zip(axes, ("gold reward − start", "proxy (RM) score − start")):
+        ax.axhline(0, color="grey", lw=0.6)
+        ax.set_title(title)
+        ax.set_xlabel("d = √KL (nats^½)")
+    fig.legend([h for h, _ in handles], [lb for _, lb in handles], loc="lower center", ncol=2, fontsize=7,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0.06 + 0.035 * math.ceil(len(handles) / 2), 1, 1))
     _save(fig, path)
     plt.close(fig)
     return Path(path)
