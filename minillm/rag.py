@@ -593,7 +593,7 @@ def continued_pretraining(base_checkpoint, out_dir, world: KnowledgeWorld, n_par
     text = "".join(pack(mixed) + pack(tail))
     peak = lr_first / cosine_lr(step0, step0 + steps, 1.0, pcfg["warmup_steps"], pcfg["min_lr_ratio"])
     pcfg.update(out_dir=str(out / "cpt"), corpus="ch13-continued-pretraining", max_steps=step0 + steps, resume=True,
-                progress=False, eval_interval=steps, checkpoint_interval=steps, lr=peak)
+                continue_training=True, progress=False, eval_interval=steps, checkpoint_interval=steps, lr=peak)
     cfg = PretrainConfig(**pcfg)
     res = pretrain(cfg, text=text)
     s = SFTConfig(base=res.checkpoint, out_dir=str(out / "sft"), eval=False, progress=False, max_steps=sft_steps,

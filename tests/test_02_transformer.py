@@ -297,3 +297,16 @@ def test_pretraining_on_tinyshakespeare_lowers_validation_loss(tmp_path):
     assert vals[0] > vals[1] > vals[2]
     assert vals[2] < np.log(384) - 1.0  # well below the uniform baseline (nats/token)
     assert Path(res.checkpoint).exists() and not Path(res.checkpoint + ".tmp").exists()
+
+
+def test_continued_pretraining_resumes_on_a_new_corpus_only_when_asked(tmp_path):
+    """Resuming with another corpus and schedule is refused (naming the fields) unless continue_training
+    is set: then the run goes on from the checkpoint's step with the new text (continued pretraining)."""
+    first = pretrain(_pt_cfg(tmp_path, max_steps=4, checkpoint_interval=4, eval_interval=4), text=CORPUS)
+    more = CORPUS.replace("cat", "dog")
+    with pytest.raises(ValueError, match="max_steps"):
+        pretrain(_pt_cfg(tmp_path, max_steps=6, checkpoint_interval=6, eval_interval=6, resume=True), text=more)
+    res = pretrain(_pt_cfg(tmp_path, max_steps=6, checkpoint_interval=6, eval_interval=6, resume=True,
+                           continue_training=True), text=more)
+    assert len(first.train_losses) == 4 and len(res.train_losses) == 6
+    assert res.train_losses[:4] == first.train_losses

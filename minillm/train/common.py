@@ -79,6 +79,8 @@ OPTION_HELP: dict[str, str] = {
     "checkpoint_interval": "steps between checkpoint saves", "seed": "random seed (data order, init, sampling)",
     "resume": "continue the run in --out-dir from its checkpoint",
     "overwrite": "replace an existing run's checkpoint in --out-dir (without it, pretrain refuses)",
+    "continue_training": "with --resume: continue the run in --out-dir on a new corpus and schedule (continued "
+                         "pretraining), keeping its weights, optimizer state and step count",
     "progress": "show progress bars", "base": "base model: checkpoint file, run folder or Hugging Face folder",
     "sft": "SFT checkpoint to start from (file, run folder or Hugging Face folder)",
     "data": "'builtin' or a data file (text, Alpaca, chat, prompt-completion, preference, OASST; JSON/JSONL)",

@@ -74,6 +74,7 @@ class PretrainConfig(OptimConfig):
     checkpoint_interval: int = 200
     resume: bool = False  # continue the run in out_dir (same corpus and settings, checked)
     overwrite: bool = False  # replace an existing run's checkpoint in out_dir (else: refuse)
+    continue_training: bool = False  # with resume: continued pretraining (new corpus and schedule allowed)
 
     def model_config(self, vocab_size: int | None = None) -> GPTConfig:
         """The GPTConfig this run trains (``vocab_size``: the trained tokenizer's, default the field)."""
@@ -143,7 +144,7 @@ def pretrain(cfg: PretrainConfig, text: str | None = None, tokenizer_text: str |
     ck = load_checkpoint(ckpt_path) if resume else None
     corpus_sha256 = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
     if ck:
-        check_resumable(ck, cfg, corpus_sha256)
+        check_resumable(ck, cfg, corpus_sha256, continue_training=cfg.continue_training)
     tok = Tokenizer.from_dict(ck.tokenizer) if ck else Tokenizer.train(tokenizer_text or text, cfg.vocab_size)
 
     data = encode_corpus(text, tok)
@@ -212,18 +213,21 @@ def pretrain(cfg: PretrainConfig, text: str | None = None, tokenizer_text: str |
 
 #: PretrainConfig fields a resumed run may change (they do not change the trained weights).
 RESUME_MAY_DIFFER = ("resume", "overwrite", "progress", "out_dir", "corpus", "eval_interval", "eval_windows",
-                     "sample_tokens", "checkpoint_interval")
+                     "sample_tokens", "checkpoint_interval", "continue_training")
 
 
-def check_resumable(ck, cfg: PretrainConfig, corpus_sha256: str) -> None:
+def check_resumable(ck, cfg: PretrainConfig, corpus_sha256: str, continue_training: bool = False) -> None:
     """Raise ValueError naming ``ck.path`` and exactly the differing fields when checkpoint ``ck``
     cannot be continued by ``cfg`` on a corpus of SHA-256 ``corpus_sha256``: another corpus, other
     training settings (every PretrainConfig field but ``RESUME_MAY_DIFFER``), or no optimizer state
-    or training state to continue from."""
+    or training state to continue from. ``continue_training`` (continued pretraining, chapter 13)
+    asks only for the optimizer and training state: a new corpus and schedule are the point."""
     st = ck.train_state
     if ck.optimizer_state is None or "step" not in st or "rng" not in st:
         raise ValueError(f"{ck.path}: has no optimizer/training state (not written by `minillm pretrain`), so it "
                          f"cannot be resumed; use --overwrite true or another --out-dir")
+    if continue_training:
+        return
     old = st.get("pretrain_config") or {}
     new = asdict(cfg)
     diff = {k: (old.get(k), new[k]) for k in new if k not in RESUME_MAY_DIFFER and k in old and old[k] != new[k]}
