@@ -937,6 +937,12 @@ def decision_table(arms: dict, curve: dict | None = None) -> list[dict]:
     return rows
 
 
+#: Training steps of the chapter's measurements: QA fine-tuning, the RAFT-style reader, continued pretraining
+#: per paraphrase count and the SFT after it; the quick (smoke-test) sizes second.
+CHAPTER_STEPS = {"ft": 60, "raft": 800, "cpt": 200, "sft": 150}
+QUICK_STEPS = {"ft": 8, "raft": 8, "cpt": 20, "sft": 8}
+
+
 def run_chapter(runs_dir="runs", quick: bool = False, seed: int = 0, curve_ns=(1, 3, 10, 30),
                 sft_checkpoint=None, base_checkpoint=None, out_dir=None) -> dict:
     """Everything chapter 13 measures, each part cached as JSON (reused while its configuration is unchanged).
@@ -960,10 +966,12 @@ def run_chapter(runs_dir="runs", quick: bool = False, seed: int = 0, curve_ns=(1
     base_ck = base_checkpoint or ensure("pretrain", quick=quick, runs_dir=str(runs_dir))
     out = Path(out_dir) if out_dir else Path(runs_dir) / ("cache-quick" if quick else "cache") / "ch13"
     world = KnowledgeWorld(seed=seed) if seed else KnowledgeWorld()
-    steps = (8, 8, 20, 8) if quick else (60, 800, 200, 150)
-    arms = measure_arms(sft_ck, out, world, ft_steps=steps[0], raft_steps=steps[1], seed=seed)
-    curve = measure_paraphrase_curve(base_ck, out, world, ns=curve_ns, steps=steps[2], sft_steps=steps[3], seed=seed)
-    update = _cached(out / "update.json", {"sft": _path_key(sft_ck), "seed": seed, "reader": {"steps": steps[1]}, "v": 2},
+    steps = QUICK_STEPS if quick else CHAPTER_STEPS
+    arms = measure_arms(sft_ck, out, world, ft_steps=steps["ft"], raft_steps=steps["raft"], seed=seed)
+    curve = measure_paraphrase_curve(base_ck, out, world, ns=curve_ns, steps=steps["cpt"], sft_steps=steps["sft"],
+                                     seed=seed)
+    update = _cached(out / "update.json", {"sft": _path_key(sft_ck), "seed": seed, "reader": {"steps": steps["raft"]},
+                                          "v": 2},
                      lambda: measure_update_one_fact(sft_ck, out / "raft_reader.safetensors", world, seed=seed,
                                                      max_steps=10 if quick else 60))
     return {"retrieval": measure_retrieval(world), "arms": arms, "curve": curve, "update": update,
