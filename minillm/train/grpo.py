@@ -83,9 +83,10 @@ from minillm import backend
 from minillm import functional as F
 from minillm.checkpoint import write_json_atomic
 from minillm.model import GPT
-from minillm.optim import AdamW, clip_grad_norm_
+from minillm.optim import AdamW
 from minillm.tensor import Tensor, no_grad
 from minillm.train.common import add_dataclass_arguments, check_finite, dataclass_from_args, print_run, round_floats
+from minillm.train.loop import optimizer_step
 from minillm.train.ppo import (Rollout, _as_float_tensor, _evenly, policy_forward,
                                reference_logprobs, sample_rollout, token_entropy)
 
@@ -530,8 +531,7 @@ class GRPOTrainer:
                     entropies.append(((ent * m).sum(), m.sum()))
                 self.opt.zero_grad()
                 loss.backward()
-                gnorm = clip_grad_norm_(self.params, cfg.grad_clip) if cfg.grad_clip > 0 else 0.0
-                self.opt.step()
+                gnorm = optimizer_step(self.opt, self.params, cfg.grad_clip)  # the shared loop's step
                 mstats.append({"pass": it, "loss": float(loss.item()), "grad_norm": float(gnorm), **ls})
         stats.update({
             "loss": float(np.mean([d["loss"] for d in mstats])),

@@ -89,10 +89,11 @@ from minillm import functional as F
 from minillm.checkpoint import write_json_atomic
 from minillm.model import GPT
 from minillm.nn import Linear, disable_dropout
-from minillm.optim import AdamW, clip_grad_norm_, weight_decay_groups
+from minillm.optim import AdamW, weight_decay_groups
 from minillm.tensor import Tensor, no_grad
 from minillm.tasks import OPENER
 from minillm.train.common import LoRAConfig, add_dataclass_arguments, dataclass_from_args, print_run, round_floats
+from minillm.train.loop import optimizer_step
 
 
 # ================================================================================================
@@ -756,17 +757,12 @@ class PPOTrainer:
                 if self.value_opt is None:
                     loss = pg_loss + cfg.vf_coef * vf_loss
                     loss.backward()
-                    gnorm = clip_grad_norm_(self.policy_params + self.value_params, cfg.grad_clip) \
-                        if cfg.grad_clip > 0 else 0.0
-                    self.opt.step()
+                    gnorm = optimizer_step(self.opt, self.policy_params + self.value_params, cfg.grad_clip)
                 else:
                     self.value_opt.zero_grad()
                     (pg_loss + cfg.vf_coef * vf_loss).backward()
-                    gnorm = clip_grad_norm_(self.policy_params, cfg.grad_clip) if cfg.grad_clip > 0 else 0.0
-                    if cfg.grad_clip > 0:
-                        clip_grad_norm_(self.value_params, cfg.grad_clip)
-                    self.opt.step()
-                    self.value_opt.step()
+                    gnorm = optimizer_step(self.opt, self.policy_params, cfg.grad_clip)
+                    optimizer_step(self.value_opt, self.value_params, cfg.grad_clip)
                 mstats.append({"epoch": epoch, "pg_loss": float(pg_loss.item()), "value_loss": float(vf_loss.item()),
                                "clipfrac": clipfrac, "vf_clipfrac": vf_clipfrac, "approxkl": approxkl,
                                "ratio_min": float(ratio.min()), "ratio_max": float(ratio.max()),
