@@ -122,3 +122,15 @@ def test_the_citation_check_can_fail(text, ok):
     m = DOCS_CITE.search(text)
     page = REPO / "docs" / m.group(1)
     assert (page.is_file() and (m.group(2) is None or section_exists(page, m.group(2)))) == ok
+
+
+def test_every_test_a_page_names_exists():
+    """docs/bugs.md and docs/reference.md name the tests that guard each case (``tests/test_x.py::test_y``):
+    each named test function exists, so a rename cannot leave a page pointing at nothing."""
+    defined = {(p.name, m.group(1)) for p in (REPO / "tests").glob("test_*.py")
+               for m in re.finditer(r"^def (test_\w+)", p.read_text(encoding="utf-8"), re.M)}
+    named = [(path.name, m.group(1), m.group(2)) for path in FILES
+             if path.suffix in (".md", ".ipynb", ".py") and path.name != Path(__file__).name
+             for m in re.finditer(r"tests/(test_\w+\.py)::(test_\w+)", text_of(path))]
+    assert len(named) > 20, "docs/bugs.md names its guarding tests; the pattern must find them"
+    assert [n for n in named if (n[1], n[2]) not in defined] == []
