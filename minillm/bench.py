@@ -364,14 +364,22 @@ def bench_train_step(repeats: int = 5, profile: bool = False, with_torch: bool =
             prof.enable()
             step()
             prof.disable()
-        stats = pstats.Stats(prof)
-        names = _qualnames()
-        rows = sorted(((v[2], names.get((k[0], k[1]), f"{Path(k[0]).name}:{k[1]}({k[2]})"))
-                       for k, v in stats.stats.items()), reverse=True)
-        total = sum(r[0] for r in rows)
-        out["profile_top"] = [{"function": name, "seconds": round(t, 4), "share": round(t / total, 3)}
-                              for t, name in rows[:15]]
+        out["profile_top"] = profile_rows(prof)
     return out
+
+
+def profile_rows(prof: cProfile.Profile, n: int = 15) -> list[dict]:
+    """The ``n`` functions with the most self time (cProfile's ``tottime``) in a finished profile,
+    largest first: ``[{"function", "seconds", "share"}]``, share of the profile's total self time.
+
+    A Function's forward/backward is named ``"Linear.backward"`` (see ``_qualnames``), anything else
+    ``file.py:line(name)``. Used by ``bench train-step --profile`` and ``pipeline --profile``."""
+    stats = pstats.Stats(prof)
+    names = _qualnames()
+    rows = sorted(((v[2], names.get((k[0], k[1]), f"{Path(k[0]).name}:{k[1]}({k[2]})"))
+                   for k, v in stats.stats.items()), reverse=True)
+    total = sum(r[0] for r in rows) or 1.0
+    return [{"function": name, "seconds": round(t, 4), "share": round(t / total, 3)} for t, name in rows[:n]]
 
 
 def add_arguments(parser) -> None:

@@ -57,6 +57,7 @@ class PipelineConfig:
     seed: int = 0
     eval_prompts: int = 0  # held-out prompts per evaluation; 0 = all (485)
     progress: bool = True
+    profile: bool = False  # run each stage that runs under cProfile: <stage>/profile.txt + the top functions
 
 
 class Context:
@@ -367,12 +368,47 @@ def run_stage(ctx: Context, stage: str) -> dict:
         write_json_atomic(marker, fp)
     t0 = time.perf_counter()
     with threads.phase("train") as n_threads:  # chosen per stage: the machine's load may have changed
-        summary = STAGE_FUNCTIONS[stage](ctx)
+        if ctx.cfg.profile:
+            summary = profile_stage(ctx, stage)
+        else:
+            summary = STAGE_FUNCTIONS[stage](ctx)
     summary.setdefault("seconds", time.perf_counter() - t0)
     summary.setdefault("threads", n_threads)
     summary["fingerprint"] = stage_fingerprint(ctx)
     write_json_atomic(path, summary)
     ctx.summaries[stage] = summary
+    return summary
+
+
+def profile_stage(ctx: Context, stage: str) -> dict:
+    """Run one stage under cProfile (``--profile true``): where its time went.
+
+    Writes ``<stage>/profile.txt`` — the functions sorted by cumulative time (which phase: generation,
+    evaluation, the training loop) and by self time (which op) — and adds ``profile_top`` (the 10
+    functions with the most self time, ``bench.profile_rows``) to the stage's summary. cProfile's
+    own overhead makes the profiled stage slower (most in Python-heavy generation); the shares, not
+    the absolute seconds, are the answer. A stage reused from an earlier run is not profiled: use a
+    new ``--name``."""
+    import cProfile
+    import io
+    import pstats
+
+    from minillm.bench import profile_rows
+
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        summary = STAGE_FUNCTIONS[stage](ctx)
+    finally:
+        prof.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text).strip_dirs()
+    for key in ("cumulative", "tottime"):
+        text.write(f"=== {stage}: sorted by {key} ===\n")
+        stats.sort_stats(key).print_stats(30)
+    (ctx.dir / stage).mkdir(parents=True, exist_ok=True)
+    (ctx.dir / stage / "profile.txt").write_text(text.getvalue(), encoding="utf-8")
+    summary["profile_top"] = profile_rows(prof, n=10)
     return summary
 
 
@@ -406,6 +442,8 @@ def one_line(stage: str, s: dict) -> str:
         a, e = m["eval_start"], m["eval_end"]
         bits.append(f"addition, held-out pass@1 {a['pass@1']:.3f} -> {e['pass@1']:.3f}, "
                     f"pass@{e['G']} {a['pass@G']:.3f} -> {e['pass@G']:.3f}, greedy {a['greedy']:.1%} -> {e['greedy']:.1%}")
+    if "profile_top" in s:
+        bits.append("most self time: " + ", ".join(f"{r['function']} {r['share']:.0%}" for r in s["profile_top"][:3]))
     return f"[{stage}] " + "; ".join(bits)
 
 

@@ -107,3 +107,19 @@ def test_the_stage_table_lists_every_stage_in_order():
     """The pipeline's explicit stage table (no look-up by name) runs exactly STAGES, in that order."""
     assert tuple(P.STAGE_FUNCTIONS) == P.STAGES
     assert all(fn.__name__ == f"stage_{name}" for name, fn in P.STAGE_FUNCTIONS.items())
+
+
+def test_profile_writes_where_a_stages_time_went(tmp_path):
+    cfg = P.PipelineConfig(name="prof", runs_dir=str(tmp_path), quick=True, progress=False, stages="pretrain",
+                           profile=True)
+    P.run_pipeline(cfg)
+    stage_dir = tmp_path / "prof" / "pretrain"
+    summary = json.loads((stage_dir / "summary.json").read_text())
+    top = summary["profile_top"]
+    assert len(top) == 10
+    shares = [r["share"] for r in top]
+    assert shares == sorted(shares, reverse=True) and 0 < shares[0] <= 1
+    text = (stage_dir / "profile.txt").read_text()
+    assert "sorted by cumulative" in text and "sorted by tottime" in text
+    assert "train_loop" in text  # the shared loop is where pretraining's time is spent
+    assert "most self time:" in P.one_line("pretrain", summary)
