@@ -1,12 +1,18 @@
 """How many CPU threads minillm's math uses, chosen per phase (training, generation).
 
 Scope
-    Two thread pools do minillm's CPU work: the BLAS under NumPy's matrix products (OpenBLAS) and
-    the OpenMP threads of the C++ twins (``minillm._fused``). ``phase(name)`` is a context manager
-    that sets the BLAS threads for one phase and restores them after; ``choose(name)`` says what it
-    would pick. The C++ twins stay on one thread (``fused.set_num_threads`` changes that): they are
-    memory-bound, and measured on the shared 2-core machine a second OpenMP thread made a 2-thread
-    training step slower (docs/performance.md).
+    Three thread pools do minillm's CPU work: the BLAS under NumPy's matrix products (OpenBLAS),
+    the OpenMP team of the NF4 twin (``minillm._C``: the 4-bit dequantize-matmul) and the OpenMP
+    threads of the C++ twins of the other ops (``minillm._fused``). ``phase(name)`` is a context
+    manager that sets the BLAS threads and the OpenMP team (threadpoolctl's "openmp" API, i.e.
+    ``omp_set_num_threads``) for one phase and restores them after; ``choose(name)`` says what it
+    would pick. The ``_fused`` twins stay on one thread whatever the phase
+    (``fused.set_num_threads`` changes that; they name their team size explicitly, so the OpenMP
+    setting does not reach them): they are memory-bound, and measured on the shared 2-core machine
+    a second OpenMP thread made a 2-thread training step slower (docs/performance.md). The NF4
+    twin follows the phase: left at OpenMP's default (one thread per core) on a busy machine, its
+    team of two waited for the descheduled thread at every call (measured: a (8, 256) x (256, 1024)
+    4-bit matmul 40 ms instead of 0.2 ms, QLoRA SFT 66 % of its time in it).
     The CLI runs each command, and the pipeline each stage, inside ``phase("train")``;
     ``GPT.generate`` runs inside ``phase("generate")``.
 
@@ -136,21 +142,25 @@ def choose(name: str) -> int:
 
 
 def limits() -> dict:
-    """Current thread counts: {"blas": int or None (threadpoolctl missing), "fused": the C++ twins' OpenMP threads}."""
-    blas = None
+    """Current thread counts: {"blas": OpenBLAS threads, "openmp": the OpenMP team size (the NF4
+    twin's), each int or None (threadpoolctl missing, or no such library loaded), "fused": the
+    ``_fused`` twins' OpenMP threads}."""
+    counts = {"blas": None, "openmp": None}
     if _tpc is not None:
-        infos = [i for i in _tpc.threadpool_info() if i.get("user_api") == "blas"]
-        blas = infos[0]["num_threads"] if infos else None
-    return {"blas": blas, "fused": fused.num_threads()}
+        for api in counts:
+            infos = [i for i in _tpc.threadpool_info() if i.get("user_api") == api]
+            counts[api] = infos[0]["num_threads"] if infos else None
+    return {**counts, "fused": fused.num_threads()}
 
 
 @contextlib.contextmanager
 def limit(n: int) -> Iterator[int]:
-    """Run the block with ``n`` BLAS threads (threadpoolctl; nothing changes without it); restores
-    the previous count after. The C++ twins' OpenMP threads are left as they are (see above)."""
+    """Run the block with ``n`` BLAS threads and an OpenMP team of ``n`` (threadpoolctl; nothing
+    changes without it); restores the previous counts after. The ``_fused`` twins' own thread
+    count is left as it is (see above)."""
     n = max(1, int(n))
     if _tpc is not None:
-        with _tpc.threadpool_limits(limits=n, user_api="blas"):
+        with _tpc.threadpool_limits(limits={"blas": n, "openmp": n}):
             yield n
     else:
         yield n
