@@ -38,6 +38,12 @@ Deliberate deviations
     * Bias LoRA (PEFT ``lora_bias``), DoRA and multiple adapters are not offered.
     * ``lora_alpha`` defaults to 16 (``DEFAULT_LORA_ALPHA``, what the trainers were measured with),
       not PEFT's 8; ``lora_alpha=8`` restores PEFT's default.
+    * A rank larger than the layer is refused: r > min(in_features, out_features) of any targeted
+      layer raises ValueError naming the layer's module path, its shape and r
+      (``check_lora_rank``; on every path: ``LoRALinear``, ``inject_lora``, the trainers'
+      ``--lora-r``, QLoRA, ``memory.estimate``). PEFT accepts it silently, but the update
+      ΔW = B·A has rank ≤ min(in, out) whatever r is, so the extra r·(in + out) parameters are
+      wasted and α/r scales the update down for nothing.
 """
 from __future__ import annotations
 
@@ -89,6 +95,16 @@ def parse_target_modules(spec, qlora: bool = False):
     return names
 
 
+def check_lora_rank(r: int, in_features: int, out_features: int, name: str = "layer") -> None:
+    """Raise ValueError when the LoRA rank ``r`` exceeds min(``in_features``, ``out_features``) of the
+    layer ``name`` (its module path): ΔW = B·A (out, in) has rank ≤ min(in, out), so a larger r only
+    adds wasted parameters (a deviation from PEFT, which accepts it; module docstring)."""
+    if int(r) > min(int(in_features), int(out_features)):
+        raise ValueError(f"LoRA rank r={int(r)} is larger than layer {name} (in_features={int(in_features)}, "
+                         f"out_features={int(out_features)}): B·A has rank ≤ min(in, out) = "
+                         f"{min(int(in_features), int(out_features))}; use r ≤ that (e.g. --lora-r)")
+
+
 def _is_linear_like(m) -> bool:
     return (isinstance(m, Module) and not isinstance(m, LoRALinear)
             and hasattr(m, "in_features") and hasattr(m, "out_features") and callable(getattr(m, "forward", None)))
@@ -113,23 +129,26 @@ class LoRALinear(Module):
             the nn.Linear default: B ≠ 0, for merge tests).
         rng: numpy Generator for the initialisation (default: seeded with 0).
         dropout_rng: numpy Generator for the dropout masks (default: one drawn from ``rng``).
+        name: the layer's module path, used in error messages (``inject_lora`` passes it).
         fan_in_fan_out: the base stores its weight as (in, out) (GPT-2 ``Conv1D``); only ΔW is
             transposed when merging, A and B keep their shapes.
 
     Shapes: lora_A (r, in), lora_B (out, r), float32; forward x (..., in) -> (..., out).
-    Raises ValueError for r < 1, α ≤ 0, p outside [0, 1), an unknown init_lora_weights, or a base
-    without in_features/out_features.
+    Raises ValueError for r < 1, r > min(in, out) (``check_lora_rank``), α ≤ 0, p outside [0, 1),
+    an unknown init_lora_weights, or a base without in_features/out_features.
     """
 
     def __init__(self, base: Module, r: int = 8, lora_alpha: float = DEFAULT_LORA_ALPHA,
                  lora_dropout: float = 0.0, use_rslora: bool = False, init_lora_weights=True, rng: np.random.Generator | None = None,
-                 dropout_rng: np.random.Generator | None = None, fan_in_fan_out: bool = False):
+                 dropout_rng: np.random.Generator | None = None, fan_in_fan_out: bool = False,
+                 name: str | None = None):
         super().__init__()
         if not _is_linear_like(base):
             raise ValueError(f"LoRALinear needs a base Module with in_features, out_features and forward; "
                              f"got {type(base).__name__}")
         if int(r) != r or r < 1:
             raise ValueError(f"LoRA rank r must be an integer ≥ 1, got {r!r}")
+        check_lora_rank(r, base.in_features, base.out_features, name or type(base).__name__)
         if not lora_alpha > 0:
             raise ValueError(f"lora_alpha must be > 0, got {lora_alpha!r}")
         if not 0.0 <= lora_dropout < 1.0:
@@ -253,6 +272,32 @@ def lora_layers(model: Module) -> list[tuple[str, LoRALinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
+def lora_target_layers(model: Module, target_modules=DEFAULT_TARGET_MODULES, r: int | None = None
+                       ) -> list[tuple[str, Module]]:
+    """The (module path, layer) pairs ``inject_lora`` would wrap, in module order, without changing
+    the model; with ``r``, also checks that r fits every one of them (``check_lora_rank``), so a
+    trainer can refuse a bad ``--lora-r`` before any work. ``target_modules`` as ``inject_lora``.
+    Raises ValueError for an empty target list, targets that match no linear layer (naming the
+    model's linear layers), or r > min(in_features, out_features) of a chosen layer."""
+    if isinstance(target_modules, (list, tuple, set, frozenset)):
+        target_modules = list(target_modules)
+        if not target_modules:
+            raise ValueError("inject_lora: target_modules is empty")
+    linear = [(n, m) for n, m in model.named_modules() if _is_linear_like(m)
+              and not n.endswith(".base_layer") and n != "base_layer"]
+    if target_modules == "all-linear":
+        chosen = [(n, m) for n, m in linear if n.split(".")[-1] not in HEAD_NAMES]
+    else:
+        chosen = [(n, m) for n, m in linear if _target_matches(n, target_modules)]
+    if not chosen:
+        raise ValueError(f"inject_lora: target_modules {target_modules!r} matched no linear layer; "
+                         f"the model's linear layers are {[n for n, _ in linear]}")
+    if r is not None:
+        for name, m in chosen:
+            check_lora_rank(r, m.in_features, m.out_features, name)
+    return chosen
+
+
 def inject_lora(model: Module, target_modules=DEFAULT_TARGET_MODULES, r: int = 8,
                 lora_alpha: float = DEFAULT_LORA_ALPHA, lora_dropout: float = 0.0, use_rslora: bool = False, init_lora_weights=True, seed: int = 0,
                 freeze_base: bool = True) -> list[str]:
@@ -269,27 +314,17 @@ def inject_lora(model: Module, target_modules=DEFAULT_TARGET_MODULES, r: int = 8
             PEFT's ``get_peft_model`` does.
 
     Returns the dotted names of the replaced modules (e.g. ``transformer.h.0.attn.q_proj``).
-    Raises ValueError naming the targets (and the available linear layers) when nothing matched.
+    Raises ValueError naming the targets (and the available linear layers) when nothing matched,
+    or naming the layer, its shape and r when r > min(in_features, out_features) of a targeted
+    layer (``lora_target_layers``; the model is left unchanged).
     """
-    if isinstance(target_modules, (list, tuple, set, frozenset)):
-        target_modules = list(target_modules)
-        if not target_modules:
-            raise ValueError("inject_lora: target_modules is empty")
+    chosen = lora_target_layers(model, target_modules, r)  # every check before the model changes
     rng = np.random.default_rng(seed)
     dropout_rng = np.random.default_rng([seed, 1])
-    linear = [(n, m) for n, m in model.named_modules() if _is_linear_like(m)
-              and not n.endswith(".base_layer") and n != "base_layer"]
-    if target_modules == "all-linear":
-        chosen = [(n, m) for n, m in linear if n.split(".")[-1] not in HEAD_NAMES]
-    else:
-        chosen = [(n, m) for n, m in linear if _target_matches(n, target_modules)]
-    if not chosen:
-        raise ValueError(f"inject_lora: target_modules {target_modules!r} matched no linear layer; "
-                         f"the model's linear layers are {[n for n, _ in linear]}")
     replaced = []
     for name, m in chosen:
         layer = LoRALinear(m, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
-                           init_lora_weights=init_lora_weights, rng=rng, dropout_rng=dropout_rng)
+                           init_lora_weights=init_lora_weights, rng=rng, dropout_rng=dropout_rng, name=name)
         layer.train(getattr(m, "training", True))
         model.set_submodule(name, layer)
         replaced.append(name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -359,6 +360,21 @@ def test_help_describes_every_option_with_its_range(capsys):
         out = capsys.readouterr().out
         assert "--lr X" in out or command == "pipeline"
         assert "default:" in out and ("int ≥ 1" in out or command == "pipeline")
+
+
+def test_lora_rank_larger_than_a_layer_is_a_one_line_error_on_every_cli_path(base_ckpt, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "hi", "completion": "yo"}) + "\n")
+    for flag in ("--lora", "--qlora"):  # the tiny base is 16 wide: r=17 fits no layer
+        t0 = time.perf_counter()
+        rc, err = run_cli(["sft", "--base", base_ckpt, "--data", data, "--out-dir", tmp_path / flag[2:], flag, "true",
+                           "--lora-r", 17, "--eval", "false", "--progress", "false"], capsys)
+        assert rc == 1 and one_line_error(rc, err), err
+        assert re.search(r"r=17 is larger than layer transformer\.h\.0\.attn\.q_proj \(in_features=16, "
+                         r"out_features=16\)", err), err
+        assert time.perf_counter() - t0 < 5 and not (tmp_path / flag[2:] / "checkpoint.safetensors").exists()
+    rc, err = run_cli(["memory", "--preset", "7b", "--method", "lora", "--lora-r", 5000], capsys)
+    assert rc == 2 and one_line_error(rc, err) and "lora_r=5000 is larger than layer q_proj" in err, err
 
 
 _KILL_SCRIPT = """
