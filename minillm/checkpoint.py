@@ -287,7 +287,7 @@ def load_checkpoint(path) -> Checkpoint:
                       optimizer_state=opt_state, train_state=json.loads(meta.get("train_state", "{}")))
 
 
-def load_model(path, config_overrides: dict | None = None):
+def load_model(path, config_overrides: dict | None = None, trust_pattern: bool = False):
     """Build a GPT from a checkpoint file, a run directory or a Hugging Face GPT-2 directory:
     returns (model, tokenizer or None, Checkpoint).
 
@@ -298,7 +298,9 @@ def load_model(path, config_overrides: dict | None = None):
     FloatingPointError naming the tensor (``check_finite_tensors``).
 
     Raises ValueError naming the file and every mismatched shape when the weights do not fit the
-    stored config.
+    stored config, or naming the file and the pattern when the stored tokenizer's pre-split regex
+    is not one minillm writes (``tokenizer.check_loaded_pattern``; ``trust_pattern=True``, dangerous:
+    a regex from a file can make encoding hang, loads it anyway).
     """
     from minillm.model import GPT, GPTConfig
 
@@ -317,5 +319,8 @@ def load_model(path, config_overrides: dict | None = None):
         state = dict(state)
         state.update({k: v for k, v in model.state_dict().items() if k.startswith("score.")})
     model.load_state_dict(state, source=str(path))
-    tok = tokenizer_from_dict(ck.tokenizer) if ck.tokenizer is not None else None
+    try:  # a pre-split pattern minillm does not write is refused here (it could make encoding hang)
+        tok = tokenizer_from_dict(ck.tokenizer, trust_pattern=trust_pattern) if ck.tokenizer is not None else None
+    except ValueError as e:
+        raise ValueError(f"{path}: tokenizer: {e}") from None
     return model, tok, ck

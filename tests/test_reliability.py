@@ -377,6 +377,34 @@ def test_lora_rank_larger_than_a_layer_is_a_one_line_error_on_every_cli_path(bas
     assert rc == 2 and one_line_error(rc, err) and "lora_r=5000 is larger than layer q_proj" in err, err
 
 
+def test_a_checkpoint_whose_tokenizer_pattern_could_hang_is_refused_at_load(base_ckpt, tmp_path, capsys):
+    from safetensors import safe_open
+
+    from minillm import hf
+
+    evil = r"(a+)+$"  # catastrophic backtracking: encoding "a" * 40 + "b" would run for hours
+    with safe_open(str(base_ckpt), framework="numpy") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    meta["tokenizer"] = json.dumps({**json.loads(meta["tokenizer"]), "pattern": evil})
+    bad = tmp_path / "evil.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"evil\.safetensors: tokenizer: .*'\(a\+\)\+\$' is not one minillm writes"):
+        load_model(bad)
+    assert time.perf_counter() - t0 < 2
+    assert load_model(bad, trust_pattern=True)[1].pattern == evil  # the explicit, dangerous opt-in
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "a" * 40 + "b", "completion": "yo"}) + "\n")
+    t0 = time.perf_counter()
+    rc, err = run_cli(["sft", "--base", bad, "--data", data, "--out-dir", tmp_path / "o", "--eval", "false"], capsys)
+    assert rc == 1 and one_line_error(rc, err) and "evil.safetensors" in err and "(a+)+$" in err, err
+    assert time.perf_counter() - t0 < 5
+    gpt2_form = {"format": hf.GPT2_FORMAT, "version": hf.GPT2_FORMAT_VERSION, "pattern": evil, "vocab": {},
+                 "merges": [], "special_tokens": {}}
+    with pytest.raises(ValueError, match="is not one minillm writes"):
+        hf.tokenizer_from_dict(gpt2_form)
+
+
 _KILL_SCRIPT = """
 import sys, numpy as np
 from minillm.checkpoint import save_safetensors_atomic
