@@ -911,9 +911,9 @@ def load_hf_gpt2(folder, special_tokens: Sequence[str] = (), config_overrides: M
     config = gpt_config_from_hf(hf, str(cfg_path), config_overrides)
     tensors, where = _read_hf_weights(folder)
     sd = gpt_state_from_hf(tensors, config, where, source=str(folder))
-    from minillm.checkpoint import check_finite_tensors
+    from minillm.checkpoint import check_weights
 
-    check_finite_tensors(sd, str(folder))
+    check_weights(sd, str(folder))  # no NaN/inf, no diverged weight
     model = GPT(config)
     if config.scalar_head:  # a reward/value head asked for by config_overrides: keep its fresh init
         sd.update({k: v for k, v in model.state_dict().items() if k.startswith("score.")})

@@ -470,9 +470,9 @@ def read_adapter(path: str) -> tuple[dict, dict]:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     if "lora_config" not in meta:
         raise ValueError(f"{path}: not a minillm adapter file (no 'lora_config' in the safetensors metadata)")
-    from minillm.checkpoint import check_finite_tensors
+    from minillm.checkpoint import check_weights
 
-    check_finite_tensors(tensors, str(path))
+    check_weights(tensors, str(path))  # no NaN/inf, no diverged weight
     return tensors, json.loads(meta["lora_config"])
 
 

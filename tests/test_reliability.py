@@ -112,6 +112,56 @@ def test_nan_mid_run_stops_pretrain_and_keeps_the_last_good_checkpoint(tmp_path,
     assert ck.train_state["step"] == 2
 
 
+def test_a_diverged_model_is_never_saved_nor_loaded(base_ckpt, tmp_path, capsys, monkeypatch):
+    """Finite but huge weights (a learning rate far too high) are refused like NaN: the smallest run
+    that diverges (SFT, lr 1e5, 2 steps: max |w| ~1.5e5) saves nothing; a file holding such a weight
+    is refused at load (so nothing resumes from it); MINILLM_MAX_ABS_WEIGHT raises the bound."""
+    from minillm.checkpoint import MAX_ABS_WEIGHT, MAX_ABS_WEIGHT_ENV
+    from minillm.train import common
+    from minillm.train.sft import SFTConfig, sft
+
+    assert MAX_ABS_WEIGHT == 1e4 and MAX_ABS_WEIGHT_ENV == "MINILLM_MAX_ABS_WEIGHT"
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "What sat on the mat?", "completion": "The cat."}) + "\n")
+    with pytest.raises(FloatingPointError, match=r"max \|w\| = .* > 10000: the run diverged.*MINILLM_MAX_ABS_WEIGHT"):
+        sft(SFTConfig(base=str(base_ckpt), data=str(data), out_dir=str(tmp_path / "api"), max_steps=2, batch_size=1,
+                      lr=1e5, warmup_steps=0, eval=False, progress=False))
+    assert not list((tmp_path / "api").glob("*.safetensors"))
+    # the CLI's --lr range (0, 1] stops 1e5 at parse time; widened here, the save-time check is what stops it
+    monkeypatch.setitem(common.OPTION_RANGES, "lr", (0.0, common.INF, False, True))
+    for extra in ([], ["--lora", "true", "--lora-r", 4]):
+        out = tmp_path / f"cli{len(extra)}"
+        rc, err = run_cli(["sft", "--base", base_ckpt, "--data", data, "--out-dir", out, "--lr", "1e5", "--max-steps", 2,
+                           "--warmup-steps", 0, "--batch-size", 1, "--eval", "false", "--progress", "false", *extra],
+                          capsys)
+        assert rc == 1 and one_line_error(rc, err), err
+        assert re.search(r"tensor '[\w.]+' \(.*\) has max \|w\| = [\d.e+]+ > 10000.*MINILLM_MAX_ABS_WEIGHT", err), err
+        assert not list(out.glob("*.safetensors")), list(out.iterdir())
+    # a file with a diverged weight (written around minillm's check) is refused by every loader
+    from safetensors import safe_open
+
+    with safe_open(str(base_ckpt), framework="numpy") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["model.transformer.h.0.mlp.c_fc.weight"][0, 0] = 2e10
+    bad = tmp_path / "diverged.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    with pytest.raises(FloatingPointError, match=r"diverged\.safetensors: tensor 'model\.transformer\.h\.0\.mlp\.c_fc"
+                                                r"\.weight' \(64, 16\) has max \|w\| = 2e\+10 > 10000"):
+        load_checkpoint(bad)
+    rc, err = run_cli(["sft", "--base", bad, "--data", data, "--out-dir", tmp_path / "o3", "--eval", "false"], capsys)
+    assert rc == 1 and one_line_error(rc, err) and "2e+10" in err and "MINILLM_MAX_ABS_WEIGHT" in err, err
+    resume_dir = tmp_path / "resume"
+    resume_dir.mkdir()
+    (resume_dir / "checkpoint.safetensors").write_bytes(bad.read_bytes())
+    with pytest.raises(FloatingPointError, match="diverged"):  # a resume never trains on from it
+        pretrain(tiny_cfg(resume_dir, resume=True), text=CORPUS)
+    monkeypatch.setenv("MINILLM_MAX_ABS_WEIGHT", "1e11")  # the override
+    assert load_checkpoint(bad).model_state["transformer.h.0.mlp.c_fc.weight"][0, 0] == np.float32(2e10)
+    monkeypatch.setenv("MINILLM_MAX_ABS_WEIGHT", "-3")
+    with pytest.raises(ValueError, match="MINILLM_MAX_ABS_WEIGHT='-3'"):
+        load_checkpoint(bad)
+
+
 # ------------------------------------------------------------------------------------ defect 2
 
 
