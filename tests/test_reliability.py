@@ -455,6 +455,56 @@ def test_a_checkpoint_whose_tokenizer_pattern_could_hang_is_refused_at_load(base
         hf.tokenizer_from_dict(gpt2_form)
 
 
+@pytest.mark.parametrize("where", ["write", "fsync"])
+def test_disk_full_during_a_save_keeps_the_last_checkpoint_and_leaves_no_litter(base_ckpt, tmp_path, capsys,
+                                                                                 monkeypatch, where):
+    """ENOSPC in the one atomic-write helper (mid-write, or at the fsync where delayed allocation
+    reports it): the checkpoint under its real name is the previous one and loads, no temp file
+    remains, and the CLI prints one line naming the path, exit 1."""
+    import errno
+
+    import minillm.checkpoint as C
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "What sat on the mat?", "completion": "The cat."}) + "\n")
+    out = tmp_path / "run"
+    argv = ["sft", "--base", base_ckpt, "--data", data, "--out-dir", out, "--max-steps", 1, "--batch-size", 1,
+            "--eval", "false", "--progress", "false"]
+    rc, err = run_cli(argv, capsys)
+    assert rc == 0, err
+    target = out / "checkpoint.safetensors"
+    before = target.read_bytes()
+
+    def disk_full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if where == "write":  # half the bytes land, then the disk is full
+        real_save_file = C.save_file
+
+        def half_then_full(tensors, filename, metadata=None):
+            real_save_file(tensors, filename, metadata=metadata)
+            with open(filename, "r+b") as fh:
+                fh.truncate(len(before) // 2)
+            disk_full()
+
+        monkeypatch.setattr(C, "save_file", half_then_full)
+    else:
+        monkeypatch.setattr(C.os, "fsync", disk_full)
+    rc, err = run_cli([*argv, "--seed", 1], capsys)
+    assert rc == 1 and one_line_error(rc, err), err
+    assert f"could not write {target}: No space left on device" in err and "Errno 28" in err, err
+    monkeypatch.undo()
+    assert target.read_bytes() == before  # the previous checkpoint, under its real name
+    assert load_checkpoint(target).train_state["sft_config"]["seed"] == 0
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    with pytest.raises(OSError) as info:  # the API raises the same, with errno kept
+        monkeypatch.setattr(C.os, "fsync", disk_full)
+        save_checkpoint(target, load_model(target)[0])
+    monkeypatch.undo()
+    assert info.value.errno == errno.ENOSPC and str(target) in str(info.value)
+    assert target.read_bytes() == before and not list(out.glob(".*.tmp"))
+
+
 _KILL_SCRIPT = """
 import sys, numpy as np
 from minillm.checkpoint import save_safetensors_atomic
