@@ -352,7 +352,7 @@ def load_checkpoint(path) -> Checkpoint:
 
 def load_model(path, config_overrides: dict | None = None, trust_pattern: bool = False):
     """Build a GPT from a checkpoint file, a run directory or a Hugging Face GPT-2 directory:
-    returns (model, tokenizer or None, Checkpoint).
+    returns (model, tokenizer or None, Checkpoint). ``model.name_or_path`` is set to ``path``.
 
     The tokenizer is None when the source has none (a checkpoint saved without one, or a Hugging
     Face folder with weights but no ``vocab.json``/``merges.txt``/``tokenizer.json``): loading
@@ -370,7 +370,9 @@ def load_model(path, config_overrides: dict | None = None, trust_pattern: bool =
     if Path(path).is_dir():  # a Hugging Face GPT-2 directory or a run directory
         from minillm.hf import load_any
 
-        return load_any(path, config_overrides=config_overrides)
+        model, tok, ck = load_any(path, config_overrides=config_overrides)
+        model.name_or_path = str(path)
+        return model, tok, ck
     from minillm.hf import tokenizer_from_dict
 
     ck = load_checkpoint(path)
@@ -382,6 +384,7 @@ def load_model(path, config_overrides: dict | None = None, trust_pattern: bool =
         state = dict(state)
         state.update({k: v for k, v in model.state_dict().items() if k.startswith("score.")})
     model.load_state_dict(state, source=str(path))
+    model.name_or_path = str(path)  # as transformers' PreTrainedModel.name_or_path (adapter files record it)
     try:  # a pre-split pattern minillm does not write is refused here (it could make encoding hang)
         tok = tokenizer_from_dict(ck.tokenizer, trust_pattern=trust_pattern) if ck.tokenizer is not None else None
     except ValueError as e:

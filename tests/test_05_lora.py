@@ -425,6 +425,59 @@ def test_adapter_load_errors(tmp_path):
         load_adapter(model, str(tmp_path / "nope.safetensors"))
 
 
+def test_adapter_records_its_base_and_refuses_another(tmp_path):
+    """The fingerprint of the base (config + the adapted layers' frozen weights) is stored in the
+    adapter file; loading onto another base raises naming both fingerprints and the files; a file
+    written before fingerprints loads with a printed warning; check_base=False skips the check."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    from minillm.lora import base_model_fingerprint
+
+    model = tiny_gpt(seed=0)
+    model.name_or_path = "base0.safetensors"
+    inject_lora(model, ("q_proj", "v_proj"), r=4, init_lora_weights=False)
+    path = str(tmp_path / "adapter.safetensors")
+    save_adapter(model, path)
+    with safe_open(path, framework="numpy") as f:
+        meta = f.metadata()
+    fp = meta["base_fingerprint"]
+    assert re.fullmatch(r"[0-9a-f]{64}", fp) and meta["base_model_name_or_path"] == "base0.safetensors"
+    assert fp == base_model_fingerprint(model) == base_model_fingerprint(
+        tiny_gpt(seed=0), ["transformer.h.0.attn.q_proj", "transformer.h.0.attn.v_proj", "transformer.h.1.attn.q_proj",
+                           "transformer.h.1.attn.v_proj"])
+    assert fp != base_model_fingerprint(tiny_gpt(seed=0, n_head=4), [n for n, _ in lora_layers(model)])  # config
+    assert len(load_adapter(tiny_gpt(seed=0), path)) == 4  # its own base: loads, no warning
+    other = tiny_gpt(seed=1)
+    other.name_or_path = "base1.safetensors"
+    ours = base_model_fingerprint(other, [n for n, _ in lora_layers(model)])
+    with pytest.raises(ValueError, match=rf"adapter\.safetensors: the adapter was trained on base model {fp[:12]} "
+                                         rf"\(base0\.safetensors\) but this model \(base1\.safetensors\) is {ours[:12]}"):
+        load_adapter(other, path)
+    assert not lora_layers(other)  # refused before anything was injected
+    assert len(load_adapter(other, path, check_base=False)) == 4
+    old = str(tmp_path / "old.safetensors")  # an adapter written before the fingerprint existed
+    save_file(load_file(path), old, metadata={"format": "minillm-lora", "lora_config": meta["lora_config"]})
+    with pytest.warns(UserWarning, match=r"old\.safetensors: the adapter records no base-model fingerprint"):
+        assert len(load_adapter(tiny_gpt(seed=1), old)) == 4
+
+
+def test_qlora_adapter_fingerprint_matches_its_float_base_and_its_4bit_base(tmp_path):
+    from minillm.linear4bit import quantize_model
+
+    q = tiny_gpt(seed=0)
+    quantize_model(q, blocksize=32)
+    inject_lora(q, "all-linear", r=2)
+    path = str(tmp_path / "qlora.safetensors")
+    save_adapter(q, path)
+    again = tiny_gpt(seed=0)
+    quantize_model(again, blocksize=32)
+    assert len(load_adapter(again, path)) == 12  # the same 4-bit base (6 linear layers x 2 blocks)
+    assert len(load_adapter(tiny_gpt(seed=0), path)) == 12  # the float base it was quantized from
+    with pytest.raises(ValueError, match="the adapter was trained on base model"):
+        load_adapter(tiny_gpt(seed=2), path)
+
+
 def test_export_peft_layout(tmp_path):
     from safetensors.numpy import load_file
 

@@ -505,6 +505,38 @@ def test_disk_full_during_a_save_keeps_the_last_checkpoint_and_leaves_no_litter(
     assert target.read_bytes() == before and not list(out.glob(".*.tmp"))
 
 
+def test_an_adapter_is_refused_on_a_base_it_was_not_trained_on(base_ckpt, tmp_path, capsys):
+    from safetensors.numpy import load_file
+
+    from minillm.lora import load_adapter
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "What sat on the mat?", "completion": "The cat."}) + "\n")
+    model, tok, _ = load_model(base_ckpt)
+    model.transformer.h[0].attn.q_proj.weight.data[0, 0] += 1.0  # one weight of an adapted layer differs (so does its NF4 code)
+    other = tmp_path / "other.safetensors"
+    save_checkpoint(other, model, tok)
+    for flag in ("--lora", "--qlora"):
+        out = tmp_path / flag[2:]
+        rc, err = run_cli(["sft", "--base", base_ckpt, "--data", data, "--out-dir", out, flag, "true", "--lora-r", 2,
+                           "--max-steps", 1, "--batch-size", 1, "--eval", "false", "--progress", "false"], capsys)
+        assert rc == 0, err
+        adapter = out / "adapter.safetensors"
+        assert len(load_adapter(load_model(base_ckpt)[0], str(adapter))) > 0  # its own base (float, for QLoRA too)
+        with pytest.raises(ValueError) as info:
+            load_adapter(load_model(other)[0], str(adapter))
+        msg = str(info.value)
+        assert "\n" not in msg and str(adapter) in msg and str(base_ckpt) in msg and str(other) in msg, msg
+        assert re.search(r"base model [0-9a-f]{12} .* is [0-9a-f]{12};", msg), msg
+    old = tmp_path / "old-adapter.safetensors"  # written before fingerprints: loads, with a printed warning
+    save_file(load_file(str(tmp_path / "lora" / "adapter.safetensors")), str(old),
+              metadata={"format": "minillm-lora", "lora_config": json.dumps(
+                  {"r": 2, "lora_alpha": 16.0, "lora_dropout": 0.0, "use_rslora": False,
+                   "target_modules": ["q_proj", "v_proj"]})})
+    with pytest.warns(UserWarning, match="records no base-model fingerprint"):
+        assert len(load_adapter(load_model(other)[0], str(old))) == 2
+
+
 _KILL_SCRIPT = """
 import sys, numpy as np
 from minillm.checkpoint import save_safetensors_atomic

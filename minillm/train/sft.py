@@ -257,7 +257,8 @@ def sft(cfg: SFTConfig) -> SFTResult:
     if cfg.lora:
         from minillm.lora import save_adapter
 
-        save_adapter(model, str(out / "adapter.safetensors"))  # the LoRA tensors alone, before merging
+        save_adapter(model, str(out / "adapter.safetensors"),  # the LoRA tensors alone, before merging
+                     base_model_name_or_path=cfg.base)
         metrics["adapter"] = str(out / "adapter.safetensors")
         model = merge_for_saving(model)
     if builtin and cfg.eval:
