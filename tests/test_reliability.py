@@ -138,13 +138,8 @@ def test_a_diverged_model_is_never_saved_nor_loaded(base_ckpt, tmp_path, capsys,
         assert re.search(r"tensor '[\w.]+' \(.*\) has max \|w\| = [\d.e+]+ > 10000.*MINILLM_MAX_ABS_WEIGHT", err), err
         assert not list(out.glob("*.safetensors")), list(out.iterdir())
     # a file with a diverged weight (written around minillm's check) is refused by every loader
-    from safetensors import safe_open
-
-    with safe_open(str(base_ckpt), framework="numpy") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    tensors["model.transformer.h.0.mlp.c_fc.weight"][0, 0] = 2e10
-    bad = tmp_path / "diverged.safetensors"
-    save_file(tensors, str(bad), metadata=meta)
+    bad = _rewrite_checkpoint(base_ckpt, tmp_path / "diverged.safetensors",
+                              {"model.transformer.h.0.mlp.c_fc.weight": ((0, 0), 2e10)})
     with pytest.raises(FloatingPointError, match=r"diverged\.safetensors: tensor 'model\.transformer\.h\.0\.mlp\.c_fc"
                                                 r"\.weight' \(64, 16\) has max \|w\| = 2e\+10 > 10000"):
         load_checkpoint(bad)
@@ -165,14 +160,34 @@ def test_a_diverged_model_is_never_saved_nor_loaded(base_ckpt, tmp_path, capsys,
 # ------------------------------------------------------------------------------------ defect 2
 
 
-def _write_nan_checkpoint(src: Path, dst: Path) -> None:
+def _rewrite_checkpoint(src: Path, dst: Path, tensors: dict | None = None, metadata: dict | None = None) -> Path:
+    """Copy checkpoint ``src`` to ``dst`` with some tensor values (name -> (index, value)) and metadata
+    entries replaced, written with safetensors directly: around minillm's own checks, on purpose."""
     from safetensors import safe_open
 
     with safe_open(str(src), framework="numpy") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    tensors["model.transformer.wte.weight"][3] = np.nan  # a row short examples never reach
-    save_file(tensors, str(dst), metadata=meta)  # bypasses minillm's own check on purpose
+        meta = {**f.metadata(), **(metadata or {})}
+        arrays = {k: f.get_tensor(k) for k in f.keys()}
+    for name, (index, value) in (tensors or {}).items():
+        arrays[name][index] = value
+    save_file(arrays, str(dst), metadata=meta)
+    return dst
+
+
+def _write_nan_checkpoint(src: Path, dst: Path) -> None:
+    _rewrite_checkpoint(src, dst, {"model.transformer.wte.weight": (3, np.nan)})  # a row short examples never reach
+
+
+#: A pre-split regex with catastrophic backtracking: encoding "a" * 40 + "b" with it would run for hours.
+EVIL_PATTERN = r"(a+)+$"
+
+
+def _write_evil_pattern_checkpoint(src: Path, dst: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(src), framework="numpy") as f:
+        tok = json.loads(f.metadata()["tokenizer"])
+    _rewrite_checkpoint(src, dst, metadata={"tokenizer": json.dumps({**tok, "pattern": EVIL_PATTERN})})
 
 
 def test_nan_in_an_input_checkpoint_is_refused_by_every_loader(base_ckpt, tmp_path, capsys):
@@ -428,16 +443,11 @@ def test_lora_rank_larger_than_a_layer_is_a_one_line_error_on_every_cli_path(bas
 
 
 def test_a_checkpoint_whose_tokenizer_pattern_could_hang_is_refused_at_load(base_ckpt, tmp_path, capsys):
-    from safetensors import safe_open
-
     from minillm import hf
 
-    evil = r"(a+)+$"  # catastrophic backtracking: encoding "a" * 40 + "b" would run for hours
-    with safe_open(str(base_ckpt), framework="numpy") as f:
-        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
-    meta["tokenizer"] = json.dumps({**json.loads(meta["tokenizer"]), "pattern": evil})
+    evil = EVIL_PATTERN
     bad = tmp_path / "evil.safetensors"
-    save_file(tensors, str(bad), metadata=meta)
+    _write_evil_pattern_checkpoint(base_ckpt, bad)
     t0 = time.perf_counter()
     with pytest.raises(ValueError, match=r"evil\.safetensors: tokenizer: .*'\(a\+\)\+\$' is not one minillm writes"):
         load_model(bad)
@@ -620,6 +630,10 @@ def _bad_files(tmp: Path, base_ckpt: Path) -> dict[str, Path]:
     f["not_safetensors"].write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     f["nan_checkpoint"] = tmp / "nan.safetensors"
     _write_nan_checkpoint(base_ckpt, f["nan_checkpoint"])
+    f["diverged_checkpoint"] = _rewrite_checkpoint(base_ckpt, tmp / "diverged.safetensors",
+                                                   {"model.transformer.wpe.weight": ((0, 0), 3e9)})
+    f["evil_pattern_checkpoint"] = tmp / "evil-pattern.safetensors"
+    _write_evil_pattern_checkpoint(base_ckpt, f["evil_pattern_checkpoint"])
     return f
 
 
@@ -628,7 +642,8 @@ def test_bad_input_matrix(base_ckpt, tmp_path, capsys):
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps({"prompt": "hi", "completion": "yo"}) + "\n")
     out = tmp_path / "out"
-    model_kinds = ("missing", "directory", "empty", "pickle", "not_safetensors", "nan_checkpoint")
+    model_kinds = ("missing", "directory", "empty", "pickle", "not_safetensors", "nan_checkpoint",
+                   "diverged_checkpoint", "evil_pattern_checkpoint")
     data_kinds = ("missing", "directory", "empty", "not_utf8", "bad_json", "lone_surrogate", "deep_nesting",
                   "unknown_keys", "wrong_type")
     cases = []
@@ -653,13 +668,14 @@ def test_bad_input_matrix(base_ckpt, tmp_path, capsys):
     numbers = {"pretrain": ["--lr nan", "--lr inf", "--warmup-steps -1", "--max-steps 0", "--dropout 1.5",
                             "--vocab-size 10", "--val-fraction 0.9", "--max-step 3"],
                "sft": ["--lr nan", "--lora-r 0", "--warmup-steps -2", "--max-new-tokens 0", "--batch-size 0",
-                       "--lora-dropout 1", "--max-step 3"],
+                       "--lora-dropout 1", "--max-step 3", f"--base {base_ckpt} --out-dir {out} --lora true --lora-r 17",
+                       f"--base {base_ckpt} --out-dir {out} --qlora true --lora-r 64"],
                "reward": ["--lr inf", "--test-fraction 1", "--margin nan", "--max-step 3"],
                "dpo": ["--beta 0", "--eval-temperature -1", "--label-smoothing 0.7", "--max-step 3"],
                "ppo": ["--gamma -1", "--lam 5", "--temperature 0", "--cliprange -0.2", "--iterations 0",
                        "--max-step 3"],
                "pipeline": ["--seed -1", "--eval-prompts -5", "--quik true"],
-               "bench": ["generate --repeats 0"], "memory": ["--lora-r 0", "--batch 0", "--params nan"],
+               "bench": ["generate --repeats 0"], "memory": ["--lora-r 0", "--batch 0", "--params nan", "--method lora --lora-r 5000"],
                "datasets": ["--seed -1"]}
     for command, flags in numbers.items():
         for flag in flags:
