@@ -1,7 +1,10 @@
 """Reliability: bad inputs x every loader / CLI entry they reach, NaN injection, kill -9 during a
 save, resume equality, and one test per hardening defect (no NaN ever saved, non-finite inputs
 refused, no silent reuse of a cached stage, no silent overwrite, counted truncation, one
-parameter-group rule, specials only where allowed, eval-mode HF loading).
+parameter-group rule, specials only where allowed, eval-mode HF loading), and the loaded-file and
+divergence checks: no diverged (huge but finite) weight saved or loaded, no tokenizer regex from a
+file that is not minillm's, no adapter on a base it was not trained on, no LoRA rank above the
+layer, a full disk during a save.
 
 Every CLI case is driven through ``minillm.cli.main`` and classified: a clean failure is a nonzero
 exit with exactly one line on stderr and no traceback. ``test_bad_input_matrix`` prints the counts.
