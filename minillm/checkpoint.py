@@ -12,6 +12,10 @@ Scope
     Every tensor written (``save_safetensors_atomic``) and every checkpoint read
     (``load_checkpoint``) must be finite (``check_finite_tensors``): a diverged run fails instead
     of replacing a good checkpoint, and a NaN weight in an input file is named, not trained on.
+    Every weight written or read must also be below a divergence bound (``check_weight_magnitude``:
+    max |w| ≤ ``MAX_ABS_WEIGHT`` = 1e4, override with the environment variable
+    ``MINILLM_MAX_ABS_WEIGHT``): a run that diverged to huge but finite weights (``lr 1e3`` gave
+    ~2e10) is not saved, and such a file is not resumed from. ``check_weights`` runs both checks.
     ``check_output_dir`` tells an unwritable output folder before training, not at the first save.
 
 Sources
@@ -152,6 +156,63 @@ def check_finite_tensors(tensors: dict, source: str, action: str = "loaded") -> 
                 + (" (the file on disk, if any, is kept unchanged)" if action == "saved" else ""))
 
 
+#: The largest |w| a weight may have when saved or loaded. Justification: these models start at
+#: N(0, 0.02) weights and LayerNorm 1, AdamW moves a weight by about lr (≤ 1, the CLI's limit) per
+#: step, and the largest |w| measured over the 225 checkpoints on the development machine (every
+#: chapter's runs) was 2.13 (a LayerNorm gain); 1e4 is over 4000 times that, far below float32's
+#: range, and far below what divergence produces (lr 1e3: ~2e10). Override: ``MAX_ABS_WEIGHT_ENV``.
+MAX_ABS_WEIGHT = 1e4
+#: The environment variable that overrides ``MAX_ABS_WEIGHT`` (a float > 0, e.g. ``1e6``; ``inf`` = off).
+MAX_ABS_WEIGHT_ENV = "MINILLM_MAX_ABS_WEIGHT"
+
+
+def max_abs_weight() -> float:
+    """The divergence bound in force: ``$MINILLM_MAX_ABS_WEIGHT`` if set, else ``MAX_ABS_WEIGHT``.
+    Raises ValueError naming the variable when it is not a number > 0."""
+    raw = os.environ.get(MAX_ABS_WEIGHT_ENV, "").strip()
+    if not raw:
+        return MAX_ABS_WEIGHT
+    try:
+        bound = float(raw)
+    except ValueError:
+        bound = float("nan")
+    if not bound > 0:
+        raise ValueError(f"{MAX_ABS_WEIGHT_ENV}={raw!r}: expected a number > 0 (e.g. 1e6, or inf to switch the "
+                         f"divergence check off)")
+    return bound
+
+
+def check_weight_magnitude(tensors: dict, source: str, action: str = "loaded", max_abs: float | None = None) -> None:
+    """Raise FloatingPointError when a floating-point weight of ``tensors`` (name -> array, host or
+    device) has max |w| > ``max_abs`` (default ``max_abs_weight()``): the run diverged. The message
+    names ``source``, the tensor, its max |w|, the bound and how to raise it. Integer arrays
+    (quantized codes), empty arrays and optimizer moments (names starting ``optimizer.``: not
+    weights; Adam's second moment is a squared gradient) are skipped; a 4-bit layer's float
+    absmax is at most its block's max |w|, so it is held to the same bound. Run after
+    ``check_finite_tensors`` (a NaN compares False)."""
+    bound = max_abs_weight() if max_abs is None else float(max_abs)
+    for name, v in tensors.items():
+        if name.startswith("optimizer.") or not hasattr(v, "shape"):
+            continue
+        a = backend.to_numpy(v)
+        if a.size == 0 or not np.issubdtype(a.dtype, np.floating):
+            continue
+        peak = float(np.abs(a).max())
+        if peak > bound:
+            raise FloatingPointError(
+                f"{source}: tensor {name!r} {tuple(a.shape)} has max |w| = {peak:.3g} > {bound:g}: the run diverged; "
+                f"the weights are not {action}" + (" (the file on disk, if any, is kept unchanged)" if action == "saved"
+                                                    else "") + f" (set {MAX_ABS_WEIGHT_ENV} to allow larger weights)")
+
+
+def check_weights(tensors: dict, source: str, action: str = "loaded") -> None:
+    """The checks on every tensor saved and every checkpoint, adapter or model file loaded:
+    ``check_finite_tensors`` (no NaN/inf), then ``check_weight_magnitude`` (no diverged weight).
+    Raises FloatingPointError naming ``source`` and the tensor."""
+    check_finite_tensors(tensors, source, action)
+    check_weight_magnitude(tensors, source, action)
+
+
 def check_output_dir(path) -> Path:
     """Make sure ``path`` is (or can be created as) a writable directory, before any training.
 
@@ -184,12 +245,13 @@ def write_json_atomic(path, obj) -> Path:
 def save_safetensors_atomic(path, tensors: dict, metadata: dict | None = None) -> None:
     """Write ``tensors`` (name -> array, copied to the host) and str metadata to ``path`` atomically.
 
-    Raises FloatingPointError (``check_finite_tensors``) before writing anything when a tensor
-    holds NaN/inf: a diverged model never replaces the checkpoint already on disk.
+    Raises FloatingPointError (``check_weights``) before writing anything when a tensor holds
+    NaN/inf or a weight's max |w| exceeds the divergence bound (``max_abs_weight()``): a diverged
+    model never replaces the checkpoint already on disk.
     """
     path = Path(path)
     host = {k: np.ascontiguousarray(backend.to_numpy(v)) for k, v in tensors.items()}
-    check_finite_tensors(host, str(path), action="saved")
+    check_weights(host, str(path), action="saved")
     meta = {k: str(v) for k, v in (metadata or {}).items()}
     _atomic_write(path, lambda tmp: save_file(host, tmp, metadata=meta))
 
@@ -262,11 +324,12 @@ def save_checkpoint(path, model, tokenizer=None, optimizer=None, train_state: di
 def load_checkpoint(path) -> Checkpoint:
     """Read a checkpoint written by ``save_checkpoint``; raises ValueError naming the file when
     it is not a minillm checkpoint or a part is missing, FloatingPointError naming the tensor when
-    a weight or optimizer state holds NaN/inf (``check_finite_tensors``)."""
+    a weight or optimizer state holds NaN/inf or a weight exceeds the divergence bound
+    (``check_weights``)."""
     tensors, meta = read_safetensors(path)
     if meta.get("format") != FORMAT or "config" not in meta:
         raise ValueError(f"{path}: not a minillm checkpoint (metadata format={meta.get('format')!r})")
-    check_finite_tensors(tensors, str(path))
+    check_weights(tensors, str(path))
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     opt_state = None
     if "optimizer" in meta:
@@ -287,25 +350,29 @@ def load_checkpoint(path) -> Checkpoint:
                       optimizer_state=opt_state, train_state=json.loads(meta.get("train_state", "{}")))
 
 
-def load_model(path, config_overrides: dict | None = None):
+def load_model(path, config_overrides: dict | None = None, trust_pattern: bool = False):
     """Build a GPT from a checkpoint file, a run directory or a Hugging Face GPT-2 directory:
-    returns (model, tokenizer or None, Checkpoint).
+    returns (model, tokenizer or None, Checkpoint). ``model.name_or_path`` is set to ``path``.
 
     The tokenizer is None when the source has none (a checkpoint saved without one, or a Hugging
     Face folder with weights but no ``vocab.json``/``merges.txt``/``tokenizer.json``): loading
     succeeds, since exporting or scoring ids needs no tokenizer, and a caller that needs one
-    (every trainer) raises an error naming the path. Weights with NaN/inf raise
-    FloatingPointError naming the tensor (``check_finite_tensors``).
+    (every trainer) raises an error naming the path. Weights with NaN/inf or beyond the divergence
+    bound raise FloatingPointError naming the tensor (``check_weights``).
 
     Raises ValueError naming the file and every mismatched shape when the weights do not fit the
-    stored config.
+    stored config, or naming the file and the pattern when the stored tokenizer's pre-split regex
+    is not one minillm writes (``tokenizer.check_loaded_pattern``; ``trust_pattern=True``, dangerous:
+    a regex from a file can make encoding hang, loads it anyway).
     """
     from minillm.model import GPT, GPTConfig
 
     if Path(path).is_dir():  # a Hugging Face GPT-2 directory or a run directory
         from minillm.hf import load_any
 
-        return load_any(path, config_overrides=config_overrides)
+        model, tok, ck = load_any(path, config_overrides=config_overrides)
+        model.name_or_path = str(path)
+        return model, tok, ck
     from minillm.hf import tokenizer_from_dict
 
     ck = load_checkpoint(path)
@@ -317,5 +384,9 @@ def load_model(path, config_overrides: dict | None = None):
         state = dict(state)
         state.update({k: v for k, v in model.state_dict().items() if k.startswith("score.")})
     model.load_state_dict(state, source=str(path))
-    tok = tokenizer_from_dict(ck.tokenizer) if ck.tokenizer is not None else None
+    model.name_or_path = str(path)  # as transformers' PreTrainedModel.name_or_path (adapter files record it)
+    try:  # a pre-split pattern minillm does not write is refused here (it could make encoding hang)
+        tok = tokenizer_from_dict(ck.tokenizer, trust_pattern=trust_pattern) if ck.tokenizer is not None else None
+    except ValueError as e:
+        raise ValueError(f"{path}: tokenizer: {e}") from None
     return model, tok, ck

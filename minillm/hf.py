@@ -89,7 +89,7 @@ import numpy as np
 from minillm import backend
 from minillm.checkpoint import write_text_atomic
 from minillm.tokenizer import (DEFAULT_SPECIALS, GPT2_SPLIT_PATTERN, GPT2_SPLIT_PATTERN_STDLIB, Tokenizer,
-                               merge_pair, pre_split, special_splitter)
+                               check_loaded_pattern, merge_pair, pre_split, special_splitter)
 
 #: GPT-2's end-of-text token (id 50256 in the original vocabulary).
 ENDOFTEXT = "<|endoftext|>"
@@ -323,8 +323,10 @@ class GPT2BPETokenizer(Tokenizer):
                 "special_tokens": dict(self._specials)}
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "GPT2BPETokenizer":
-        """Inverse of ``to_dict``. Raises ValueError naming the bad field."""
+    def from_dict(cls, d: Mapping, trust_pattern: bool = False) -> "GPT2BPETokenizer":
+        """Inverse of ``to_dict``. Raises ValueError naming the bad field, or a pre-split pattern
+        outside ``tokenizer.KNOWN_PATTERNS`` unless ``trust_pattern=True`` (dangerous: the regex runs
+        on every text; ``tokenizer.check_loaded_pattern``)."""
         if not isinstance(d, Mapping):
             raise ValueError(f"top level must be a JSON object, got {type(d).__name__}")
         for f in ("format", "version", "pattern", "vocab", "merges", "special_tokens"):
@@ -333,6 +335,7 @@ class GPT2BPETokenizer(Tokenizer):
         if d["format"] != GPT2_FORMAT or d["version"] != GPT2_FORMAT_VERSION:
             raise ValueError(f"format {d['format']!r} version {d['version']!r}; expected {GPT2_FORMAT!r} "
                              f"version {GPT2_FORMAT_VERSION}")
+        check_loaded_pattern(d["pattern"], "field 'pattern'", trust_pattern)
         return cls(d["vocab"], _parse_merge_lines(d["merges"], "field 'merges'"), d["special_tokens"], d["pattern"],
                    source="tokenizer dict")
 
@@ -507,12 +510,13 @@ def tokenizer_from_hf_json(path, pattern: str | None = AUTO) -> GPT2BPETokenizer
                             source=str(path))
 
 
-def tokenizer_from_dict(d: Mapping) -> Tokenizer:
+def tokenizer_from_dict(d: Mapping, trust_pattern: bool = False) -> Tokenizer:
     """Either tokenizer form stored in a minillm checkpoint: ``minillm.tokenizer`` (minillm's own
-    layout) or ``minillm.gpt2-bpe`` (a GPT-2 vocabulary). Raises ValueError naming the field."""
+    layout) or ``minillm.gpt2-bpe`` (a GPT-2 vocabulary). Raises ValueError naming the field, or a
+    pre-split pattern outside ``tokenizer.KNOWN_PATTERNS`` unless ``trust_pattern=True`` (dangerous)."""
     if isinstance(d, Mapping) and d.get("format") == GPT2_FORMAT:
-        return GPT2BPETokenizer.from_dict(d)
-    return Tokenizer.from_dict(d)
+        return GPT2BPETokenizer.from_dict(d, trust_pattern=trust_pattern)
+    return Tokenizer.from_dict(d, trust_pattern=trust_pattern)
 
 
 def load_hf_tokenizer(folder) -> GPT2BPETokenizer | None:
@@ -907,9 +911,9 @@ def load_hf_gpt2(folder, special_tokens: Sequence[str] = (), config_overrides: M
     config = gpt_config_from_hf(hf, str(cfg_path), config_overrides)
     tensors, where = _read_hf_weights(folder)
     sd = gpt_state_from_hf(tensors, config, where, source=str(folder))
-    from minillm.checkpoint import check_finite_tensors
+    from minillm.checkpoint import check_weights
 
-    check_finite_tensors(sd, str(folder))
+    check_weights(sd, str(folder))  # no NaN/inf, no diverged weight
     model = GPT(config)
     if config.scalar_head:  # a reward/value head asked for by config_overrides: keep its fresh init
         sd.update({k: v for k, v in model.state_dict().items() if k.startswith("score.")})

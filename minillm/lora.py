@@ -38,6 +38,17 @@ Deliberate deviations
     * Bias LoRA (PEFT ``lora_bias``), DoRA and multiple adapters are not offered.
     * ``lora_alpha`` defaults to 16 (``DEFAULT_LORA_ALPHA``, what the trainers were measured with),
       not PEFT's 8; ``lora_alpha=8`` restores PEFT's default.
+    * A rank larger than the layer is refused: r > min(in_features, out_features) of any targeted
+      layer raises ValueError naming the layer's module path, its shape and r
+      (``check_lora_rank``; on every path: ``LoRALinear``, ``inject_lora``, the trainers'
+      ``--lora-r``, QLoRA, ``memory.estimate``). PEFT accepts it silently, but the update
+      ΔW = B·A has rank ≤ min(in, out) whatever r is, so the extra r·(in + out) parameters are
+      wasted and α/r scales the update down for nothing.
+    * An adapter file records which base it was trained on as a fingerprint
+      (``base_model_fingerprint``: SHA-256 over the model's architecture config and the frozen
+      base tensors of the adapted layers), where PEFT keeps only ``base_model_name_or_path`` in
+      ``adapter_config.json``; ``load_adapter`` refuses an adapter whose fingerprint differs from
+      the model's (``check_base=False`` skips the check) and warns for a file without one.
 """
 from __future__ import annotations
 
@@ -89,6 +100,16 @@ def parse_target_modules(spec, qlora: bool = False):
     return names
 
 
+def check_lora_rank(r: int, in_features: int, out_features: int, name: str = "layer") -> None:
+    """Raise ValueError when the LoRA rank ``r`` exceeds min(``in_features``, ``out_features``) of the
+    layer ``name`` (its module path): ΔW = B·A (out, in) has rank ≤ min(in, out), so a larger r only
+    adds wasted parameters (a deviation from PEFT, which accepts it; module docstring)."""
+    if int(r) > min(int(in_features), int(out_features)):
+        raise ValueError(f"LoRA rank r={int(r)} is larger than layer {name} (in_features={int(in_features)}, "
+                         f"out_features={int(out_features)}): B·A has rank ≤ min(in, out) = "
+                         f"{min(int(in_features), int(out_features))}; use r ≤ that (e.g. --lora-r)")
+
+
 def _is_linear_like(m) -> bool:
     return (isinstance(m, Module) and not isinstance(m, LoRALinear)
             and hasattr(m, "in_features") and hasattr(m, "out_features") and callable(getattr(m, "forward", None)))
@@ -113,23 +134,26 @@ class LoRALinear(Module):
             the nn.Linear default: B ≠ 0, for merge tests).
         rng: numpy Generator for the initialisation (default: seeded with 0).
         dropout_rng: numpy Generator for the dropout masks (default: one drawn from ``rng``).
+        name: the layer's module path, used in error messages (``inject_lora`` passes it).
         fan_in_fan_out: the base stores its weight as (in, out) (GPT-2 ``Conv1D``); only ΔW is
             transposed when merging, A and B keep their shapes.
 
     Shapes: lora_A (r, in), lora_B (out, r), float32; forward x (..., in) -> (..., out).
-    Raises ValueError for r < 1, α ≤ 0, p outside [0, 1), an unknown init_lora_weights, or a base
-    without in_features/out_features.
+    Raises ValueError for r < 1, r > min(in, out) (``check_lora_rank``), α ≤ 0, p outside [0, 1),
+    an unknown init_lora_weights, or a base without in_features/out_features.
     """
 
     def __init__(self, base: Module, r: int = 8, lora_alpha: float = DEFAULT_LORA_ALPHA,
                  lora_dropout: float = 0.0, use_rslora: bool = False, init_lora_weights=True, rng: np.random.Generator | None = None,
-                 dropout_rng: np.random.Generator | None = None, fan_in_fan_out: bool = False):
+                 dropout_rng: np.random.Generator | None = None, fan_in_fan_out: bool = False,
+                 name: str | None = None):
         super().__init__()
         if not _is_linear_like(base):
             raise ValueError(f"LoRALinear needs a base Module with in_features, out_features and forward; "
                              f"got {type(base).__name__}")
         if int(r) != r or r < 1:
             raise ValueError(f"LoRA rank r must be an integer ≥ 1, got {r!r}")
+        check_lora_rank(r, base.in_features, base.out_features, name or type(base).__name__)
         if not lora_alpha > 0:
             raise ValueError(f"lora_alpha must be > 0, got {lora_alpha!r}")
         if not 0.0 <= lora_dropout < 1.0:
@@ -253,6 +277,32 @@ def lora_layers(model: Module) -> list[tuple[str, LoRALinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
+def lora_target_layers(model: Module, target_modules=DEFAULT_TARGET_MODULES, r: int | None = None
+                       ) -> list[tuple[str, Module]]:
+    """The (module path, layer) pairs ``inject_lora`` would wrap, in module order, without changing
+    the model; with ``r``, also checks that r fits every one of them (``check_lora_rank``), so a
+    trainer can refuse a bad ``--lora-r`` before any work. ``target_modules`` as ``inject_lora``.
+    Raises ValueError for an empty target list, targets that match no linear layer (naming the
+    model's linear layers), or r > min(in_features, out_features) of a chosen layer."""
+    if isinstance(target_modules, (list, tuple, set, frozenset)):
+        target_modules = list(target_modules)
+        if not target_modules:
+            raise ValueError("inject_lora: target_modules is empty")
+    linear = [(n, m) for n, m in model.named_modules() if _is_linear_like(m)
+              and not n.endswith(".base_layer") and n != "base_layer"]
+    if target_modules == "all-linear":
+        chosen = [(n, m) for n, m in linear if n.split(".")[-1] not in HEAD_NAMES]
+    else:
+        chosen = [(n, m) for n, m in linear if _target_matches(n, target_modules)]
+    if not chosen:
+        raise ValueError(f"inject_lora: target_modules {target_modules!r} matched no linear layer; "
+                         f"the model's linear layers are {[n for n, _ in linear]}")
+    if r is not None:
+        for name, m in chosen:
+            check_lora_rank(r, m.in_features, m.out_features, name)
+    return chosen
+
+
 def inject_lora(model: Module, target_modules=DEFAULT_TARGET_MODULES, r: int = 8,
                 lora_alpha: float = DEFAULT_LORA_ALPHA, lora_dropout: float = 0.0, use_rslora: bool = False, init_lora_weights=True, seed: int = 0,
                 freeze_base: bool = True) -> list[str]:
@@ -269,27 +319,17 @@ def inject_lora(model: Module, target_modules=DEFAULT_TARGET_MODULES, r: int = 8
             PEFT's ``get_peft_model`` does.
 
     Returns the dotted names of the replaced modules (e.g. ``transformer.h.0.attn.q_proj``).
-    Raises ValueError naming the targets (and the available linear layers) when nothing matched.
+    Raises ValueError naming the targets (and the available linear layers) when nothing matched,
+    or naming the layer, its shape and r when r > min(in_features, out_features) of a targeted
+    layer (``lora_target_layers``; the model is left unchanged).
     """
-    if isinstance(target_modules, (list, tuple, set, frozenset)):
-        target_modules = list(target_modules)
-        if not target_modules:
-            raise ValueError("inject_lora: target_modules is empty")
+    chosen = lora_target_layers(model, target_modules, r)  # every check before the model changes
     rng = np.random.default_rng(seed)
     dropout_rng = np.random.default_rng([seed, 1])
-    linear = [(n, m) for n, m in model.named_modules() if _is_linear_like(m)
-              and not n.endswith(".base_layer") and n != "base_layer"]
-    if target_modules == "all-linear":
-        chosen = [(n, m) for n, m in linear if n.split(".")[-1] not in HEAD_NAMES]
-    else:
-        chosen = [(n, m) for n, m in linear if _target_matches(n, target_modules)]
-    if not chosen:
-        raise ValueError(f"inject_lora: target_modules {target_modules!r} matched no linear layer; "
-                         f"the model's linear layers are {[n for n, _ in linear]}")
     replaced = []
     for name, m in chosen:
         layer = LoRALinear(m, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
-                           init_lora_weights=init_lora_weights, rng=rng, dropout_rng=dropout_rng)
+                           init_lora_weights=init_lora_weights, rng=rng, dropout_rng=dropout_rng, name=name)
         layer.train(getattr(m, "training", True))
         model.set_submodule(name, layer)
         replaced.append(name)
@@ -403,28 +443,117 @@ def lora_config(model: Module) -> dict:
             "fan_in_fan_out": first.fan_in_fan_out, "init_lora_weights": first.init_lora_weights}
 
 
+#: The model-config fields that make up a base model's architecture (``base_model_fingerprint``);
+#: ``dropout`` is left out: it does not change the weights an adapter was trained against.
+_ARCH_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "tie_weights", "scalar_head")
+
+
+def _base_layers(model: Module, layer_names=None) -> list[tuple[str, Module]] | None:
+    """(module path, frozen base layer) for each of ``layer_names`` (default: the model's LoRA layers),
+    sorted by path: a LoRA layer's ``base_layer``, or the layer itself before injection. None when
+    a name is not a linear layer of ``model`` (the adapter's keys do not fit; reported elsewhere)."""
+    if layer_names is None:
+        layer_names = [n for n, _ in lora_layers(model)]
+    modules = dict(model.named_modules())
+    out = []
+    for name in sorted(set(layer_names)):
+        m = modules.get(name)
+        if isinstance(m, LoRALinear):
+            m = m.base_layer
+        if m is None or not _is_linear_like(m):
+            return None
+        out.append((name, m))
+    return out
+
+
+def _quant_settings(base: Module) -> dict | None:
+    """The 4-bit settings of a quantized base layer (None for a float layer)."""
+    if not hasattr(base, "quant_type") or not hasattr(base, "blocksize"):
+        return None
+    return {"quant_type": base.quant_type, "blocksize": int(base.blocksize),
+            "compress_statistics": bool(base.compress_statistics)}
+
+
+def base_model_fingerprint(model: Module, layer_names=None, quant: dict | None = None) -> str:
+    """SHA-256 (64 hex digits) identifying the base model an adapter belongs to.
+
+    Hashed, in order: the architecture fields of ``model.config`` (``_ARCH_FIELDS``, JSON with
+    sorted keys; none for a model without a ``config``), then for each adapted layer (``layer_names``,
+    module paths; default: the model's LoRA layers), sorted by path, the path and every tensor of
+    its frozen base layer (name, dtype, shape, bytes; a 4-bit layer's packed codes and constants).
+    The LoRA tensors themselves are not part of it. ``quant`` ({quant_type, blocksize,
+    compress_statistics}, the settings of a QLoRA adapter's base): float base layers are quantized
+    with them (``linear4bit.Linear4bit``, deterministic) before hashing, so a QLoRA adapter can be
+    checked against the float checkpoint it was quantized from.
+    Raises ValueError when a LoRA layer is merged (its base weight then holds B·A: unmerge first),
+    or when a name of ``layer_names`` is not a linear layer of the model.
+    Source: the role of PEFT's ``base_model_name_or_path`` (``PeftConfig``, adapter_config.json),
+    made to depend on the weights rather than on a name.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    cfg = getattr(model, "config", None)
+    arch = {k: v for k, v in cfg.to_dict().items() if k in _ARCH_FIELDS} if hasattr(cfg, "to_dict") else {}
+    h.update(json.dumps(arch, sort_keys=True).encode())
+    merged = [n for n, m in lora_layers(model) if m.merged]
+    if merged:
+        raise ValueError(f"base_model_fingerprint: LoRA layers {merged} are merged (their base weight holds B·A); "
+                         f"unmerge them first")
+    bases = _base_layers(model, layer_names)
+    if bases is None:
+        raise ValueError(f"base_model_fingerprint: {sorted(layer_names)} are not all linear layers of the model")
+    for name, base in bases:
+        if quant is not None and _quant_settings(base) is None:
+            from minillm.linear4bit import Linear4bit
+
+            bias = getattr(base, "bias", None)
+            base = Linear4bit(base.weight.data, None if bias is None else bias.data, **quant)
+        h.update(name.encode() + b"\0")
+        for k, v in base.state_dict().items():
+            a = np.ascontiguousarray(backend.to_numpy(v))
+            h.update(f"{k}|{a.dtype.str}|{a.shape}".encode())
+            h.update(a.tobytes())
+    return h.hexdigest()
+
+
 def _save_safetensors(tensors: dict, path: str, metadata: dict | None = None) -> None:
     from minillm.checkpoint import save_safetensors_atomic  # atomic, fsynced, refuses NaN/inf
 
     save_safetensors_atomic(path, tensors, metadata)
 
 
-def save_adapter(model: Module, path: str, config: dict | None = None) -> None:
+def save_adapter(model: Module, path: str, config: dict | None = None,
+                 base_model_name_or_path: str | None = None) -> None:
     """Write only the adapter (the LoRA tensors) to a safetensors file, atomically.
 
     Keys are the model's parameter names (``transformer.h.0.attn.q_proj.lora_A`` (r, in) float32,
     ``….lora_B`` (out, r)); ``config`` (default: ``lora_config(model)``) is stored as JSON in the
-    file's metadata under ``"lora_config"``. Use ``export_peft`` for PEFT's directory layout.
+    file's metadata under ``"lora_config"``, the base model's identity under ``"base_fingerprint"``
+    (``base_model_fingerprint``, hex), ``"base_quant"`` (the 4-bit settings of a QLoRA base, JSON, or
+    "null") and ``"base_model_name_or_path"`` (``base_model_name_or_path``, else the model's
+    ``name_or_path`` as ``checkpoint.load_model`` sets it, else ""). A model with merged LoRA layers
+    is saved without a fingerprint, with a warning. Use ``export_peft`` for PEFT's directory layout.
     """
     tensors = lora_state_dict(model)
     if not tensors:
         raise ValueError("save_adapter: the model has no LoRA layer (call inject_lora first)")
     cfg = dict(lora_config(model) if config is None else config)
-    _save_safetensors(tensors, path, metadata={"format": "minillm-lora", "lora_config": json.dumps(cfg)})
+    meta = {"format": "minillm-lora", "lora_config": json.dumps(cfg),
+            "base_model_name_or_path": str(base_model_name_or_path or getattr(model, "name_or_path", "") or "")}
+    if any(m.merged for _, m in lora_layers(model)):
+        warnings.warn(f"save_adapter({path}): LoRA layers are merged, so the base model's fingerprint cannot be "
+                      f"recorded (unmerge first); load_adapter will not be able to check the base", stacklevel=2)
+    else:
+        quant = _quant_settings(lora_layers(model)[0][1].base_layer)
+        meta["base_quant"] = json.dumps(quant)
+        meta["base_fingerprint"] = base_model_fingerprint(model, quant=quant)
+    _save_safetensors(tensors, path, metadata=meta)
 
 
-def read_adapter(path: str) -> tuple[dict, dict]:
-    """(tensors, config) of a file written by ``save_adapter``. Raises FileNotFoundError, or
+def read_adapter(path: str, metadata: dict | None = None) -> tuple[dict, dict]:
+    """(tensors, config) of a file written by ``save_adapter``; a dict passed as ``metadata``
+    receives the file's whole metadata (base fingerprint etc.). Raises FileNotFoundError, or
     ValueError when the file is not a minillm adapter (no "lora_config" metadata)."""
     from safetensors import safe_open
 
@@ -435,26 +564,64 @@ def read_adapter(path: str) -> tuple[dict, dict]:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     if "lora_config" not in meta:
         raise ValueError(f"{path}: not a minillm adapter file (no 'lora_config' in the safetensors metadata)")
-    from minillm.checkpoint import check_finite_tensors
+    if metadata is not None:
+        metadata.update(meta)
+    from minillm.checkpoint import check_weights
 
-    check_finite_tensors(tensors, str(path))
+    check_weights(tensors, str(path))  # no NaN/inf, no diverged weight
     return tensors, json.loads(meta["lora_config"])
 
 
-def load_adapter(model: Module, path: str) -> list[str]:
+def check_adapter_base(model: Module, path: str, meta: dict, layer_names) -> None:
+    """Compare the base fingerprint stored in an adapter file's metadata ``meta`` with ``model``'s
+    over the adapter's layers ``layer_names`` (``base_model_fingerprint``; a QLoRA adapter's float
+    base is quantized with the recorded settings first); layers the model lacks are left to
+    ``load_adapter``'s key check. Warns (UserWarning, printed) when the file has no fingerprint (written before minillm
+    recorded one) or when the file's base was float and the model's is 4-bit (not comparable).
+    Raises ValueError naming both fingerprints (12 hex digits) and both files when they differ."""
+    path = str(path)
+    stored = meta.get("base_fingerprint")
+    if not stored:
+        warnings.warn(f"{path}: the adapter records no base-model fingerprint (an older file); it cannot be checked "
+                      f"against this model's base", UserWarning, stacklevel=3)
+        return
+    quant = json.loads(meta.get("base_quant") or "null")
+    bases = _base_layers(model, layer_names)
+    if bases is None:
+        return
+    if quant is None and any(_quant_settings(b) is not None for _, b in bases):
+        warnings.warn(f"{path}: the adapter was trained on a float base and this model's base is 4-bit; its base "
+                      f"fingerprint cannot be compared", UserWarning, stacklevel=3)
+        return
+    ours = base_model_fingerprint(model, layer_names, quant=quant)
+    if ours != stored:
+        theirs = meta.get("base_model_name_or_path") or "unnamed"
+        mine = getattr(model, "name_or_path", "") or "unnamed"
+        raise ValueError(f"{path}: the adapter was trained on base model {stored[:12]} ({theirs}) but this model "
+                         f"({mine}) is {ours[:12]}; load it onto its own base (check_base=False skips this check)")
+
+
+def load_adapter(model: Module, path: str, check_base: bool = True) -> list[str]:
     """Load an adapter written by ``save_adapter`` into ``model``.
 
-    If the model has no LoRA layer yet, adapters are injected first from the file's config
+    First the model's base is checked against the fingerprint stored in the file
+    (``check_adapter_base``, unless ``check_base=False``; a file without one loads with a warning).
+    If the model has no LoRA layer yet, adapters are injected from the file's config
     (``target_modules``, r, α, dropout, rsLoRA), then the tensors are copied in. Returns the names
     of the LoRA layers loaded.
 
     Raises:
+        ValueError: naming both fingerprints and files when the adapter belongs to another base
+            (the model is left unchanged).
         KeyError: listing every LoRA key of the model missing from the file and every key of the
             file the model lacks (with the file name).
         ValueError: listing every shape mismatch ``name: file (a, b) vs model (c, d)``, or when
             the file's r/α/rsLoRA differ from the model's adapters (the outputs would differ).
     """
-    tensors, cfg = read_adapter(path)
+    meta: dict = {}
+    tensors, cfg = read_adapter(path, metadata=meta)
+    if check_base:
+        check_adapter_base(model, path, meta, [k.rsplit(".", 1)[0] for k in tensors])
     if not lora_layers(model):
         inject_lora(model, target_modules=cfg["target_modules"], r=cfg["r"], lora_alpha=cfg["lora_alpha"],
                     lora_dropout=cfg.get("lora_dropout", 0.0), use_rslora=cfg.get("use_rslora", False))

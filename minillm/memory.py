@@ -348,7 +348,8 @@ def estimate(
 
     Returns a dict: the byte counts ``COMPONENTS`` and ``total`` (ints), ``activations_no_checkpointing``
     and ``activations_checkpointing`` (ints, bytes), ``n_params`` and ``trainable_params`` (counts).
-    Raises ValueError for an unknown method/dtype/optimizer/preset/target or a non-positive size.
+    Raises ValueError for an unknown method/dtype/optimizer/preset/target, a non-positive size, or
+    lora_r > min(in_features, out_features) of a targeted layer (as ``lora.check_lora_rank``).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -380,6 +381,12 @@ def estimate(
     n_other = n_params - n_linear
 
     out = {k: 0 for k in COMPONENTS}
+    if method != "full":  # the rule of lora.check_lora_rank: r ≤ min(in, out) of every targeted layer
+        names = _target_names(shape, lora_targets)
+        for n, i, o in shape.linear_shapes():
+            if n in names and int(lora_r) > min(i, o):
+                raise ValueError(f"lora_r={int(lora_r)} is larger than layer {n} of {shape.name} (in_features={i}, "
+                                 f"out_features={o}): B·A has rank ≤ min(in, out) = {min(i, o)}")
     lora_p = shape.lora_params(lora_r, lora_targets) if method != "full" else 0
     if method == "full":
         trainable = n_params

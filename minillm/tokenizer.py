@@ -69,6 +69,12 @@ Deviations (each with the option that restores the reference)
     * ``pattern=None`` means *no pre-split* (minbpe's ``BasicTokenizer``): merges may cross word
       boundaries. Used for toy examples (docs/bugs.md B02's one-merge tokenizer); encoding long texts
       this way is slow (quadratic per chunk).
+    * **A loaded tokenizer runs only a known pre-split pattern.** ``from_dict`` / ``from_json`` /
+      ``load`` (and every checkpoint load) accept ``KNOWN_PATTERNS`` (GPT-2's, its stdlib twin,
+      GPT-4's) or None and refuse any other pattern in a file, naming the file and the pattern: a
+      regex from a file can backtrack catastrophically (``(a+)+$`` on a long run of "a" takes
+      exponential time), so encoding would hang. Restore (for a file you trust):
+      ``trust_pattern=True``. Patterns passed to the constructor in code are not restricted.
 """
 from __future__ import annotations
 
@@ -101,6 +107,28 @@ GPT4_SPLIT_PATTERN = (
 GPT2_SPLIT_PATTERN_STDLIB = (
     r"""'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+"""
 )
+
+#: The pre-split patterns a tokenizer read from a file may carry (besides None, no pre-split): those
+#: minillm itself writes. Any other is refused at load (``check_loaded_pattern``) unless the caller
+#: passes ``trust_pattern=True``.
+KNOWN_PATTERNS: tuple[str, ...] = (GPT2_SPLIT_PATTERN, GPT2_SPLIT_PATTERN_STDLIB, GPT4_SPLIT_PATTERN)
+
+
+def check_loaded_pattern(pattern, source: str = "tokenizer", trust_pattern: bool = False) -> None:
+    """Refuse a pre-split ``pattern`` read from ``source`` (a file name) unless it is None, one of
+    ``KNOWN_PATTERNS``, or ``trust_pattern`` is True.
+
+    Why: the pattern is a regex run on every text encoded; one from an untrusted file can backtrack
+    catastrophically (e.g. ``(a+)+$``) and make encoding hang. ``trust_pattern=True`` is dangerous:
+    use it only for a file you made. Raises ValueError naming ``source`` and the pattern, before
+    the pattern is compiled.
+    """
+    if pattern is None or trust_pattern or pattern in KNOWN_PATTERNS:
+        return
+    raise ValueError(f"{source}: pre-split pattern {pattern!r} is not one minillm writes (GPT-2's, its stdlib "
+                     f"twin or GPT-4's); a regex from a file can make encoding hang (catastrophic backtracking), "
+                     f"so it is refused (trust_pattern=True loads it, only for a file you trust)")
+
 
 #: ``format`` and ``version`` fields of the JSON file written by ``Tokenizer.save``.
 FORMAT = "minillm.tokenizer"
@@ -591,8 +619,9 @@ class Tokenizer:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "Tokenizer":
-        """Inverse of ``to_dict``. Raises ValueError naming the bad field."""
+    def from_dict(cls, d: Mapping, trust_pattern: bool = False) -> "Tokenizer":
+        """Inverse of ``to_dict``. Raises ValueError naming the bad field, or a pre-split pattern
+        outside ``KNOWN_PATTERNS`` unless ``trust_pattern=True`` (dangerous: ``check_loaded_pattern``)."""
         if not isinstance(d, Mapping):
             raise ValueError(f"top level must be a JSON object, got {type(d).__name__}")
         for field in ("format", "version", "pattern", "merges", "special_tokens"):
@@ -605,6 +634,7 @@ class Tokenizer:
                              f"{FORMAT_VERSION}")
         if d["pattern"] is not None and not isinstance(d["pattern"], str):
             raise ValueError(f"field 'pattern' must be a string or null, got {d['pattern']!r}")
+        check_loaded_pattern(d["pattern"], "field 'pattern'", trust_pattern)
         if not isinstance(d["merges"], list):
             raise ValueError("field 'merges' must be a list of [a, b, new_id]")
         merges = []
@@ -621,15 +651,16 @@ class Tokenizer:
         return json.dumps(self.to_dict(), ensure_ascii=False)
 
     @classmethod
-    def from_json(cls, text: str, source: str = "<string>") -> "Tokenizer":
-        """Inverse of ``to_json``. ValueError names ``source`` and the bad field or JSON position."""
+    def from_json(cls, text: str, source: str = "<string>", trust_pattern: bool = False) -> "Tokenizer":
+        """Inverse of ``to_json``. ValueError names ``source`` and the bad field or JSON position;
+        ``trust_pattern`` as in ``from_dict``."""
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"{source}: not valid JSON (line {e.lineno}, column {e.colno}: "
                              f"{e.msg})") from None
         try:
-            return cls.from_dict(d)
+            return cls.from_dict(d, trust_pattern=trust_pattern)
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
 
@@ -649,12 +680,13 @@ class Tokenizer:
             raise
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Tokenizer":
-        """Read a file written by ``save``. ValueError names the file and the bad field."""
+    def load(cls, path: str | os.PathLike, trust_pattern: bool = False) -> "Tokenizer":
+        """Read a file written by ``save``. ValueError names the file and the bad field, or a
+        pre-split pattern outside ``KNOWN_PATTERNS`` (``trust_pattern=True``, dangerous, loads it)."""
         path = os.fspath(path)
         with open(path, encoding="utf-8") as f:
             text = f.read()
-        return cls.from_json(text, source=path)
+        return cls.from_json(text, source=path, trust_pattern=trust_pattern)
 
     # ------------------------------------------------------------------ helpers
     def _splitter_for(self, allowed_special):

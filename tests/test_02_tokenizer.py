@@ -350,3 +350,26 @@ def test_load_errors_name_file_and_field(tok, tmp_path):
     check({**good, "special_tokens": {EOS: 1}}, "special_tokens")
     check({**good, "pattern": "(unclosed"}, "pattern")
     check([1, 2], "top level")
+
+
+def test_a_loaded_pattern_that_is_not_minillms_is_refused_before_it_can_hang(tmp_path):
+    """A regex from a file could backtrack catastrophically: (a+)+$ on 40 "a"s and a "b" takes hours
+    (measured: 24 "a"s 1.8 s, doubling per "a"). Loading refuses it, fast, naming file and pattern;
+    the patterns minillm writes (and None) load; trust_pattern=True is the explicit opt-in."""
+    import time
+
+    evil = r"(a+)+$"
+    path = tmp_path / "evil.json"
+    Tokenizer(merges=[((97, 97), 256)], special_tokens=DEFAULT_SPECIALS, pattern=evil).save(path)
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"evil\.json: field 'pattern': pre-split pattern '\(a\+\)\+\$' is not one "
+                                         r"minillm writes.*trust_pattern=True"):
+        Tokenizer.load(path)
+    assert time.perf_counter() - t0 < 1.0
+    assert Tokenizer.load(path, trust_pattern=True).pattern == evil
+    from minillm.tokenizer import GPT4_SPLIT_PATTERN, KNOWN_PATTERNS
+
+    assert set(KNOWN_PATTERNS) == {GPT2_SPLIT_PATTERN, GPT2_SPLIT_PATTERN_STDLIB, GPT4_SPLIT_PATTERN}
+    for pattern in (GPT2_SPLIT_PATTERN_STDLIB, None):
+        Tokenizer(merges=[((97, 97), 256)], special_tokens=DEFAULT_SPECIALS, pattern=pattern).save(path)
+        assert Tokenizer.load(path).pattern == pattern

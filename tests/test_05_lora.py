@@ -118,12 +118,12 @@ def test_count_parameters_4bit_packed_counts_twice():
 
 
 def test_init_options():
-    g = LoRALinear(Linear(2048, 3, bias=False), r=4, init_lora_weights="gaussian", rng=np.random.default_rng(0))
+    g = LoRALinear(Linear(2048, 4, bias=False), r=4, init_lora_weights="gaussian", rng=np.random.default_rng(0))
     assert abs(float(g.lora_A.data.std()) - 0.25) < 0.01 and not g.lora_B.data.any()  # N(0, (1/r)²), B = 0
-    f = LoRALinear(Linear(8, 3), r=4, init_lora_weights=False)
+    f = LoRALinear(Linear(8, 4), r=4, init_lora_weights=False)
     assert np.abs(f.lora_B.data).min() > 0  # nn.Linear default on B: ΔW ≠ 0 (for merge tests)
     with pytest.raises(ValueError, match="init_lora_weights"):
-        LoRALinear(Linear(8, 3), init_lora_weights="pissa")
+        LoRALinear(Linear(8, 8), init_lora_weights="pissa")
 
 
 def test_merge_hook_on_base_is_used():
@@ -166,21 +166,22 @@ def test_scaling_is_alpha_over_r_or_over_sqrt_r():
     y = layer(Tensor(np.array([[1.0, 2.0]], dtype=np.float32)))
     assert y.dtype == np.float32
     np.testing.assert_array_equal(y.data, [[7.0, 2.0]])
-    assert LoRALinear(Linear(2, 2), r=4, lora_alpha=8, use_rslora=True).scaling == 4.0
-    assert LoRALinear(Linear(2, 2), r=4, lora_alpha=8).scaling == 2.0
+    assert LoRALinear(Linear(4, 4), r=4, lora_alpha=8, use_rslora=True).scaling == 4.0
+    assert LoRALinear(Linear(4, 4), r=4, lora_alpha=8).scaling == 2.0
 
 
-@pytest.mark.parametrize("r, use_rslora, expected", [(8, False, 64.0), (4, False, 64.0), (8, True, 181.019336)])
+@pytest.mark.parametrize("r, use_rslora, expected", [(8, False, 128.0), (4, False, 128.0), (8, True, 362.038672)])
 def test_lora_contribution_is_scaled_by_alpha_over_r(r, use_rslora, expected):
-    # B12 uses x@A@B with A (in, r), B (r, out); ours are lora_A (r, in), lora_B (out, r): all ones either way
-    layer = lora_on(np.zeros((4, 4)), A=np.ones((r, 4)), B=np.ones((4, r)), r=r, alpha=16, use_rslora=use_rslora)
-    y = layer(Tensor(np.ones((1, 4), dtype=np.float32))).data
-    np.testing.assert_allclose(y, np.full((1, 4), expected), rtol=1e-6)
-    assert not np.allclose(y, 512.0)  # the "alpha instead of alpha/r" bug
+    # B12 uses x@A@B with A (in, r), B (r, out); ours are lora_A (r, in), lora_B (out, r): all ones either way.
+    # B12's 4-wide layer is 8 wide here (r=8 > 4 is refused): y = α/r · r · 8 = 128 (α/√r: 16·√8·8 = 362.04)
+    layer = lora_on(np.zeros((8, 8)), A=np.ones((r, 8)), B=np.ones((8, r)), r=r, alpha=16, use_rslora=use_rslora)
+    y = layer(Tensor(np.ones((1, 8), dtype=np.float32))).data
+    np.testing.assert_allclose(y, np.full((1, 8), expected), rtol=1e-6)
+    assert not np.allclose(y, 16.0 * r * 8)  # the "alpha instead of alpha/r" bug
 
 
 def test_merge_and_unmerge_round_trip_the_weight():
-    layer = lora_on(np.zeros((4, 4)), A=np.ones((8, 4)), B=np.ones((4, 8)), r=8, alpha=16)
+    layer = lora_on(np.zeros((4, 4)), A=np.ones((4, 4)), B=np.ones((4, 4)), r=4, alpha=16)  # ΔW = 16/4·4 = 16
     x = Tensor(np.ones((1, 4), dtype=np.float32))
     unmerged = layer(x).data.copy()
     layer.merge()
@@ -225,11 +226,39 @@ def test_inject_errors_name_targets():
     with pytest.raises(ValueError, match="rank r"):
         LoRALinear(Linear(4, 4), r=0)
     with pytest.raises(ValueError, match="lora_dropout"):
-        LoRALinear(Linear(4, 4), lora_dropout=1.0)
+        LoRALinear(Linear(8, 8), lora_dropout=1.0)
     # a regex string is matched against the full name (PEFT); "attn.c_proj" as a suffix
     assert inject_lora(tiny_gpt(), r"transformer\.h\.1\.attn\.(q|v)_proj") == [
         "transformer.h.1.attn.q_proj", "transformer.h.1.attn.v_proj"]
     assert inject_lora(tiny_gpt(), ["attn.c_proj"]) == ["transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_proj"]
+
+
+def test_rank_larger_than_the_layer_is_refused_on_every_path():
+    """r > min(in, out) is refused (a deviation from PEFT: B·A has rank ≤ min(in, out), so the extra
+    parameters are wasted), naming the layer's module path, its shape and r; r = min(in, out) is fine."""
+    with pytest.raises(ValueError, match=r"r=4 is larger than layer Linear \(in_features=8, out_features=3\)"):
+        LoRALinear(Linear(8, 3), r=4)
+    assert LoRALinear(Linear(8, 3), r=3).lora_A.shape == (3, 8)
+    model = tiny_gpt(scalar_head=True)  # score: Linear(32, 1)
+    before = {k: v.copy() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"r=2 is larger than layer score \(in_features=32, out_features=1\)"):
+        inject_lora(model, ["q_proj", "score"], r=2)
+    assert not lora_layers(model) and model.state_dict().keys() == before.keys()  # left unchanged
+    with pytest.raises(ValueError, match=r"r=33 .*transformer\.h\.0\.attn\.q_proj \(in_features=32, out_features=32\)"):
+        inject_lora(tiny_gpt(), ("q_proj", "v_proj"), r=33)
+    assert len(inject_lora(tiny_gpt(), ("q_proj", "v_proj"), r=32)) == 4
+    from minillm.linear4bit import quantize_model  # the QLoRA path: 4-bit layers keep in/out_features
+
+    q = tiny_gpt()
+    quantize_model(q, blocksize=32)
+    with pytest.raises(ValueError, match=r"r=64 .*transformer\.h\.0\.attn\.q_proj"):
+        inject_lora(q, "all-linear", r=64)
+    from minillm import memory
+
+    shape = memory.ModelShape.from_gpt_config(tiny_gpt().config)
+    with pytest.raises(ValueError, match=r"lora_r=33 is larger than layer q_proj .*in_features=32, out_features=32"):
+        memory.estimate(shape, "lora", dtype="fp32", lora_r=33, lora_targets="qv")
+    assert memory.estimate(shape, "lora", dtype="fp32", lora_r=32, lora_targets="qv")["trainable_params"] == 2 * 2 * 32 * 64
 
 
 def test_dropout_on_lora_branch_only():
@@ -396,6 +425,59 @@ def test_adapter_load_errors(tmp_path):
         load_adapter(model, str(tmp_path / "nope.safetensors"))
 
 
+def test_adapter_records_its_base_and_refuses_another(tmp_path):
+    """The fingerprint of the base (config + the adapted layers' frozen weights) is stored in the
+    adapter file; loading onto another base raises naming both fingerprints and the files; a file
+    written before fingerprints loads with a printed warning; check_base=False skips the check."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    from minillm.lora import base_model_fingerprint
+
+    model = tiny_gpt(seed=0)
+    model.name_or_path = "base0.safetensors"
+    inject_lora(model, ("q_proj", "v_proj"), r=4, init_lora_weights=False)
+    path = str(tmp_path / "adapter.safetensors")
+    save_adapter(model, path)
+    with safe_open(path, framework="numpy") as f:
+        meta = f.metadata()
+    fp = meta["base_fingerprint"]
+    assert re.fullmatch(r"[0-9a-f]{64}", fp) and meta["base_model_name_or_path"] == "base0.safetensors"
+    assert fp == base_model_fingerprint(model) == base_model_fingerprint(
+        tiny_gpt(seed=0), ["transformer.h.0.attn.q_proj", "transformer.h.0.attn.v_proj", "transformer.h.1.attn.q_proj",
+                           "transformer.h.1.attn.v_proj"])
+    assert fp != base_model_fingerprint(tiny_gpt(seed=0, n_head=4), [n for n, _ in lora_layers(model)])  # config
+    assert len(load_adapter(tiny_gpt(seed=0), path)) == 4  # its own base: loads, no warning
+    other = tiny_gpt(seed=1)
+    other.name_or_path = "base1.safetensors"
+    ours = base_model_fingerprint(other, [n for n, _ in lora_layers(model)])
+    with pytest.raises(ValueError, match=rf"adapter\.safetensors: the adapter was trained on base model {fp[:12]} "
+                                         rf"\(base0\.safetensors\) but this model \(base1\.safetensors\) is {ours[:12]}"):
+        load_adapter(other, path)
+    assert not lora_layers(other)  # refused before anything was injected
+    assert len(load_adapter(other, path, check_base=False)) == 4
+    old = str(tmp_path / "old.safetensors")  # an adapter written before the fingerprint existed
+    save_file(load_file(path), old, metadata={"format": "minillm-lora", "lora_config": meta["lora_config"]})
+    with pytest.warns(UserWarning, match=r"old\.safetensors: the adapter records no base-model fingerprint"):
+        assert len(load_adapter(tiny_gpt(seed=1), old)) == 4
+
+
+def test_qlora_adapter_fingerprint_matches_its_float_base_and_its_4bit_base(tmp_path):
+    from minillm.linear4bit import quantize_model
+
+    q = tiny_gpt(seed=0)
+    quantize_model(q, blocksize=32)
+    inject_lora(q, "all-linear", r=2)
+    path = str(tmp_path / "qlora.safetensors")
+    save_adapter(q, path)
+    again = tiny_gpt(seed=0)
+    quantize_model(again, blocksize=32)
+    assert len(load_adapter(again, path)) == 12  # the same 4-bit base (6 linear layers x 2 blocks)
+    assert len(load_adapter(tiny_gpt(seed=0), path)) == 12  # the float base it was quantized from
+    with pytest.raises(ValueError, match="the adapter was trained on base model"):
+        load_adapter(tiny_gpt(seed=2), path)
+
+
 def test_export_peft_layout(tmp_path):
     from safetensors.numpy import load_file
 
@@ -435,7 +517,7 @@ def test_export_peft_errors(tmp_path):
     with pytest.raises(ValueError, match="no LoRA layer"):
         export_peft(tiny_gpt(), str(tmp_path))
     model = tiny_gpt(scalar_head=True)
-    inject_lora(model, ["score"])
+    inject_lora(model, ["score"], r=1)  # the head has out_features 1
     with pytest.raises(ValueError, match="score"):
         export_peft(model, str(tmp_path))
 

@@ -1,7 +1,10 @@
 """Reliability: bad inputs x every loader / CLI entry they reach, NaN injection, kill -9 during a
 save, resume equality, and one test per hardening defect (no NaN ever saved, non-finite inputs
 refused, no silent reuse of a cached stage, no silent overwrite, counted truncation, one
-parameter-group rule, specials only where allowed, eval-mode HF loading).
+parameter-group rule, specials only where allowed, eval-mode HF loading), and the loaded-file and
+divergence checks: no diverged (huge but finite) weight saved or loaded, no tokenizer regex from a
+file that is not minillm's, no adapter on a base it was not trained on, no LoRA rank above the
+layer, a full disk during a save.
 
 Every CLI case is driven through ``minillm.cli.main`` and classified: a clean failure is a nonzero
 exit with exactly one line on stderr and no traceback. ``test_bad_input_matrix`` prints the counts.
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -111,17 +115,82 @@ def test_nan_mid_run_stops_pretrain_and_keeps_the_last_good_checkpoint(tmp_path,
     assert ck.train_state["step"] == 2
 
 
+def test_a_diverged_model_is_never_saved_nor_loaded(base_ckpt, tmp_path, capsys, monkeypatch):
+    """Finite but huge weights (a learning rate far too high) are refused like NaN: the smallest run
+    that diverges (SFT, lr 1e5, 2 steps: max |w| ~1.5e5) saves nothing; a file holding such a weight
+    is refused at load (so nothing resumes from it); MINILLM_MAX_ABS_WEIGHT raises the bound."""
+    from minillm.checkpoint import MAX_ABS_WEIGHT, MAX_ABS_WEIGHT_ENV
+    from minillm.train import common
+    from minillm.train.sft import SFTConfig, sft
+
+    assert MAX_ABS_WEIGHT == 1e4 and MAX_ABS_WEIGHT_ENV == "MINILLM_MAX_ABS_WEIGHT"
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "What sat on the mat?", "completion": "The cat."}) + "\n")
+    with pytest.raises(FloatingPointError, match=r"max \|w\| = .* > 10000: the run diverged.*MINILLM_MAX_ABS_WEIGHT"):
+        sft(SFTConfig(base=str(base_ckpt), data=str(data), out_dir=str(tmp_path / "api"), max_steps=2, batch_size=1,
+                      lr=1e5, warmup_steps=0, eval=False, progress=False))
+    assert not list((tmp_path / "api").glob("*.safetensors"))
+    # the CLI's --lr range (0, 1] stops 1e5 at parse time; widened here, the save-time check is what stops it
+    monkeypatch.setitem(common.OPTION_RANGES, "lr", (0.0, common.INF, False, True))
+    for extra in ([], ["--lora", "true", "--lora-r", 4]):
+        out = tmp_path / f"cli{len(extra)}"
+        rc, err = run_cli(["sft", "--base", base_ckpt, "--data", data, "--out-dir", out, "--lr", "1e5", "--max-steps", 2,
+                           "--warmup-steps", 0, "--batch-size", 1, "--eval", "false", "--progress", "false", *extra],
+                          capsys)
+        assert rc == 1 and one_line_error(rc, err), err
+        assert re.search(r"tensor '[\w.]+' \(.*\) has max \|w\| = [\d.e+]+ > 10000.*MINILLM_MAX_ABS_WEIGHT", err), err
+        assert not list(out.glob("*.safetensors")), list(out.iterdir())
+    # a file with a diverged weight (written around minillm's check) is refused by every loader
+    bad = _rewrite_checkpoint(base_ckpt, tmp_path / "diverged.safetensors",
+                              {"model.transformer.h.0.mlp.c_fc.weight": ((0, 0), 2e10)})
+    with pytest.raises(FloatingPointError, match=r"diverged\.safetensors: tensor 'model\.transformer\.h\.0\.mlp\.c_fc"
+                                                r"\.weight' \(64, 16\) has max \|w\| = 2e\+10 > 10000"):
+        load_checkpoint(bad)
+    rc, err = run_cli(["sft", "--base", bad, "--data", data, "--out-dir", tmp_path / "o3", "--eval", "false"], capsys)
+    assert rc == 1 and one_line_error(rc, err) and "2e+10" in err and "MINILLM_MAX_ABS_WEIGHT" in err, err
+    resume_dir = tmp_path / "resume"
+    resume_dir.mkdir()
+    (resume_dir / "checkpoint.safetensors").write_bytes(bad.read_bytes())
+    with pytest.raises(FloatingPointError, match="diverged"):  # a resume never trains on from it
+        pretrain(tiny_cfg(resume_dir, resume=True), text=CORPUS)
+    monkeypatch.setenv("MINILLM_MAX_ABS_WEIGHT", "1e11")  # the override
+    assert load_checkpoint(bad).model_state["transformer.h.0.mlp.c_fc.weight"][0, 0] == np.float32(2e10)
+    monkeypatch.setenv("MINILLM_MAX_ABS_WEIGHT", "-3")
+    with pytest.raises(ValueError, match="MINILLM_MAX_ABS_WEIGHT='-3'"):
+        load_checkpoint(bad)
+
+
 # ------------------------------------------------------------------------------------ defect 2
 
 
-def _write_nan_checkpoint(src: Path, dst: Path) -> None:
+def _rewrite_checkpoint(src: Path, dst: Path, tensors: dict | None = None, metadata: dict | None = None) -> Path:
+    """Copy checkpoint ``src`` to ``dst`` with some tensor values (name -> (index, value)) and metadata
+    entries replaced, written with safetensors directly: around minillm's own checks, on purpose."""
     from safetensors import safe_open
 
     with safe_open(str(src), framework="numpy") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    tensors["model.transformer.wte.weight"][3] = np.nan  # a row short examples never reach
-    save_file(tensors, str(dst), metadata=meta)  # bypasses minillm's own check on purpose
+        meta = {**f.metadata(), **(metadata or {})}
+        arrays = {k: f.get_tensor(k) for k in f.keys()}
+    for name, (index, value) in (tensors or {}).items():
+        arrays[name][index] = value
+    save_file(arrays, str(dst), metadata=meta)
+    return dst
+
+
+def _write_nan_checkpoint(src: Path, dst: Path) -> None:
+    _rewrite_checkpoint(src, dst, {"model.transformer.wte.weight": (3, np.nan)})  # a row short examples never reach
+
+
+#: A pre-split regex with catastrophic backtracking: encoding "a" * 40 + "b" with it would run for hours.
+EVIL_PATTERN = r"(a+)+$"
+
+
+def _write_evil_pattern_checkpoint(src: Path, dst: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(src), framework="numpy") as f:
+        tok = json.loads(f.metadata()["tokenizer"])
+    _rewrite_checkpoint(src, dst, metadata={"tokenizer": json.dumps({**tok, "pattern": EVIL_PATTERN})})
 
 
 def test_nan_in_an_input_checkpoint_is_refused_by_every_loader(base_ckpt, tmp_path, capsys):
@@ -361,6 +430,126 @@ def test_help_describes_every_option_with_its_range(capsys):
         assert "default:" in out and ("int ≥ 1" in out or command == "pipeline")
 
 
+def test_lora_rank_larger_than_a_layer_is_a_one_line_error_on_every_cli_path(base_ckpt, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "hi", "completion": "yo"}) + "\n")
+    for flag in ("--lora", "--qlora"):  # the tiny base is 16 wide: r=17 fits no layer
+        t0 = time.perf_counter()
+        rc, err = run_cli(["sft", "--base", base_ckpt, "--data", data, "--out-dir", tmp_path / flag[2:], flag, "true",
+                           "--lora-r", 17, "--eval", "false", "--progress", "false"], capsys)
+        assert rc == 1 and one_line_error(rc, err), err
+        assert re.search(r"r=17 is larger than layer transformer\.h\.0\.attn\.q_proj \(in_features=16, "
+                         r"out_features=16\)", err), err
+        assert time.perf_counter() - t0 < 5 and not (tmp_path / flag[2:] / "checkpoint.safetensors").exists()
+    rc, err = run_cli(["memory", "--preset", "7b", "--method", "lora", "--lora-r", 5000], capsys)
+    assert rc == 2 and one_line_error(rc, err) and "lora_r=5000 is larger than layer q_proj" in err, err
+
+
+def test_a_checkpoint_whose_tokenizer_pattern_could_hang_is_refused_at_load(base_ckpt, tmp_path, capsys):
+    from minillm import hf
+
+    evil = EVIL_PATTERN
+    bad = tmp_path / "evil.safetensors"
+    _write_evil_pattern_checkpoint(base_ckpt, bad)
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"evil\.safetensors: tokenizer: .*'\(a\+\)\+\$' is not one minillm writes"):
+        load_model(bad)
+    assert time.perf_counter() - t0 < 2
+    assert load_model(bad, trust_pattern=True)[1].pattern == evil  # the explicit, dangerous opt-in
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "a" * 40 + "b", "completion": "yo"}) + "\n")
+    t0 = time.perf_counter()
+    rc, err = run_cli(["sft", "--base", bad, "--data", data, "--out-dir", tmp_path / "o", "--eval", "false"], capsys)
+    assert rc == 1 and one_line_error(rc, err) and "evil.safetensors" in err and "(a+)+$" in err, err
+    assert time.perf_counter() - t0 < 5
+    gpt2_form = {"format": hf.GPT2_FORMAT, "version": hf.GPT2_FORMAT_VERSION, "pattern": evil, "vocab": {},
+                 "merges": [], "special_tokens": {}}
+    with pytest.raises(ValueError, match="is not one minillm writes"):
+        hf.tokenizer_from_dict(gpt2_form)
+
+
+@pytest.mark.parametrize("where", ["write", "fsync"])
+def test_disk_full_during_a_save_keeps_the_last_checkpoint_and_leaves_no_litter(base_ckpt, tmp_path, capsys,
+                                                                                 monkeypatch, where):
+    """ENOSPC in the one atomic-write helper (mid-write, or at the fsync where delayed allocation
+    reports it): the checkpoint under its real name is the previous one and loads, no temp file
+    remains, and the CLI prints one line naming the path, exit 1."""
+    import errno
+
+    import minillm.checkpoint as C
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "What sat on the mat?", "completion": "The cat."}) + "\n")
+    out = tmp_path / "run"
+    argv = ["sft", "--base", base_ckpt, "--data", data, "--out-dir", out, "--max-steps", 1, "--batch-size", 1,
+            "--eval", "false", "--progress", "false"]
+    rc, err = run_cli(argv, capsys)
+    assert rc == 0, err
+    target = out / "checkpoint.safetensors"
+    before = target.read_bytes()
+
+    def disk_full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if where == "write":  # half the bytes land, then the disk is full
+        real_save_file = C.save_file
+
+        def half_then_full(tensors, filename, metadata=None):
+            real_save_file(tensors, filename, metadata=metadata)
+            with open(filename, "r+b") as fh:
+                fh.truncate(len(before) // 2)
+            disk_full()
+
+        monkeypatch.setattr(C, "save_file", half_then_full)
+    else:
+        monkeypatch.setattr(C.os, "fsync", disk_full)
+    rc, err = run_cli([*argv, "--seed", 1], capsys)
+    assert rc == 1 and one_line_error(rc, err), err
+    assert f"could not write {target}: No space left on device" in err and "Errno 28" in err, err
+    monkeypatch.undo()
+    assert target.read_bytes() == before  # the previous checkpoint, under its real name
+    assert load_checkpoint(target).train_state["sft_config"]["seed"] == 0
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    with pytest.raises(OSError) as info:  # the API raises the same, with errno kept
+        monkeypatch.setattr(C.os, "fsync", disk_full)
+        save_checkpoint(target, load_model(target)[0])
+    monkeypatch.undo()
+    assert info.value.errno == errno.ENOSPC and str(target) in str(info.value)
+    assert target.read_bytes() == before and not list(out.glob(".*.tmp"))
+
+
+def test_an_adapter_is_refused_on_a_base_it_was_not_trained_on(base_ckpt, tmp_path, capsys):
+    from safetensors.numpy import load_file
+
+    from minillm.lora import load_adapter
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "What sat on the mat?", "completion": "The cat."}) + "\n")
+    model, tok, _ = load_model(base_ckpt)
+    model.transformer.h[0].attn.q_proj.weight.data[0, 0] += 1.0  # one weight of an adapted layer differs (so does its NF4 code)
+    other = tmp_path / "other.safetensors"
+    save_checkpoint(other, model, tok)
+    for flag in ("--lora", "--qlora"):
+        out = tmp_path / flag[2:]
+        rc, err = run_cli(["sft", "--base", base_ckpt, "--data", data, "--out-dir", out, flag, "true", "--lora-r", 2,
+                           "--max-steps", 1, "--batch-size", 1, "--eval", "false", "--progress", "false"], capsys)
+        assert rc == 0, err
+        adapter = out / "adapter.safetensors"
+        assert len(load_adapter(load_model(base_ckpt)[0], str(adapter))) > 0  # its own base (float, for QLoRA too)
+        with pytest.raises(ValueError) as info:
+            load_adapter(load_model(other)[0], str(adapter))
+        msg = str(info.value)
+        assert "\n" not in msg and str(adapter) in msg and str(base_ckpt) in msg and str(other) in msg, msg
+        assert re.search(r"base model [0-9a-f]{12} .* is [0-9a-f]{12};", msg), msg
+    old = tmp_path / "old-adapter.safetensors"  # written before fingerprints: loads, with a printed warning
+    save_file(load_file(str(tmp_path / "lora" / "adapter.safetensors")), str(old),
+              metadata={"format": "minillm-lora", "lora_config": json.dumps(
+                  {"r": 2, "lora_alpha": 16.0, "lora_dropout": 0.0, "use_rslora": False,
+                   "target_modules": ["q_proj", "v_proj"]})})
+    with pytest.warns(UserWarning, match="records no base-model fingerprint"):
+        assert len(load_adapter(load_model(other)[0], str(old))) == 2
+
+
 _KILL_SCRIPT = """
 import sys, numpy as np
 from minillm.checkpoint import save_safetensors_atomic
@@ -444,6 +633,10 @@ def _bad_files(tmp: Path, base_ckpt: Path) -> dict[str, Path]:
     f["not_safetensors"].write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     f["nan_checkpoint"] = tmp / "nan.safetensors"
     _write_nan_checkpoint(base_ckpt, f["nan_checkpoint"])
+    f["diverged_checkpoint"] = _rewrite_checkpoint(base_ckpt, tmp / "diverged.safetensors",
+                                                   {"model.transformer.wpe.weight": ((0, 0), 3e9)})
+    f["evil_pattern_checkpoint"] = tmp / "evil-pattern.safetensors"
+    _write_evil_pattern_checkpoint(base_ckpt, f["evil_pattern_checkpoint"])
     return f
 
 
@@ -452,7 +645,8 @@ def test_bad_input_matrix(base_ckpt, tmp_path, capsys):
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps({"prompt": "hi", "completion": "yo"}) + "\n")
     out = tmp_path / "out"
-    model_kinds = ("missing", "directory", "empty", "pickle", "not_safetensors", "nan_checkpoint")
+    model_kinds = ("missing", "directory", "empty", "pickle", "not_safetensors", "nan_checkpoint",
+                   "diverged_checkpoint", "evil_pattern_checkpoint")
     data_kinds = ("missing", "directory", "empty", "not_utf8", "bad_json", "lone_surrogate", "deep_nesting",
                   "unknown_keys", "wrong_type")
     cases = []
@@ -477,13 +671,14 @@ def test_bad_input_matrix(base_ckpt, tmp_path, capsys):
     numbers = {"pretrain": ["--lr nan", "--lr inf", "--warmup-steps -1", "--max-steps 0", "--dropout 1.5",
                             "--vocab-size 10", "--val-fraction 0.9", "--max-step 3"],
                "sft": ["--lr nan", "--lora-r 0", "--warmup-steps -2", "--max-new-tokens 0", "--batch-size 0",
-                       "--lora-dropout 1", "--max-step 3"],
+                       "--lora-dropout 1", "--max-step 3", f"--base {base_ckpt} --out-dir {out} --lora true --lora-r 17",
+                       f"--base {base_ckpt} --out-dir {out} --qlora true --lora-r 64"],
                "reward": ["--lr inf", "--test-fraction 1", "--margin nan", "--max-step 3"],
                "dpo": ["--beta 0", "--eval-temperature -1", "--label-smoothing 0.7", "--max-step 3"],
                "ppo": ["--gamma -1", "--lam 5", "--temperature 0", "--cliprange -0.2", "--iterations 0",
                        "--max-step 3"],
                "pipeline": ["--seed -1", "--eval-prompts -5", "--quik true"],
-               "bench": ["generate --repeats 0"], "memory": ["--lora-r 0", "--batch 0", "--params nan"],
+               "bench": ["generate --repeats 0"], "memory": ["--lora-r 0", "--batch 0", "--params nan", "--method lora --lora-r 5000"],
                "datasets": ["--seed -1"]}
     for command, flags in numbers.items():
         for flag in flags:

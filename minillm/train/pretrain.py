@@ -145,7 +145,12 @@ def pretrain(cfg: PretrainConfig, text: str | None = None, tokenizer_text: str |
     corpus_sha256 = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
     if ck:
         check_resumable(ck, cfg, corpus_sha256, continue_training=cfg.continue_training)
-    tok = Tokenizer.from_dict(ck.tokenizer) if ck else Tokenizer.train(tokenizer_text or text, cfg.vocab_size)
+    try:  # the stored tokenizer's pattern must be one minillm writes (tokenizer.check_loaded_pattern)
+        tok = Tokenizer.from_dict(ck.tokenizer) if ck else Tokenizer.train(tokenizer_text or text, cfg.vocab_size)
+    except ValueError as e:
+        if not ck:
+            raise
+        raise ValueError(f"{ckpt_path}: tokenizer: {e}") from None
 
     data = encode_corpus(text, tok)
     n_val = max(cfg.block_size + 1, int(len(data) * cfg.val_fraction))

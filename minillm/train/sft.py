@@ -222,6 +222,10 @@ def sft(cfg: SFTConfig) -> SFTResult:
     model, tok, _ = load_model(cfg.base)
     if tok is None:
         raise ValueError(f"{cfg.base}: the checkpoint has no tokenizer")
+    if cfg.lora:  # a --lora-r larger than a targeted layer fails now, before the data and the evaluations
+        from minillm.lora import lora_target_layers, parse_target_modules
+
+        lora_target_layers(model, parse_target_modules(cfg.lora_targets, qlora=cfg.qlora), cfg.lora_r)
     builtin = cfg.data == "builtin"
     ds = None if builtin else load_dataset(cfg.data, kind="sft")
     records = builtin_sft_records(cfg.variant) if builtin else ds.records
@@ -253,7 +257,8 @@ def sft(cfg: SFTConfig) -> SFTResult:
     if cfg.lora:
         from minillm.lora import save_adapter
 
-        save_adapter(model, str(out / "adapter.safetensors"))  # the LoRA tensors alone, before merging
+        save_adapter(model, str(out / "adapter.safetensors"),  # the LoRA tensors alone, before merging
+                     base_model_name_or_path=cfg.base)
         metrics["adapter"] = str(out / "adapter.safetensors")
         model = merge_for_saving(model)
     if builtin and cfg.eval:
