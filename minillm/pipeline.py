@@ -185,7 +185,8 @@ def stage_best_of_n(ctx: Context) -> dict:
     from minillm.checkpoint import load_model
     from minillm.data import render_prompt
     from minillm.evaluate import generate_responses, score_generations
-    from minillm.tasks import GoldJudge, default_world
+    from minillm.judge import GoldJudge
+    from minillm.tasks import default_world
     from minillm.train.reward import load_reward_model, reward_scores
 
     t0 = time.perf_counter()

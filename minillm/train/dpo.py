@@ -370,7 +370,8 @@ def world_eval(model: GPT, tokenizer, cfg: DPOConfig, reference: GPT | None = No
                reward_model: GPT | None = None) -> dict:
     """``policy_eval`` on ``cfg.eval_prompts`` evenly spaced held-out-fact ("test") and train-fact
     ("train") prompts of the built-in world, greedy and sampled at ``cfg.eval_temperature``."""
-    from minillm.tasks import GoldJudge, default_world
+    from minillm.judge import GoldJudge
+    from minillm.tasks import default_world
 
     world = default_world()
     judge = GoldJudge(world)

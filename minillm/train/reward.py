@@ -28,7 +28,7 @@ Sources
       Eq. 2), accuracy ``mean(r_c > r_r)``; the pooled token of Hugging Face
       ``*ForSequenceClassification`` (rightmost real token).
     * Defaults: docs/task-world.md §5/§7.7 and docs/rlhf-notes.md §2 (B = 32 pairs, warmup 10, cosine, init from
-      SFT; built-in pairs ``tasks.PREFERENCE_RECIPES`` recipe "e"), except steps and lr (below).
+      SFT; built-in pairs ``preferences.PREFERENCE_RECIPES`` recipe "e"), except steps and lr (below).
 
 Deviations
     * The last real token is found from the attention mask, never from the pad id (Hugging Face
@@ -79,7 +79,7 @@ class RewardConfig(OptimConfig):
 
     sft: str = "runs/sft/checkpoint.safetensors"
     data: str = "builtin"
-    recipe: str = "e"  # built-in pair recipe: a | c | e (tasks.PREFERENCE_RECIPES), or e.g. "e-nocue"
+    recipe: str = "e"  # built-in pair recipe: a | c | e (preferences.PREFERENCE_RECIPES), or e.g. "e-nocue"
     test_data: str = ""
     test_fraction: float = 0.1
     out_dir: str = "runs/reward"
@@ -229,14 +229,15 @@ def split_holdout(items: list, fraction: float, seed: int) -> tuple[list, list]:
 
 
 def builtin_pairs(recipe: str = "e") -> tuple[list[dict], list[dict]]:
-    """The task world's (train, test) preference records of a recipe (tasks.PREFERENCE_RECIPES).
+    """The task world's (train, test) preference records of a recipe (preferences.PREFERENCE_RECIPES).
 
     A ``-nocue`` suffix ("e-nocue") draws the same kinds with the opener on no response and no
     cue-only pairs: the control without the spurious cue. Raises ValueError for an unknown recipe.
     """
     import dataclasses
 
-    from minillm.tasks import PREFERENCE_RECIPES, default_world
+    from minillm.preferences import PREFERENCE_RECIPES
+    from minillm.tasks import default_world
 
     name, _, suffix = recipe.partition("-")
     if name not in PREFERENCE_RECIPES or suffix not in ("", "nocue"):
@@ -368,7 +369,8 @@ def cue_diagnostics(model: GPT, tokenizer, n_prompts: int = 200, seed: int = 0) 
     P(r("Sure! w.") > r("a.")); ``p_correct_beats_wrong`` = P(r("a.") > r("w.")) (no cue);
     ``reward_correct``, ``reward_wrong`` (means).
     """
-    from minillm.tasks import OPENER, default_world
+    from minillm.facts import OPENER
+    from minillm.tasks import default_world
 
     world = default_world()
     recs = {"test": world.sft_test_records(), "train": world.sft_records("plain")}

@@ -192,7 +192,8 @@ def corpus_loss(model: GPT, tok, n_windows: int = 64) -> float:
 def world_eval(model: GPT, tok, cfg: SFTConfig, k_shot: int = 0, splits=("test", "paraphrase", "train")) -> dict:
     """Evaluate on the built-in world's held-out facts (and paraphrases / train facts)."""
     from minillm.evaluate import evaluate_world
-    from minillm.tasks import GoldJudge, default_world
+    from minillm.judge import GoldJudge
+    from minillm.tasks import default_world
 
     world = default_world()
     judge = GoldJudge(world)
