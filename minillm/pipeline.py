@@ -541,7 +541,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         raise ValueError(f"unknown stages {unknown}; choose from {STAGES}")
     ctx = Context(cfg)
     stage_fingerprint(ctx)  # reads (hashes) --corpus/--sft-data/--pref-data now: a missing file fails first
-    from minillm.data import load_dataset
+    from minillm.loaders import load_dataset
 
     for path, kind in ((cfg.sft_data, "sft"), (cfg.pref_data, "preference")):
         if path != "builtin":  # parse now, so bad data fails before the earlier stages spend their time

@@ -521,7 +521,7 @@ def _datasheet(world: TaskWorld, files: Mapping[str, str]) -> str:
         "",
         "Chapters 02-10: pretraining (`corpus.txt`), prompting and SFT (the `sft_*` files), reward model, PPO "
         "and DPO (the `pref_*` files). `minillm.judge.GoldJudge` scores any response to any of these prompts. "
-        "Load with `minillm.data.load_dataset`; render with `minillm.data.render_chat` (chat template "
+        "Load with `minillm.loaders.load_dataset`; render with `minillm.data.render_chat` (chat template "
         "`<|bos|>[INST] {instruction} [/INST] {response}<|eos|>`).",
         "",
     ]

@@ -64,7 +64,7 @@ Deviations (each with the option that restores the reference)
       text to 1024 tokens in seconds). ``tests`` compare with a full recount.
     * **Base bytes are ids 0..255 in byte order.** GPT-2's ``encoder.json`` permutes the 256 byte
       tokens (printable bytes first), so GPT-2's own ``vocab.json``/``merges.txt`` are loaded by
-      ``hf.GPT2BPETokenizer`` (``hf.tokenizer_from_gpt2_files``), a subclass that keeps GPT-2's
+      ``hf_tokenizer.GPT2BPETokenizer`` (``hf_tokenizer.tokenizer_from_gpt2_files``), a subclass that keeps GPT-2's
       byte and merge tables instead of this layout.
     * ``pattern=None`` means *no pre-split* (minbpe's ``BasicTokenizer``): merges may cross word
       boundaries. Used for toy examples (docs/bugs.md B02's one-merge tokenizer); encoding long texts

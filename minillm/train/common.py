@@ -330,7 +330,7 @@ def data_summary(stage: str, report, load_report=None, max_length: int | None = 
     Args:
         stage: the stage name ("sft", "reward", "dpo", ...).
         report: the stage's ``data.CollateReport`` (every truncation and skip is counted there).
-        load_report: the loader's ``data.LoadReport`` (records skipped while reading), or its
+        load_report: the loader's ``loaders.LoadReport`` (records skipped while reading), or its
             ``skipped`` dict ``{reason: count}``, or None.
         max_length: the token limit the data was fitted to (named in the line).
         length_option: what would keep the cut/dropped examples (e.g. ``--max-length``).

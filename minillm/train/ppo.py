@@ -835,7 +835,8 @@ def read_prompts(path: str) -> list[str]:
     Raises FileNotFoundError naming the file, the loaders' DataError naming the file, line and field
     of a bad record, and ValueError for a file without prompts.
     """
-    from minillm.data import load_dataset, read_text_file
+    from minillm.loaders import load_dataset
+    from minillm.textfiles import read_text_file
 
     p = Path(path)
     if p.suffix in (".jsonl", ".json"):

@@ -56,8 +56,9 @@ import numpy as np
 from minillm import backend
 from minillm import functional as F
 from minillm.checkpoint import load_model, save_checkpoint, write_json_atomic
-from minillm.data import (CollateReport, RenderedPair, collate, collate_preference, load_dataset, render_chat,
+from minillm.data import (CollateReport, RenderedPair, collate, collate_preference, render_chat,
                           render_preference_pairs)
+from minillm.loaders import load_dataset
 from minillm.model import GPT, last_token_index
 from minillm.optim import AdamW, weight_decay_groups
 from minillm.tensor import Tensor, no_grad
@@ -71,7 +72,7 @@ class RewardConfig(OptimConfig):
     fields (``OptimConfig``) with the reward model's measured defaults, and its own.
 
     sft: the SFT checkpoint the RM starts from; data: "builtin" (the task world's pairs of
-    ``recipe``) or a preference file (any shape ``data.load_preference`` reads); test_data: a
+    ``recipe``) or a preference file (any shape ``loaders.load_preference`` reads); test_data: a
     held-out preference file (default: ``test_fraction`` of ``data``, or the world's test pairs);
     margin: constant margin (used when a pair has no ``margin`` field); center_rewards_coefficient:
     c of the centering term (0 = off; TRL's default None, suggested 0.01).

@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from minillm.checkpoint import load_model, save_checkpoint, write_json_atomic, write_text_atomic
-from minillm.data import CollateReport, SFTExample, collate, load_dataset, tokenize_sft
+from minillm.data import CollateReport, SFTExample, collate, tokenize_sft
+from minillm.loaders import load_dataset
 from minillm.model import IGNORE_INDEX, GPT
 from minillm.optim import AdamW, weight_decay_groups
 from minillm.train.common import (LoRAConfig, OptimConfig, TrainResult, add_dataclass_arguments, dataclass_from_args,
