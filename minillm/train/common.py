@@ -162,14 +162,15 @@ def _inline_comments(cls) -> dict[str, str]:
     return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+)\s*:[^=\n]*=[^#\n]*#\s*(.+)$", src, re.M)}
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, skip: tuple = ()) -> None:
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, skip: tuple = (), only: tuple | None = None
+                            ) -> None:
     """One ``--field-name`` option per dataclass field (bools take true/false), each with a
     description (the field's inline comment, else ``OPTION_HELP``), its default and, for numbers,
     the allowed range, checked at parse time (``number_in_range``: NaN, inf and out-of-range values
-    are usage errors naming the option)."""
+    are usage errors naming the option). ``skip``: fields left out; ``only``: just these fields."""
     comments = _inline_comments(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        if f.name in skip or (only is not None and f.name not in only):
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
         flag = "--" + f.name.replace("_", "-")
