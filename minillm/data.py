@@ -142,14 +142,6 @@ def format_chat(messages: Sequence[Mapping], add_generation_prompt: bool = False
     return "".join(parts)
 
 
-def _special(tokenizer, token: str) -> int:
-    try:
-        return tokenizer.special_tokens[token]
-    except KeyError:
-        raise ValueError(f"the tokenizer has no special token {token!r} (it has "
-                         f"{sorted(tokenizer.special_tokens)})") from None
-
-
 def _render(messages: Sequence[Mapping], tokenizer, train_on: str, generation: bool,
             system_format: str) -> tuple[list[int], list[int]]:
     if train_on not in ("all", "last"):
@@ -158,8 +150,8 @@ def _render(messages: Sequence[Mapping], tokenizer, train_on: str, generation: b
     if generation != (msgs[-1]["role"] == "user"):
         raise ValueError("render_prompt needs messages ending with a user turn; render_chat needs "
                          "them ending with an assistant turn")
-    bos, eos = _special(tokenizer, BOS), _special(tokenizer, EOS)
-    inst, inst_end = _special(tokenizer, INST), _special(tokenizer, INST_END)
+    bos, eos = tokenizer.special_id(BOS), tokenizer.special_id(EOS)
+    inst, inst_end = tokenizer.special_id(INST), tokenizer.special_id(INST_END)
 
     def enc(text: str) -> list[int]:
         return list(tokenizer.encode(text, allowed_special="none"))
@@ -192,7 +184,7 @@ def render_chat(messages: Sequence[Mapping], tokenizer, train_on: str = "all",
     Args:
         messages: ``[{"role", "content"}, ...]``: optional system, then user/assistant
             alternating, ending with assistant.
-        tokenizer: has ``encode(text, allowed_special=...)`` and ``special_tokens`` with
+        tokenizer: has ``encode(text, allowed_special=...)`` and ``special_id(token)`` for
             ``<|bos|> <|eos|> [INST] [/INST]``.
         train_on: ``"all"`` assistant turns (SFT) or only the ``"last"`` (preference responses).
         system_format: ``"plain"`` (system + blank line + first user message) or ``"llama2"``.

@@ -38,8 +38,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from minillm.checkpoint import write_text_atomic
-from minillm.tokenizer import (GPT2_SPLIT_PATTERN, GPT2_SPLIT_PATTERN_STDLIB, Tokenizer, merge_pair, pre_split,
-                               special_splitter)
+from minillm.tokenizer import GPT2_SPLIT_PATTERN, GPT2_SPLIT_PATTERN_STDLIB, Tokenizer, merge_pair, special_splitter
 
 #: GPT-2's end-of-text token (id 50256 in the original vocabulary).
 ENDOFTEXT = "<|endoftext|>"
@@ -188,23 +187,10 @@ class GPT2BPETokenizer(Tokenizer):
         self._special_splitter = special_splitter(self._specials)
 
     # ------------------------------------------------------------------ encode / decode
-    def encode_ordinary(self, text: str) -> list[int]:
-        """Encode with no special-token handling: pre-split, bytes -> byte ids, GPT-2's BPE loop."""
-        ids: list[int] = []
-        chunks = pre_split(text, self._compiled)
-        if sum(map(len, chunks)) != len(text):
-            raise ValueError("the pre-split pattern skips characters of the text; every character must "
-                             "fall into some chunk")
-        cache, byte_ids = self._cache, self._byte_ids
-        for chunk in chunks:
-            hit = cache.get(chunk)
-            if hit is None:
-                hit = tuple(_bpe_ranked([byte_ids[b] for b in chunk.encode("utf-8")], self._ranks))
-                if len(cache) >= 1 << 16:
-                    cache.clear()
-                cache[chunk] = hit
-            ids.extend(hit)
-        return ids
+    def _bpe_chunk(self, data: bytes) -> list[int]:
+        """The ids of one pre-split chunk: bytes -> byte ids, then GPT-2's BPE loop (lowest rank first);
+        ``Tokenizer.encode_ordinary`` pre-splits and caches around it."""
+        return _bpe_ranked([self._byte_ids[b] for b in data], self._ranks)
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """The bytes the ids stand for (specials as their UTF-8 text).

@@ -473,12 +473,16 @@ class Tokenizer:
         for chunk in chunks:
             hit = cache.get(chunk)
             if hit is None:
-                hit = tuple(bpe(chunk.encode("utf-8"), self._merge_ids))
+                hit = tuple(self._bpe_chunk(chunk.encode("utf-8")))
                 if len(cache) >= _CACHE_LIMIT:
                     cache.clear()
                 cache[chunk] = hit
             ids.extend(hit)
         return ids
+
+    def _bpe_chunk(self, data: bytes) -> list[int]:
+        """The ids of one pre-split chunk: the merges applied in training order (``bpe``)."""
+        return bpe(data, self._merge_ids)
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """The exact bytes the ids stand for (specials as their UTF-8 text).

@@ -39,7 +39,7 @@ from minillm.loaders import load_dataset
 from minillm.model import IGNORE_INDEX, GPT
 from minillm.optim import AdamW, weight_decay_groups
 from minillm.train.common import (LoRAConfig, OptimConfig, TrainResult, add_dataclass_arguments, dataclass_from_args,
-                                  fixed_windows, mean_loss, print_data_summary)
+                                  fixed_windows, mean_loss, metric_lines, print_data_summary)
 from minillm.train.loop import index_batches, train_loop
 
 
@@ -276,9 +276,7 @@ def summary_lines(m: dict) -> list[str]:
             tasks = ", ".join(f"{t} {v['exact_match']:.0%}" for t, v in d.get("per_task", {}).items())
             lines.append(f"{key:15s} EM {d['exact_match']:6.1%}  contains {d['contains']:6.1%}  "
                          f"format {d['format_compliance']:6.1%}  gold {d['gold']:+.3f}  [{tasks}]")
-    for key in ("corpus_loss_before", "corpus_loss_after", "final_loss", "train_seconds", "parameters"):
-        if key in m:
-            lines.append(f"{key}: {m[key]}")
+    lines += metric_lines(m, ("corpus_loss_before", "corpus_loss_after", "final_loss", "train_seconds", "parameters"))
     if "total" in m.get("memory_estimate", {}):
         lines.append(f"memory estimate: {m['memory_estimate']['total'] / 1e6:.1f} MB in all (weights "
                      f"{m['memory_estimate']['weights'] / 1e6:.1f} MB, optimizer states "
