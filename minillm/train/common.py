@@ -376,11 +376,12 @@ def print_data_summary(stage: str, report, load_report=None, max_length: int | N
 
 
 def render_pair_splits(stage: str, data: str, train_ex, test_ex, tokenizer, max_length: int, info: dict,
-                       default_margin: float | None = None) -> tuple[list, list, dict]:
+                       default_margin: float | None = None, trainer: str | None = None) -> tuple[list, list, dict]:
     """The reward model's and DPO's data step: render the train and test preference pairs once
     (``data.render_preference_pairs``), print what was kept, cut and dropped (``print_data_summary``),
     and return ``(train_pairs, test_pairs, data metrics)`` (``info`` plus pair counts, skip reasons
-    and the number of truncated pairs). Raises ValueError naming ``data`` when no train pair is usable."""
+    and the number of truncated pairs). Raises ValueError naming ``data`` (and ``trainer``, default
+    ``stage``) when no train pair is usable."""
     from minillm.data import CollateReport, render_preference_pairs
 
     rep_tr, rep_te = CollateReport(), CollateReport()
@@ -391,7 +392,7 @@ def render_pair_splits(stage: str, data: str, train_ex, test_ex, tokenizer, max_
     if test_ex:
         print_data_summary(f"{stage} test", rep_te, None, max_length, length_option)
     if not train_pairs:
-        raise ValueError(f"{stage} data {data!r}: no usable preference pair "
+        raise ValueError(f"{trainer or stage} data {data!r}: no usable preference pair "
                          f"(skipped: {rep_tr.skipped}; pairs read: {rep_tr.n_examples})")
     return train_pairs, test_pairs, {**info, "n_train_pairs": len(train_pairs), "n_test_pairs": len(test_pairs),
                                      "skipped_train": rep_tr.skipped, "skipped_test": rep_te.skipped,

@@ -402,7 +402,8 @@ def dpo(cfg: DPOConfig) -> DPOResult:
     model.eval()
     max_len = cfg.max_length or model.config.block_size
     train_ex, test_ex, info = load_pairs(cfg.data, cfg.test_data, cfg.test_fraction, cfg.seed, cfg.recipe)
-    train_pairs, test_pairs, data_info = render_pair_splits("dpo", cfg.data, train_ex, test_ex, tok, max_len, info)
+    train_pairs, test_pairs, data_info = render_pair_splits("dpo", cfg.data, train_ex, test_ex, tok, max_len, info,
+                                                            trainer="DPO")
     metrics: dict = {"config": asdict(cfg), "data": data_info}
     t_ref = time.perf_counter()
     ref_c, ref_r = precompute_ref_logps(model, train_pairs, tok.pad_id, cfg.ref_batch_size)
