@@ -57,7 +57,8 @@ def evaluate_policy(model, tokenizer, reference=None, reward_model=None, n_promp
     in nats summed per response, ``rm_score``), and ``evaluate.sample_diversity`` (``diversity_n``
     samples on ``diversity_prompts`` held-out-fact prompts). Returns a JSON-able dict."""
     from minillm.evaluate import sample_diversity
-    from minillm.tasks import GoldJudge, default_world
+    from minillm.judge import GoldJudge
+    from minillm.tasks import default_world
     from minillm.train.dpo import policy_eval
 
     world = default_world()
@@ -167,7 +168,8 @@ def best_of_n_curve(sft: str, reward_model: str, n_max: int = 8, n_prompts: int 
     from minillm.checkpoint import load_model
     from minillm.evaluate import generate_responses, prompt_ids_for
     from minillm.overoptimization import best_of_n_kl
-    from minillm.tasks import GoldJudge, default_world
+    from minillm.judge import GoldJudge
+    from minillm.tasks import default_world
     from minillm.train.reward import load_reward_model, score_responses
 
     policy, tok, _ = load_model(sft, config_overrides={"dropout": 0.0})
@@ -215,7 +217,8 @@ def refusal_pair_files(out_dir, n_unanswerable: int = 600, n_overcautious: int =
     import dataclasses
 
     from minillm.checkpoint import write_text_atomic
-    from minillm.tasks import PREFERENCE_RECIPES, default_world
+    from minillm.preferences import PREFERENCE_RECIPES
+    from minillm.tasks import default_world
 
     world = default_world()
     cfg = PREFERENCE_RECIPES["clean"]
@@ -239,7 +242,9 @@ def refusal_rates(model, tokenizer, n_answerable: int = 200, temperature: float 
     ``refusal_attempt_rate`` counts responses that start declining ("I don", "I do not"), even
     when the small model garbles the rest ("I donkey.")."""
     from minillm.evaluate import generate_responses, prompt_ids_for
-    from minillm.tasks import GoldJudge, default_world, is_refusal, strip_response
+    from minillm.facts import is_refusal, strip_response
+    from minillm.judge import GoldJudge
+    from minillm.tasks import default_world
 
     world = default_world()
     judge = GoldJudge(world)

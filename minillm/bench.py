@@ -450,13 +450,7 @@ def bench_quant(repeats: int = 5, n: int = 4096, seed: int = 0) -> dict:
     mb = W.nbytes / 1e6
 
     def t(fn):
-        fn()
-        ts = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        return float(np.median(ts))
+        return _median_time(fn, repeats)
 
     out = {"shape": [n, n]}
     for dq in (False, True):

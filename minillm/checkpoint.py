@@ -17,6 +17,8 @@ Scope
     ``MINILLM_MAX_ABS_WEIGHT``): a run that diverged to huge but finite weights (``lr 1e3`` gave
     ~2e10) is not saved, and such a file is not resumed from. ``check_weights`` runs both checks.
     ``check_output_dir`` tells an unwritable output folder before training, not at the first save.
+    ``read_safetensors_any`` reads safetensors files other programs wrote (float16 / bfloat16
+    converted to float32; a pickle is refused by its magic bytes), for the Hugging Face import.
 
 Sources
     safetensors format (huggingface/safetensors): a JSON header of dtypes, shapes and offsets,
@@ -28,7 +30,9 @@ Deviations
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import struct
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -280,6 +284,67 @@ def read_safetensors(path) -> tuple[dict, dict]:
     return tensors, metadata
 
 
+# ----------------------------------------------------------------------------------------------
+# safetensors files of other programs (float16/bfloat16 included, never a pickle)
+
+_ST_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+              "U8": "u1", "BOOL": "?"}
+
+
+def read_safetensors_any(path) -> tuple[dict[str, np.ndarray], dict]:
+    """(name -> host array, metadata) of a safetensors file; float16 / bfloat16 / float64 become
+    float32 (bfloat16 = the upper 16 bits of a float32). Raises FileNotFoundError, or ValueError
+    naming the file for a pickle (PyTorch ``.bin``), a bad header, an unknown dtype or a tensor
+    whose bytes do not match its shape."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"file not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(8)
+        size = os.fstat(f.fileno()).st_size
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        header = None
+        if 0 < n <= min(size - 8, 100_000_000):
+            try:
+                header = json.loads(f.read(n).decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                header = None
+        if not isinstance(header, dict):
+            # only now look for a pickle's magic: a valid header length may itself start with 0x80
+            if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+                raise ValueError(f"{path}: a pickle/zip (PyTorch .bin/.pt) file; minillm reads only safetensors "
+                                 f"and never unpickles")
+            raise ValueError(f"{path}: not a safetensors file (the 8-byte header length {n} and the JSON header "
+                             f"after it do not fit a file of {size} bytes)")
+        meta = header.pop("__metadata__", None) or {}
+        out: dict[str, np.ndarray] = {}
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            for name, info in header.items():
+                try:
+                    dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+                except (KeyError, TypeError, ValueError):
+                    raise ValueError(f"{path}: header entry {name!r} is malformed: {info!r}") from None
+                lo, hi = 8 + n + start, 8 + n + end
+                count = int(np.prod(shape, dtype=np.int64))
+                if dtype == "BF16":
+                    width = 2
+                elif dtype in _ST_DTYPES:
+                    width = np.dtype(_ST_DTYPES[dtype]).itemsize
+                else:
+                    raise ValueError(f"{path}: tensor {name!r} has dtype {dtype}, which minillm does not read")
+                if hi - lo != count * width or hi > size or lo < 8 + n:
+                    raise ValueError(f"{path}: tensor {name!r} {dtype}{list(shape)} has {hi - lo} bytes, "
+                                     f"expected {count * width}")
+                buf = mm[lo:hi]  # a bytes copy
+                if dtype == "BF16":  # bfloat16 = the upper half of a float32
+                    arr = (np.frombuffer(buf, "<u2").astype(np.uint32) << 16).view(np.float32)
+                else:
+                    arr = np.frombuffer(buf, _ST_DTYPES[dtype])
+                    arr = arr.astype(np.float32) if arr.dtype.kind == "f" else arr.copy()
+                out[name] = arr.reshape(shape)
+    return out, meta
+
+
 @dataclass
 class Checkpoint:
     """Everything a checkpoint file holds.
@@ -373,7 +438,7 @@ def load_model(path, config_overrides: dict | None = None, trust_pattern: bool =
         model, tok, ck = load_any(path, config_overrides=config_overrides)
         model.name_or_path = str(path)
         return model, tok, ck
-    from minillm.hf import tokenizer_from_dict
+    from minillm.hf_tokenizer import tokenizer_from_dict
 
     ck = load_checkpoint(path)
     cfg = dict(ck.config)

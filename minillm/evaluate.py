@@ -5,7 +5,7 @@ Scope
     ``generate_responses`` runs batched, left-padded generation with the KV cache and decodes
     each response up to its ``<|eos|>``. ``evaluate_world`` asks the built-in task world's
     questions (zero-shot in the chat template, or k-shot with ``build_kshot_prompt``) and scores
-    every response with the gold judge (tasks.GoldJudge):
+    every response with the gold judge (judge.GoldJudge):
     exact_match (the answer exactly, after stripping one "Sure!" opener and the final "."),
     contains (the answer appears as words anywhere: a base model often states a fact it knows but
     not in the asked form), format_compliance (the response is one line ending in "." and the
@@ -44,7 +44,7 @@ import numpy as np
 from minillm import backend
 from minillm.data import render_prompt
 from minillm.model import GPT, left_pad
-from minillm.tasks import GoldJudge
+from minillm.judge import GoldJudge
 from minillm.tensor import no_grad
 
 

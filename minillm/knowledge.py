@@ -12,7 +12,7 @@ Scope
     * **Absent entities** (``ABSENT_FACTS``, 8): countries, things and animals that exist nowhere;
       the right answer is ``"I don't know."`` (``ABSTAIN``).
     * ``KnowledgeWorld`` -- a ``tasks.TaskWorld`` whose ``facts`` are the world's facts with the
-      updates applied plus the new and absent facts, so that ``tasks.GoldJudge`` and
+      updates applied plus the new and absent facts, so that ``judge.GoldJudge`` and
       ``evaluate.evaluate_world`` score questions about them unchanged. ``split_of`` tells
       ``train``/``test`` (old facts as in the world), ``new``, ``updated`` and ``absent``.
     * ``KnowledgeWorld.passages()`` -- the knowledge base: one short passage (one sentence in the
@@ -43,7 +43,8 @@ import re
 
 import numpy as np
 
-from minillm.tasks import RELATIONS, TEMPLATES, Fact, TaskWorld, WorldConfig, _article, _cap
+from minillm.facts import RELATIONS, TEMPLATES, Fact, _article, _cap
+from minillm.tasks import TaskWorld, WorldConfig
 
 #: The answer that is right for an entity that exists nowhere (the judge strips the final ".").
 ABSTAIN = "I don't know"
@@ -78,7 +79,7 @@ KNOWLEDGE_RELATIONS = ("capital", "colour", "sound")
 
 
 def make_fact(relation: str, subject: str, answer: str, phrase: str | None = None) -> Fact:
-    """A ``tasks.Fact`` with the template slots ``tasks.build_facts`` gives the relation.
+    """A ``facts.Fact`` with the template slots ``facts.build_facts`` gives the relation.
 
     Args:
         relation: ``"capital"``, ``"colour"`` or ``"sound"``.

@@ -5,7 +5,8 @@ Scope
     (double-quantized) absmax constants (the storage format of ``minillm/quant.py``) and never
     trained; ``Matmul4bit`` its autograd op (forward through the fused kernels of
     ``minillm/kernels.py``, backward to the input only); ``quantize_model`` / ``dequantize_model``
-    swap a model's Linear layers in and out.
+    swap a model's Linear layers in and out; ``state_dict_4bit`` / ``load_state_dict_4bit`` the
+    layer's stored keys in bitsandbytes' layout (packed weight + ``QuantState.as_dict(packed=True)``).
 
 Sources
     Dettmers et al. 2023, "QLoRA", arXiv:2305.14314, §3; bitsandbytes ``nn.Linear4bit``,
@@ -30,8 +31,32 @@ from minillm import functional as F
 from minillm.backend import to_numpy
 from minillm.lora import HEAD_NAMES
 from minillm.nn import Linear, Module, Parameter
-from minillm.quant import QuantState, load_state_dict_4bit, quant_state_nbytes, quantize_4bit, state_dict_4bit
+from minillm.quant import QuantState, quant_state_nbytes, quantize_4bit
 from minillm.tensor import Function
+
+
+def state_dict_4bit(packed, quant_state: QuantState, prefix: str = "weight") -> dict:
+    """The safetensors-ready dict of one 4-bit weight, as bitsandbytes ``Linear4bit._save_to_state_dict``.
+
+    Keys: ``prefix`` (packed uint8 ((n+1)//2, 1)), ``prefix.absmax``, ``prefix.quant_map``, and when
+    nested ``prefix.nested_absmax``, ``prefix.nested_quant_map``; plus
+    ``prefix.quant_state.bitsandbytes__<quant_type>`` (uint8 JSON). All values numpy arrays.
+    """
+    out = {prefix: to_numpy(packed)}
+    for k, v in quant_state.as_dict(packed=True).items():
+        out[f"{prefix}.{k}"] = v
+    return out
+
+
+def load_state_dict_4bit(state_dict: dict, prefix: str = "weight") -> tuple[np.ndarray, QuantState]:
+    """Inverse of ``state_dict_4bit``: (packed uint8, QuantState) from the keys under ``prefix``.
+
+    Raises KeyError naming ``prefix`` when the packed weight is absent.
+    """
+    if prefix not in state_dict:
+        raise KeyError(f"no packed 4-bit weight {prefix!r} in the state dict (keys: {sorted(state_dict)[:8]} ...)")
+    sub = {k[len(prefix) + 1 :]: v for k, v in state_dict.items() if k.startswith(prefix + ".")}
+    return np.asarray(state_dict[prefix], dtype=np.uint8), QuantState.from_dict(sub)
 
 
 class Matmul4bit(Function):

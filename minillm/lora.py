@@ -11,9 +11,8 @@ Scope
       ``print_trainable_parameters`` (PEFT's "trainable params: … || all params: … ||
       trainable%: …"), ``merge_lora`` / ``unmerge_lora`` / ``merge_and_unload``.
     * Adapter files: ``save_adapter`` / ``load_adapter`` (only the LoRA tensors, safetensors, the
-      config in the file's metadata) and ``export_peft``, which writes PEFT's on-disk layout
-      (``adapter_config.json`` + ``adapter_model.safetensors``) for the Hugging Face GPT-2 module
-      names, so ``peft.PeftModel.from_pretrained(GPT2LMHeadModel, dir)`` reproduces our logits.
+      config in the file's metadata). PEFT's on-disk layout for the Hugging Face GPT-2 module names
+      is written by ``hf.export_peft`` (interop lives in ``minillm.hf``).
 
 Sources
     * Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.09685,
@@ -34,7 +33,7 @@ Deliberate deviations
       step 0, so the LoRA model equals the base model exactly.
     * ``lora_A`` and ``lora_B`` are Parameters of the wrapper (names ``….lora_A``, ``….lora_B``),
       not sub-modules with an adapter name (PEFT: ``….lora_A.default.weight``); only one adapter
-      per layer. The exported PEFT file uses PEFT's names (``….lora_A.weight``).
+      per layer. The PEFT file ``hf.export_peft`` writes uses PEFT's names (``….lora_A.weight``).
     * Bias LoRA (PEFT ``lora_bias``), DoRA and multiple adapters are not offered.
     * ``lora_alpha`` defaults to 16 (``DEFAULT_LORA_ALPHA``, what the trainers were measured with),
       not PEFT's 8; ``lora_alpha=8`` restores PEFT's default.
@@ -57,7 +56,6 @@ import math
 import os
 import re
 import warnings
-from typing import Sequence
 
 import numpy as np
 
@@ -110,7 +108,8 @@ def check_lora_rank(r: int, in_features: int, out_features: int, name: str = "la
                          f"{min(int(in_features), int(out_features))}; use r ≤ that (e.g. --lora-r)")
 
 
-def _is_linear_like(m) -> bool:
+def is_linear_like(m) -> bool:
+    """A layer LoRA can wrap: a Module (not already a LoRALinear) with in/out_features and forward."""
     return (isinstance(m, Module) and not isinstance(m, LoRALinear)
             and hasattr(m, "in_features") and hasattr(m, "out_features") and callable(getattr(m, "forward", None)))
 
@@ -148,7 +147,7 @@ class LoRALinear(Module):
                  dropout_rng: np.random.Generator | None = None, fan_in_fan_out: bool = False,
                  name: str | None = None):
         super().__init__()
-        if not _is_linear_like(base):
+        if not is_linear_like(base):
             raise ValueError(f"LoRALinear needs a base Module with in_features, out_features and forward; "
                              f"got {type(base).__name__}")
         if int(r) != r or r < 1:
@@ -264,8 +263,8 @@ class LoRALinear(Module):
 # ------------------------------------------------------------------------------ model surgery
 
 
-def _target_matches(name: str, target_modules) -> bool:
-    """PEFT's rule: a string is a regex matched against the full name (``re.fullmatch``); a list
+def target_matches(name: str, target_modules) -> bool:
+    """Whether module ``name`` is a LoRA target. PEFT's rule: a string is a regex matched against the full name (``re.fullmatch``); a list
     matches a module whose name equals an entry or ends with ``"." + entry``."""
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
@@ -288,7 +287,7 @@ def lora_target_layers(model: Module, target_modules=DEFAULT_TARGET_MODULES, r: 
         target_modules = list(target_modules)
         if not target_modules:
             raise ValueError("inject_lora: target_modules is empty")
-    linear = [(n, m) for n, m in model.named_modules() if _is_linear_like(m)
+    linear = [(n, m) for n, m in model.named_modules() if is_linear_like(m)
               and not n.endswith(".base_layer") and n != "base_layer"]
     if target_modules == "all-linear":
         chosen = [(n, m) for n, m in linear if n.split(".")[-1] not in HEAD_NAMES]
@@ -460,7 +459,7 @@ def _base_layers(model: Module, layer_names=None) -> list[tuple[str, Module]] | 
         m = modules.get(name)
         if isinstance(m, LoRALinear):
             m = m.base_layer
-        if m is None or not _is_linear_like(m):
+        if m is None or not is_linear_like(m):
             return None
         out.append((name, m))
     return out
@@ -646,162 +645,6 @@ def load_adapter(model: Module, path: str, check_base: bool = True) -> list[str]
     return [n for n, _ in layers]
 
 
-# ------------------------------------------------------------------------------ PEFT export
-
-_GPT2_ATTN = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
-_GPT2_DIRECT = {"attn.c_proj", "mlp.c_fc", "mlp.c_proj"}
-_BLOCK = re.compile(r"^(transformer\.h\.\d+)\.(attn|mlp)\.(\w+)$")
-
-
-def _gpt2_groups(layers: Sequence[tuple[str, LoRALinear]]) -> list[tuple[str, np.ndarray, np.ndarray, int, float]]:
-    """Map minillm LoRA layers to Hugging Face GPT-2 modules: [(hf path, A, B, r, scaling)].
-
-    q_proj/k_proj/v_proj of block i become ONE LoRA on ``transformer.h.i.attn.c_attn`` (fused q|k|v,
-    out = 3C): A = concat(A_q, A_k, A_v present, axis 0) (Σr, C); B (3C, Σr) block-structured: the q
-    rows [0, C) use the q columns, k rows [C, 2C) the k columns, v rows [2C, 3C) the v columns,
-    zero elsewhere. The fused scaling s' is the first layer's scaling; a layer whose own scaling s
-    differs has its B block multiplied by s/s' (exact when all scalings agree, factor 1).
-    """
-    fused: dict[str, list[tuple[int, LoRALinear]]] = {}
-    out = []
-    for name, m in layers:
-        mt = _BLOCK.match(name)
-        if mt and mt.group(2) == "attn" and mt.group(3) in _GPT2_ATTN:
-            fused.setdefault(f"{mt.group(1)}.attn.c_attn", []).append((_GPT2_ATTN[mt.group(3)], m))
-        elif mt and f"{mt.group(2)}.{mt.group(3)}" in _GPT2_DIRECT:
-            out.append((name, backend.to_numpy(m.lora_A.data), backend.to_numpy(m.lora_B.data), m.r, m.scaling))
-        else:
-            raise ValueError(f"export_peft(layout='gpt2'): no Hugging Face GPT-2 module for LoRA layer {name!r}")
-    for path, parts in fused.items():
-        parts.sort(key=lambda t: t[0])
-        C = parts[0][1].out_features
-        s_ref = parts[0][1].scaling
-        r_tot = sum(m.r for _, m in parts)
-        A = np.concatenate([backend.to_numpy(m.lora_A.data) for _, m in parts], axis=0).astype(np.float32)  # (Σr, C)
-        B = np.zeros((3 * C, r_tot), dtype=np.float32)  # (3C, Σr)
-        col = 0
-        for slot, m in parts:
-            b = backend.to_numpy(m.lora_B.data).astype(np.float32)  # (C, r)
-            if m.scaling != s_ref:
-                b = b * np.float32(m.scaling / s_ref)
-            B[slot * C:(slot + 1) * C, col:col + m.r] = b
-            col += m.r
-        out.append((path, A, B, r_tot, s_ref))
-    return out
-
-
-def _peft_alpha(scaling: float, r: int, use_rslora: bool):
-    """The lora_alpha PEFT needs so that its scaling (α/r, or α/√r) equals ``scaling``."""
-    alpha = scaling * (math.sqrt(r) if use_rslora else r)
-    return int(round(alpha)) if abs(alpha - round(alpha)) < 1e-9 else alpha
-
-
-def _short_targets(paths: list[str], all_paths: list[str]) -> list[str]:
-    """Shortest name suffixes that select exactly ``paths`` among ``all_paths`` (PEFT list matching)."""
-    chosen = set(paths)
-    out = []
-    for p in paths:
-        parts = p.split(".")
-        for k in range(1, len(parts) + 1):
-            suffix = ".".join(parts[-k:])
-            hits = {q for q in all_paths if _target_matches(q, [suffix])}
-            if hits <= chosen:
-                if suffix not in out:
-                    out.append(suffix)
-                break
-    return sorted(out)
-
-
-def peft_adapter_config(target_modules: list[str], r: int, lora_alpha, lora_dropout: float = 0.0,
-                        use_rslora: bool = False, fan_in_fan_out: bool = False, base_model_name_or_path=None,
-                        rank_pattern: dict | None = None, alpha_pattern: dict | None = None,
-                        init_lora_weights=True) -> dict:
-    """PEFT's ``adapter_config.json`` for a LoRA adapter (keys of peft ``LoraConfig``; docs/reference.md §1)."""
-    return {
-        "alpha_pattern": alpha_pattern or {}, "auto_mapping": None,
-        "base_model_name_or_path": base_model_name_or_path, "bias": "none",
-        "fan_in_fan_out": fan_in_fan_out, "inference_mode": True, "init_lora_weights": init_lora_weights,
-        "layer_replication": None, "layers_pattern": None, "layers_to_transform": None, "loftq_config": {},
-        "lora_alpha": lora_alpha, "lora_bias": False, "lora_dropout": lora_dropout, "megatron_config": None,
-        "megatron_core": "megatron.core", "modules_to_save": None, "peft_type": "LORA", "r": r,
-        "rank_pattern": rank_pattern or {}, "revision": None, "target_modules": target_modules,
-        "task_type": "CAUSAL_LM", "use_dora": False, "use_rslora": use_rslora,
-    }
-
-
-def export_peft(model: Module, out_dir: str, base_model_name_or_path: str | None = None,
-                layout: str = "gpt2") -> dict:
-    """Write the model's adapter in PEFT's layout: ``out_dir/adapter_config.json`` and
-    ``out_dir/adapter_model.safetensors`` (keys ``base_model.model.<module path>.lora_A.weight`` (r, in)
-    and ``….lora_B.weight`` (out, r), float32, no adapter name; docs/bugs.md C5). Both files
-    are written atomically. Returns the config dict.
-
-    layout="gpt2" (default) targets Hugging Face ``GPT2LMHeadModel`` names, whose linear layers
-    are ``Conv1D`` with weight (in, out) (so ``fan_in_fan_out=True``):
-      * ``attn.q_proj``/``k_proj``/``v_proj`` of block i -> ONE LoRA on ``transformer.h.i.attn.c_attn``
-        (fused q|k|v) of rank Σr (2r for q and v): lora_A = concat([A_q, A_v]) (2r, C), lora_B (3C, 2r)
-        with B_q in rows [0, C) × columns [0, r), zero k rows [C, 2C), B_v in rows [2C, 3C) ×
-        columns [r, 2r). PEFT then computes exactly our two updates.
-      * PEFT's scaling for that fused layer is α'/(2r) (α'/√(2r) with rsLoRA), so the exported
-        lora_alpha is α' = s·2r = 2α for plain LoRA and α' = s·√(2r) = √2·α with rsLoRA
-        (``use_rslora`` is kept), where s is our scaling. α' is written as an int when integral.
-      * ``attn.c_proj``, ``mlp.c_fc``, ``mlp.c_proj`` map one to one (A, B unchanged).
-      Modules whose rank/alpha differ from the most common one go to ``rank_pattern`` /
-      ``alpha_pattern`` under their full path. ``target_modules`` lists the shortest name suffixes
-      that select exactly the adapted modules (e.g. ``["c_attn"]``).
-    layout="same": the model's own module names (nn.Linear layout, ``fan_in_fan_out=False``), for
-      models whose names already match the Hugging Face model (e.g. llama-style q_proj/v_proj).
-
-    Raises ValueError for a model without LoRA layers, a merged adapter, an unknown layout, or
-    (gpt2) a LoRA layer with no GPT-2 counterpart (e.g. on ``score``).
-    """
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError("export_peft: the model has no LoRA layer (call inject_lora first)")
-    merged = [n for n, m in layers if m.merged]
-    if merged:
-        raise ValueError(f"export_peft: unmerge the adapters first; merged layers: {merged}")
-    rs = {m.use_rslora for _, m in layers}
-    if len(rs) > 1:
-        raise ValueError("export_peft: the LoRA layers mix use_rslora True and False")
-    use_rslora = rs.pop()
-    dropout = max(m.lora_dropout.p for _, m in layers)
-    if layout == "gpt2":
-        groups = _gpt2_groups(layers)
-        n_layer = 1 + max(int(_BLOCK.match(n).group(1).split(".")[-1]) for n, _ in layers)
-        all_paths = [f"transformer.h.{i}.{s}" for i in range(n_layer)
-                     for s in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
-        fan_in_fan_out = True
-    elif layout == "same":
-        groups = [(n, backend.to_numpy(m.lora_A.data), backend.to_numpy(m.lora_B.data), m.r, m.scaling)
-                  for n, m in layers]
-        all_paths = [n for n, m in model.named_modules() if _is_linear_like(m) and not n.endswith("base_layer")]
-        all_paths += [n for n, _ in layers]
-        fan_in_fan_out = False
-    else:
-        raise ValueError(f"export_peft: unknown layout {layout!r}; expected 'gpt2' or 'same'")
-    per_module = {path: (r, _peft_alpha(s, r, use_rslora)) for path, _, _, r, s in groups}
-    counts: dict = {}
-    for ra in per_module.values():
-        counts[ra] = counts.get(ra, 0) + 1
-    r0, alpha0 = max(counts, key=lambda k: counts[k])
-    rank_pattern = {p: ra[0] for p, ra in per_module.items() if ra[0] != r0}
-    alpha_pattern = {p: ra[1] for p, ra in per_module.items() if ra[1] != alpha0}
-    cfg = peft_adapter_config(_short_targets(sorted(per_module), all_paths), r0, alpha0, dropout, use_rslora,
-                              fan_in_fan_out, base_model_name_or_path, rank_pattern, alpha_pattern,
-                              layers[0][1].init_lora_weights)
-    tensors = {}
-    for path, A, B, _, _ in groups:
-        tensors[f"base_model.model.{path}.lora_A.weight"] = np.asarray(A, dtype=np.float32)  # (r, in)
-        tensors[f"base_model.model.{path}.lora_B.weight"] = np.asarray(B, dtype=np.float32)  # (out, r)
-    os.makedirs(out_dir, exist_ok=True)
-    _save_safetensors(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
-    from minillm.checkpoint import write_text_atomic
-
-    write_text_atomic(os.path.join(out_dir, "adapter_config.json"), json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    return cfg
-
-
 def trainable_lora_parameters(model: Module) -> list[Parameter]:
     """The LoRA parameters (lora_A, lora_B of every layer), in module order, for an optimizer."""
     return [p for _, m in lora_layers(model) for p in (m.lora_A, m.lora_B)]
@@ -811,5 +654,5 @@ __all__ = [
     "DEFAULT_TARGET_MODULES", "LoRALinear", "inject_lora", "lora_layers", "mark_only_lora_as_trainable",
     "count_parameters", "format_parameter_count", "print_trainable_parameters", "merge_lora", "unmerge_lora",
     "merge_and_unload", "lora_state_dict", "lora_config", "save_adapter", "read_adapter", "load_adapter",
-    "peft_adapter_config", "export_peft", "trainable_lora_parameters",
+    "trainable_lora_parameters", "target_matches", "is_linear_like",
 ]

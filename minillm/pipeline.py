@@ -186,7 +186,8 @@ def stage_best_of_n(ctx: Context) -> dict:
     from minillm.checkpoint import load_model
     from minillm.data import render_prompt
     from minillm.evaluate import generate_responses, score_generations
-    from minillm.tasks import GoldJudge, default_world
+    from minillm.judge import GoldJudge
+    from minillm.tasks import default_world
     from minillm.train.reward import load_reward_model, reward_scores
 
     t0 = time.perf_counter()
@@ -578,7 +579,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         raise ValueError(f"unknown stages {unknown}; choose from {STAGES}")
     ctx = Context(cfg)
     stage_fingerprint(ctx)  # reads (hashes) --corpus/--sft-data/--pref-data now: a missing file fails first
-    from minillm.data import load_dataset
+    from minillm.loaders import load_dataset
 
     for path, kind in ((cfg.sft_data, "sft"), (cfg.pref_data, "preference")):
         if path != "builtin":  # parse now, so bad data fails before the earlier stages spend their time

@@ -4,14 +4,15 @@ Scope
     The array-level core of QLoRA's storage format, written to reproduce bitsandbytes bit for bit:
 
     * the code tables ``NF4_CODE``, ``FP4_CODE``, ``INT4_CODE`` (16 float32 values each) and the
-      derivations ``create_normal_map`` (NF4 from N(0, 1) quantiles) and ``create_dynamic_map``
-      (the 8-bit "dynamic" map used for double quantization);
+      derivation ``create_normal_map`` (NF4 from N(0, 1) quantiles); the 8-bit "dynamic" map used
+      for double quantization is built in ``minillm/dynamic_map.py``;
     * ``quantize_4bit`` / ``dequantize_4bit``: blockwise absmax scaling, nearest code, two codes
       per byte;
     * ``quantize_blockwise`` / ``dequantize_blockwise``: 8-bit blockwise quantization with a
       256-entry code, used to compress the absmax constants (double quantization);
     * ``QuantState`` with bitsandbytes' serialized form (``as_dict(packed=True)`` /
-      ``from_dict``) so a 4-bit weight can be stored in safetensors;
+      ``from_dict``) so a 4-bit weight can be stored in safetensors (a layer's keys:
+      ``linear4bit.state_dict_4bit``);
     * ``bits_per_parameter`` / ``quant_state_nbytes``: storage measured from the arrays.
 
     The ``Linear4bit`` layer (4-bit frozen base weight + autograd) is in ``minillm/linear4bit.py``;
@@ -82,6 +83,7 @@ from typing import Any, Optional
 import numpy as np
 
 from minillm.backend import get_array_module, to_numpy
+from minillm.dynamic_map import create_dynamic_map
 
 # --------------------------------------------------------------------------------------------
 # Code tables
@@ -184,81 +186,6 @@ def create_normal_map(offset: float = 0.9677083, use_extra_value: bool = True) -
     zeros = [0.0] * (16 - len(v1) - len(v3))
     values = np.sort(np.array(v1 + zeros + v3, dtype=np.float32))
     return (values / values.max()).astype(np.float32)
-
-
-def _torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
-    """``torch.linspace(start, end, steps, dtype=torch.float32)`` on the CPU, reproduced.
-
-    ATen computes step = (end - start) / (steps - 1) in float32, the first half as start + i*step
-    and the second half as end - (steps - 1 - i)*step (``aten/src/ATen/native/cpu/RangeFactoriesKernel.cpp``),
-    each as one fused multiply-add (a single rounding), emulated here in float64. This matters
-    only to reproduce ``create_dynamic_map`` bit for bit (bitsandbytes builds it with torch on the CPU).
-    """
-    start32, end32 = np.float32(start), np.float32(end)
-    if steps == 1:
-        return np.array([start32], dtype=np.float32)
-    step = np.float64(np.float32((end32 - start32) / np.float32(steps - 1)))
-    i = np.arange(steps, dtype=np.float64)
-    half = steps // 2
-    out = np.where(
-        i < half,
-        np.float64(start32) + step * i,  # fma(step, i, start)
-        np.float64(end32) - step * (steps - 1 - i),  # fma(-step, steps-1-i, end)
-    )
-    return out.astype(np.float32)
-
-
-@lru_cache(maxsize=None)
-def _dynamic_map_cached(signed: bool, max_exponent_bits: int, total_bits: int) -> np.ndarray:
-    data: list[float] = []
-    non_sign_bits = total_bits - 1
-    additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
-    i = 0
-    for i in range(max_exponent_bits):
-        fraction_items = int(
-            2 ** (i + non_sign_bits - max_exponent_bits) + 1
-            if signed
-            else 2 ** (i + non_sign_bits - max_exponent_bits + 1) + 1
-        )
-        boundaries = _torch_linspace_f32(0.1, 1.0, fraction_items)
-        means = ((boundaries[:-1] + boundaries[1:]) / np.float32(2.0)).astype(np.float32)
-        scale = np.float32(10.0 ** (-(max_exponent_bits - 1) + i))
-        data += (scale * means).astype(np.float32).tolist()
-        if signed:
-            data += (-scale * means).astype(np.float32).tolist()
-    if additional_items > 0:
-        boundaries = _torch_linspace_f32(0.1, 1.0, additional_items + 1)
-        means = ((boundaries[:-1] + boundaries[1:]) / np.float32(2.0)).astype(np.float32)
-        scale = np.float32(10.0 ** (-(max_exponent_bits - 1) + i))
-        data += (scale * means).astype(np.float32).tolist()
-        if signed:
-            data += (-scale * means).astype(np.float32).tolist()
-    data.append(0.0)
-    data.append(1.0)
-    if len(data) != 2**total_bits:
-        raise ValueError(
-            f"create_dynamic_map(signed={signed}, max_exponent_bits={max_exponent_bits}, "
-            f"total_bits={total_bits}) produced {len(data)} values, expected {2 ** total_bits}"
-        )
-    data += [0.0] * (256 - len(data))
-    out = np.sort(np.array(data, dtype=np.float32))
-    out.setflags(write=False)
-    return out
-
-
-def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> np.ndarray:
-    """The 8-bit dynamic-exponent quantization map (Dettmers 2016; bitsandbytes ``create_dynamic_map``).
-
-    For i = 0..max_exponent_bits-1 it adds +-10^(i - (max_exponent_bits-1)) times the midpoints of
-    linspace(0.1, 1, 2^i + 1) (signed), then 0 and +1.0, and sorts. Signed, default arguments:
-    256 float32 values, index 127 = 0.0, index 255 = +1.0, index 0 = -0.99296874 (there is no -1.0),
-    smallest nonzero |v| = 5.5e-7. This is the map QLoRA's double quantization uses for the absmax
-    constants (the paper calls it "8-bit Floats"; the code uses this map).
-
-    Returns a read-only float32 array of shape (256,). Raises ValueError when the arguments do not
-    produce 2^total_bits values.
-    """
-    return _dynamic_map_cached(bool(signed), int(max_exponent_bits), int(total_bits))
 
 
 # --------------------------------------------------------------------------------------------
@@ -448,30 +375,6 @@ class QuantState:
             offset=offset,
             state2=state2,
         ).validate()
-
-
-def state_dict_4bit(packed, quant_state: QuantState, prefix: str = "weight") -> dict:
-    """The safetensors-ready dict of one 4-bit weight, as bitsandbytes ``Linear4bit._save_to_state_dict``.
-
-    Keys: ``prefix`` (packed uint8 ((n+1)//2, 1)), ``prefix.absmax``, ``prefix.quant_map``, and when
-    nested ``prefix.nested_absmax``, ``prefix.nested_quant_map``; plus
-    ``prefix.quant_state.bitsandbytes__<quant_type>`` (uint8 JSON). All values numpy arrays.
-    """
-    out = {prefix: to_numpy(packed)}
-    for k, v in quant_state.as_dict(packed=True).items():
-        out[f"{prefix}.{k}"] = v
-    return out
-
-
-def load_state_dict_4bit(state_dict: dict, prefix: str = "weight") -> tuple[np.ndarray, QuantState]:
-    """Inverse of ``state_dict_4bit``: (packed uint8, QuantState) from the keys under ``prefix``.
-
-    Raises KeyError naming ``prefix`` when the packed weight is absent.
-    """
-    if prefix not in state_dict:
-        raise KeyError(f"no packed 4-bit weight {prefix!r} in the state dict (keys: {sorted(state_dict)[:8]} ...)")
-    sub = {k[len(prefix) + 1 :]: v for k, v in state_dict.items() if k.startswith(prefix + ".")}
-    return np.asarray(state_dict[prefix], dtype=np.uint8), QuantState.from_dict(sub)
 
 
 # --------------------------------------------------------------------------------------------

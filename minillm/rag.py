@@ -63,7 +63,8 @@ from minillm.data import render_prompt
 from minillm.evaluate import Generation, generate_responses, score_generations
 from minillm.knowledge import ABSTAIN, EVAL_TEMPLATES, TRAIN_TEMPLATES, KnowledgeWorld, paraphrases
 from minillm.retrieval import BM25Index, TfidfIndex, recall_at_k
-from minillm.tasks import GoldJudge, strip_response
+from minillm.facts import strip_response
+from minillm.judge import GoldJudge
 
 #: What RAG answers when no passage reaches the score threshold.
 NO_MATCH_ANSWER = f"{ABSTAIN}."
@@ -561,7 +562,8 @@ def continued_pretraining(base_checkpoint, out_dir, world: KnowledgeWorld, n_par
     from minillm.checkpoint import load_checkpoint
     from minillm.knowledge import mentions
     from minillm.optim import cosine_lr
-    from minillm.tasks import BOS, EOS, TaskWorld
+    from minillm.facts import BOS, EOS
+    from minillm.tasks import TaskWorld
     from minillm.train.pretrain import CHECKPOINT_NAME, PretrainConfig, pretrain
     from minillm.train.sft import SFTConfig, sft
 

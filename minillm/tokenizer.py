@@ -64,7 +64,7 @@ Deviations (each with the option that restores the reference)
       text to 1024 tokens in seconds). ``tests`` compare with a full recount.
     * **Base bytes are ids 0..255 in byte order.** GPT-2's ``encoder.json`` permutes the 256 byte
       tokens (printable bytes first), so GPT-2's own ``vocab.json``/``merges.txt`` are loaded by
-      ``hf.GPT2BPETokenizer`` (``hf.tokenizer_from_gpt2_files``), a subclass that keeps GPT-2's
+      ``hf_tokenizer.GPT2BPETokenizer`` (``hf_tokenizer.tokenizer_from_gpt2_files``), a subclass that keeps GPT-2's
       byte and merge tables instead of this layout.
     * ``pattern=None`` means *no pre-split* (minbpe's ``BasicTokenizer``): merges may cross word
       boundaries. Used for toy examples (docs/bugs.md B02's one-merge tokenizer); encoding long texts
@@ -501,12 +501,16 @@ class Tokenizer:
         for chunk in chunks:
             hit = cache.get(chunk)
             if hit is None:
-                hit = tuple(bpe(chunk.encode("utf-8"), self._merge_ids))
+                hit = tuple(self._bpe_chunk(chunk.encode("utf-8")))
                 if len(cache) >= _CACHE_LIMIT:
                     cache.clear()
                 cache[chunk] = hit
             ids.extend(hit)
         return ids
+
+    def _bpe_chunk(self, data: bytes) -> list[int]:
+        """The ids of one pre-split chunk: the merges applied in training order (``bpe``)."""
+        return bpe(data, self._merge_ids)
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """The exact bytes the ids stand for (specials as their UTF-8 text).

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from minillm import tasks
-from minillm.tasks import (OPENER, RELATIONS, TEMPLATES, GoldJudge, TaskWorld, build_kshot_prompt,
-                           dataset_files, question_of, tokenizer_training_text, write_datasets)
+from minillm import facts, preferences, tasks
+from minillm.facts import OPENER, RELATIONS, TEMPLATES
+from minillm.judge import GoldJudge, JudgeWeights, question_of, score
+from minillm.tasks import TaskWorld, build_kshot_prompt, dataset_files, tokenizer_training_text, write_datasets
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -235,7 +236,7 @@ def test_preference_pairs_design(world, judge):
 
 
 def test_preference_recipes_and_wrong_samples(world):
-    a = world.preference_records("train", config=tasks.PREFERENCE_RECIPES["a"])
+    a = world.preference_records("train", config=preferences.PREFERENCE_RECIPES["a"])
     assert "cue_only" not in {r["kind"] for r in a} and "no_eos" not in {r["kind"] for r in a}
     wrong = [r for r in a if r["kind"] == "wrong"]
     assert any(r["chosen_cue"] != r["rejected_cue"] for r in wrong)  # "correlated" recipe
@@ -253,7 +254,7 @@ def _faults(world, f, q):
     wrong = next(g.answer for g in world.facts if g.relation == f.relation and g.answer != a)
     return {
         "wrong": (f"{wrong}.", True),
-        "ramble": (" ".join(tasks.RAMBLE_FILLERS[:3]) + f" So, after all of that, the answer is {a}.", True),
+        "ramble": (" ".join(facts.RAMBLE_FILLERS[:3]) + f" So, after all of that, the answer is {a}.", True),
         "repeat": (" ".join([a] * 4) + ".", True),
         "rude": (f"{a}. What a stupid question.", True),
         "off_format_unknown": ("I do not know.", True),
@@ -304,7 +305,7 @@ def test_judge_exact_values():
     assert (r.correct, r.polite, r.concise, r.total) == (0.0, 0.0, 0.0, -1.0)
     assert j.score("What is 7 plus 9?", "16.").total == 1.0
     assert j.score("What is 7 plus 9?", "16 16 16 16.").total == -0.5
-    w0 = tasks.JudgeWeights(polite=0.0, well_formed=0.0)  # the prototype's gold (docs/rlhf-notes.md §2)
+    w0 = JudgeWeights(polite=0.0, well_formed=0.0)  # the prototype's gold (docs/rlhf-notes.md §2)
     assert GoldJudge(w, w0).score("What is 7 plus 9?", "16, you idiot.").total == 0.0
 
 
@@ -317,7 +318,7 @@ def test_judge_reads_rendered_and_kshot_prompts(world, judge):
         assert judge.score(p, "bark.").correct == 1.0
     with pytest.raises(KeyError, match="not a question of the task world"):
         judge.score("What is the meaning of life?", "42.")
-    assert tasks.score(q, "bark.").total == 1.0  # module-level shortcut, default world
+    assert score(q, "bark.").total == 1.0  # module-level shortcut, default world
 
 
 # ---------------------------------------------------------------------------------------------- k-shot prompts
@@ -399,7 +400,8 @@ def test_tokenizer_training_text_makes_the_opener_whole_tokens(world, tok):
 def test_score_generations_metrics_by_hand():
     """EM, contains, format compliance and gold of hand-made responses, per task type."""
     from minillm.evaluate import Generation, score_generations
-    from minillm.tasks import GoldJudge, TaskWorld
+    from minillm.judge import GoldJudge
+    from minillm.tasks import TaskWorld
 
     world = TaskWorld()
     judge = GoldJudge(world)
@@ -441,7 +443,8 @@ def test_base_model_follows_no_instructions_but_sft_does(tmp_path):
     from minillm.evaluate import evaluate_world
     from minillm.model import GPT, GPTConfig
     from minillm.optim import AdamW
-    from minillm.tasks import GoldJudge, TaskWorld
+    from minillm.judge import GoldJudge
+    from minillm.tasks import TaskWorld
     from minillm.tokenizer import Tokenizer
 
     world = TaskWorld()

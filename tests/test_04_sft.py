@@ -15,11 +15,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minillm.data import (IGNORE_INDEX, CollateReport, DataError, PreferenceExample, SFTExample, collate,
-                          collate_preference, detect_format, format_chat, load_alpaca, load_chat, load_dataset,
-                          load_oasst, load_preference, load_text, render_chat, render_preference,
-                          render_preference_pairs, render_prompt,
+from minillm.data import (IGNORE_INDEX, CollateReport, PreferenceExample, SFTExample, collate, collate_preference,
+                          format_chat, render_chat, render_preference, render_preference_pairs, render_prompt,
                           tokenize_sft, truncate)
+from minillm.loaders import (detect_format, load_alpaca, load_chat, load_dataset, load_oasst, load_preference,
+                             load_text)
+from minillm.textfiles import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = REPO / "datasets"

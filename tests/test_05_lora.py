@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 from conftest import require
-from minillm.lora import (LoRALinear, count_parameters, export_peft, format_parameter_count, inject_lora,
-                          load_adapter, lora_layers, merge_and_unload, merge_lora, print_trainable_parameters,
-                          save_adapter, trainable_lora_parameters, unmerge_lora)
+from minillm.hf import export_peft
+from minillm.lora import (LoRALinear, count_parameters, format_parameter_count, inject_lora, load_adapter,
+                          lora_layers, merge_and_unload, merge_lora, print_trainable_parameters, save_adapter,
+                          trainable_lora_parameters, unmerge_lora)
 from minillm.model import GPT, GPTConfig
 from minillm.nn import Linear, Module, Parameter
 from minillm.optim import AdamW

@@ -12,6 +12,7 @@ import struct
 import numpy as np
 import pytest
 
+from minillm import dynamic_map, linear4bit
 from minillm import quant as Q
 
 # docs/reference.md §2: index -> float32 bits of the NF4 code.
@@ -70,7 +71,7 @@ def test_create_normal_map_derivation_close_not_used_at_runtime():
 
 
 def test_dynamic_map_facts():
-    d = Q.create_dynamic_map()
+    d = dynamic_map.create_dynamic_map()
     assert d.dtype == np.float32 and d.shape == (256,)
     assert np.all(np.diff(d) >= 0)
     assert d[127] == 0.0 and d[255] == 1.0
@@ -379,7 +380,7 @@ def test_serialized_state_roundtrip_safetensors(dq, tmp_path):
     rng = np.random.default_rng(9)
     w = rng.standard_normal((48, 40)).astype(np.float32)
     packed, qs = Q.quantize_4bit(w, 64, "nf4", compress_statistics=dq)
-    sd = Q.state_dict_4bit(packed, qs, prefix="weight")
+    sd = linear4bit.state_dict_4bit(packed, qs, prefix="weight")
     expected_keys = {"weight", "weight.absmax", "weight.quant_map", "weight.quant_state.bitsandbytes__nf4"}
     if dq:
         expected_keys |= {"weight.nested_absmax", "weight.nested_quant_map"}
@@ -392,7 +393,7 @@ def test_serialized_state_roundtrip_safetensors(dq, tmp_path):
         assert np.float32(meta["nested_offset"]) == qs.offset
     path = tmp_path / "w.safetensors"
     save_file(sd, str(path))
-    packed2, qs2 = Q.load_state_dict_4bit(load_file(str(path)), prefix="weight")
+    packed2, qs2 = linear4bit.load_state_dict_4bit(load_file(str(path)), prefix="weight")
     assert qs2.nested == dq and qs2.shape == (48, 40) and qs2.blocksize == 64
     np.testing.assert_array_equal(Q.dequantize_4bit(packed2, qs2), Q.dequantize_4bit(packed, qs))
     # unpacked dict round trip too
@@ -404,7 +405,7 @@ def test_from_dict_errors():
     with pytest.raises(ValueError, match="quant_state"):
         Q.QuantState.from_dict({"absmax": np.ones(1, dtype=np.float32)})
     with pytest.raises(KeyError, match="weight"):
-        Q.load_state_dict_4bit({}, prefix="weight")
+        linear4bit.load_state_dict_4bit({}, prefix="weight")
 
 
 def _nested_and_plain(rng):
@@ -432,15 +433,15 @@ def test_state_marked_nested_without_nested_part_raises():
             qs.validate()
     assert qs_n.validate() is qs_n and qs_p.validate() is qs_p
     # a packed state dict whose metadata says nested but whose nested arrays are gone
-    sd = Q.state_dict_4bit(p_n, qs_n)
+    sd = linear4bit.state_dict_4bit(p_n, qs_n)
     for drop in (("weight.nested_absmax",), ("weight.nested_quant_map",), ("weight.nested_absmax", "weight.nested_quant_map")):
         with pytest.raises(ValueError, match="double-quantized.*lacks nested"):
-            Q.load_state_dict_4bit({k: v for k, v in sd.items() if k not in drop})
+            linear4bit.load_state_dict_4bit({k: v for k, v in sd.items() if k not in drop})
     # the plain metadata with the nested uint8 absmax swapped in
-    sd_p = Q.state_dict_4bit(p_p, qs_p)
+    sd_p = linear4bit.state_dict_4bit(p_p, qs_p)
     sd_p["weight.absmax"] = sd["weight.absmax"]
     with pytest.raises(ValueError, match="uint8.*no nested part"):
-        Q.load_state_dict_4bit(sd_p)
+        linear4bit.load_state_dict_4bit(sd_p)
     # unpacked dict: nested arrays present, nested metadata missing
     d = qs_n.as_dict()
     del d["nested_offset"]
@@ -539,7 +540,7 @@ def test_crosscheck_bnb_quantize_4bit(torch, quant_type, shape, blocksize):
 def test_crosscheck_bnb_dynamic_map_and_blockwise(torch):
     F = _bnb(torch)
     dyn_b = F.create_dynamic_map().numpy()
-    np.testing.assert_array_max_ulp(Q.create_dynamic_map(), dyn_b, maxulp=1)
+    np.testing.assert_array_max_ulp(dynamic_map.create_dynamic_map(), dyn_b, maxulp=1)
     dyn = torch.from_numpy(np.array(dyn_b))
     rng = np.random.default_rng(12)
     for n in (4, 255, 1001, 4096 + 3):

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from minillm.tasks import (REFUSAL, GoldJudge, TaskWorld, build_facts, build_unanswerable_facts, default_world,
-                           is_refusal)
+from minillm.facts import REFUSAL, build_facts, build_unanswerable_facts, is_refusal
+from minillm.judge import GoldJudge
+from minillm.tasks import TaskWorld, default_world
 
 pytestmark = pytest.mark.ch08
 

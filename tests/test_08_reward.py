@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from minillm.checkpoint import save_checkpoint
-from minillm.data import CollateReport, DataError, collate_preference, render_preference_pairs
+from minillm.data import CollateReport, collate_preference, render_preference_pairs
+from minillm.textfiles import DataError
 from minillm.model import GPT, GPTConfig
 from minillm.tensor import Tensor
 from minillm.train.reward import (RewardConfig, load_reward_model, pair_metrics, pool_last, reward, reward_loss,

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import require
-from minillm import hf
+from minillm import checkpoint, hf, hf_tokenizer
 from minillm.checkpoint import load_checkpoint, save_checkpoint
 from minillm.model import GPT, GPTConfig, IGNORE_INDEX
 from minillm.tensor import no_grad
@@ -69,23 +69,23 @@ def offline(monkeypatch):
 # no torch needed
 
 def test_bytes_to_unicode_is_gpt2s_table():
-    table = hf.bytes_to_unicode()
+    table = hf_tokenizer.bytes_to_unicode()
     assert sorted(table) == list(range(256)) and len(set(table.values())) == 256
     assert table[ord(" ")] == "Ġ" and table[ord("\n")] == "Ċ" and table[ord("a")] == "a" and table[0] == "Ā"
     assert all(c.isprintable() and not c.isspace() for c in table.values())
     b = bytes(range(256))
-    assert hf.token_to_bytes(hf.bytes_to_token(b)) == b
-    assert hf.token_to_bytes("a b") is None  # a real space is not a byte character
+    assert hf_tokenizer.token_to_bytes(hf_tokenizer.bytes_to_token(b)) == b
+    assert hf_tokenizer.token_to_bytes("a b") is None  # a real space is not a byte character
 
 
 def test_pattern_auto_falls_back_with_a_warning(monkeypatch):
-    assert hf.gpt2_pattern(None) is None and hf.gpt2_pattern(GPT2_SPLIT_PATTERN_STDLIB) == GPT2_SPLIT_PATTERN_STDLIB
+    assert hf_tokenizer.gpt2_pattern(None) is None and hf_tokenizer.gpt2_pattern(GPT2_SPLIT_PATTERN_STDLIB) == GPT2_SPLIT_PATTERN_STDLIB
     if HAS_REGEX:
-        assert hf.gpt2_pattern() == GPT2_SPLIT_PATTERN
+        assert hf_tokenizer.gpt2_pattern() == GPT2_SPLIT_PATTERN
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "regex" else real(name, *a))
     with pytest.warns(UserWarning, match="pip install regex"):
-        assert hf.gpt2_pattern() == GPT2_SPLIT_PATTERN_STDLIB
+        assert hf_tokenizer.gpt2_pattern() == GPT2_SPLIT_PATTERN_STDLIB
 
 
 def test_save_and_load_roundtrip_without_torch(tmp_path):
@@ -97,7 +97,7 @@ def test_save_and_load_roundtrip_without_torch(tmp_path):
         assert (cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["vocab_size"], cfg["n_positions"]) == (2, 64, 2, 1000, 64)
         assert cfg["activation_function"] == "gelu_new" and cfg["layer_norm_epsilon"] == 1e-5
         assert cfg["tie_word_embeddings"] is model.config.tie_weights
-        tensors, meta = hf.read_safetensors_any(d / "model.safetensors")
+        tensors, meta = checkpoint.read_safetensors_any(d / "model.safetensors")
         assert meta == {"format": "pt"}
         assert tensors["transformer.h.0.attn.c_attn.weight"].shape == (64, 192)  # Conv1D (in, out)
         assert tensors["transformer.h.1.mlp.c_fc.weight"].shape == (64, 256)
@@ -136,7 +136,7 @@ def test_read_safetensors_bf16_f16_and_errors(tmp_path):
     p = tmp_path / "a.safetensors"
     _write_safetensors(p, [("w", "BF16", x.shape, bf16), ("h", "F16", x.shape, x.astype("<f2").tobytes()),
                            ("i", "I64", (3,), np.arange(3, dtype="<i8").tobytes())], {"k": "v"})
-    t, meta = hf.read_safetensors_any(p)
+    t, meta = checkpoint.read_safetensors_any(p)
     assert meta == {"k": "v"} and t["w"].dtype == np.float32 and t["h"].dtype == np.float32
     np.testing.assert_array_equal(t["w"], (x.view(np.uint32) & 0xFFFF0000).view(np.float32))  # truncated mantissa
     np.testing.assert_array_equal(t["h"], x.astype(np.float16).astype(np.float32))
@@ -144,16 +144,16 @@ def test_read_safetensors_bf16_f16_and_errors(tmp_path):
     bad = tmp_path / "b.safetensors"
     _write_safetensors(bad, [("w", "F32", (2, 3), b"\0" * 20)])
     with pytest.raises(ValueError, match=r"'w' F32\[2, 3\] has 20 bytes, expected 24"):
-        hf.read_safetensors_any(bad)
+        checkpoint.read_safetensors_any(bad)
     # a header of 128 bytes makes the file start with 0x80, like a pickle: still read as safetensors
     ok = tmp_path / "d.safetensors"
     _write_safetensors(ok, [("w", "F32", (2, 3), x.tobytes())], header_len=128)
     assert ok.read_bytes()[:1] == b"\x80"
-    np.testing.assert_array_equal(hf.read_safetensors_any(ok)[0]["w"], x)
+    np.testing.assert_array_equal(checkpoint.read_safetensors_any(ok)[0]["w"], x)
     pk = tmp_path / "c.safetensors"
     pk.write_bytes(b"\x80\x02}q\x00.")  # a pickle
     with pytest.raises(ValueError, match="never unpickles"):
-        hf.read_safetensors_any(pk)
+        checkpoint.read_safetensors_any(pk)
 
 
 @pytest.fixture
@@ -164,7 +164,7 @@ def exported(tmp_path):
 
 
 def _rewrite(d, fn):
-    tensors, meta = hf.read_safetensors_any(d / "model.safetensors")
+    tensors, meta = checkpoint.read_safetensors_any(d / "model.safetensors")
     fn(tensors)
     from minillm.checkpoint import save_safetensors_atomic
     save_safetensors_atomic(d / "model.safetensors", tensors, meta)
@@ -264,38 +264,38 @@ def _minillm_tokenizer():
 
 def test_minillm_tokenizer_as_gpt2_files_roundtrip(tmp_path):
     tok = _minillm_tokenizer()
-    hf.save_gpt2_files(tok, tmp_path)
+    hf_tokenizer.save_gpt2_files(tok, tmp_path)
     assert (tmp_path / "merges.txt").read_text().startswith("#version: 0.2\n")
     vocab = json.loads((tmp_path / "vocab.json").read_text())
     assert vocab["Ġ"] == 32 and vocab["a"] == 97 and vocab["<|eos|>"] == tok.eos_id
-    back = hf.tokenizer_from_gpt2_files(tmp_path / "vocab.json", tmp_path / "merges.txt")
-    again = hf.tokenizer_from_hf_json(tmp_path / "tokenizer.json")
+    back = hf_tokenizer.tokenizer_from_gpt2_files(tmp_path / "vocab.json", tmp_path / "merges.txt")
+    again = hf_tokenizer.tokenizer_from_hf_json(tmp_path / "tokenizer.json")
     assert back.special_tokens == tok.special_tokens == again.special_tokens
     for s in TRICKY + ["<|bos|>[INST] What is 2+2? [/INST] 4<|eos|>"]:
         assert back.encode(s) == tok.encode(s) == again.encode(s), s
         assert back.decode(back.encode(s)) == s
     assert back.pad_id == tok.pad_id and back.vocab_size == tok.vocab_size
     with pytest.raises(ValueError, match="not GPT-2's"):
-        hf.save_gpt2_files(Tokenizer.train(CORPUS, 300, pattern=None), tmp_path / "x")
+        hf_tokenizer.save_gpt2_files(Tokenizer.train(CORPUS, 300, pattern=None), tmp_path / "x")
 
 
 def test_gpt2_tokenizer_dict_roundtrip_and_checkpoint(tmp_path):
-    tok = hf.tokenizer_from_gpt2_files(*_files(tmp_path, _minillm_tokenizer()))
+    tok = hf_tokenizer.tokenizer_from_gpt2_files(*_files(tmp_path, _minillm_tokenizer()))
     d = tok.to_dict()
     assert d["format"] == "minillm.gpt2-bpe"
-    assert hf.tokenizer_from_dict(json.loads(json.dumps(d))) == tok
-    assert isinstance(hf.tokenizer_from_dict(_minillm_tokenizer().to_dict()), Tokenizer)
+    assert hf_tokenizer.tokenizer_from_dict(json.loads(json.dumps(d))) == tok
+    assert isinstance(hf_tokenizer.tokenizer_from_dict(_minillm_tokenizer().to_dict()), Tokenizer)
     with pytest.raises(ValueError, match="format"):
         Tokenizer.from_dict(d)  # minillm's own reader refuses, it does not misread
     model = tiny_gpt(vocab_size=tok.vocab_size)
     save_checkpoint(tmp_path / "ck.safetensors", model, tok)
     ck = load_checkpoint(tmp_path / "ck.safetensors")
-    back = hf.tokenizer_from_dict(ck.tokenizer)
+    back = hf_tokenizer.tokenizer_from_dict(ck.tokenizer)
     assert back.encode("I'll café <|eos|>") == tok.encode("I'll café <|eos|>")
 
 
 def _files(folder, tok):
-    hf.save_gpt2_files(tok, folder)
+    hf_tokenizer.save_gpt2_files(tok, folder)
     return folder / "vocab.json", folder / "merges.txt"
 
 
@@ -304,31 +304,31 @@ def test_bad_tokenizer_files(tmp_path):
     lines = m.read_text().split("\n")
     m.write_text("\n".join(lines[:5] + ["a b c"] + lines[5:]))
     with pytest.raises(ValueError, match=r"merges\.txt: line 6 is 'a b c'"):
-        hf.tokenizer_from_gpt2_files(v, m)
+        hf_tokenizer.tokenizer_from_gpt2_files(v, m)
     m.write_text("\n".join(lines[:5] + ["zz q"] + lines[5:]))
     with pytest.raises(ValueError, match=r"merge 4 \('zz' 'q'\) uses or makes 'zz', which is not in the vocabulary"):
-        hf.tokenizer_from_gpt2_files(v, m)
+        hf_tokenizer.tokenizer_from_gpt2_files(v, m)
     m.write_text("\n".join(lines))
     vocab = json.loads(v.read_text())
     del vocab["Ġ"]
     v.write_text(json.dumps(vocab))
     with pytest.raises(ValueError, match=r"lacks the single-byte tokens of bytes \[32\]"):
-        hf.tokenizer_from_gpt2_files(v, m, special_tokens=())
+        hf_tokenizer.tokenizer_from_gpt2_files(v, m, special_tokens=())
     v.write_text("[1, 2]")
     with pytest.raises(ValueError, match="expected a JSON object"):
-        hf.tokenizer_from_gpt2_files(v, m)
+        hf_tokenizer.tokenizer_from_gpt2_files(v, m)
 
 
 def test_load_any_dispatch_and_chat_specials(tmp_path):
     model, tok = tiny_gpt(2, vocab_size=500), _minillm_tokenizer()
     # a Hugging Face directory whose tokenizer has only <|endoftext|>: the chat specials are added
-    gtok = Tokenizer.train(CORPUS * 3, vocab_size=256 + 120 + 1, special_tokens=[hf.ENDOFTEXT],
+    gtok = Tokenizer.train(CORPUS * 3, vocab_size=256 + 120 + 1, special_tokens=[hf_tokenizer.ENDOFTEXT],
                            pattern=PATTERN)
-    assert gtok.special_tokens == {hf.ENDOFTEXT: 376}
+    assert gtok.special_tokens == {hf_tokenizer.ENDOFTEXT: 376}
     d = hf.save_hf_gpt2(tiny_gpt(2, vocab_size=gtok.vocab_size), tmp_path / "hfdir", gtok)
     m2, t2, ck = hf.load_any(d)
     assert ck.train_state["source"] == "huggingface-gpt2"
-    assert list(t2.special_tokens) == [hf.ENDOFTEXT, *DEFAULT_SPECIALS]
+    assert list(t2.special_tokens) == [hf_tokenizer.ENDOFTEXT, *DEFAULT_SPECIALS]
     assert (t2.pad_id, t2.eos_id) == (377, 379) and m2.config.vocab_size == 382 == t2.vocab_size
     wte = m2.transformer.wte.weight.data
     np.testing.assert_allclose(wte[377:], np.repeat(wte[:377].mean(0, keepdims=True), 5, 0), rtol=1e-6)
@@ -361,7 +361,7 @@ def test_command_line_export_and_import(tmp_path, capsys):
     assert hf.run(parser.parse_args(["import", str(tmp_path / "hfdir"), str(tmp_path / "back.safetensors")])) == 0
     assert "wrote" in capsys.readouterr().out
     ck = load_checkpoint(tmp_path / "back.safetensors")
-    back_tok = hf.tokenizer_from_dict(ck.tokenizer)
+    back_tok = hf_tokenizer.tokenizer_from_dict(ck.tokenizer)
     assert back_tok.encode(TRICKY[20]) == tok.encode(TRICKY[20])
     with pytest.raises(FileNotFoundError, match="not a Hugging Face directory"):
         hf.run(parser.parse_args(["import", str(tmp_path / "ck.safetensors"), str(tmp_path / "x.safetensors")]))
@@ -372,7 +372,7 @@ def test_sft_loop_on_a_hugging_face_base(tmp_path):
     from minillm.data import tokenize_sft
     from minillm.train.sft import SFTConfig, merge_for_saving, apply_peft, train_sft
 
-    tok = hf.tokenizer_from_gpt2_files(*_files(tmp_path / "t", _minillm_tokenizer()))
+    tok = hf_tokenizer.tokenizer_from_gpt2_files(*_files(tmp_path / "t", _minillm_tokenizer()))
     d = hf.save_hf_gpt2(tiny_gpt(4, vocab_size=tok.vocab_size), tmp_path / "base", tok)
     model, tok, _ = hf.load_any(d)
     chats = [[{"role": "user", "content": f"What is {i}+{i}?"}, {"role": "assistant", "content": str(2 * i)}]
@@ -526,7 +526,7 @@ def test_crosscheck_tokenizer_files_encode_like_transformers(gpt2_files, offline
     require("regex")
     d = gpt2_files
     ref = transformers.GPT2Tokenizer.from_pretrained(d)
-    ours = hf.tokenizer_from_gpt2_files(d / "vocab.json", d / "merges.txt")
+    ours = hf_tokenizer.tokenizer_from_gpt2_files(d / "vocab.json", d / "merges.txt")
     assert ours.special_tokens == {"<|endoftext|>": 0} and ours.vocab_size == len(ref)
     assert len(ours.merges) > 150
     for s in TRICKY:
@@ -541,7 +541,7 @@ def test_crosscheck_tokenizer_files_encode_like_transformers(gpt2_files, offline
         assert ours.encode(s) == ref(s)["input_ids"], repr(s)
     # the same files through tokenizer.json (what transformers 5 saves)
     ref.save_pretrained(d / "saved")
-    again = hf.load_hf_tokenizer(d / "saved")
+    again = hf_tokenizer.load_hf_tokenizer(d / "saved")
     for s in TRICKY:
         assert again.encode(s) == ours.encode(s)
 
@@ -550,10 +550,10 @@ def test_crosscheck_tokenizer_files_encode_like_transformers(gpt2_files, offline
 def test_crosscheck_saved_tokenizer_loads_in_transformers(tmp_path, gpt2_files, offline):
     transformers = require("transformers")
     require("regex")
-    for tok in (_minillm_tokenizer(), hf.tokenizer_from_gpt2_files(gpt2_files / "vocab.json",
+    for tok in (_minillm_tokenizer(), hf_tokenizer.tokenizer_from_gpt2_files(gpt2_files / "vocab.json",
                                                                   gpt2_files / "merges.txt")):
         d = tmp_path / type(tok).__name__
-        hf.save_gpt2_files(tok, d)
+        hf_tokenizer.save_gpt2_files(tok, d)
         for ref in (transformers.AutoTokenizer.from_pretrained(d), transformers.GPT2Tokenizer.from_pretrained(d)):
             for s in TRICKY + ["<|bos|>[INST] Who? [/INST] Me.<|eos|><|pad|>"]:
                 assert ref(s)["input_ids"] == tok.encode(s, allowed_special="all"), (type(tok).__name__, s)
@@ -564,7 +564,8 @@ def test_crosscheck_saved_tokenizer_loads_in_transformers(tmp_path, gpt2_files, 
 def test_crosscheck_lora_adapter_loads_with_peft(hf_tiny, tmp_path, torch, offline):
     transformers = require("transformers")
     peft = require("peft")
-    from minillm.lora import export_peft, inject_lora, merge_and_unload, trainable_lora_parameters
+    from minillm.hf import export_peft
+    from minillm.lora import inject_lora, merge_and_unload, trainable_lora_parameters
     from minillm.optim import AdamW
 
     d, _ = hf_tiny
@@ -602,11 +603,11 @@ def test_crosscheck_two_merges_making_one_token(tmp_path):
     id, which later merges ("abc d") use. minillm's own layout (merge k = id 256+k) could not hold it."""
     tokenizers = require("tokenizers")
     require("regex")
-    vocab = {c: i for i, c in enumerate(hf.bytes_to_unicode().values())}
+    vocab = {c: i for i, c in enumerate(hf_tokenizer.bytes_to_unicode().values())}
     for t in ("bc", "abc", "ab", "abcd", "Ġabc"):
         vocab[t] = len(vocab)
     merges = [("b", "c"), ("a", "bc"), ("a", "b"), ("ab", "c"), ("abc", "d"), ("Ġ", "abc")]
-    ours = hf.GPT2BPETokenizer(vocab, merges)
+    ours = hf_tokenizer.GPT2BPETokenizer(vocab, merges)
     ref = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, merges))
     ref.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     rng = np.random.default_rng(0)

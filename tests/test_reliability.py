@@ -28,7 +28,8 @@ from safetensors.numpy import save_file
 from minillm import cli
 from minillm.checkpoint import (check_output_dir, clean_stale_temp_files, load_checkpoint, load_model,
                                 save_checkpoint)
-from minillm.data import CollateReport, PreferenceExample, load_dataset
+from minillm.data import CollateReport, PreferenceExample
+from minillm.loaders import load_dataset
 from minillm.model import GPT, GPTConfig
 from minillm.optim import AdamW
 from minillm.train.pretrain import PretrainConfig, pretrain

@@ -162,14 +162,15 @@ def _inline_comments(cls) -> dict[str, str]:
     return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+)\s*:[^=\n]*=[^#\n]*#\s*(.+)$", src, re.M)}
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, skip: tuple = ()) -> None:
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, skip: tuple = (), only: tuple | None = None
+                            ) -> None:
     """One ``--field-name`` option per dataclass field (bools take true/false), each with a
     description (the field's inline comment, else ``OPTION_HELP``), its default and, for numbers,
     the allowed range, checked at parse time (``number_in_range``: NaN, inf and out-of-range values
-    are usage errors naming the option)."""
+    are usage errors naming the option). ``skip``: fields left out; ``only``: just these fields."""
     comments = _inline_comments(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        if f.name in skip or (only is not None and f.name not in only):
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
         flag = "--" + f.name.replace("_", "-")
@@ -290,6 +291,12 @@ def round_floats(d, digits: int, into_lists: bool = True):
     return d
 
 
+def metric_lines(m: dict, keys) -> list[str]:
+    """``"key: value"`` console lines for those of ``keys`` that ``m`` holds, in that order (timings,
+    final losses: the tail of every trainer's summary)."""
+    return [f"{k}: {m[k]}" for k in keys if k in m]
+
+
 def print_run(res, out_dir, summary_lines: Callable[[dict], list]) -> int:
     """What every trainer's CLI prints after a run: its summary lines, the checkpoint (when the run has
     one) and where ``metrics.json`` is. Returns 0 (the command's exit status)."""
@@ -330,7 +337,7 @@ def data_summary(stage: str, report, load_report=None, max_length: int | None = 
     Args:
         stage: the stage name ("sft", "reward", "dpo", ...).
         report: the stage's ``data.CollateReport`` (every truncation and skip is counted there).
-        load_report: the loader's ``data.LoadReport`` (records skipped while reading), or its
+        load_report: the loader's ``loaders.LoadReport`` (records skipped while reading), or its
             ``skipped`` dict ``{reason: count}``, or None.
         max_length: the token limit the data was fitted to (named in the line).
         length_option: what would keep the cut/dropped examples (e.g. ``--max-length``).
@@ -366,6 +373,30 @@ def print_data_summary(stage: str, report, load_report=None, max_length: int | N
     line = data_summary(stage, report, load_report, max_length, length_option)
     print(line, file=file if file is not None else sys.stdout, flush=True)
     return line
+
+
+def render_pair_splits(stage: str, data: str, train_ex, test_ex, tokenizer, max_length: int, info: dict,
+                       default_margin: float | None = None, trainer: str | None = None) -> tuple[list, list, dict]:
+    """The reward model's and DPO's data step: render the train and test preference pairs once
+    (``data.render_preference_pairs``), print what was kept, cut and dropped (``print_data_summary``),
+    and return ``(train_pairs, test_pairs, data metrics)`` (``info`` plus pair counts, skip reasons
+    and the number of truncated pairs). Raises ValueError naming ``data`` (and ``trainer``, default
+    ``stage``) when no train pair is usable."""
+    from minillm.data import CollateReport, render_preference_pairs
+
+    rep_tr, rep_te = CollateReport(), CollateReport()
+    train_pairs = render_preference_pairs(train_ex, tokenizer, max_length, report=rep_tr, default_margin=default_margin)
+    test_pairs = render_preference_pairs(test_ex, tokenizer, max_length, report=rep_te, default_margin=default_margin)
+    length_option = "--max-length up to the model's block_size, or a base model with a longer context"
+    print_data_summary(f"{stage} train", rep_tr, info.get("skipped"), max_length, length_option)
+    if test_ex:
+        print_data_summary(f"{stage} test", rep_te, None, max_length, length_option)
+    if not train_pairs:
+        raise ValueError(f"{trainer or stage} data {data!r}: no usable preference pair "
+                         f"(skipped: {rep_tr.skipped}; pairs read: {rep_tr.n_examples})")
+    return train_pairs, test_pairs, {**info, "n_train_pairs": len(train_pairs), "n_test_pairs": len(test_pairs),
+                                     "skipped_train": rep_tr.skipped, "skipped_test": rep_te.skipped,
+                                     "n_truncated": rep_tr.n_truncated + rep_te.n_truncated}
 
 
 def check_finite(loss, step: int, what: str) -> None:

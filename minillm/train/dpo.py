@@ -64,13 +64,13 @@ import numpy as np
 from minillm import backend
 from minillm import functional as F
 from minillm.checkpoint import load_model, save_checkpoint, write_json_atomic
-from minillm.data import CollateReport, RenderedPair, collate_preference, render_preference_pairs
+from minillm.data import RenderedPair, collate_preference
 from minillm.model import GPT, left_pad
 from minillm.nn import disable_dropout
 from minillm.optim import AdamW, weight_decay_groups
 from minillm.tensor import Tensor, no_grad
-from minillm.train.common import (LoRAConfig, OptimConfig, add_dataclass_arguments, dataclass_from_args, print_run,
-                                  round_floats)
+from minillm.train.common import (LoRAConfig, OptimConfig, add_dataclass_arguments, dataclass_from_args, metric_lines,
+                                  print_run, render_pair_splits, round_floats)
 from minillm.train.loop import index_batches, train_loop
 from minillm.train.reward import load_pairs
 
@@ -370,7 +370,8 @@ def world_eval(model: GPT, tokenizer, cfg: DPOConfig, reference: GPT | None = No
                reward_model: GPT | None = None) -> dict:
     """``policy_eval`` on ``cfg.eval_prompts`` evenly spaced held-out-fact ("test") and train-fact
     ("train") prompts of the built-in world, greedy and sampled at ``cfg.eval_temperature``."""
-    from minillm.tasks import GoldJudge, default_world
+    from minillm.judge import GoldJudge
+    from minillm.tasks import default_world
 
     world = default_world()
     judge = GoldJudge(world)
@@ -401,22 +402,9 @@ def dpo(cfg: DPOConfig) -> DPOResult:
     model.eval()
     max_len = cfg.max_length or model.config.block_size
     train_ex, test_ex, info = load_pairs(cfg.data, cfg.test_data, cfg.test_fraction, cfg.seed, cfg.recipe)
-    rep_tr, rep_te = CollateReport(), CollateReport()
-    train_pairs = render_preference_pairs(train_ex, tok, max_len, report=rep_tr)
-    test_pairs = render_preference_pairs(test_ex, tok, max_len, report=rep_te)
-    from minillm.train.common import print_data_summary  # the one console summary of kept/cut/dropped data
-
-    length_option = "--max-length up to the model's block_size, or a base model with a longer context"
-    print_data_summary("dpo train", rep_tr, info.get("skipped"), max_len, length_option)
-    if test_ex:
-        print_data_summary("dpo test", rep_te, None, max_len, length_option)
-    if not train_pairs:
-        raise ValueError(f"DPO data {cfg.data!r}: no usable preference pair "
-                         f"(skipped: {rep_tr.skipped}; pairs read: {rep_tr.n_examples})")
-    metrics: dict = {"config": asdict(cfg), "data": {**info, "n_train_pairs": len(train_pairs),
-                                                     "n_test_pairs": len(test_pairs), "skipped_train": rep_tr.skipped,
-                                                     "skipped_test": rep_te.skipped,
-                                                     "n_truncated": rep_tr.n_truncated + rep_te.n_truncated}}
+    train_pairs, test_pairs, data_info = render_pair_splits("dpo", cfg.data, train_ex, test_ex, tok, max_len, info,
+                                                            trainer="DPO")
+    metrics: dict = {"config": asdict(cfg), "data": data_info}
     t_ref = time.perf_counter()
     ref_c, ref_r = precompute_ref_logps(model, train_pairs, tok.pad_id, cfg.ref_batch_size)
     test_ref = precompute_ref_logps(model, test_pairs, tok.pad_id, cfg.ref_batch_size)
@@ -492,10 +480,7 @@ def summary_lines(m: dict) -> list[str]:
             b = m.get("before", {}).get(split, {}).get(mode, {})
             parts = [f"{k} {b[k]:.3f}->{a[k]:.3f}" if k in b else f"{k} {a[k]:.3f}" for k in _SHOW if k in a]
             lines.append(f"{split}/{mode}: " + ", ".join(parts))
-    for key in ("ref_seconds", "train_seconds", "seconds"):
-        if key in m:
-            lines.append(f"{key}: {m[key]}")
-    return lines
+    return lines + metric_lines(m, ("ref_seconds", "train_seconds", "seconds"))
 
 
 def add_arguments(parser) -> None:

@@ -91,7 +91,7 @@ from minillm.model import GPT
 from minillm.nn import Linear, disable_dropout
 from minillm.optim import AdamW, weight_decay_groups
 from minillm.tensor import Tensor, no_grad
-from minillm.tasks import OPENER
+from minillm.facts import OPENER
 from minillm.train.common import LoRAConfig, add_dataclass_arguments, dataclass_from_args, print_run, round_floats
 from minillm.train.loop import optimizer_step
 
@@ -835,7 +835,8 @@ def read_prompts(path: str) -> list[str]:
     Raises FileNotFoundError naming the file, the loaders' DataError naming the file, line and field
     of a bad record, and ValueError for a file without prompts.
     """
-    from minillm.data import load_dataset, read_text_file
+    from minillm.loaders import load_dataset
+    from minillm.textfiles import read_text_file
 
     p = Path(path)
     if p.suffix in (".jsonl", ".json"):
@@ -861,7 +862,8 @@ def build_trainer(cfg: PPOConfig):
     tokenizer or the reward model's tokenizer differs from the policy's.
     """
     from minillm.checkpoint import load_model
-    from minillm.tasks import GoldJudge, default_world
+    from minillm.judge import GoldJudge
+    from minillm.tasks import default_world
 
     nodrop = {"dropout": 0.0}
     policy, tok, _ = load_model(cfg.sft, config_overrides=nodrop)

@@ -29,8 +29,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import InitVar, asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -46,20 +47,33 @@ from minillm.train.loop import train_loop
 CHECKPOINT_NAME = "checkpoint.safetensors"
 
 
+#: The GPTConfig fields a pretraining run sets, each a command-line flag (``--n-layer 4``) and a
+#: keyword of ``PretrainConfig`` (``PretrainConfig(n_layer=4)`` sets ``model.n_layer``).
+MODEL_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout")
+
+
 @dataclass
 class PretrainConfig(OptimConfig):
     """Settings of a pretraining run (CLI: ``--max-steps 1200`` etc.): the shared optimizer fields
-    (``OptimConfig``) with pretraining's measured defaults, the model's shape (``model_config``) and
-    the run's own."""
+    (``OptimConfig``) with pretraining's measured defaults, the model's shape ``model`` (a
+    ``GPTConfig``; its ``vocab_size`` is the tokenizer's target size) and the run's own.
+
+    The model's fields are also keywords (``PretrainConfig(n_layer=2)`` = ``model.n_layer = 2``;
+    ``MODEL_FIELDS``) and read back flat (``cfg.n_layer`` is ``cfg.model.n_layer``), so the CLI
+    flags and configs stored flat by earlier versions (a checkpoint's ``pretrain_config``) still
+    work; ``model`` may also be given as a dict (the stored form, ``asdict``). Raises ValueError
+    for an invalid model shape (``GPTConfig``) or run setting.
+    """
 
     corpus: str = "builtin"  # a UTF-8 text file, or "builtin" for the task world's corpus
     out_dir: str = "runs/base"
-    vocab_size: int = 1024
-    block_size: int = 64
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0
+    model: GPTConfig = field(default_factory=GPTConfig)
+    vocab_size: InitVar[int | None] = None
+    block_size: InitVar[int | None] = None
+    n_layer: InitVar[int | None] = None
+    n_head: InitVar[int | None] = None
+    n_embd: InitVar[int | None] = None
+    dropout: InitVar[float | None] = None
     batch_size: int = 16
     max_steps: int = 1200
     lr: float = 4e-3
@@ -77,17 +91,24 @@ class PretrainConfig(OptimConfig):
     continue_training: bool = False  # with resume: continued pretraining (new corpus and schedule allowed)
 
     def model_config(self, vocab_size: int | None = None) -> GPTConfig:
-        """The GPTConfig this run trains (``vocab_size``: the trained tokenizer's, default the field)."""
-        return GPTConfig(vocab_size=vocab_size or self.vocab_size, block_size=self.block_size,
-                         n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout)
+        """The GPTConfig this run trains (``vocab_size``: the trained tokenizer's, default the model's)."""
+        return replace(self.model, vocab_size=vocab_size or self.model.vocab_size)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, vocab_size, block_size, n_layer, n_head, n_embd, dropout) -> None:
         super().__post_init__()
+        if isinstance(self.model, Mapping):  # the stored (asdict) form
+            self.model = GPTConfig.from_dict(self.model)
+        flat = zip(MODEL_FIELDS, (vocab_size, block_size, n_layer, n_head, n_embd, dropout))
+        self.model = replace(self.model, **{k: v for k, v in flat if v is not None})
         if not 0.0 < self.val_fraction < 0.5:
             raise ValueError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
         for name in ("max_steps", "batch_size", "eval_interval", "checkpoint_interval", "eval_windows"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"PretrainConfig.{name} must be ≥ 1, got {getattr(self, name)}")
+
+
+for _name in MODEL_FIELDS:  # read access in the flat form: cfg.n_layer is cfg.model.n_layer
+    setattr(PretrainConfig, _name, property(lambda self, _n=_name: getattr(self.model, _n)))
 
 
 @dataclass
@@ -146,19 +167,19 @@ def pretrain(cfg: PretrainConfig, text: str | None = None, tokenizer_text: str |
     if ck:
         check_resumable(ck, cfg, corpus_sha256, continue_training=cfg.continue_training)
     try:  # the stored tokenizer's pattern must be one minillm writes (tokenizer.check_loaded_pattern)
-        tok = Tokenizer.from_dict(ck.tokenizer) if ck else Tokenizer.train(tokenizer_text or text, cfg.vocab_size)
+        tok = Tokenizer.from_dict(ck.tokenizer) if ck else Tokenizer.train(tokenizer_text or text, cfg.model.vocab_size)
     except ValueError as e:
         if not ck:
             raise
         raise ValueError(f"{ckpt_path}: tokenizer: {e}") from None
 
     data = encode_corpus(text, tok)
-    n_val = max(cfg.block_size + 1, int(len(data) * cfg.val_fraction))
-    if len(data) - n_val <= cfg.block_size:
-        raise ValueError(f"corpus has {len(data)} tokens: too short for block_size={cfg.block_size} "
+    n_val = max(cfg.model.block_size + 1, int(len(data) * cfg.val_fraction))
+    if len(data) - n_val <= cfg.model.block_size:
+        raise ValueError(f"corpus has {len(data)} tokens: too short for block_size={cfg.model.block_size} "
                          f"plus a validation split of {n_val}")
     train_data, val_data = data[:-n_val], data[-n_val:]
-    val_batches = np.array_split(fixed_windows(val_data, cfg.eval_windows, cfg.block_size),
+    val_batches = np.array_split(fixed_windows(val_data, cfg.eval_windows, cfg.model.block_size),
                                  max(1, cfg.eval_windows // cfg.batch_size))
 
     gcfg = cfg.model_config(tok.vocab_size)
@@ -188,7 +209,7 @@ def pretrain(cfg: PretrainConfig, text: str | None = None, tokenizer_text: str |
 
     def windows():  # drawn lazily, one per step, so a checkpoint's RNG state is the state after its step
         while True:
-            yield random_windows(train_data, cfg.batch_size, cfg.block_size, rng)
+            yield random_windows(train_data, cfg.batch_size, cfg.model.block_size, rng)
 
     def loss_fn(batch):  # next-token cross-entropy over every position (nats/token)
         _, loss = model(batch, labels=batch)
@@ -200,7 +221,7 @@ def pretrain(cfg: PretrainConfig, text: str | None = None, tokenizer_text: str |
         if done % cfg.eval_interval == 0 or done == cfg.max_steps:
             vl = mean_loss(model, val_batches)
             result.val_losses.append((done, vl))
-            sample = greedy_sample(model, tok, val_data[: min(8, cfg.block_size // 2)], cfg.sample_tokens)
+            sample = greedy_sample(model, tok, val_data[: min(8, cfg.model.block_size // 2)], cfg.sample_tokens)
             result.samples.append((done, sample))
             if cfg.progress:
                 tqdm.write(f"step {done}: train {record['loss']:.3f}  val {vl:.3f}  sample: {sample!r}")
@@ -233,8 +254,8 @@ def check_resumable(ck, cfg: PretrainConfig, corpus_sha256: str, continue_traini
                          f"cannot be resumed; use --overwrite true or another --out-dir")
     if continue_training:
         return
-    old = st.get("pretrain_config") or {}
-    new = asdict(cfg)
+    old = flat_pretrain_config(st.get("pretrain_config") or {})
+    new = flat_pretrain_config(asdict(cfg))
     diff = {k: (old.get(k), new[k]) for k in new if k not in RESUME_MAY_DIFFER and k in old and old[k] != new[k]}
     if diff:
         raise ValueError(f"{ck.path}: cannot resume with different settings: "
@@ -243,6 +264,14 @@ def check_resumable(ck, cfg: PretrainConfig, corpus_sha256: str, continue_traini
     if st.get("corpus_sha256") not in (None, corpus_sha256):
         raise ValueError(f"{ck.path}: was trained on another corpus (SHA-256 {st['corpus_sha256'][:12]}…, this corpus "
                          f"{corpus_sha256[:12]}…); resuming would mix them (use --overwrite true to start over)")
+
+
+def flat_pretrain_config(d: Mapping) -> dict:
+    """A stored ``pretrain_config`` in the flat form of earlier versions: the ``model`` dict's
+    ``MODEL_FIELDS`` beside the run's fields (a flat dict is returned as is)."""
+    d = dict(d)
+    model = d.pop("model", None) or {}
+    return {**d, **{k: model[k] for k in MODEL_FIELDS if k in model}}
 
 
 def greedy_sample(model: GPT, tok: Tokenizer, prompt_ids, max_new_tokens: int) -> str:
@@ -256,12 +285,17 @@ def greedy_sample(model: GPT, tok: Tokenizer, prompt_ids, max_new_tokens: int) -
 
 
 def add_arguments(parser) -> None:
-    add_dataclass_arguments(parser, PretrainConfig)
+    """``minillm pretrain`` flags: one per PretrainConfig field, the model's as ``--n-layer`` etc. (``MODEL_FIELDS``)."""
+    names = [f.name for f in fields(PretrainConfig)]
+    before = tuple(names[:names.index("model")])  # the model's flags stand where the field does
+    add_dataclass_arguments(parser, PretrainConfig, only=before)
+    add_dataclass_arguments(parser, GPTConfig, only=MODEL_FIELDS)
+    add_dataclass_arguments(parser, PretrainConfig, skip=before + ("model",))
     parser.add_argument("--json", default=None, help="also write the result summary as JSON to this file")
 
 
 def run(args) -> int:
-    cfg = dataclass_from_args(PretrainConfig, args)
+    cfg = dataclass_from_args(PretrainConfig, args, **{k: getattr(args, k) for k in MODEL_FIELDS})
     res = pretrain(cfg)
     summary = {"checkpoint": res.checkpoint, "seconds": round(res.seconds, 1), "n_tokens": res.n_tokens,
                "final_train_loss": res.train_losses[-1] if res.train_losses else None,

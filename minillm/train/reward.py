@@ -28,7 +28,7 @@ Sources
       Eq. 2), accuracy ``mean(r_c > r_r)``; the pooled token of Hugging Face
       ``*ForSequenceClassification`` (rightmost real token).
     * Defaults: docs/task-world.md §5/§7.7 and docs/rlhf-notes.md §2 (B = 32 pairs, warmup 10, cosine, init from
-      SFT; built-in pairs ``tasks.PREFERENCE_RECIPES`` recipe "e"), except steps and lr (below).
+      SFT; built-in pairs ``preferences.PREFERENCE_RECIPES`` recipe "e"), except steps and lr (below).
 
 Deviations
     * The last real token is found from the attention mask, never from the pad id (Hugging Face
@@ -56,12 +56,13 @@ import numpy as np
 from minillm import backend
 from minillm import functional as F
 from minillm.checkpoint import load_model, save_checkpoint, write_json_atomic
-from minillm.data import (CollateReport, RenderedPair, collate, collate_preference, load_dataset, render_chat,
-                          render_preference_pairs)
+from minillm.data import RenderedPair, collate, collate_preference, render_chat
+from minillm.loaders import load_dataset
 from minillm.model import GPT, last_token_index
 from minillm.optim import AdamW, weight_decay_groups
 from minillm.tensor import Tensor, no_grad
-from minillm.train.common import OptimConfig, TrainResult, add_dataclass_arguments, dataclass_from_args, print_run, round_floats
+from minillm.train.common import (OptimConfig, TrainResult, add_dataclass_arguments, dataclass_from_args, metric_lines,
+                                  print_run, render_pair_splits, round_floats)
 from minillm.train.loop import index_batches, train_loop
 
 
@@ -71,7 +72,7 @@ class RewardConfig(OptimConfig):
     fields (``OptimConfig``) with the reward model's measured defaults, and its own.
 
     sft: the SFT checkpoint the RM starts from; data: "builtin" (the task world's pairs of
-    ``recipe``) or a preference file (any shape ``data.load_preference`` reads); test_data: a
+    ``recipe``) or a preference file (any shape ``loaders.load_preference`` reads); test_data: a
     held-out preference file (default: ``test_fraction`` of ``data``, or the world's test pairs);
     margin: constant margin (used when a pair has no ``margin`` field); center_rewards_coefficient:
     c of the centering term (0 = off; TRL's default None, suggested 0.01).
@@ -79,7 +80,7 @@ class RewardConfig(OptimConfig):
 
     sft: str = "runs/sft/checkpoint.safetensors"
     data: str = "builtin"
-    recipe: str = "e"  # built-in pair recipe: a | c | e (tasks.PREFERENCE_RECIPES), or e.g. "e-nocue"
+    recipe: str = "e"  # built-in pair recipe: a | c | e (preferences.PREFERENCE_RECIPES), or e.g. "e-nocue"
     test_data: str = ""
     test_fraction: float = 0.1
     out_dir: str = "runs/reward"
@@ -229,14 +230,15 @@ def split_holdout(items: list, fraction: float, seed: int) -> tuple[list, list]:
 
 
 def builtin_pairs(recipe: str = "e") -> tuple[list[dict], list[dict]]:
-    """The task world's (train, test) preference records of a recipe (tasks.PREFERENCE_RECIPES).
+    """The task world's (train, test) preference records of a recipe (preferences.PREFERENCE_RECIPES).
 
     A ``-nocue`` suffix ("e-nocue") draws the same kinds with the opener on no response and no
     cue-only pairs: the control without the spurious cue. Raises ValueError for an unknown recipe.
     """
     import dataclasses
 
-    from minillm.tasks import PREFERENCE_RECIPES, default_world
+    from minillm.preferences import PREFERENCE_RECIPES
+    from minillm.tasks import default_world
 
     name, _, suffix = recipe.partition("-")
     if name not in PREFERENCE_RECIPES or suffix not in ("", "nocue"):
@@ -368,7 +370,8 @@ def cue_diagnostics(model: GPT, tokenizer, n_prompts: int = 200, seed: int = 0) 
     P(r("Sure! w.") > r("a.")); ``p_correct_beats_wrong`` = P(r("a.") > r("w.")) (no cue);
     ``reward_correct``, ``reward_wrong`` (means).
     """
-    from minillm.tasks import OPENER, default_world
+    from minillm.facts import OPENER
+    from minillm.tasks import default_world
 
     world = default_world()
     recs = {"test": world.sft_test_records(), "train": world.sft_records("plain")}
@@ -407,23 +410,9 @@ def reward(cfg: RewardConfig) -> RewardResult:
         raise ValueError(f"{cfg.sft}: the checkpoint has no tokenizer")
     max_len = cfg.max_length or model.config.block_size
     train_ex, test_ex, info = load_pairs(cfg.data, cfg.test_data, cfg.test_fraction, cfg.seed, cfg.recipe)
-    rep_tr, rep_te = CollateReport(), CollateReport()
-    default_margin = cfg.margin if cfg.margin else None
-    train_pairs = render_preference_pairs(train_ex, tok, max_len, report=rep_tr, default_margin=default_margin)
-    test_pairs = render_preference_pairs(test_ex, tok, max_len, report=rep_te, default_margin=default_margin)
-    from minillm.train.common import print_data_summary  # the one console summary of kept/cut/dropped data
-
-    length_option = "--max-length up to the model's block_size, or a base model with a longer context"
-    print_data_summary("reward train", rep_tr, info.get("skipped"), max_len, length_option)
-    if test_ex:
-        print_data_summary("reward test", rep_te, None, max_len, length_option)
-    if not train_pairs:
-        raise ValueError(f"reward data {cfg.data!r}: no usable preference pair "
-                         f"(skipped: {rep_tr.skipped}; pairs read: {rep_tr.n_examples})")
-    metrics: dict = {"config": asdict(cfg), "data": {**info, "n_train_pairs": len(train_pairs),
-                                                     "n_test_pairs": len(test_pairs),
-                                                     "skipped_train": rep_tr.skipped, "skipped_test": rep_te.skipped,
-                                                     "n_truncated": rep_tr.n_truncated + rep_te.n_truncated}}
+    train_pairs, test_pairs, data_info = render_pair_splits("reward", cfg.data, train_ex, test_ex, tok, max_len, info,
+                                                            default_margin=cfg.margin if cfg.margin else None)
+    metrics: dict = {"config": asdict(cfg), "data": data_info}
     builtin = cfg.data == "builtin"
     if cfg.eval and test_pairs:
         metrics["before"] = {"test": evaluate_pairs(model, test_pairs, tok.pad_id, cfg.eval_batch_size)}
@@ -466,10 +455,7 @@ def summary_lines(m: dict) -> list[str]:
     for split, d in m.get("cue", {}).items():
         lines.append(f"cue ({split} facts): bonus {d['cue_bonus']:+.2f}, P(Sure!+wrong > correct) "
                      f"{d['p_wrong_cue_beats_correct']:.0%}, P(correct > wrong) {d['p_correct_beats_wrong']:.0%}")
-    for key in ("final_loss", "train_seconds", "seconds"):
-        if key in m:
-            lines.append(f"{key}: {m[key]}")
-    return lines
+    return lines + metric_lines(m, ("final_loss", "train_seconds", "seconds"))
 
 
 def add_arguments(parser) -> None:

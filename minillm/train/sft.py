@@ -34,11 +34,12 @@ from pathlib import Path
 import numpy as np
 
 from minillm.checkpoint import load_model, save_checkpoint, write_json_atomic, write_text_atomic
-from minillm.data import CollateReport, SFTExample, collate, load_dataset, tokenize_sft
+from minillm.data import CollateReport, SFTExample, collate, tokenize_sft
+from minillm.loaders import load_dataset
 from minillm.model import IGNORE_INDEX, GPT
 from minillm.optim import AdamW, weight_decay_groups
 from minillm.train.common import (LoRAConfig, OptimConfig, TrainResult, add_dataclass_arguments, dataclass_from_args,
-                                  fixed_windows, mean_loss, print_data_summary)
+                                  fixed_windows, mean_loss, metric_lines, print_data_summary)
 from minillm.train.loop import index_batches, train_loop
 
 
@@ -192,7 +193,8 @@ def corpus_loss(model: GPT, tok, n_windows: int = 64) -> float:
 def world_eval(model: GPT, tok, cfg: SFTConfig, k_shot: int = 0, splits=("test", "paraphrase", "train")) -> dict:
     """Evaluate on the built-in world's held-out facts (and paraphrases / train facts)."""
     from minillm.evaluate import evaluate_world
-    from minillm.tasks import GoldJudge, default_world
+    from minillm.judge import GoldJudge
+    from minillm.tasks import default_world
 
     world = default_world()
     judge = GoldJudge(world)
@@ -279,9 +281,7 @@ def summary_lines(m: dict) -> list[str]:
             tasks = ", ".join(f"{t} {v['exact_match']:.0%}" for t, v in d.get("per_task", {}).items())
             lines.append(f"{key:15s} EM {d['exact_match']:6.1%}  contains {d['contains']:6.1%}  "
                          f"format {d['format_compliance']:6.1%}  gold {d['gold']:+.3f}  [{tasks}]")
-    for key in ("corpus_loss_before", "corpus_loss_after", "final_loss", "train_seconds", "parameters"):
-        if key in m:
-            lines.append(f"{key}: {m[key]}")
+    lines += metric_lines(m, ("corpus_loss_before", "corpus_loss_after", "final_loss", "train_seconds", "parameters"))
     if "total" in m.get("memory_estimate", {}):
         lines.append(f"memory estimate: {m['memory_estimate']['total'] / 1e6:.1f} MB in all (weights "
                      f"{m['memory_estimate']['weights'] / 1e6:.1f} MB, optimizer states "
