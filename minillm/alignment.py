@@ -209,7 +209,7 @@ def refusal_pair_files(out_dir, n_unanswerable: int = 600, n_overcautious: int =
     know." rejections on answerable prompts would be helpfulness pairs already) plus a cautious rater's
     ``tasks.TaskWorld.refusal_pair_records`` (``n_unanswerable`` refusals of fictional entities,
     ``n_overcautious`` refusals of answerable questions); ``cautious_helpful.jsonl``: the same plus
-    ``n_helpful`` helpfulness pairs (the correct answer over ``tasks.REFUSAL``). Measured with DPO
+    ``n_helpful`` helpfulness pairs (the correct answer over ``facts.REFUSAL``). Measured with DPO
     from the noisy SFT model (greedy, issue 14): 600 helpfulness pairs cut refusal attempts on
     answerable questions from 17.5 % to 9.5 % and kept 65 % on unanswerable ones (72.5 % without);
     1200 removed refusals everywhere (0 % and 0 %).
@@ -236,7 +236,7 @@ def refusal_pair_files(out_dir, n_unanswerable: int = 600, n_overcautious: int =
 
 
 def refusal_rates(model, tokenizer, n_answerable: int = 200, temperature: float = 0.0, seed: int = 0) -> dict:
-    """Refusal rate (``tasks.is_refusal``) and gold on answerable held-out-fact prompts (over-refusal),
+    """Refusal rate (``facts.is_refusal``) and gold on answerable held-out-fact prompts (over-refusal),
     on unanswerable prompts about held-out fictional entities (correct refusal) and on the fictional
     entities of the cautious rater's pairs ("unanswerable_train"). Greedy by default.
     ``refusal_attempt_rate`` counts responses that start declining ("I don", "I do not"), even

@@ -563,7 +563,7 @@ def write(ctx: Context) -> Path:
         plots.append(str(report.plot_dpo(ctx.summaries["dpo"]["history"], ctx.dir / "dpo.png")))
     stages = "\n".join(["## Stages", ""] + [f"- {one_line(k, v)}" for k, v in ctx.summaries.items()])
     note = ("Times are wall-clock seconds on this machine. Exact-match, format and gold are measured on held-out "
-            "facts (never in SFT data) and judged by tasks.GoldJudge: greedy answers for the SFT rows and DPO, "
+            "facts (never in SFT data) and judged by judge.GoldJudge: greedy answers for the SFT rows and DPO, "
             "one sample at T = 0.7 per prompt for best-of-n and PPO (their KL is the summed log-ratio to the "
             "SFT model on those samples). The GRPO row is another task: 2-digit addition, its exact-match the "
             "greedy accuracy on held-out problems, pass@k from G samples at T = 1.")

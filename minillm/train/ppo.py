@@ -594,7 +594,7 @@ class PPOTrainer:
         reward_fn: ``Rollout -> (B,) raw scores`` (``GoldReward``, ``ModelReward`` or any callable).
         cfg: PPOConfig (only the algorithm fields are read here).
         tokenizer: decodes responses (needed by the gold reward and the text metrics); may be None.
-        judge: a ``tasks.GoldJudge`` for the gold/correct/opener metrics (None: not logged).
+        judge: a ``judge.GoldJudge`` for the gold/correct/opener metrics (None: not logged).
         value_model: a GPT with a scalar head (``cfg.value_model == "reward_model"``); otherwise a
             zero-initialised value head on the policy trunk is created.
         eos_id, pad_id: default to the tokenizer's.
@@ -826,7 +826,7 @@ def world_prompts() -> tuple[list[str], dict]:
 
 
 def read_prompts(path: str) -> list[str]:
-    """Prompts from a file, through the project's loaders (``data.load_dataset(kind="prompt")``): any
+    """Prompts from a file, through the project's loaders (``loaders.load_dataset(kind="prompt")``): any
     JSON/JSONL format they read — TRL's prompt-only ``{"prompt"}``, Alpaca ``{"instruction"}``, chat
     and preference files (HH-RLHF transcripts, ShareGPT, OpenAI messages) — gives the last user turn
     of each prompt (PPO here renders single-turn prompts); any other file is plain UTF-8 text, one
