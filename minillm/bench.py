@@ -437,8 +437,6 @@ def bench_quant(repeats: int = 5, n: int = 4096, seed: int = 0) -> dict:
 
     Shapes: a (n, n) float32 weight (64 MiB for n = 4096); Linear forward on x (16, n).
     """
-    import time
-
     from minillm import kernels
     from minillm.linear4bit import Linear4bit
     from minillm.nn import Linear

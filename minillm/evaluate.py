@@ -254,7 +254,7 @@ def sample_diversity(model: GPT, tokenizer, questions: Sequence[str], n: int = 8
     Raises:
         ValueError: n < 2 or temperature ≤ 0.
     """
-    from minillm.train.ppo import token_entropy
+    from minillm.train.ppo_objective import token_entropy
 
     if n < 2:
         raise ValueError(f"sample_diversity: n must be ≥ 2, got {n}")

@@ -292,7 +292,7 @@ def lora_target_layers(model: Module, target_modules=DEFAULT_TARGET_MODULES, r: 
     if target_modules == "all-linear":
         chosen = [(n, m) for n, m in linear if n.split(".")[-1] not in HEAD_NAMES]
     else:
-        chosen = [(n, m) for n, m in linear if _target_matches(n, target_modules)]
+        chosen = [(n, m) for n, m in linear if target_matches(n, target_modules)]
     if not chosen:
         raise ValueError(f"inject_lora: target_modules {target_modules!r} matched no linear layer; "
                          f"the model's linear layers are {[n for n, _ in linear]}")

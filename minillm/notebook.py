@@ -314,7 +314,7 @@ def _cpp_source(path: str, name: str) -> tuple[str, str, int, str]:
 
 def show(fn, name: str | None = None) -> None:
     """Show the source of ``fn`` (a function, method or class of minillm) with its file and first line,
-    e.g. ``minillm/train/ppo.py:239``: in Jupyter as a Markdown code block (``IPython.display``), elsewhere
+    e.g. ``minillm/train/ppo_objective.py:169``: in Jupyter as a Markdown code block (``IPython.display``), elsewhere
     printed. ``show("csrc/nf4_cuda.cu", "gemv_v1")`` shows a C++/CUDA function of the repository instead.
     The notebooks call it right after an equation, so the code that implements it is on the page.
 
@@ -697,7 +697,7 @@ def _ex_08_2(fn: Callable) -> str:
 
 def _ex_09_1(fn: Callable) -> str:
     """fn(logprobs (B, N), ref_logprobs (B, N), mask (B, N), scores (B,), beta) -> per-token rewards (B, N)."""
-    from minillm.train.ppo import per_token_rewards
+    from minillm.train.ppo_objective import per_token_rewards
 
     rng = np.random.default_rng(9)
     lp, ref = -rng.random((3, 5)).astype(np.float32) * 3, -rng.random((3, 5)).astype(np.float32) * 3
@@ -706,12 +706,12 @@ def _ex_09_1(fn: Callable) -> str:
     for beta in (0.0, 0.1):
         want, _ = per_token_rewards(lp, ref, mask, scores, beta)
         _close(f"rewards (beta={beta})", fn(lp.copy(), ref.copy(), mask.copy(), scores.copy(), beta), want, atol=1e-5)
-    return "matches train.ppo.per_token_rewards (k1) for beta 0 and 0.1, the score on each row's last real token"
+    return "matches train.ppo_objective.per_token_rewards (k1) for beta 0 and 0.1, the score on each row's last real token"
 
 
 def _ex_09_2(fn: Callable) -> str:
     """fn(rewards (N,), values (N,), gamma, lam) -> GAE advantages (N,)."""
-    from minillm.train.ppo import compute_gae
+    from minillm.train.ppo_objective import compute_gae
 
     rng = np.random.default_rng(10)
     cases = [(np.array([0.0, 0.0, 1.0]), np.array([0.5, 0.5, 0.5]), 1.0, 0.95),
@@ -719,12 +719,12 @@ def _ex_09_2(fn: Callable) -> str:
     for r, v, g, lam in cases:
         _close(f"advantages (gamma={g}, lam={lam})", fn(r.copy(), v.copy(), g, lam), compute_gae(r, v, None, g, lam)[0],
                atol=1e-9)
-    return "matches train.ppo.compute_gae (the worked example of docs/reference.md §6: A = [0.45125, 0.475, 0.5])"
+    return "matches train.ppo_objective.compute_gae (the worked example of docs/reference.md §6: A = [0.45125, 0.475, 0.5])"
 
 
 def _ex_09_3(fn: Callable) -> str:
     """fn(new_logprobs, old_logprobs, advantages, mask (B, N), cliprange) -> clipped surrogate loss (float)."""
-    from minillm.train.ppo import ppo_policy_loss
+    from minillm.train.ppo_objective import ppo_policy_loss
 
     rng = np.random.default_rng(11)
     old = -rng.random((4, 6)) * 2
@@ -733,7 +733,7 @@ def _ex_09_3(fn: Callable) -> str:
     mask = (np.arange(6)[None, :] < np.array([[6], [3], [1], [5]])).astype(np.float64)
     want = float(ppo_policy_loss(new, old, adv, mask, 0.2)[0].item())
     _close("clipped surrogate loss", float(fn(new.copy(), old.copy(), adv.copy(), mask.copy(), 0.2)), want, atol=1e-6)
-    return "matches train.ppo.ppo_policy_loss (masked mean of max(-A*ratio, -A*clip(ratio)))"
+    return "matches train.ppo_objective.ppo_policy_loss (masked mean of max(-A*ratio, -A*clip(ratio)))"
 
 
 def _ex_10_1(fn: Callable) -> str:

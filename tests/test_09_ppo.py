@@ -13,9 +13,11 @@ import pytest
 from minillm import functional as F
 from minillm.model import GPT, GPTConfig, sample_next
 from minillm.tensor import Tensor
-from minillm.train.ppo import (AdaptiveKLController, FixedKLController, PPOConfig, PPOTrainer, compute_gae,
-                               kl_per_token, masked_mean, masked_var, masked_whiten, per_token_rewards,
-                               policy_forward, ppo_policy_loss, ppo_value_loss, read_prompts, sample_rollout)
+from minillm.train.ppo import PPOConfig, PPOTrainer, read_prompts
+from minillm.train.ppo_objective import (AdaptiveKLController, FixedKLController, compute_gae, kl_per_token,
+                                         masked_mean, masked_var, masked_whiten, per_token_rewards, ppo_policy_loss,
+                                         ppo_value_loss)
+from minillm.train.rollout import policy_forward, sample_rollout
 
 
 # ------------------------------------------------------------------------------------------ GAE
@@ -392,7 +394,7 @@ def test_evaluation_kl_and_ppo_training_use_the_same_logprobs():
     """Chapter 09's PPO (policy_forward) and chapter 10's reported KL (evaluate.response_logprobs /
     sequence_kl) read one function, GPT.response_logprobs: the numbers are identical, at T = 0.7 too."""
     from minillm.evaluate import response_logprobs, sequence_kl
-    from minillm.train.ppo import policy_forward
+    from minillm.train.rollout import policy_forward
 
     rng = np.random.default_rng(0)
     pol = GPT(GPTConfig(vocab_size=40, block_size=16, n_layer=1, n_head=2, n_embd=16), seed=1)

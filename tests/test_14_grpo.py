@@ -20,7 +20,7 @@ from minillm.tasks import (AdditionConfig, AdditionTask, addition_accuracy_rewar
 from minillm.tensor import Tensor
 from minillm.train.grpo import (GRPOConfig, GRPOTrainer, addition_sft_start, group_advantages, grpo, grpo_loss,
                                 pass_at_k)
-from minillm.train.ppo import kl_per_token
+from minillm.train.ppo_objective import kl_per_token
 
 
 # ------------------------------------------------------------------------------------ the task

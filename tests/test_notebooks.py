@@ -138,12 +138,12 @@ def test_claim_parser_and_ranges(capsys):
 
 
 def test_show_prints_source_with_file_and_line(capsys):
-    from minillm.train.ppo import per_token_rewards
+    from minillm.train.ppo_objective import per_token_rewards
 
     nb.show(per_token_rewards)
     out = capsys.readouterr().out
     first = per_token_rewards.__code__.co_firstlineno
-    assert out.splitlines()[0] == f"minillm.train.ppo.per_token_rewards  (minillm/train/ppo.py:{first})"
+    assert out.splitlines()[0] == f"minillm.train.ppo_objective.per_token_rewards  (minillm/train/ppo_objective.py:{first})"
     assert "def per_token_rewards(" in out and "return" in out
     with pytest.raises(TypeError, match="no Python source"):
         nb.show(len)

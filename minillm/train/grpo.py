@@ -87,8 +87,9 @@ from minillm.optim import AdamW
 from minillm.tensor import Tensor, no_grad
 from minillm.train.common import add_dataclass_arguments, check_finite, dataclass_from_args, print_run, round_floats
 from minillm.train.loop import optimizer_step
-from minillm.train.ppo import (Rollout, _as_float_tensor, _evenly, policy_forward,
-                               reference_logprobs, sample_rollout, token_entropy)
+from minillm.train.ppo import _evenly
+from minillm.train.ppo_objective import _as_float_tensor, token_entropy
+from minillm.train.rollout import Rollout, policy_forward, reference_logprobs, sample_rollout
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
