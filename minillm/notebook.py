@@ -409,7 +409,7 @@ def sft_run(name: str, **config) -> dict:
 def grpo_run(name: str, sft_seed: int = 0, sft_steps: int = 1000, **config) -> dict:
     """A GRPO run of ``train.grpo.grpo`` on the addition task, itself cached (chapter 14).
 
-    The SFT start (``grpo.addition_sft_start`` with seed ``sft_seed`` and ``sft_steps`` steps) is made
+    The SFT start (``verifiable.sft_start`` with seed ``sft_seed`` and ``sft_steps`` steps) is made
     once and kept in ``<repo>/runs/cache/notebooks/14-sft/``; the run lives in
     ``<repo>/runs/cache/notebooks/<name>/`` and is reused while its config is unchanged.
     ``config``: ``GRPOConfig`` fields (``sft``, ``sft_steps``, ``out_dir`` and ``progress`` are set
