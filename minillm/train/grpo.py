@@ -529,15 +529,17 @@ class GRPOTrainer:
     def evaluate(self, prompts: Sequence[str], num_generations: int, seed: int = 1234, batch_prompts: int = 32) -> dict:
         """pass@1 and pass@G (G = ``num_generations`` samples per prompt at the training temperature,
         unbiased estimator) and greedy accuracy on ``prompts``; fixed seed, the training rng untouched.
-        Returns {"pass@1", "pass@G", "greedy", "G", "n", "mean_length"}."""
+        Returns {"pass@1", "pass@G", "greedy", "G", "n", "mean_length", "mean_length_correct",
+        "mean_length_wrong"} (lengths in tokens incl. ``<|eos|>``, of the sampled completions; None without any)."""
         rng = np.random.default_rng(seed)
         G = int(num_generations)
-        p1, pg, greedy, lengths = [], [], [], []
+        p1, pg, greedy, lengths, oks = [], [], [], [], []
         for s in range(0, len(prompts), batch_prompts):
             chunk = list(prompts[s:s + batch_prompts])
             r = self.sample_groups(chunk, G, rng)
             ok = np.asarray(self._correct(r.prompts, r.texts, r.finished)).reshape(len(chunk), G)
             lengths.append(r.response_mask.sum(axis=1))
+            oks.append(ok.reshape(-1))
             for row in ok:
                 c = int(row.sum())
                 p1.append(pass_at_k(G, c, 1))
@@ -550,8 +552,11 @@ class GRPOTrainer:
                 toks = [int(t) for t in g.new_tokens[row, :n]]
                 texts.append(self.tokenizer.decode(toks[:-1] if g.finished[row] else toks))
             greedy.extend(self._correct(chunk, texts, g.finished))
+        n_tok, ok = np.concatenate(lengths), np.concatenate(oks)
         return {"pass@1": float(np.mean(p1)), "pass@G": float(np.mean(pg)), "greedy": float(np.mean(greedy)),
-                "G": G, "n": len(prompts), "mean_length": float(np.concatenate(lengths).mean())}
+                "G": G, "n": len(prompts), "mean_length": float(n_tok.mean()),
+                "mean_length_correct": float(n_tok[ok].mean()) if ok.any() else None,
+                "mean_length_wrong": float(n_tok[~ok].mean()) if (~ok).any() else None}
 
     def _correct(self, prompts, texts, ended) -> list[bool]:
         v = self.correct_func(prompts=list(prompts), completions=list(texts), ended=[bool(e) for e in ended])
