@@ -802,11 +802,11 @@ def _ex_14_1(fn: Callable) -> str:
 
 def _ex_14_2(fn: Callable) -> str:
     """fn(n, c, k) -> unbiased pass@k (float)."""
-    from minillm.train.grpo import pass_at_k
+    from minillm.verifiable import pass_at_k
 
     for n, c, k in ((8, 2, 1), (8, 2, 4), (8, 2, 8), (8, 0, 3), (10, 7, 4), (16, 1, 5)):
         _close(f"pass@{k} with n={n}, c={c}", float(fn(n, c, k)), pass_at_k(n, c, k), atol=1e-9)
-    return "matches train.grpo.pass_at_k in 6 cases (e.g. pass@4 = 0.7857 for n = 8, c = 2)"
+    return "matches verifiable.pass_at_k in 6 cases (e.g. pass@4 = 0.7857 for n = 8, c = 2)"
 
 
 EXERCISES: dict[str, Callable] = {

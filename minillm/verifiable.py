@@ -8,9 +8,11 @@ Scope
     * ``AdditionTask`` -- both operands have exactly ``n_digits`` digits (2: "47 + 38"), every
       problem enumerated; the answers are 2 or 3 digits, so a completion's length hardly varies.
     * ``MixedAdditionTask`` -- each operand has 1 to ``max_digits`` digits (uniform), sampled; the
-      sums have 1 to ``max_digits`` + 1 digits, so completions vary in length (4 to 9 tokens for
-      5 digits): the task on which the length bias of ``loss_type="grpo"`` (Liu et al. 2025) can
-      show at all.
+      sums have 1 to ``max_digits`` + 1 digits, so completions vary in length (4 to 6 tokens for
+      2 digits, 4 to 9 for 5): the task on which the length bias of ``loss_type="grpo"`` (Liu et
+      al. 2025) can show at all. Measured: the 1,000-step start solves the 2-digit version
+      sometimes (pass@1 0.09, pass@8 0.5), the 3- and 5-digit versions almost never (pass@1 0.007,
+      0.003), which leaves GRPO no signal.
     * ``addition_accuracy_reward`` / ``addition_format_reward`` -- TRL-signature reward functions
       for both tasks (the same question form); ``weighted_rewards`` sums several with weights and
       checks what they return; ``pass_at_k`` scores G samples of a problem. ``make_task`` builds a task by name;
@@ -135,7 +137,7 @@ class MixedAdditionConfig:
     train. seed: the draw's seed. Raises ValueError for max_digits outside 1..6 or n_test / n_train < 1.
     """
 
-    max_digits: int = 5
+    max_digits: int = 2
     n_train: int = 20000
     n_test: int = 1000
     seed: int = 0
