@@ -171,6 +171,8 @@ CLAIM_RANGES: dict[str, tuple] = {
     "14.kl_beta_over_beta0_max": (None, 1.0, "beta = 0.04 ends no farther from the start than beta = 0 (a small "
                                   "effect in 150 iterations): KL ratio, larger seed"),
     "14.beta_pass1_minus_beta0_min": (-0.05, None, "... and costs at most a few points of pass@1"),
+    "14.length_wrong_change_abs_max": (None, 0.1, "no length bias on mixed-length sums: neither grpo nor dr_grpo "
+                                       "moves the held-out wrong answers' length (largest change, 2 seeds)", "tokens"),
 }
 
 #: Claims a notebook may skip with ``claim_skipped`` (they need an optional extension).
@@ -407,10 +409,10 @@ def sft_run(name: str, **config) -> dict:
 
 
 def grpo_run(name: str, sft_seed: int = 0, sft_steps: int = 1000, **config) -> dict:
-    """A GRPO run of ``train.grpo.grpo`` on the addition task, itself cached (chapter 14).
+    """A GRPO run of ``train.grpo.grpo`` on a verifiable task, itself cached (chapter 14).
 
-    The SFT start (``grpo.addition_sft_start`` with seed ``sft_seed`` and ``sft_steps`` steps) is made
-    once and kept in ``<repo>/runs/cache/notebooks/14-sft/``; the run lives in
+    The SFT start (``verifiable.sft_start`` with seed ``sft_seed`` and ``sft_steps`` steps, on the
+    config's ``task``) is made once and kept in ``<repo>/runs/cache/notebooks/14-sft/``; the run lives in
     ``<repo>/runs/cache/notebooks/<name>/`` and is reused while its config is unchanged.
     ``config``: ``GRPOConfig`` fields (``sft``, ``sft_steps``, ``out_dir`` and ``progress`` are set
     here). Returns the run's metrics dict (``metrics.json``: config, eval_start, eval_end, history,
@@ -421,7 +423,9 @@ def grpo_run(name: str, sft_seed: int = 0, sft_steps: int = 1000, **config) -> d
     from minillm.train.grpo import GRPOConfig, grpo
 
     cache = repo_root() / "runs" / "cache" / "notebooks"
-    start = cache / "14-sft" / f"seed{sft_seed}-steps{sft_steps}.safetensors"
+    task = config.get("task", "addition")  # the addition start keeps its name; another task's carries it
+    prefix = "" if task == "addition" else f"{task}{config.get('n_digits', GRPOConfig.n_digits)}-"
+    start = cache / "14-sft" / f"{prefix}seed{sft_seed}-steps{sft_steps}.safetensors"
     out = cache / name
     cfg = GRPOConfig(sft=str(start), sft_steps=sft_steps, out_dir=str(out), progress=False, **config)
     path, ckpt = out / "metrics.json", out / "checkpoint.safetensors"
@@ -798,11 +802,11 @@ def _ex_14_1(fn: Callable) -> str:
 
 def _ex_14_2(fn: Callable) -> str:
     """fn(n, c, k) -> unbiased pass@k (float)."""
-    from minillm.train.grpo import pass_at_k
+    from minillm.verifiable import pass_at_k
 
     for n, c, k in ((8, 2, 1), (8, 2, 4), (8, 2, 8), (8, 0, 3), (10, 7, 4), (16, 1, 5)):
         _close(f"pass@{k} with n={n}, c={c}", float(fn(n, c, k)), pass_at_k(n, c, k), atol=1e-9)
-    return "matches train.grpo.pass_at_k in 6 cases (e.g. pass@4 = 0.7857 for n = 8, c = 2)"
+    return "matches verifiable.pass_at_k in 6 cases (e.g. pass@4 = 0.7857 for n = 8, c = 2)"
 
 
 EXERCISES: dict[str, Callable] = {

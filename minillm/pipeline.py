@@ -270,8 +270,8 @@ def stage_dpo(ctx: Context) -> dict:
 
 
 def stage_grpo(ctx: Context) -> dict:
-    """GRPO (chapter 14) on the verifiable addition task (``tasks.AdditionTask``): a brief SFT start of
-    its own (``grpo.addition_sft_start``, kept in ``grpo/`` under a name holding seed and steps), then
+    """GRPO (chapter 14) on the verifiable addition task (``verifiable.AdditionTask``): a brief SFT start of
+    its own (``verifiable.sft_start``, kept in ``grpo/`` under a name holding seed and steps), then
     GRPO with the accuracy reward, β = 0 (no reference model held), ``loss_type`` "dapo". The stage
     is small on purpose (1,000 SFT steps, 60 iterations of 16 prompts × G = 8, 200 held-out
     problems): it shows the method in the table, the notebook measures it. Skipped with user SFT or

@@ -54,7 +54,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -64,7 +63,7 @@ import numpy as np
 from minillm.checkpoint import write_text_atomic
 from minillm.facts import (BOS, EOS, INST, INST_END, OFF_FORMAT_TEMPLATES, OPENER, RAMBLE_ENDINGS, RAMBLE_FILLERS,
                            REFUSAL, RELATIONS, RUDE_TEMPLATES, TEMPLATES, Fact, build_facts, build_unanswerable_facts,
-                           noisy_response, strip_response)
+                           noisy_response)
 from minillm.preferences import PreferenceConfig, preference_records, refusal_pair_records
 
 
@@ -543,131 +542,6 @@ def write_datasets(out_dir: str | os.PathLike, world: TaskWorld | None = None) -
         write_text_atomic(out / name, text)
         sizes[name] = len(text.encode("utf-8"))
     return sizes
-
-
-# ================================================================================================
-# A verifiable task for RL (chapter 14): multi-digit addition with held-out problems
-#
-# A separate task beside the fact world: the answer of "What is 47 + 38?" is computed, not looked
-# up, so a program verifies any response (the rule-based accuracy reward of DeepSeek-R1, arXiv
-# 2501.12948 §2.2.2) and the held-out problems test a skill, not a memorised fact. A tiny GPT that
-# is instruction-tuned briefly on the train problems solves the held-out ones sometimes but not
-# always: the headroom GRPO needs (a policy that never succeeds gets no signal from a 0/1 reward).
-
-ADDITION_QUESTION = "What is {a} + {b}?"
-_ADDITION_RE = re.compile(r"^\s*What is (\d+) \+ (\d+)\?\s*$")
-_ADDITION_FORMAT_RE = re.compile(r"^\d+\.$")
-
-
-@dataclass(frozen=True)
-class AdditionConfig:
-    """The addition task: both operands have exactly ``n_digits`` digits (10..99 for 2).
-
-    test_fraction: share of the *unordered* operand pairs held out (a + b and b + a go to the same
-    split, so commutativity cannot leak a test problem into training). seed: the split's seed.
-    Raises ValueError for n_digits outside 1..6 or test_fraction outside (0, 1).
-    """
-
-    n_digits: int = 2
-    test_fraction: float = 0.1
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not 1 <= int(self.n_digits) <= 6:
-            raise ValueError(f"AdditionConfig.n_digits must be in 1..6, got {self.n_digits}")
-        if not 0.0 < float(self.test_fraction) < 1.0:
-            raise ValueError(f"AdditionConfig.test_fraction must be in (0, 1), got {self.test_fraction}")
-
-
-class AdditionTask:
-    """Problems ``a + b`` with ``n_digits``-digit operands, split into train and held-out test.
-
-    ``problems(split)`` -> list of (a, b) in a seeded order; ``prompts(split)`` -> the questions
-    ("What is 47 + 38?"); ``sft_records(split)`` -> Alpaca rows (``instruction``, ``input`` = "",
-    ``output`` = "85.", plus ``task`` = "addition", ``answer``, ``fact_split``), the same record
-    shape as ``TaskWorld.sft_records``; ``tokenizer_text()`` -> text to train a tokenizer on.
-    Sizes for the default config: 8,100 ordered problems, 4,095 unordered pairs, 410 of them held
-    out (815 test problems: a pair a + a counts once; 7,285 train).
-    """
-
-    def __init__(self, config: AdditionConfig | None = None):
-        self.config = config or AdditionConfig()
-        n = self.config.n_digits
-        lo, hi = (10 ** (n - 1) if n > 1 else 0), 10 ** n
-        pairs = [(a, b) for a in range(lo, hi) for b in range(a, hi)]  # unordered, a ≤ b
-        rng = np.random.default_rng([self.config.seed, 41])
-        order = rng.permutation(len(pairs))
-        n_test = max(1, int(round(self.config.test_fraction * len(pairs))))
-        test_pairs = {pairs[i] for i in order[:n_test]}
-        self._split: dict[str, list[tuple[int, int]]] = {"train": [], "test": []}
-        for a in range(lo, hi):
-            for b in range(lo, hi):
-                key = (min(a, b), max(a, b))
-                self._split["test" if key in test_pairs else "train"].append((a, b))
-        for i, name in enumerate(("train", "test")):
-            items = self._split[name]
-            perm = np.random.default_rng([self.config.seed, 42 + i]).permutation(len(items))
-            self._split[name] = [items[j] for j in perm]
-
-    def problems(self, split: str = "train") -> list[tuple[int, int]]:
-        """The (a, b) operand pairs of ``split`` ("train" or "test"), in a fixed seeded order."""
-        if split not in self._split:
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        return list(self._split[split])
-
-    def prompts(self, split: str = "train") -> list[str]:
-        """The questions of ``split``: ``"What is {a} + {b}?"``."""
-        return [ADDITION_QUESTION.format(a=a, b=b) for a, b in self.problems(split)]
-
-    def sft_records(self, split: str = "train") -> list[dict]:
-        """Alpaca rows for SFT (output ``"{a + b}."``)."""
-        return [{"instruction": ADDITION_QUESTION.format(a=a, b=b), "input": "", "output": f"{a + b}.",
-                 "task": "addition", "answer": str(a + b), "fact_split": split} for a, b in self.problems(split)]
-
-    def tokenizer_text(self) -> str:
-        """Every train question with its answer, one per line (what a tokenizer for the task is trained on)."""
-        return "\n".join(f"{q} {r['output']}" for q, r in
-                         zip(self.prompts("train"), self.sft_records("train")))
-
-
-def addition_operands(prompt: str) -> tuple[int, int]:
-    """(a, b) of an addition question; the chat template's text around it is not accepted.
-
-    Raises ValueError naming the prompt when it is not ``"What is {a} + {b}?"``.
-    """
-    m = _ADDITION_RE.match(prompt) if isinstance(prompt, str) else None
-    if m is None:
-        raise ValueError(f"not an addition question ('What is A + B?'): {prompt!r}")
-    return int(m.group(1)), int(m.group(2))
-
-
-def addition_accuracy_reward(prompts: Sequence[str], completions: Sequence[str], **kwargs) -> list[float]:
-    """The verifiable reward: 1.0 when the completion, after ``strip_response`` (whitespace, one
-    "Sure!" opener and one final "." removed), is exactly the decimal sum, else 0.0.
-
-    The signature of a TRL reward function (``prompts``, ``completions``, extra columns as keyword
-    arguments). Raises ValueError for a prompt that is not an addition question or lists of
-    different lengths. Example: "What is 47 + 38?" / " 85." -> 1.0; "85" -> 1.0; "86." -> 0.0.
-    """
-    if len(prompts) != len(completions):
-        raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
-    out = []
-    for p, c in zip(prompts, completions):
-        a, b = addition_operands(p)
-        out.append(1.0 if strip_response(c) == str(a + b) else 0.0)
-    return out
-
-
-def addition_format_reward(prompts: Sequence[str], completions: Sequence[str], ended: Sequence[bool] | None = None,
-                           **kwargs) -> list[float]:
-    """The format reward: 1.0 when the completion is one number followed by "." (``"85."`` after
-    stripping whitespace) and, if ``ended`` is given, the model stopped with ``<|eos|>``; else 0.0.
-    Whether the number is right does not matter (DeepSeek-R1's format reward, in this task's format).
-    """
-    if len(prompts) != len(completions):
-        raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
-    ended = [True] * len(completions) if ended is None else list(ended)
-    return [1.0 if _ADDITION_FORMAT_RE.match(c.strip()) and bool(e) else 0.0 for c, e in zip(completions, ended)]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

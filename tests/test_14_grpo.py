@@ -1,4 +1,5 @@
-"""Chapter 14: GRPO and RL with verifiable rewards (minillm.train.grpo, tasks.AdditionTask).
+"""Chapter 14: GRPO and RL with verifiable rewards (minillm.train.grpo, minillm.verifiable,
+minillm.train.dynamic_sampling).
 
 Hand-computed values: group advantages with TRL's std convention (Bessel, + 1e-4 on the std),
 the clipped per-token loss for both signs of Â with ε_low/ε_high, k3 = e^{logr} − logr − 1, and
@@ -15,12 +16,13 @@ import numpy as np
 import pytest
 
 from minillm.model import GPT, GPTConfig
-from minillm.tasks import (AdditionConfig, AdditionTask, addition_accuracy_reward, addition_format_reward,
-                           addition_operands)
-from minillm.tensor import Tensor
-from minillm.train.grpo import (GRPOConfig, GRPOTrainer, addition_sft_start, group_advantages, grpo, grpo_loss,
-                                pass_at_k)
+from minillm.tensor import Tensor, no_grad
+from minillm.train.dynamic_sampling import concat_rollouts, refill_groups
+from minillm.train.grpo import GRPOConfig, GRPOTrainer, group_advantages, grpo_loss
 from minillm.train.ppo_objective import kl_per_token
+from minillm.verifiable import (AdditionConfig, AdditionTask, MixedAdditionConfig, MixedAdditionTask,
+                                addition_accuracy_reward, addition_format_reward, addition_operands, pass_at_k)
+from minillm.verifiable import sft_start as make_sft_start
 
 
 # ------------------------------------------------------------------------------------ the task
@@ -46,6 +48,24 @@ def test_addition_task_holds_out_unordered_pairs_and_the_reward_checks_the_sum()
         AdditionConfig(n_digits=0)
     assert len(AdditionTask(AdditionConfig(n_digits=1)).problems("train")) + \
         len(AdditionTask(AdditionConfig(n_digits=1)).problems("test")) == 100
+
+
+def test_mixed_addition_task_has_answers_of_every_length_and_no_leaked_test_pair():
+    t = MixedAdditionTask(MixedAdditionConfig(max_digits=5, n_train=4000, n_test=300, seed=3))
+    train, test = t.problems("train"), t.problems("test")
+    assert len(train) == 4000 and len(test) == 300
+    keys = {(min(a, b), max(a, b)) for a, b in train}
+    assert not any((min(a, b), max(a, b)) in keys for a, b in test)
+    assert len({(min(a, b), max(a, b)) for a, b in test}) == 300
+    assert {len(str(a)) for a, b in train} == {1, 2, 3, 4, 5}
+    assert {len(str(a + b)) for a, b in train} == {1, 2, 3, 4, 5, 6}  # answers of 1 to 6 digits
+    assert MixedAdditionTask(MixedAdditionConfig(max_digits=5, n_train=4000, n_test=300, seed=3)).problems("test") == test
+    a, b = addition_operands(t.prompts("test")[0])
+    assert t.sft_records("test")[0]["output"] == f"{a + b}."
+    with pytest.raises(ValueError, match="max_digits"):
+        MixedAdditionConfig(max_digits=7)
+    with pytest.raises(ValueError, match="too many distinct problems"):
+        MixedAdditionTask(MixedAdditionConfig(max_digits=1, n_test=100))
 
 
 # ------------------------------------------------------------------------------- advantages
@@ -299,7 +319,7 @@ def test_loss_and_gradient_match_trl_grpo_trainer(torch, loss_type, beta, bias_k
 def sft_start(tmp_path_factory):
     """A tiny GPT instruction-tuned on the addition task for 1,000 steps (≈ 15 s): partly right."""
     path = tmp_path_factory.mktemp("grpo") / "sft.safetensors"
-    return addition_sft_start(str(path), steps=1000, seed=0)
+    return make_sft_start(str(path), steps=1000, seed=0)
 
 
 def _trainer(path, **kw):
@@ -356,7 +376,7 @@ def test_iterations_reuse_old_logprobs_and_beta_zero_holds_no_reference(sft_star
     """num_iterations 2, 2 minibatches: the first minibatch has ρ = 1 exactly, later ones move;
     β = 0 holds no reference and logs no kl; β > 0 logs a kl that starts at 0 (policy = reference)."""
     tr = _trainer(sft_start, prompts_per_iteration=4, num_generations=4, num_iterations=2, num_mini_batches=2,
-                  learning_rate=1e-3)
+                  lr=1e-3)
     assert tr.ref is None
     st = tr.step(["What is 12 + 34?", "What is 50 + 51?", "What is 77 + 88?", "What is 19 + 90?"])
     first = st["minibatches"][0]
@@ -391,10 +411,75 @@ def test_dynamic_sampling_drops_groups_with_equal_rewards(sft_start):
     assert all(np.array_equal(a, p.data) for a, p in zip(before, tr.policy.parameters()))
 
 
+def test_refill_groups_keeps_drawing_until_the_batch_is_full_of_varied_groups():
+    """DAPO §3.2 by hand: batch of 2 groups, G = 2. Round 0 [1,1 | 0,1]: group 1 varies; round 1
+    [0,0 | 1,0 | 0,1]: groups 1 and 2 vary, but only one is needed, so the batch is (0,1), (1,1)."""
+    script = {0: [1, 1, 0, 1], 1: [0, 0, 1, 0, 0, 1], 2: [1, 0, 1, 0]}
+    drawn = []
+
+    def draw(k):
+        drawn.append(k)
+        return script[k]
+
+    kept, st = refill_groups(draw, 2, 2, max_rounds=4)
+    assert kept == [(0, 1), (1, 1)] and drawn == [0, 1]
+    assert st == {"sampling_rounds": 2, "groups_drawn": 5, "groups_kept": 2}
+    kept, st = refill_groups(lambda k: [0.0, 0.0, 1.0, 1.0], 2, 2, max_rounds=3)  # never a varied group
+    assert kept == [] and st == {"sampling_rounds": 3, "groups_drawn": 6, "groups_kept": 0}
+    kept, st = refill_groups(lambda k: [1.0, 0.0, 0.5, 0.5], 1, 2, max_rounds=3)  # full after one round
+    assert kept == [(0, 0)] and st["sampling_rounds"] == 1
+    with pytest.raises(ValueError, match="whole groups"):
+        refill_groups(lambda k: [1.0, 0.0, 1.0], 1, 2, max_rounds=2)
+    with pytest.raises(ValueError, match="max_rounds"):
+        refill_groups(lambda k: [1.0, 0.0], 1, 2, max_rounds=0)
+
+
+def test_concat_rollouts_pads_to_common_widths_without_changing_log_probs(sft_start):
+    tr = _trainer(sft_start, prompts_per_iteration=2, num_generations=2)
+    rng = np.random.default_rng(0)
+    a = tr.sample_groups(["What is 12 + 34?"], 2, rng)
+    b = tr.sample_groups(["What is 5 + 6?", "What is 99 + 1?"], 2, rng)  # a shorter prompt
+    c = concat_rollouts([a, b], tr.pad_id)
+    assert c.input_ids.shape[0] == 6 and c.prompt_length == max(a.prompt_length, b.prompt_length)
+    assert c.texts == a.texts + b.texts and c.prompts == a.prompts + b.prompts
+    with no_grad():
+        lp_c = tr.forward(c)[0].data
+        for rows, r in ((slice(0, 2), a), (slice(2, 6), b)):
+            lp = tr.forward(r)[0].data
+            n = r.response_mask.shape[1]
+            np.testing.assert_allclose(lp_c[rows, :n], lp, atol=1e-5)
+            assert np.array_equal(c.response_mask[rows, :n], r.response_mask)
+            assert not c.response_mask[rows, n:].any()
+
+
+def test_dynamic_sampling_refills_the_batch_with_new_prompts(sft_start):
+    """Round 0: only group 0 of 4 varies; round 1 (4 new prompts): every group varies, so 3 of them
+    complete the batch: 4 groups trained, 2 rounds, 8 groups drawn, one call for 4 more prompts."""
+    tr = _trainer(sft_start, prompts_per_iteration=4, num_generations=4, dynamic_sampling=True, max_num_gen_batches=3)
+    calls, asked = [], []
+
+    def scripted(prompts, completions, **kw):
+        calls.append(list(prompts))
+        return ([1.0, 0.0, 0.0, 0.0] + [0.0] * 12) if len(calls) == 1 else [1.0, 0.0, 0.0, 0.0] * 4
+
+    def more(n):
+        asked.append(n)
+        return ["What is 1 + 2?", "What is 3 + 4?", "What is 5 + 6?", "What is 7 + 8?"]
+
+    tr.reward_funcs = [scripted]
+    tr.correct_func = scripted
+    st = tr.step(["What is 12 + 34?", "What is 50 + 51?", "What is 77 + 88?", "What is 19 + 90?"], more)
+    assert asked == [4] and st["sampling_rounds"] == 2 and st["groups_drawn"] == 8 and st["groups_kept"] == 4
+    assert st["frac_reward_zero_std"] == 0.75 and not st["skipped"]  # logged for the batch as first drawn
+    assert calls[1][::4] == ["What is 1 + 2?", "What is 3 + 4?", "What is 5 + 6?", "What is 7 + 8?"]
+    with pytest.raises(ValueError, match="max_num_gen_batches"):
+        GRPOConfig(max_num_gen_batches=0)
+
+
 def test_grpo_raises_the_reward_from_an_sft_start(sft_start):
     """From the 1,000-step SFT start, 60 iterations on 16 fixed train problems × G = 8: the reward
     (fraction of correct samples) rises clearly."""
-    tr = _trainer(sft_start, prompts_per_iteration=16, num_generations=8, learning_rate=3e-4)
+    tr = _trainer(sft_start, prompts_per_iteration=16, num_generations=8, lr=3e-4)
     prompts = AdditionTask().prompts("train")[:16]
     hist = [tr.step(prompts) for _ in range(60)]
     start = np.mean([h["reward"] for h in hist[:5]])

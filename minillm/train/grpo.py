@@ -2,7 +2,7 @@
 
 Scope
     ``grpo(GRPOConfig)`` fine-tunes an SFT policy on a task whose answers a program checks (the
-    addition task of ``minillm.tasks``: ``addition_accuracy_reward``, optional
+    addition tasks of ``minillm.verifiable``: ``addition_accuracy_reward``, optional
     ``addition_format_reward``). No reward model and no value model. One iteration (TRL: one
     generation step):
 
@@ -18,8 +18,9 @@ Scope
        (std of the whole batch; the mean is still the group's), "none" (no division: Dr. GRPO).
        **Std convention: Bessel-corrected (N − 1), as TRL's ``nanstd``; 1e-4 is added to the
        std, not inside the square root.** A group whose rewards are all equal gets Â = 0 exactly.
-    4. **Optional dynamic sampling** (DAPO): groups with all-equal rewards are dropped before the
-       update (they carry no gradient, only dilute the normaliser).
+    4. **Optional dynamic sampling** (DAPO, ``train.dynamic_sampling``): groups with all-equal
+       rewards are dropped and new prompt groups drawn until the batch is full again (at most
+       ``max_num_gen_batches`` sampling rounds); advantages are computed on the kept groups.
     5. **Update.** ``num_iterations`` passes (μ in DeepSeekMath) of ``num_mini_batches`` shuffled
        minibatches, one AdamW step each. Per token:
        ℓ = −min(ρ·Â, clip(ρ, 1 − ε_low, 1 + ε_high)·Â) + β·KL_k3, with ρ = exp(log π_θ − log π_old)
@@ -34,8 +35,8 @@ Scope
     ``reward_std``, ``rewards/<func>/mean``, ``frac_reward_zero_std``, ``clip_ratio/low_mean``,
     ``clip_ratio/high_mean``, ``clip_ratio/region_mean``, ``entropy``, ``kl`` (when β ≠ 0),
     ``completions/mean_length``, ``completions/clipped_ratio`` (no ``<|eos|>`` within the limit),
-    the mean length of correct and of wrong completions, ``loss``, ``grad_norm``, the number of
-    groups kept by dynamic sampling; and every ``eval_every`` iterations (and before and after)
+    the mean length of correct and of wrong completions, ``loss``, ``grad_norm``, the groups kept
+    (and, with dynamic sampling, ``sampling_rounds`` and ``groups_drawn``); and every ``eval_every`` iterations (and before and after)
     pass@1 and pass@G on ``eval_prompts`` held-out problems (G samples each at ``temperature``;
     unbiased pass@k of Chen et al. 2021 Eq. 1) and greedy accuracy.
 
@@ -54,13 +55,13 @@ Deviations (each with the option that restores the reference behaviour)
     * ``use_bias_correction_kl`` defaults to False (DeepSeekMath's k3 term); TRL 1.16 defaults to
       True (the k3 term multiplied by ρ, DeepSeek-V3.2). ``use_bias_correction_kl=True`` restores it.
     * Defaults are chosen for the tiny addition model, not TRL's: ``num_generations`` 8 (TRL 8),
-      ``max_completion_length`` 6 (TRL 512), ``learning_rate`` 1e-4 (TRL 1e-6), ``temperature``
+      ``max_completion_length`` 6 (TRL 512), ``lr`` 1e-4 (TRL ``learning_rate`` 1e-6), ``temperature``
       1.0 (TRL 1.0), ``loss_type`` "dapo", ``scale_rewards`` "group", β 0, ε 0.2 (TRL's).
     * ``dapo`` divides each minibatch's token sum by (completion tokens of the whole generation
       batch / ``num_mini_batches``), as TRL with one process and no gradient accumulation
       (``num_items_in_batch`` · accumulation steps / steps per generation).
-    * Dynamic sampling drops the zero-std groups but does not draw new prompts to refill the batch
-      (DAPO over-samples); the number of kept groups is logged. TRL has no dynamic sampling.
+    * Dynamic sampling trains on fewer groups when the round cap is reached before the batch is
+      full (verl's DAPO recipe raises); TRL has no dynamic sampling.
     * A group with all-equal rewards gets Â = 0 exactly in every mode (TRL: ≈ 0 up to rounding of
       the group mean when ``scale_rewards="none"``).
     * A fresh minibatch permutation per pass of ``num_iterations`` (as chapter 09's PPO); TRL
@@ -70,7 +71,6 @@ Deviations (each with the option that restores the reference behaviour)
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -86,10 +86,12 @@ from minillm.model import GPT
 from minillm.optim import AdamW
 from minillm.tensor import Tensor, no_grad
 from minillm.train.common import add_dataclass_arguments, check_finite, dataclass_from_args, print_run, round_floats
+from minillm.train.dynamic_sampling import concat_rollouts, refill_groups
 from minillm.train.loop import optimizer_step
 from minillm.train.ppo import _evenly
 from minillm.train.ppo_objective import _as_float_tensor, token_entropy
 from minillm.train.rollout import Rollout, policy_forward, reference_logprobs, sample_rollout
+from minillm.verifiable import TASKS, func_name, pass_at_k, weighted_rewards
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -141,17 +143,6 @@ def group_advantages(rewards, num_generations: int, scale_rewards: str = "group"
         std = group_std
     is_std_zero = np.broadcast_to(equal, grouped.shape).reshape(-1).copy()
     return adv.reshape(-1).astype(np.float32), np.asarray(std, dtype=np.float64).reshape(-1), is_std_zero
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples of which c are correct: 1 − C(n−c, k)/C(n, k)
-    (Chen et al. 2021, Eq. 1). Example: n 8, c 2: pass@1 0.25, pass@8 1.0, pass@4 0.7857143.
-    Raises ValueError unless 0 ≤ c ≤ n and 1 ≤ k ≤ n."""
-    if not (0 <= c <= n and 1 <= k <= n):
-        raise ValueError(f"pass_at_k needs 0 ≤ c ≤ n and 1 ≤ k ≤ n, got n={n}, c={c}, k={k}")
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
 def grpo_loss(logprobs, old_logprobs, advantages, mask, loss_type: str = "dapo", epsilon_low: float = 0.2,
@@ -254,13 +245,15 @@ class GRPOConfig:
     """Settings of a GRPO run (CLI: ``minillm grpo --loss-type dr_grpo --beta 0.04``); TRL's names.
 
     sft: the policy's initial weights (and the reference when β ≠ 0). sft_steps: 0 loads ``sft``;
-    > 0 first trains a fresh tiny GPT (``addition_sft_start``) for that many SFT steps on the
+    > 0 first trains a fresh tiny GPT (``verifiable.sft_start``) for that many SFT steps on the
     task's train problems and saves it at ``sft`` (the chapter's start, reproducible from a seed).
-    task: "addition" (``tasks.AdditionTask`` with ``n_digits``). format_reward_weight: weight of
+    task: "addition" (``verifiable.AdditionTask``, operands of ``n_digits`` digits) or
+    "mixed_addition" (``verifiable.MixedAdditionTask``, operands of 1..``n_digits`` digits). format_reward_weight: weight of
     ``addition_format_reward`` added to the accuracy reward (0: accuracy only).
     prompts_per_iteration × num_generations completions per iteration; num_mini_batches optimizer
     steps per pass, num_iterations passes (μ). epsilon (= ε_low), epsilon_high (None: = epsilon).
-    beta: k3 KL coefficient (0: no reference model). dynamic_sampling: drop zero-std groups.
+    beta: k3 KL coefficient (0: no reference model). dynamic_sampling: drop zero-std groups and
+    refill the batch with new prompts, at most ``max_num_gen_batches`` sampling rounds (DAPO; verl's name).
     eval_prompts: held-out problems for pass@1 / pass@G (G = eval_num_generations) before, every
     ``eval_every`` iterations (0: only before and after), and after training.
     Raises ValueError (naming the field) for G < 2, unknown loss_type / scale_rewards, a batch
@@ -277,7 +270,7 @@ class GRPOConfig:
     num_generations: int = 8
     max_completion_length: int = 6
     temperature: float = 1.0
-    learning_rate: float = 1e-4
+    lr: float = 1e-4
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     epsilon: float = 0.2
@@ -289,6 +282,7 @@ class GRPOConfig:
     num_iterations: int = 1
     num_mini_batches: int = 1
     dynamic_sampling: bool = False
+    max_num_gen_batches: int = 4
     format_reward_weight: float = 0.0
     eval_prompts: int = 200
     eval_num_generations: int = 8
@@ -304,8 +298,8 @@ class GRPOConfig:
             raise ValueError(f"GRPOConfig.loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         if self.scale_rewards not in SCALE_REWARDS:
             raise ValueError(f"GRPOConfig.scale_rewards must be one of {SCALE_REWARDS}, got {self.scale_rewards!r}")
-        if self.task != "addition":
-            raise ValueError(f"GRPOConfig.task must be 'addition', got {self.task!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"GRPOConfig.task must be one of {TASKS}, got {self.task!r}")
         if self.temperature <= 0:
             raise ValueError(f"GRPOConfig.temperature must be > 0 for sampling, got {self.temperature}")
         if self.beta < 0:
@@ -314,7 +308,7 @@ class GRPOConfig:
             raise ValueError(f"GRPOConfig: need 0 ≤ epsilon < 1 and epsilon_high ≥ 0, got {self.epsilon}, "
                              f"{self.epsilon_high}")
         for name in ("iterations", "prompts_per_iteration", "max_completion_length", "num_iterations",
-                     "num_mini_batches"):
+                     "num_mini_batches", "max_num_gen_batches"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"GRPOConfig.{name} must be ≥ 1, got {getattr(self, name)}")
         if (self.prompts_per_iteration * self.num_generations) % self.num_mini_batches:
@@ -344,10 +338,6 @@ class GRPOResult:
     metrics: dict = field(default_factory=dict)
     checkpoint: str = ""
     seconds: float = 0.0
-
-
-def _func_name(f) -> str:
-    return getattr(f, "__name__", type(f).__name__)
 
 
 class GRPOTrainer:
@@ -389,7 +379,7 @@ class GRPOTrainer:
             self.ref.requires_grad_(False)
         policy.eval()  # dropout is 0: every forward is deterministic
         self.params = [p for p in policy.parameters() if p.requires_grad]
-        self.opt = AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self.opt = AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     # ------------------------------------------------------------------ pieces
     def render(self, prompts: Sequence[str]) -> list[list[int]]:
@@ -411,33 +401,8 @@ class GRPOTrainer:
         return out
 
     def rewards(self, prompts: Sequence[str], completions: Sequence[str], ended: Sequence[bool]):
-        """(total (B,) float64, per-function dict name -> (B,) float64). Raises RuntimeError naming a
-        reward function that raises, ValueError for a wrong count, FloatingPointError for NaN/inf."""
-        B = len(completions)
-        total = np.zeros(B, dtype=np.float64)
-        per = {}
-        for f, w in zip(self.reward_funcs, self.reward_weights):
-            name = _func_name(f)
-            try:
-                vals = f(prompts=list(prompts), completions=list(completions), ended=list(ended))
-            except Exception as e:  # noqa: BLE001 - re-raised with the function named
-                raise RuntimeError(f"reward function {name!r} raised {type(e).__name__}: {e}") from e
-            try:
-                v = np.asarray(vals, dtype=np.float64).reshape(-1)
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"reward function {name!r} returned {type(vals).__name__}, "
-                                 "not a sequence of numbers") from e
-            if v.size != B:
-                raise ValueError(f"reward function {name!r} returned {v.size} values for {B} completions")
-            bad = np.flatnonzero(~np.isfinite(v))
-            if bad.size:
-                i = int(bad[0])
-                raise FloatingPointError(f"reward function {name!r} returned {v[i]} for completion {i} "
-                                         f"(prompt {prompts[i]!r}, completion {completions[i]!r}); "
-                                         f"{bad.size} of {B} values are not finite")
-            per[name] = v
-            total += w * v
-        return total, per
+        """``verifiable.weighted_rewards`` of this trainer's reward functions and weights."""
+        return weighted_rewards(self.reward_funcs, self.reward_weights, prompts, completions, ended)
 
     def sample_groups(self, prompts: Sequence[str], G: int, rng: np.random.Generator) -> Rollout:
         """G completions of each prompt (rows i·G .. i·G + G − 1), one batched ``sample_rollout``."""
@@ -454,22 +419,36 @@ class GRPOTrainer:
         return lp, logits
 
     # ------------------------------------------------------------------ one iteration
-    def step(self, prompts: Sequence[str]) -> dict:
+    def step(self, prompts: Sequence[str], more_prompts: Callable[[int], list[str]] | None = None) -> dict:
         """One GRPO iteration on these prompts: G samples each, rewards, advantages, updates.
 
-        Returns the logged values (see the module docstring) plus ``minibatches``: per-minibatch
-        dicts (pass, loss, ratio_min, ratio_max, clip ratios, kl). No update is applied when a
-        reward function fails or dynamic sampling keeps no group (``skipped`` = True).
+        more_prompts(n) -> n further train prompts, for dynamic sampling's refill rounds (without
+        it, or with ``dynamic_sampling`` off, only ``prompts`` are sampled). Returns the logged
+        values (see the module docstring; reward, lengths and ``frac_reward_zero_std`` are those of
+        the first round, the batch as drawn) plus ``minibatches``: per-minibatch dicts (pass, loss,
+        ratio_min, ratio_max, clip ratios, kl). No update is applied when dynamic sampling keeps no
+        group (``skipped`` = True).
         """
         cfg = self.cfg
         G = cfg.num_generations
         t0 = time.perf_counter()
-        rollout = self.sample_groups(prompts, G, self.rng)
-        texts, ended = rollout.texts, [bool(e) for e in rollout.finished]
-        total, per = self.rewards(rollout.prompts, texts, ended)
-        adv, std, zero = group_advantages(total, G, cfg.scale_rewards)
-        name = _func_name(self.correct_func)
-        correct = (np.asarray(per[name]) > 0) if name in per else np.asarray(self._correct(rollout.prompts, texts, ended))
+        rounds = []
+
+        def draw(k: int) -> np.ndarray:
+            r = self.sample_groups(prompts if k == 0 else more_prompts(len(prompts)), G, self.rng)
+            rounds.append((r, *self.rewards(r.prompts, r.texts, [bool(e) for e in r.finished])))
+            return rounds[-1][1]
+
+        kept, ds = None, {}
+        if cfg.dynamic_sampling:
+            kept, ds = refill_groups(draw, len(prompts), G, cfg.max_num_gen_batches if more_prompts else 1)
+        else:
+            draw(0)
+        rollout, total, per = rounds[0]
+        zero = group_advantages(total, G, cfg.scale_rewards)[2]
+        name = func_name(self.correct_func)
+        correct = (np.asarray(per[name]) > 0) if name in per else \
+            np.asarray(self._correct(rollout.prompts, rollout.texts, rollout.finished))
         lengths = rollout.response_mask.sum(axis=1)
         stats = {
             "reward": float(total.mean()),
@@ -481,17 +460,16 @@ class GRPOTrainer:
             "completions/mean_length_correct": float(lengths[correct].mean()) if correct.any() else None,
             "completions/mean_length_wrong": float(lengths[~correct].mean()) if (~correct).any() else None,
             "correct": float(correct.mean()),
+            "groups_kept": len(prompts) if kept is None else len(kept), **ds,
         }
-        keep_rows = np.arange(len(total))
-        if cfg.dynamic_sampling:
-            keep_rows = np.flatnonzero(~zero)
-        stats["groups_kept"] = int(len(keep_rows) // G)
-        if len(keep_rows) == 0:
-            stats.update({"skipped": True, "seconds": time.perf_counter() - t0, "minibatches": []})
-            return stats
-        if len(keep_rows) < len(total):
-            rollout = rollout.subset(keep_rows)
-            adv = adv[keep_rows]
+        if kept is not None:
+            if not kept:
+                stats.update({"skipped": True, "seconds": time.perf_counter() - t0, "minibatches": []})
+                return stats
+            rows = [(k, np.arange(g * G, g * G + G)) for k, g in kept]
+            rollout = concat_rollouts([rounds[k][0].subset(i) for k, i in rows], self.pad_id)
+            total = np.concatenate([rounds[k][1][i] for k, i in rows])
+        adv = group_advantages(total, G, cfg.scale_rewards)[0]
         B = rollout.input_ids.shape[0]
         mask = rollout.response_mask.astype(np.float32)
         n_mb = min(cfg.num_mini_batches, B)
@@ -552,15 +530,17 @@ class GRPOTrainer:
     def evaluate(self, prompts: Sequence[str], num_generations: int, seed: int = 1234, batch_prompts: int = 32) -> dict:
         """pass@1 and pass@G (G = ``num_generations`` samples per prompt at the training temperature,
         unbiased estimator) and greedy accuracy on ``prompts``; fixed seed, the training rng untouched.
-        Returns {"pass@1", "pass@G", "greedy", "G", "n", "mean_length"}."""
+        Returns {"pass@1", "pass@G", "greedy", "G", "n", "mean_length", "mean_length_correct",
+        "mean_length_wrong"} (lengths in tokens incl. ``<|eos|>``, of the sampled completions; None without any)."""
         rng = np.random.default_rng(seed)
         G = int(num_generations)
-        p1, pg, greedy, lengths = [], [], [], []
+        p1, pg, greedy, lengths, oks = [], [], [], [], []
         for s in range(0, len(prompts), batch_prompts):
             chunk = list(prompts[s:s + batch_prompts])
             r = self.sample_groups(chunk, G, rng)
             ok = np.asarray(self._correct(r.prompts, r.texts, r.finished)).reshape(len(chunk), G)
             lengths.append(r.response_mask.sum(axis=1))
+            oks.append(ok.reshape(-1))
             for row in ok:
                 c = int(row.sum())
                 p1.append(pass_at_k(G, c, 1))
@@ -573,8 +553,11 @@ class GRPOTrainer:
                 toks = [int(t) for t in g.new_tokens[row, :n]]
                 texts.append(self.tokenizer.decode(toks[:-1] if g.finished[row] else toks))
             greedy.extend(self._correct(chunk, texts, g.finished))
+        n_tok, ok = np.concatenate(lengths), np.concatenate(oks)
         return {"pass@1": float(np.mean(p1)), "pass@G": float(np.mean(pg)), "greedy": float(np.mean(greedy)),
-                "G": G, "n": len(prompts), "mean_length": float(np.concatenate(lengths).mean())}
+                "G": G, "n": len(prompts), "mean_length": float(n_tok.mean()),
+                "mean_length_correct": float(n_tok[ok].mean()) if ok.any() else None,
+                "mean_length_wrong": float(n_tok[~ok].mean()) if (~ok).any() else None}
 
     def _correct(self, prompts, texts, ended) -> list[bool]:
         v = self.correct_func(prompts=list(prompts), completions=list(texts), ended=[bool(e) for e in ended])
@@ -584,48 +567,15 @@ class GRPOTrainer:
 # ================================================================================================
 # The SFT start, the run, the CLI
 
-def addition_sft_start(path: str, n_digits: int = 2, steps: int = 1000, seed: int = 0, n_layer: int = 2,
-                       n_embd: int = 48, lr: float = 3e-3, batch_size: int = 32) -> str:
-    """Train a fresh tiny GPT on the addition task's train problems (SFT, response-only loss) and
-    save it with its tokenizer at ``path``; returns the path.
-
-    The tokenizer is byte-level BPE trained on the task's train text with one merge (digits stay
-    single tokens); the GPT has ``n_layer`` layers of width ``n_embd``, block_size 40. The
-    training is deliberately brief (default 1,000 steps): the start must solve the held-out
-    problems sometimes but not always, so that a group of G samples holds both correct and wrong
-    answers (the headroom RL needs; its pass@1 and pass@G are measured in notebooks/14_grpo.ipynb).
-    Uses ``sft.train_sft`` (the chapter-04 loop). Raises ValueError for steps < 1.
-    """
-    from minillm.checkpoint import save_checkpoint
-    from minillm.data import tokenize_sft
-    from minillm.model import GPTConfig
-    from minillm.tasks import AdditionConfig, AdditionTask
-    from minillm.tokenizer import Tokenizer
-    from minillm.train.sft import SFTConfig, records_to_messages, train_sft
-
-    if steps < 1:
-        raise ValueError(f"addition_sft_start: steps must be ≥ 1, got {steps}")
-    task = AdditionTask(AdditionConfig(n_digits=n_digits))
-    tok = Tokenizer.train(task.tokenizer_text(), 262)
-    examples = tokenize_sft(records_to_messages(task.sft_records("train")), tok, train_on="all")
-    model = GPT(GPTConfig(vocab_size=len(tok), block_size=40, n_layer=n_layer, n_head=2, n_embd=n_embd,
-                          dropout=0.0), seed=seed)
-    train_sft(model, tok, examples, SFTConfig(batch_size=batch_size, max_steps=steps, lr=lr, warmup_steps=10,
-                                              seed=seed, progress=False))
-    save_checkpoint(path, model, tok, train_state={"addition_sft": {"n_digits": n_digits, "steps": steps,
-                                                                     "seed": seed}})
-    return str(path)
-
-
 def build_trainer(cfg: GRPOConfig) -> GRPOTrainer:
     """Load the SFT policy (and, when β ≠ 0, the reference) and the task's reward functions.
 
     Raises FileNotFoundError for a missing checkpoint, ValueError when it has no tokenizer."""
     from minillm.checkpoint import load_model
-    from minillm.tasks import addition_accuracy_reward, addition_format_reward
+    from minillm.verifiable import addition_accuracy_reward, addition_format_reward, sft_start
 
     if cfg.sft_steps > 0 and not Path(cfg.sft).is_file():
-        addition_sft_start(cfg.sft, cfg.n_digits, cfg.sft_steps, cfg.seed)
+        sft_start(cfg.sft, cfg.task, cfg.n_digits, cfg.sft_steps, cfg.seed)
     if not Path(cfg.sft).is_file():
         raise FileNotFoundError(f"SFT checkpoint not found: {cfg.sft} (make one with --sft-steps 1000)")
     nodrop = {"dropout": 0.0}
@@ -646,11 +596,11 @@ def grpo(cfg: GRPOConfig, on_iteration: Callable | None = None) -> GRPOResult:
     Raises the loaders' errors for a missing/bad checkpoint, and the trainer's for bad prompts or
     rewards."""
     from minillm.checkpoint import save_checkpoint
-    from minillm.tasks import AdditionConfig, AdditionTask
+    from minillm.verifiable import make_task
 
     t0 = time.perf_counter()
     trainer = build_trainer(cfg)
-    task = AdditionTask(AdditionConfig(n_digits=cfg.n_digits))
+    task = make_task(cfg.task, cfg.n_digits)
     train_prompts = task.prompts("train")
     eval_prompts = _evenly(task.prompts("test"), cfg.eval_prompts) if cfg.eval_prompts > 0 else []
     trainer.render(train_prompts[:1] + eval_prompts[:1])  # a prompt that does not fit fails before any work
@@ -670,9 +620,11 @@ def grpo(cfg: GRPOConfig, on_iteration: Callable | None = None) -> GRPOResult:
     history = []
     t_train = time.perf_counter()
     bar = tqdm(range(cfg.iterations), desc="grpo", disable=not cfg.progress)
+    def draw_prompts(n: int) -> list[str]:
+        return [train_prompts[i] for i in rng.choice(len(train_prompts), size=min(n, len(train_prompts)), replace=False)]
+
     for it in bar:
-        idx = rng.choice(len(train_prompts), size=min(cfg.prompts_per_iteration, len(train_prompts)), replace=False)
-        st = trainer.step([train_prompts[i] for i in idx])
+        st = trainer.step(draw_prompts(cfg.prompts_per_iteration), draw_prompts)
         st = {"iteration": it, **{k: v for k, v in st.items() if k != "minibatches"},
               "first_minibatch": st["minibatches"][0] if st["minibatches"] else None}
         if eval_prompts and cfg.eval_every > 0 and (it + 1) % cfg.eval_every == 0 and it + 1 < cfg.iterations:
