@@ -447,7 +447,7 @@ def test_lora_rank_larger_than_a_layer_is_a_one_line_error_on_every_cli_path(bas
 
 
 def test_a_checkpoint_whose_tokenizer_pattern_could_hang_is_refused_at_load(base_ckpt, tmp_path, capsys):
-    from minillm import hf
+    from minillm import hf_tokenizer
 
     evil = EVIL_PATTERN
     bad = tmp_path / "evil.safetensors"
@@ -463,10 +463,10 @@ def test_a_checkpoint_whose_tokenizer_pattern_could_hang_is_refused_at_load(base
     rc, err = run_cli(["sft", "--base", bad, "--data", data, "--out-dir", tmp_path / "o", "--eval", "false"], capsys)
     assert rc == 1 and one_line_error(rc, err) and "evil.safetensors" in err and "(a+)+$" in err, err
     assert time.perf_counter() - t0 < 5
-    gpt2_form = {"format": hf.GPT2_FORMAT, "version": hf.GPT2_FORMAT_VERSION, "pattern": evil, "vocab": {},
+    gpt2_form = {"format": hf_tokenizer.GPT2_FORMAT, "version": hf_tokenizer.GPT2_FORMAT_VERSION, "pattern": evil, "vocab": {},
                  "merges": [], "special_tokens": {}}
     with pytest.raises(ValueError, match="is not one minillm writes"):
-        hf.tokenizer_from_dict(gpt2_form)
+        hf_tokenizer.tokenizer_from_dict(gpt2_form)
 
 
 @pytest.mark.parametrize("where", ["write", "fsync"])
