@@ -22,12 +22,14 @@ import inspect
 import math
 import re
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from minillm.checkpoint import write_json_atomic
 from minillm.lora import DEFAULT_LORA_ALPHA
 from minillm.tensor import no_grad
 
@@ -289,6 +291,28 @@ def round_floats(d, digits: int, into_lists: bool = True):
     if isinstance(d, float):
         return round(d, digits)
     return d
+
+
+def write_metrics(out_dir, metrics: dict, t0: float, digits: int | None = None, into_lists: bool = True) -> dict:
+    """The end of every trainer's run: stamp ``metrics["seconds"]`` (wall time since ``t0``, a
+    ``time.perf_counter()`` reading, one decimal), round its floats to ``digits`` (``round_floats``;
+    None keeps them) and write ``<out_dir>/metrics.json`` atomically. Returns the dict as written."""
+    metrics["seconds"] = round(time.perf_counter() - t0, 1)
+    if digits is not None:
+        metrics = round_floats(metrics, digits, into_lists)
+    write_json_atomic(Path(out_dir) / "metrics.json", metrics)
+    return metrics
+
+
+def trend_line(history: list[dict], keys, label: str, first: int = 5, last: int = 10) -> str:
+    """One console line of how logged values moved: the mean of each of ``keys`` over the first
+    ``first`` and the last ``last`` rows of ``history`` (rows missing a key, or holding None, are
+    left out of its mean; nan when none hold it)."""
+    def avg(rows, k):
+        vals = [r[k] for r in rows if r.get(k) is not None]
+        return float(np.mean(vals)) if vals else float("nan")
+    head, tail = history[:first], history[-last:]
+    return label + ": " + "  ".join(f"{k} {avg(head, k):.2f} → {avg(tail, k):.2f}" for k in keys)
 
 
 def metric_lines(m: dict, keys) -> list[str]:

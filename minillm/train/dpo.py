@@ -63,14 +63,14 @@ import numpy as np
 
 from minillm import backend
 from minillm import functional as F
-from minillm.checkpoint import load_model, save_checkpoint, write_json_atomic
+from minillm.checkpoint import load_model, save_checkpoint
 from minillm.data import RenderedPair, collate_preference
 from minillm.model import GPT, left_pad
 from minillm.nn import disable_dropout
 from minillm.optim import AdamW, weight_decay_groups
 from minillm.tensor import Tensor, no_grad
 from minillm.train.common import (LoRAConfig, OptimConfig, add_dataclass_arguments, dataclass_from_args, metric_lines,
-                                  print_run, render_pair_splits, round_floats)
+                                  print_run, render_pair_splits, write_metrics)
 from minillm.train.loop import index_batches, train_loop
 from minillm.train.reward import load_pairs
 
@@ -453,9 +453,7 @@ def dpo(cfg: DPOConfig) -> DPOResult:
     ckpt = save_checkpoint(out / "checkpoint.safetensors", model, tok,
                            train_state={"dpo_config": asdict(cfg), "model_kind": "policy"})
     metrics["history"] = [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in h.items()} for h in history]
-    metrics["seconds"] = round(time.perf_counter() - t0, 1)
-    metrics = round_floats(metrics, 4, into_lists=False)
-    write_json_atomic(out / "metrics.json", metrics)
+    metrics = write_metrics(out, metrics, t0, digits=4, into_lists=False)
     return DPOResult(history=history, metrics=metrics, checkpoint=str(ckpt), seconds=metrics["seconds"])
 
 

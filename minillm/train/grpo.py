@@ -81,11 +81,11 @@ from tqdm.auto import tqdm
 
 from minillm import backend
 from minillm import functional as F
-from minillm.checkpoint import write_json_atomic
 from minillm.model import GPT
 from minillm.optim import AdamW
 from minillm.tensor import Tensor, no_grad
-from minillm.train.common import add_dataclass_arguments, check_finite, dataclass_from_args, print_run, round_floats
+from minillm.train.common import (add_dataclass_arguments, check_finite, dataclass_from_args, print_run, trend_line,
+                                  write_metrics)
 from minillm.train.dynamic_sampling import concat_rollouts, refill_groups
 from minillm.train.loop import optimizer_step
 from minillm.train.ppo import _evenly
@@ -644,9 +644,7 @@ def grpo(cfg: GRPOConfig, on_iteration: Callable | None = None) -> GRPOResult:
     out = Path(cfg.out_dir)
     ckpt = save_checkpoint(out / "checkpoint.safetensors", trainer.policy, trainer.tokenizer,
                            train_state={"grpo_config": asdict(cfg)})
-    metrics["seconds"] = round(time.perf_counter() - t0, 1)
-    metrics = round_floats(metrics, 5)
-    write_json_atomic(out / "metrics.json", metrics)
+    metrics = write_metrics(out, metrics, t0, digits=5)
     return GRPOResult(history=metrics["history"], metrics=metrics, checkpoint=str(ckpt), seconds=metrics["seconds"])
 
 
@@ -660,13 +658,8 @@ def summary_lines(m: dict) -> list[str]:
                      f"pass@G {a['pass@G']:.3f} → {b['pass@G']:.3f}  greedy {a['greedy']:.3f} → {b['greedy']:.3f}")
     h = m.get("history", [])
     if h:
-        def avg(rows, k):
-            vals = [r[k] for r in rows if r.get(k) is not None]
-            return float(np.mean(vals)) if vals else float("nan")
-        first, last = h[:5], h[-5:]
-        lines.append("iterations 0-4 → last 5: " + "  ".join(
-            f"{k} {avg(first, k):.2f} → {avg(last, k):.2f}"
-            for k in ("reward", "frac_reward_zero_std", "entropy", "completions/mean_length")))
+        lines.append(trend_line(h, ("reward", "frac_reward_zero_std", "entropy", "completions/mean_length"),
+                                "iterations 0-4 → last 5", last=5))
     lines.append(f"train_seconds: {m.get('train_seconds')}  iterations: {len(h)}")
     return lines
 

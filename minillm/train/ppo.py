@@ -86,13 +86,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from minillm import backend
-from minillm.checkpoint import write_json_atomic
 from minillm.model import GPT
 from minillm.nn import Linear, disable_dropout
 from minillm.optim import AdamW, weight_decay_groups
 from minillm.tensor import no_grad
 from minillm.facts import OPENER
-from minillm.train.common import LoRAConfig, add_dataclass_arguments, dataclass_from_args, print_run, round_floats
+from minillm.train.common import (LoRAConfig, add_dataclass_arguments, dataclass_from_args, print_run, trend_line,
+                                  write_metrics)
 from minillm.train.loop import optimizer_step
 from minillm.train.rollout import Rollout, policy_forward, reference_logprobs, sample_rollout
 from minillm.train.ppo_objective import (AdaptiveKLController, FixedKLController, compute_gae, masked_whiten,
@@ -605,9 +605,7 @@ def ppo(cfg: PPOConfig, on_iteration: Callable | None = None) -> PPOResult:
     out = Path(cfg.out_dir)
     ckpt = save_checkpoint(out / "checkpoint.safetensors", policy, tok, train_state={"ppo_config": asdict(cfg)},
                            extra_tensors=extra)
-    metrics["seconds"] = round(time.perf_counter() - t0, 1)
-    metrics = round_floats(metrics, 5)
-    write_json_atomic(out / "metrics.json", metrics)
+    metrics = write_metrics(out, metrics, t0, digits=5)
     return PPOResult(history=metrics["history"], metrics=metrics, checkpoint=str(ckpt), seconds=metrics["seconds"])
 
 
@@ -623,13 +621,8 @@ def summary_lines(m: dict) -> list[str]:
                          f"opener {a.get('opener_rate', float('nan')):.2f} → {b.get('opener_rate', float('nan')):.2f}")
     h = m.get("history", [])
     if h:
-        def avg(rows, k):
-            vals = [r[k] for r in rows if r.get(k) is not None]
-            return float(np.mean(vals)) if vals else float("nan")
-        first, last = h[:5], h[-10:]
-        lines.append("rollouts (iters 0-4 → last 10): " + "  ".join(
-            f"{k} {avg(first, k):.2f} → {avg(last, k):.2f}"
-            for k in ("rm_score", "gold", "kl", "opener_rate", "response_length")))
+        lines.append(trend_line(h, ("rm_score", "gold", "kl", "opener_rate", "response_length"),
+                                "rollouts (iters 0-4 → last 10)", last=10))
     lines.append(f"train_seconds: {m.get('train_seconds')}  iterations: {len(h)}")
     return lines
 

@@ -55,14 +55,14 @@ import numpy as np
 
 from minillm import backend
 from minillm import functional as F
-from minillm.checkpoint import load_model, save_checkpoint, write_json_atomic
+from minillm.checkpoint import load_model, save_checkpoint
 from minillm.data import RenderedPair, collate, collate_preference, render_chat
 from minillm.loaders import load_dataset
 from minillm.model import GPT, last_token_index
 from minillm.optim import AdamW, weight_decay_groups
 from minillm.tensor import Tensor, no_grad
 from minillm.train.common import (OptimConfig, TrainResult, add_dataclass_arguments, dataclass_from_args, metric_lines,
-                                  print_run, render_pair_splits, round_floats)
+                                  print_run, render_pair_splits, write_metrics)
 from minillm.train.loop import index_batches, train_loop
 
 
@@ -436,9 +436,7 @@ def reward(cfg: RewardConfig) -> RewardResult:
     ckpt = save_checkpoint(out / "checkpoint.safetensors", model, tok,
                            train_state={"reward_config": asdict(cfg), "model_kind": "reward_model"})
     metrics["losses"] = [round(x, 5) for x in losses]
-    metrics["seconds"] = round(time.perf_counter() - t0, 1)
-    metrics = round_floats(metrics, 4, into_lists=False)
-    write_json_atomic(out / "metrics.json", metrics)
+    metrics = write_metrics(out, metrics, t0, digits=4, into_lists=False)
     return RewardResult(losses=losses, metrics=metrics, checkpoint=str(ckpt), seconds=metrics["seconds"])
 
 

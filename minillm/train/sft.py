@@ -33,13 +33,13 @@ from pathlib import Path
 
 import numpy as np
 
-from minillm.checkpoint import load_model, save_checkpoint, write_json_atomic, write_text_atomic
+from minillm.checkpoint import load_model, save_checkpoint, write_text_atomic
 from minillm.data import CollateReport, SFTExample, collate, tokenize_sft
 from minillm.loaders import load_dataset
 from minillm.model import IGNORE_INDEX, GPT
 from minillm.optim import AdamW, weight_decay_groups
 from minillm.train.common import (LoRAConfig, OptimConfig, TrainResult, add_dataclass_arguments, dataclass_from_args,
-                                  fixed_windows, mean_loss, metric_lines, print_data_summary)
+                                  fixed_windows, mean_loss, metric_lines, print_data_summary, write_metrics)
 from minillm.train.loop import index_batches, train_loop
 
 
@@ -267,8 +267,7 @@ def sft(cfg: SFTConfig) -> SFTResult:
         metrics.update({f"sft_{k}": v for k, v in world_eval(model, tok, cfg).items()})
         metrics["corpus_loss_after"] = round(corpus_loss(model, tok), 4)
     ckpt = save_checkpoint(out / "checkpoint.safetensors", model, tok, train_state={"sft_config": asdict(cfg)})
-    metrics["seconds"] = round(time.perf_counter() - t0, 1)
-    write_json_atomic(out / "metrics.json", metrics)
+    metrics = write_metrics(out, metrics, t0)
     return SFTResult(losses=losses, metrics=metrics, checkpoint=str(ckpt), seconds=metrics["seconds"])
 
 
