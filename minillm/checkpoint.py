@@ -427,7 +427,7 @@ def load_model(path, config_overrides: dict | None = None, trust_pattern: bool =
 
     Raises ValueError naming the file and every mismatched shape when the weights do not fit the
     stored config, or naming the file and the pattern when the stored tokenizer's pre-split regex
-    is not one minillm writes (``tokenizer.check_loaded_pattern``; ``trust_pattern=True``, dangerous:
+    is not one minillm writes (``pretokenize.check_loaded_pattern``; ``trust_pattern=True``, dangerous:
     a regex from a file can make encoding hang, loads it anyway).
     """
     from minillm.model import GPT, GPTConfig

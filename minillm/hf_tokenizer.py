@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from minillm.checkpoint import write_text_atomic
-from minillm.tokenizer import (GPT2_SPLIT_PATTERN, GPT2_SPLIT_PATTERN_STDLIB, Tokenizer, check_loaded_pattern, merge_pair,
-                               special_splitter)
+from minillm.pretokenize import GPT2_SPLIT_PATTERN, GPT2_SPLIT_PATTERN_STDLIB, check_loaded_pattern
+from minillm.tokenizer import Tokenizer, merge_pair, special_splitter
 
 #: GPT-2's end-of-text token (id 50256 in the original vocabulary).
 ENDOFTEXT = "<|endoftext|>"
@@ -256,8 +256,8 @@ class GPT2BPETokenizer(Tokenizer):
     @classmethod
     def from_dict(cls, d: Mapping, trust_pattern: bool = False) -> "GPT2BPETokenizer":
         """Inverse of ``to_dict``. Raises ValueError naming the bad field, or a pre-split pattern
-        outside ``tokenizer.KNOWN_PATTERNS`` unless ``trust_pattern=True`` (dangerous: the regex runs
-        on every text; ``tokenizer.check_loaded_pattern``)."""
+        outside ``pretokenize.KNOWN_PATTERNS`` unless ``trust_pattern=True`` (dangerous: the regex runs
+        on every text; ``pretokenize.check_loaded_pattern``)."""
         if not isinstance(d, Mapping):
             raise ValueError(f"top level must be a JSON object, got {type(d).__name__}")
         for f in ("format", "version", "pattern", "vocab", "merges", "special_tokens"):
@@ -445,7 +445,7 @@ def tokenizer_from_hf_json(path, pattern: str | None = AUTO) -> GPT2BPETokenizer
 def tokenizer_from_dict(d: Mapping, trust_pattern: bool = False) -> Tokenizer:
     """Either tokenizer form stored in a minillm checkpoint: ``minillm.tokenizer`` (minillm's own
     layout) or ``minillm.gpt2-bpe`` (a GPT-2 vocabulary). Raises ValueError naming the field, or a
-    pre-split pattern outside ``tokenizer.KNOWN_PATTERNS`` unless ``trust_pattern=True`` (dangerous)."""
+    pre-split pattern outside ``pretokenize.KNOWN_PATTERNS`` unless ``trust_pattern=True`` (dangerous)."""
     if isinstance(d, Mapping) and d.get("format") == GPT2_FORMAT:
         return GPT2BPETokenizer.from_dict(d, trust_pattern=trust_pattern)
     return Tokenizer.from_dict(d, trust_pattern=trust_pattern)

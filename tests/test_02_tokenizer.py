@@ -14,21 +14,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from minillm.pretokenize import GPT2_SPLIT_PATTERN, GPT2_SPLIT_PATTERN_STDLIB, compile_pattern, pre_split
 from minillm.tokenizer import (
     BOS,
     DEFAULT_SPECIALS,
     EOS,
-    GPT2_SPLIT_PATTERN,
-    GPT2_SPLIT_PATTERN_STDLIB,
     INST,
     INST_END,
     PAD,
     Tokenizer,
     bpe,
-    compile_pattern,
     get_pair_counts,
     merge_pair,
-    pre_split,
 )
 
 CORPUS = (
@@ -367,7 +364,7 @@ def test_a_loaded_pattern_that_is_not_minillms_is_refused_before_it_can_hang(tmp
         Tokenizer.load(path)
     assert time.perf_counter() - t0 < 1.0
     assert Tokenizer.load(path, trust_pattern=True).pattern == evil
-    from minillm.tokenizer import GPT4_SPLIT_PATTERN, KNOWN_PATTERNS
+    from minillm.pretokenize import GPT4_SPLIT_PATTERN, KNOWN_PATTERNS
 
     assert set(KNOWN_PATTERNS) == {GPT2_SPLIT_PATTERN, GPT2_SPLIT_PATTERN_STDLIB, GPT4_SPLIT_PATTERN}
     for pattern in (GPT2_SPLIT_PATTERN_STDLIB, None):

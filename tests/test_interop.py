@@ -24,7 +24,8 @@ from minillm import checkpoint, hf, hf_tokenizer
 from minillm.checkpoint import load_checkpoint, save_checkpoint
 from minillm.model import GPT, GPTConfig, IGNORE_INDEX
 from minillm.tensor import no_grad
-from minillm.tokenizer import DEFAULT_SPECIALS, GPT2_SPLIT_PATTERN, GPT2_SPLIT_PATTERN_STDLIB, Tokenizer
+from minillm.pretokenize import GPT2_SPLIT_PATTERN, GPT2_SPLIT_PATTERN_STDLIB
+from minillm.tokenizer import DEFAULT_SPECIALS, Tokenizer
 
 HAS_REGEX = importlib.util.find_spec("regex") is not None
 #: GPT-2's pre-split; the stdlib twin where ``regex`` is missing (tests without the crosscheck extra)

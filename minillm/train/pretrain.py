@@ -166,7 +166,7 @@ def pretrain(cfg: PretrainConfig, text: str | None = None, tokenizer_text: str |
     corpus_sha256 = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
     if ck:
         check_resumable(ck, cfg, corpus_sha256, continue_training=cfg.continue_training)
-    try:  # the stored tokenizer's pattern must be one minillm writes (tokenizer.check_loaded_pattern)
+    try:  # the stored tokenizer's pattern must be one minillm writes (pretokenize.check_loaded_pattern)
         tok = Tokenizer.from_dict(ck.tokenizer) if ck else Tokenizer.train(tokenizer_text or text, cfg.model.vocab_size)
     except ValueError as e:
         if not ck:
