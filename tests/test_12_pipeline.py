@@ -107,3 +107,31 @@ def test_the_stage_table_lists_every_stage_in_order():
     """The pipeline's explicit stage table (no look-up by name) runs exactly STAGES, in that order."""
     assert tuple(P.STAGE_FUNCTIONS) == P.STAGES
     assert all(fn.__name__ == f"stage_{name}" for name, fn in P.STAGE_FUNCTIONS.items())
+
+
+def test_rag_stage_measures_chapter_13_on_the_pipeline_models(quick_run):
+    """The ``rag`` stage (chapter 13) at the chapter's quick step counts on the quick pipeline's own ``pretrain``
+    and ``sft`` models: its summary holds every arm and the decision table, and the report gets its rows."""
+    from minillm import rag
+
+    cfg, report = quick_run
+    ctx = P.Context(cfg)
+    for stage in ("pretrain", "sft"):
+        P.run_stage(ctx, stage)  # cached by the fixture: loads their summaries
+    s = P.run_stage(ctx, "rag")
+    assert "skipped" not in s
+    assert s["steps"] == rag.QUICK_STEPS and set(s["curve"]) == {str(n) for n in P.RAG_CURVE_NS}
+    assert s["recall_at_1"] >= 0.9  # BM25 does not depend on the model
+    assert [row["requirement"] for row in s["table"]] == list(rag.REQUIREMENTS)
+    for arm in ("closed_book", "oracle", "rag_plain", "qa_full", "qa_lora", "rag_raft", "qa_full+rag"):
+        for part in ("new", "updated", "old", "absent"):
+            assert 0.0 <= s["arms"][arm][part]["exact_match"] <= 1.0, (arm, part)
+    # a retrieved passage lengthens the prompt; the update costs milliseconds to re-index
+    assert s["arms"]["rag_plain"]["new"]["prompt_tokens"] > s["arms"]["closed_book"]["new"]["prompt_tokens"] + 5
+    assert 0.0 < s["update"]["rag_seconds"] < s["update"]["finetune_seconds"]
+    labels = [r["method"] for r in P.rag_rows(ctx.summaries)]
+    assert labels[:2] == ["ch13 closed book (SFT model)", "ch13 RAG, plain SFT reader"]
+    assert "ch13 continued pretraining (30 paraphrases) + SFT" in labels and labels[-1] == "ch13 BM25 retriever"
+    text = P.write(ctx).read_text()
+    assert "| ch13 RAG, RAFT-style reader |" in text and "recall@1" in text
+    assert P.one_line("rag", s).startswith("[rag] ") and "BM25 recall@1" in P.one_line("rag", s)
