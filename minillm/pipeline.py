@@ -302,18 +302,22 @@ def stage_rag(ctx: Context) -> dict:
     chapter's quick step counts (``rag.QUICK_STEPS``) in every pipeline so that the stage stays cheap: retriever
     recall, closed book, oracle context, RAG on the plain SFT model, QA fine-tuning (full, LoRA), the
     RAFT-style reader with RAG, QA fine-tuning + RAG, continued pretraining with 1 and 30 paraphrases, and
-    updating one fact. Its results live in ``rag/`` (each part cached as JSON); the summary keeps the
-    decision table and the key numbers. The notebook (chapter 13) runs the chapter's full step counts;
+    updating one fact. Its results live in ``rag/results/``, cleared whenever the stage runs (``run_chapter``'s
+    JSON caches are keyed on the checkpoint paths, which stay the same when ``sft`` is rebuilt); the summary
+    keeps the decision table and the key numbers. The notebook (chapter 13) runs the chapter's full step counts;
     quick step counts train too little for its claims. Skipped with user SFT data (the knowledge world
     extends the built-in one)."""
     if not ctx.builtin:
         return {"skipped": "rag measures new knowledge of the built-in world; user SFT data has none"}
+    import shutil
+
     from minillm import rag
 
     t0 = time.perf_counter()
+    out = ctx.dir / "rag" / "results"
+    shutil.rmtree(out, ignore_errors=True)
     res = rag.run_chapter(ctx.cfg.runs_dir, quick=True, seed=ctx.cfg.seed, curve_ns=RAG_CURVE_NS,
-                          sft_checkpoint=ctx.path("sft"), base_checkpoint=ctx.path("pretrain"),
-                          out_dir=ctx.dir / "rag")
+                          sft_checkpoint=ctx.path("sft"), base_checkpoint=ctx.path("pretrain"), out_dir=out)
     arms = {a: {k: {m: v[k][m] for m in ("exact_match", "format_compliance", "abstain_rate", "prompt_tokens")}
                 for k in ("new", "updated", "old", "absent") if k in v}
             for a, v in res["arms"].items() if not a.startswith("_")}

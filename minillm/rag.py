@@ -973,8 +973,9 @@ def decision_table(arms: dict, curve: dict | None = None) -> list[dict]:
 #: continued pretraining per paraphrase count and the SFT after it; the quick (smoke-test) sizes second.
 #: The chapter's sizes fit notebook 13 in 3 minutes on 2 cores: 400 reader steps of batch 16 answered more new
 #: facts than 800 of batch 32 (0.273 on training seeds 0 and 1, vs 0.212 on seed 0) in a quarter of the compute;
-#: continued pretraining runs 100 steps (the curve keeps its shape), the SFT after it the book's 150 (with 75
-#: the SFT re-taught too little and continued pretraining answered up to 25 % of the updated facts on seed 1).
+#: continued pretraining runs 100 steps (the curve keeps its shape), the SFT after it the book's 150 (with 75,
+#: continued pretraining answered up to 25 % of the updated facts on seed 1: the SFT data ask those countries'
+#: old capitals, and half the steps re-taught them less).
 CHAPTER_STEPS = {"ft": 60, "raft": 400, "raft_batch": 16, "cpt": 100, "sft": 150}
 QUICK_STEPS = {"ft": 8, "raft": 8, "raft_batch": 16, "cpt": 20, "sft": 8}
 

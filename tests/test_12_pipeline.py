@@ -135,3 +135,8 @@ def test_rag_stage_measures_chapter_13_on_the_pipeline_models(quick_run):
     text = P.write(ctx).read_text()
     assert "| ch13 RAG, RAFT-style reader |" in text and "recall@1" in text
     assert P.one_line("rag", s).startswith("[rag] ") and "BM25 recall@1" in P.one_line("rag", s)
+    # a rebuilt stage never reuses the cached results of an earlier run (they are keyed on checkpoint paths)
+    stale = report.parent / "rag" / "results" / "arms.json"
+    stale.write_text(json.dumps({"config": json.loads(stale.read_text())["config"], "result": {"stale": True}}))
+    (report.parent / "rag" / "summary.json").unlink()
+    assert "stale" not in P.run_stage(ctx, "rag")["arms"]
