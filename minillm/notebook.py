@@ -136,10 +136,13 @@ CLAIM_RANGES: dict[str, tuple] = {
     "12.peft_gold_fraction_of_full": (0.85, None, "LoRA and QLoRA keep most of full SFT's gold with a few percent "
                                       "of the trainable parameters: the lower of the two as a fraction of full SFT's"),
     "12.methods_in_table": (8, None, "the spectrum side by side in one table (>= 8 methods from the cached stages)"),
-    # 13 prompting vs RAG vs fine-tuning (one seed, 0)
+    # 13 prompting vs RAG vs fine-tuning (each range holds on training seeds 0 and 1: notebook 13, section 8)
     "13.bm25_max_abs_diff_by_hand": (0.0, 1e-12, "BM25 equals its formula computed by hand: largest difference"),
     "13.bm25_recall_at_1_knowledge": (0.9, 1.0, "BM25 ranks the passage of (almost) every new and updated fact "
                                       "first: recall@1"),
+    "13.dense_recall_at_1_knowledge": (0.0, 0.7, "the model's own hidden states, mean-pooled, are a weak retriever "
+                                       "(never trained to put a question next to its passage): recall@1 on new and "
+                                       "updated facts (BM25: 1.00)"),
     "13.closed_book_new_em": (0.0, 0.1, "the closed-book SFT model cannot answer facts it never saw: exact match on "
                               "new facts"),
     "13.plain_reader_context_em_drop": (0.1, 1.0, "an SFT model never trained on context answers old facts worse with "
@@ -787,6 +790,33 @@ def _ex_12_2(fn: Callable) -> str:
     return "finds the cost/quality Pareto front in 4 cases (ties kept)"
 
 
+def _ex_13_1(fn: Callable) -> str:
+    """fn(query (list of str terms), docs (list of list of str terms), k1, b) -> (N,) BM25 scores, Lucene IDF."""
+    from minillm.retrieval import BM25Index
+
+    docs = [["cat", "sat", "on", "the", "mat"], ["cat", "cat", "dog"], ["bird"], ["dog", "and", "bird", "and", "cat"]]
+    for query, k1, b in ((["cat"], 1.5, 0.75), (["cat", "dog", "dog"], 1.5, 0.75), (["bird", "mat", "fish"], 1.2, 0.0),
+                         (["cat", "and"], 0.0, 1.0), (["fish"], 1.5, 0.75)):
+        want = BM25Index([" ".join(d) for d in docs], k1=k1, b=b, analyzer=str.split).scores(" ".join(query))
+        got = fn(list(query), [list(d) for d in docs], k1, b)
+        _close(f"BM25 scores of {query} (k1={k1}, b={b})", got, want, atol=1e-9)
+    return "matches retrieval.BM25Index (Lucene IDF) in 5 cases: repeated and unknown terms, k1 = 0, b = 0 and 1"
+
+
+def _ex_13_2(fn: Callable) -> str:
+    """fn(scores (Q, N) float64, relevant (Q,) int, k) -> recall@k (float); ties rank the lower index first."""
+    from minillm.retrieval import recall_at_k
+
+    rng = np.random.default_rng(16)
+    scores = rng.integers(0, 4, size=(12, 6)).astype(np.float64)  # many ties
+    relevant = rng.integers(0, 6, size=12)
+    for k in (1, 2, 3, 6):
+        ranks = [np.lexsort((np.arange(6), -s)).tolist() for s in scores]  # as retrieval.BM25Index.search
+        _close(f"recall@{k}", float(fn(scores.copy(), relevant.copy(), k)), recall_at_k(ranks, relevant.tolist(), k),
+               atol=1e-12)
+    return "matches retrieval.recall_at_k on ties-heavy scores for k = 1, 2, 3, 6"
+
+
 def _ex_14_1(fn: Callable) -> str:
     """fn(rewards (B,) float64, G) -> (B,) group-relative advantages (scale_rewards="group")."""
     from minillm.train.grpo import group_advantages
@@ -814,7 +844,8 @@ EXERCISES: dict[str, Callable] = {
     "04.1": _ex_04_1, "04.2": _ex_04_2, "05.1": _ex_05_1, "05.2": _ex_05_2, "06.1": _ex_06_1, "06.2": _ex_06_2,
     "07.1": _ex_07_1, "07.2": _ex_07_2, "11.1": _ex_11_1, "11.2": _ex_11_2,
     "08.1": _ex_08_1, "08.2": _ex_08_2, "09.1": _ex_09_1, "09.2": _ex_09_2, "09.3": _ex_09_3,
-    "10.1": _ex_10_1, "10.2": _ex_10_2, "12.1": _ex_12_1, "12.2": _ex_12_2, "14.1": _ex_14_1, "14.2": _ex_14_2,
+    "10.1": _ex_10_1, "10.2": _ex_10_2, "12.1": _ex_12_1, "12.2": _ex_12_2, "13.1": _ex_13_1, "13.2": _ex_13_2,
+    "14.1": _ex_14_1, "14.2": _ex_14_2,
 }
 
 

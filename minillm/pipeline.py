@@ -18,6 +18,9 @@ Scope
     ``ensure(stage)`` is the one helper notebooks use to get a stage's output, created on the fly
     and cached when missing.
 
+    The ``rag`` stage (chapter 13, ``stage_rag``) measures prompting vs retrieval vs fine-tuning on new
+    knowledge with the pipeline's own ``pretrain`` and ``sft`` models, at the chapter's quick step counts.
+
 Sources
     The stage recipes are the measured ones of docs/task-world.md and docs/rlhf-notes.md (see each
     train/*.py); best-of-n: Nakano et al. 2021 (WebGPT) §3 / Gao et al. 2022 §3.
@@ -40,7 +43,7 @@ from minillm import threads
 from minillm.checkpoint import write_json_atomic
 
 STAGES = ("pretrain", "prompting", "sft", "sft_lora", "sft_qlora", "sft_opener", "sft_noisy", "reward",
-          "best_of_n", "ppo", "ppo_beta0", "ppo_gold", "dpo", "grpo")
+          "best_of_n", "ppo", "ppo_beta0", "ppo_gold", "dpo", "grpo", "rag")
 
 
 @dataclass
@@ -290,6 +293,83 @@ def stage_grpo(ctx: Context) -> dict:
     return {"checkpoint": res.checkpoint, "history": res.history, "metrics": res.metrics, "seconds": res.seconds}
 
 
+# ------------------------------------------------------------------ chapter 13: retrieval vs fine-tuning
+
+#: Paraphrase counts of the stage's continued-pretraining arm (the notebook runs the whole curve 1, 3, 10, 30).
+RAG_CURVE_NS = (1, 30)
+
+
+def stage_rag(ctx: Context) -> dict:
+    """Chapter 13's arms (``rag.run_chapter``) on the pipeline's own ``pretrain`` and ``sft`` models, at the
+    chapter's quick step counts (``rag.QUICK_STEPS``) in every pipeline so that the stage stays cheap: retriever
+    recall, closed book, oracle context, RAG on the plain SFT model, QA fine-tuning (full, LoRA), the
+    RAFT-style reader with RAG, QA fine-tuning + RAG, continued pretraining with 1 and 30 paraphrases, and
+    updating one fact. Its results live in ``rag/results/``, cleared whenever the stage runs (``run_chapter``'s
+    JSON caches are keyed on the checkpoint paths, which stay the same when ``sft`` is rebuilt); the summary
+    keeps the decision table and the key numbers. The notebook (chapter 13) runs the chapter's full step counts;
+    quick step counts train too little for its claims. Skipped with user SFT data (the knowledge world
+    extends the built-in one)."""
+    if not ctx.builtin:
+        return {"skipped": "rag measures new knowledge of the built-in world; user SFT data has none"}
+    import shutil
+
+    from minillm import rag
+
+    t0 = time.perf_counter()
+    out = ctx.dir / "rag" / "results"
+    shutil.rmtree(out, ignore_errors=True)
+    res = rag.run_chapter(ctx.cfg.runs_dir, quick=True, seed=ctx.cfg.seed, curve_ns=RAG_CURVE_NS,
+                          sft_checkpoint=ctx.path("sft"), base_checkpoint=ctx.path("pretrain"), out_dir=out)
+    arms = {a: {k: {m: v[k][m] for m in ("exact_match", "format_compliance", "abstain_rate", "prompt_tokens")}
+                for k in ("new", "updated", "old", "absent") if k in v}
+            for a, v in res["arms"].items() if not a.startswith("_")}
+    curve = {n: {k: c[k]["exact_match"] for k in ("new", "updated", "old")} | {"seconds": c["cpt_seconds"] + c["sft_seconds"]}
+             for n, c in res["curve"].items()}
+    u = res["update"]
+    return {"recall_at_1": res["retrieval"]["recall"]["bm25_lucene"]["knowledge"]["1"], "arms": arms,
+            "train": res["arms"]["_train"], "curve": curve, "table": res["table"],
+            "update": {"rag_seconds": u["rag"]["seconds"], "finetune_seconds": u["finetune"]["seconds"],
+                       "finetune_other_capitals_leak": u["finetune"]["other_capitals_answering_new_value"]},
+            "steps": rag.QUICK_STEPS, "seconds": time.perf_counter() - t0}
+
+
+#: Report label of each chapter-13 arm (``rag_rows``), in the order of ``rag.ARMS``.
+RAG_ROW_LABELS = {"closed_book": "ch13 closed book (SFT model)", "rag_plain": "ch13 RAG, plain SFT reader",
+                  "qa_full": "ch13 QA fine-tuning (full)", "qa_lora": "ch13 QA fine-tuning (LoRA)",
+                  "rag_raft": "ch13 RAG, RAFT-style reader", "qa_full+rag": "ch13 QA fine-tuning + RAG"}
+
+
+def rag_rows(summaries: dict) -> list[dict]:
+    """Report rows of the ``rag`` stage: per arm, exact match and format on the *new* facts (held-out
+    phrasings), the notes naming updated / old exact match, "I don't know." on absent entities and prompt
+    tokens; one row for continued pretraining (most paraphrases) and one for the retriever."""
+    s = summaries.get("rag", {})
+    if "arms" not in s:
+        return []
+    rows = []
+    for arm, label in RAG_ROW_LABELS.items():
+        a = s["arms"].get(arm)
+        if not a:
+            continue
+        t = s["train"].get({"rag_raft": "raft", "qa_full+rag": "qa_full"}.get(arm, arm), {})
+        rows.append({"method": label, "trainable": t.get("trainable", 0), "exact_match": a["new"]["exact_match"],
+                     "format": a["new"]["format_compliance"], "seconds": t.get("seconds"),
+                     "notes": f"new facts; updated EM {a['updated']['exact_match']:.1%}, old EM "
+                              f"{a['old']['exact_match']:.1%}, absent \"I don't know.\" "
+                              f"{a['absent']['abstain_rate']:.0%}, prompt {a['new']['prompt_tokens']:.0f} tokens"})
+    if s.get("curve"):
+        n = max(s["curve"], key=int)
+        c = s["curve"][n]
+        rows.append({"method": f"ch13 continued pretraining ({n} paraphrases) + SFT", "exact_match": c["new"],
+                     "seconds": c["seconds"], "notes": f"new facts; updated EM {c['updated']:.1%}, old EM {c['old']:.1%}"})
+    u = s["update"]
+    rows.append({"method": "ch13 BM25 retriever", "trainable": 0,
+                 "notes": f"recall@1 {s['recall_at_1']:.1%} on new and updated facts; changing one fact: "
+                          f"re-index {u['rag_seconds'] * 1e3:.1f} ms vs fine-tuning {u['finetune_seconds']:.2f} s; "
+                          f"the ch13 rows train for rag.QUICK_STEPS {s['steps']} (notebook 13 has the chapter's sizes)"})
+    return rows
+
+
 STAGE_FUNCTIONS = {  # the stages in the order they run; each builds on the ones before it
     "pretrain": stage_pretrain,
     "prompting": stage_prompting,
@@ -305,6 +385,7 @@ STAGE_FUNCTIONS = {  # the stages in the order they run; each builds on the ones
     "ppo_gold": stage_ppo_gold,
     "dpo": stage_dpo,
     "grpo": stage_grpo,
+    "rag": stage_rag,
 }
 
 
@@ -443,6 +524,11 @@ def one_line(stage: str, s: dict) -> str:
         a, e = m["eval_start"], m["eval_end"]
         bits.append(f"addition, held-out pass@1 {a['pass@1']:.3f} -> {e['pass@1']:.3f}, "
                     f"pass@{e['G']} {a['pass@G']:.3f} -> {e['pass@G']:.3f}, greedy {a['greedy']:.1%} -> {e['greedy']:.1%}")
+    elif stage == "rag" and "arms" in s:
+        a = s["arms"]
+        bits.append(f"new-fact EM closed book {a['closed_book']['new']['exact_match']:.1%}, QA FT "
+                    f"{a['qa_full']['new']['exact_match']:.1%}, RAG+RAFT reader {a['rag_raft']['new']['exact_match']:.1%}; "
+                    f"BM25 recall@1 {s['recall_at_1']:.1%} (quick step counts)")
     if "profile_top" in s:
         bits.append("most self time: " + ", ".join(f"{r['function']} {r['share']:.0%}" for r in s["profile_top"][:3]))
     return f"[{stage}] " + "; ".join(bits)
@@ -545,6 +631,7 @@ def build_rows(ctx: Context) -> list[dict]:
                               f"world): held-out greedy {a['greedy']:.1%} → {e['greedy']:.1%}, pass@1 "
                               f"{a['pass@1']:.3f} → {e['pass@1']:.3f}, pass@{e['G']} {a['pass@G']:.3f} → "
                               f"{e['pass@G']:.3f}; time incl. its SFT start"})
+    rows += rag_rows(S)
     return rows
 
 

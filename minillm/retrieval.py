@@ -7,7 +7,9 @@ Scope
     simplest baseline). Both keep a dense term-count matrix (N passages x V terms, float64): the
     knowledge bases of this book have a few hundred passages. ``search`` returns the top k
     ``(index, score)`` pairs; ``recall_at_k`` is the fraction of queries whose relevant passage is
-    among the first k.
+    among the first k. ``DenseIndex`` ranks by the cosine of embeddings from any encoder (chapter 13 uses
+    the language model's own mean-pooled hidden states, to show why an encoder not trained for retrieval
+    is weak).
 
     BM25 (docs/reference.md §11; Robertson & Zaragoza 2009, Eq. 3.15 with k3 = inf)::
 
@@ -71,7 +73,26 @@ def analyze(text: str, stopwords: frozenset | set = STOPWORDS) -> list[str]:
     return [w for w in _TERM.findall(text.lower()) if w not in stopwords]
 
 
-class _Index:
+class _Ranker:
+    """``search`` over ``scores``: what every retriever here shares."""
+
+    def scores(self, query: str) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def search(self, query: str, k: int = 1) -> list[tuple[int, float]]:
+        """The k best passages: list of ``(passage index, score)``, best first (ties: lower index first).
+
+        Raises:
+            ValueError: k < 1.
+        """
+        if k < 1:
+            raise ValueError(f"search: k={k} must be >= 1")
+        s = self.scores(query)
+        order = np.lexsort((np.arange(len(s)), -s))[:k]
+        return [(int(i), float(s[i])) for i in order]
+
+
+class _Index(_Ranker):
     """Vocabulary and term-count matrix shared by BM25 and TF-IDF."""
 
     def __init__(self, passages: Sequence[str], analyzer: Callable[[str], list[str]] = analyze):
@@ -107,21 +128,6 @@ class _Index:
             if j is not None:
                 q[j] += 1.0
         return q
-
-    def scores(self, query: str) -> np.ndarray:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def search(self, query: str, k: int = 1) -> list[tuple[int, float]]:
-        """The k best passages: list of ``(passage index, score)``, best first (ties: lower index first).
-
-        Raises:
-            ValueError: k < 1.
-        """
-        if k < 1:
-            raise ValueError(f"search: k={k} must be >= 1")
-        s = self.scores(query)
-        order = np.lexsort((np.arange(len(s)), -s))[:k]
-        return [(int(i), float(s[i])) for i in order]
 
 
 class BM25Index(_Index):
@@ -196,6 +202,41 @@ class TfidfIndex(_Index):
         q = self.query_counts(query) * self.idf
         n = float(np.linalg.norm(q))
         return self.vectors @ (q / n) if n > 0 else np.zeros(self.N, dtype=np.float64)
+
+
+class DenseIndex(_Ranker):
+    """Dense retrieval: the cosine between an embedding of the query and of every passage.
+
+    Args:
+        passages: the knowledge base, list of str (N >= 1).
+        encode: list of str -> (n, D) array of embeddings, one row per text (e.g.
+            ``rag.hidden_state_encoder``: a language model's mean-pooled last hidden states).
+    Attributes:
+        vectors: (N, D) float64 L2-normalised passage embeddings (a zero embedding stays zero).
+    Raises:
+        ValueError: an empty knowledge base; ``encode`` returning other than one finite row per text.
+    Source: V. Karpukhin et al. 2020, "Dense Passage Retrieval" (DPR) §3.1 (inner product of a trained
+        question and passage encoder); here the encoder is not trained for retrieval.
+    """
+
+    def __init__(self, passages: Sequence[str], encode: Callable[[list[str]], np.ndarray]):
+        passages = list(passages)
+        if not passages:
+            raise ValueError("the knowledge base is empty: no passages to index")
+        self.passages, self.encode, self.N = passages, encode, len(passages)
+        self.vectors = self._embed(passages)
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        v = np.asarray(self.encode(texts), dtype=np.float64)
+        if v.ndim != 2 or v.shape[0] != len(texts) or not np.isfinite(v).all():
+            raise ValueError(f"DenseIndex: encode returned shape {v.shape} (finite: {bool(np.isfinite(v).all())}) "
+                             f"for {len(texts)} texts; expected (n, D), finite")
+        n = np.linalg.norm(v, axis=1, keepdims=True)
+        return v / np.where(n > 0, n, 1.0)
+
+    def scores(self, query: str) -> np.ndarray:
+        """(N,) float64 cosine similarity in [-1, 1]."""
+        return self.vectors @ self._embed([query])[0]
 
 
 def recall_at_k(rankings: Sequence[Sequence[int]], relevant: Sequence[int], k: int) -> float:

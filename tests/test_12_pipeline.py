@@ -123,3 +123,36 @@ def test_profile_writes_where_a_stages_time_went(tmp_path):
     assert "sorted by cumulative" in text and "sorted by tottime" in text
     assert "train_loop" in text  # the shared loop is where pretraining's time is spent
     assert "most self time:" in P.one_line("pretrain", summary)
+
+
+def test_rag_stage_measures_chapter_13_on_the_pipeline_models(quick_run):
+    """The ``rag`` stage (chapter 13) at the chapter's quick step counts on the quick pipeline's own ``pretrain``
+    and ``sft`` models: its summary holds every arm and the decision table, and the report gets its rows."""
+    from minillm import rag
+
+    cfg, report = quick_run
+    ctx = P.Context(cfg)
+    for stage in ("pretrain", "sft"):
+        P.run_stage(ctx, stage)  # cached by the fixture: loads their summaries
+    s = P.run_stage(ctx, "rag")
+    assert "skipped" not in s
+    assert s["steps"] == rag.QUICK_STEPS and set(s["curve"]) == {str(n) for n in P.RAG_CURVE_NS}
+    assert s["recall_at_1"] >= 0.9  # BM25 does not depend on the model
+    assert [row["requirement"] for row in s["table"]] == list(rag.REQUIREMENTS)
+    for arm in ("closed_book", "oracle", "rag_plain", "qa_full", "qa_lora", "rag_raft", "qa_full+rag"):
+        for part in ("new", "updated", "old", "absent"):
+            assert 0.0 <= s["arms"][arm][part]["exact_match"] <= 1.0, (arm, part)
+    # a retrieved passage lengthens the prompt; the update costs milliseconds to re-index
+    assert s["arms"]["rag_plain"]["new"]["prompt_tokens"] > s["arms"]["closed_book"]["new"]["prompt_tokens"] + 5
+    assert 0.0 < s["update"]["rag_seconds"] < s["update"]["finetune_seconds"]
+    labels = [r["method"] for r in P.rag_rows(ctx.summaries)]
+    assert labels[:2] == ["ch13 closed book (SFT model)", "ch13 RAG, plain SFT reader"]
+    assert "ch13 continued pretraining (30 paraphrases) + SFT" in labels and labels[-1] == "ch13 BM25 retriever"
+    text = P.write(ctx).read_text()
+    assert "| ch13 RAG, RAFT-style reader |" in text and "recall@1" in text
+    assert P.one_line("rag", s).startswith("[rag] ") and "BM25 recall@1" in P.one_line("rag", s)
+    # a rebuilt stage never reuses the cached results of an earlier run (they are keyed on checkpoint paths)
+    stale = report.parent / "rag" / "results" / "arms.json"
+    stale.write_text(json.dumps({"config": json.loads(stale.read_text())["config"], "result": {"stale": True}}))
+    (report.parent / "rag" / "summary.json").unlink()
+    assert "stale" not in P.run_stage(ctx, "rag")["arms"]

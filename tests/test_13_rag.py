@@ -14,7 +14,7 @@ from conftest import require
 from minillm import rag
 from minillm.knowledge import (ABSENT_FACTS, ABSTAIN, EVAL_TEMPLATES, NEW_FACTS, TRAIN_TEMPLATES, KnowledgeWorld,
                                paraphrases)
-from minillm.retrieval import BM25Index, TfidfIndex, analyze, recall_at_k
+from minillm.retrieval import BM25Index, DenseIndex, TfidfIndex, analyze, recall_at_k
 
 HAND = ["cat sat", "cat cat dog", "bird"]  # N = 3, lengths 2, 3, 1, avgdl = 2
 
@@ -125,6 +125,36 @@ def test_bad_retriever_input_is_a_clear_error():
         BM25Index(HAND, idf="bm11")
     with pytest.raises(TypeError, match="passage 1"):
         BM25Index(["ok", 3])
+
+
+def test_dense_index_ranks_by_cosine_and_names_a_bad_encoder():
+    def letters(texts):  # a toy encoder: counts of a, b, c
+        return np.array([[t.count(ch) for ch in "abc"] for t in texts], dtype=np.float32)
+
+    ix = DenseIndex(["aab", "cc", "abc", "xyz"], letters)
+    s = ix.scores("ab")
+    assert s.dtype == np.float64 and s.shape == (4,)
+    want = np.array([3 / np.sqrt(5 * 2), 0.0, 2 / np.sqrt(3 * 2), 0.0])  # "xyz" embeds to zero: cosine 0
+    np.testing.assert_allclose(s, want, atol=1e-12)
+    assert [i for i, _ in ix.search("ab", k=2)] == [0, 2]
+    with pytest.raises(ValueError, match="knowledge base is empty"):
+        DenseIndex([], letters)
+    with pytest.raises(ValueError, match=r"shape \(1, 3\).*for 2 texts"):
+        DenseIndex(["a", "b"], lambda texts: np.ones((1, 3)))
+
+
+def test_hidden_state_retriever_embeds_every_text_and_is_weaker_than_bm25(tiny_reader):
+    """The reader's own mean-pooled hidden states as a retriever (never trained for it): one finite row per
+    text, and on the chapter's questions it finds fewer right passages first than BM25 does."""
+    model, tok, _ = tiny_reader
+    texts = ["Veldoria", "The capital of Zarnia is Pellow.", "a b c d"]
+    encode = rag.hidden_state_encoder(model, tok)
+    v = encode(texts)
+    assert v.shape == (3, model.config.n_embd) and v.dtype == np.float64 and np.isfinite(v).all()
+    alone = np.concatenate([encode([t]) for t in texts])  # no padding: left padding must not change an embedding
+    np.testing.assert_allclose(v, alone, atol=1e-5)
+    r = rag.measure_retrieval(model=model, tokenizer=tok)["recall"]
+    assert r["dense_hidden"]["knowledge"]["1"] < r["bm25_lucene"]["knowledge"]["1"] == 1.0
 
 
 def test_analyzer_keeps_spellings_whole_and_drops_stop_words():

@@ -403,6 +403,25 @@ def _ref_12_2(costs, qualities):
     return out
 
 
+def _ref_13_1(query, docs, k1, b):
+    N = len(docs)
+    avgdl = sum(len(d) for d in docs) / N
+    out = np.zeros(N)
+    for t in query:
+        df = sum(t in d for d in docs)
+        idf = math.log(1 + (N - df + 0.5) / (df + 0.5))
+        for i, d in enumerate(docs):
+            f = d.count(t)
+            if f:
+                out[i] += idf * f * (k1 + 1) / (f + k1 * (1 - b + b * len(d) / avgdl))
+    return out
+
+
+def _ref_13_2(scores, relevant, k):
+    hits = [rel in sorted(range(len(s)), key=lambda i: (-s[i], i))[:k] for s, rel in zip(scores, relevant)]
+    return float(np.mean(hits))
+
+
 def _ref_14_1(r, G):
     g = r.reshape(-1, G)
     return ((g - g.mean(1, keepdims=True)) / (g.std(1, ddof=1, keepdims=True) + 1e-4)).reshape(-1)
