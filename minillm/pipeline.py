@@ -300,8 +300,8 @@ RAG_CURVE_NS = (1, 30)
 
 
 def stage_rag(ctx: Context) -> dict:
-    """Chapter 13's arms (``rag.run_chapter``) on the pipeline's own ``pretrain`` and ``sft`` models, at the
-    chapter's quick step counts (``rag.QUICK_STEPS``) in every pipeline so that the stage stays cheap: retriever
+    """Chapter 13's arms (``rag_experiments.run_chapter``) on the pipeline's own ``pretrain`` and ``sft`` models, at the
+    chapter's quick step counts (``rag_experiments.QUICK_STEPS``) in every pipeline so that the stage stays cheap: retriever
     recall, closed book, oracle context, RAG on the plain SFT model, QA fine-tuning (full, LoRA), the
     RAFT-style reader with RAG, QA fine-tuning + RAG, continued pretraining with 1 and 30 paraphrases, and
     updating one fact. Its results live in ``rag/results/``, cleared whenever the stage runs (``run_chapter``'s
@@ -313,12 +313,12 @@ def stage_rag(ctx: Context) -> dict:
         return {"skipped": "rag measures new knowledge of the built-in world; user SFT data has none"}
     import shutil
 
-    from minillm import rag
+    from minillm import rag_experiments
 
     t0 = time.perf_counter()
     out = ctx.dir / "rag" / "results"
     shutil.rmtree(out, ignore_errors=True)
-    res = rag.run_chapter(ctx.cfg.runs_dir, quick=True, seed=ctx.cfg.seed, curve_ns=RAG_CURVE_NS,
+    res = rag_experiments.run_chapter(ctx.cfg.runs_dir, quick=True, seed=ctx.cfg.seed, curve_ns=RAG_CURVE_NS,
                           sft_checkpoint=ctx.path("sft"), base_checkpoint=ctx.path("pretrain"), out_dir=out)
     arms = {a: {k: {m: v[k][m] for m in ("exact_match", "format_compliance", "abstain_rate", "prompt_tokens")}
                 for k in ("new", "updated", "old", "absent") if k in v}
@@ -330,10 +330,10 @@ def stage_rag(ctx: Context) -> dict:
             "train": res["arms"]["_train"], "curve": curve, "table": res["table"],
             "update": {"rag_seconds": u["rag"]["seconds"], "finetune_seconds": u["finetune"]["seconds"],
                        "finetune_other_capitals_leak": u["finetune"]["other_capitals_answering_new_value"]},
-            "steps": rag.QUICK_STEPS, "seconds": time.perf_counter() - t0}
+            "steps": rag_experiments.QUICK_STEPS, "seconds": time.perf_counter() - t0}
 
 
-#: Report label of each chapter-13 arm (``rag_rows``), in the order of ``rag.ARMS``.
+#: Report label of each chapter-13 arm (``rag_rows``), in the order of ``rag_experiments.ARMS``.
 RAG_ROW_LABELS = {"closed_book": "ch13 closed book (SFT model)", "rag_plain": "ch13 RAG, plain SFT reader",
                   "qa_full": "ch13 QA fine-tuning (full)", "qa_lora": "ch13 QA fine-tuning (LoRA)",
                   "rag_raft": "ch13 RAG, RAFT-style reader", "qa_full+rag": "ch13 QA fine-tuning + RAG"}
@@ -366,7 +366,7 @@ def rag_rows(summaries: dict) -> list[dict]:
     rows.append({"method": "ch13 BM25 retriever", "trainable": 0,
                  "notes": f"recall@1 {s['recall_at_1']:.1%} on new and updated facts; changing one fact: "
                           f"re-index {u['rag_seconds'] * 1e3:.1f} ms vs fine-tuning {u['finetune_seconds']:.2f} s; "
-                          f"the ch13 rows train for rag.QUICK_STEPS {s['steps']} (notebook 13 has the chapter's sizes)"})
+                          f"the ch13 rows train for rag_experiments.QUICK_STEPS {s['steps']} (notebook 13 has the chapter's sizes)"})
     return rows
 
 

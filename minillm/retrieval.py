@@ -210,7 +210,7 @@ class DenseIndex(_Ranker):
     Args:
         passages: the knowledge base, list of str (N >= 1).
         encode: list of str -> (n, D) array of embeddings, one row per text (e.g.
-            ``rag.hidden_state_encoder``: a language model's mean-pooled last hidden states).
+            ``rag_experiments.hidden_state_encoder``: a language model's mean-pooled last hidden states).
     Attributes:
         vectors: (N, D) float64 L2-normalised passage embeddings (a zero embedding stays zero).
     Raises:

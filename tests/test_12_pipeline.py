@@ -128,7 +128,7 @@ def test_profile_writes_where_a_stages_time_went(tmp_path):
 def test_rag_stage_measures_chapter_13_on_the_pipeline_models(quick_run):
     """The ``rag`` stage (chapter 13) at the chapter's quick step counts on the quick pipeline's own ``pretrain``
     and ``sft`` models: its summary holds every arm and the decision table, and the report gets its rows."""
-    from minillm import rag
+    from minillm import rag_experiments
 
     cfg, report = quick_run
     ctx = P.Context(cfg)
@@ -136,9 +136,9 @@ def test_rag_stage_measures_chapter_13_on_the_pipeline_models(quick_run):
         P.run_stage(ctx, stage)  # cached by the fixture: loads their summaries
     s = P.run_stage(ctx, "rag")
     assert "skipped" not in s
-    assert s["steps"] == rag.QUICK_STEPS and set(s["curve"]) == {str(n) for n in P.RAG_CURVE_NS}
+    assert s["steps"] == rag_experiments.QUICK_STEPS and set(s["curve"]) == {str(n) for n in P.RAG_CURVE_NS}
     assert s["recall_at_1"] >= 0.9  # BM25 does not depend on the model
-    assert [row["requirement"] for row in s["table"]] == list(rag.REQUIREMENTS)
+    assert [row["requirement"] for row in s["table"]] == list(rag_experiments.REQUIREMENTS)
     for arm in ("closed_book", "oracle", "rag_plain", "qa_full", "qa_lora", "rag_raft", "qa_full+rag"):
         for part in ("new", "updated", "old", "absent"):
             assert 0.0 <= s["arms"][arm][part]["exact_match"] <= 1.0, (arm, part)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import require
-from minillm import rag
+from minillm import rag, rag_experiments
+from minillm.judge import GoldJudge
 from minillm.knowledge import (ABSENT_FACTS, ABSTAIN, EVAL_TEMPLATES, NEW_FACTS, TRAIN_TEMPLATES, KnowledgeWorld,
                                paraphrases)
 from minillm.retrieval import BM25Index, DenseIndex, TfidfIndex, analyze, recall_at_k
@@ -52,7 +53,7 @@ def tiny_reader():
         rows.append({"instruction": rag.reader_content(q, [world.passage(f)]), "output": f"{b}."})
     tok = Tokenizer.train("\n".join(r["instruction"] + " " + r["output"] for r in rows), 420)
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32), seed=0)
-    model, _ = rag.finetune(model, tok, rows, steps=300, lr=1e-2, batch_size=16)
+    model, _ = rag_experiments.finetune(model, tok, rows, steps=300, lr=1e-2, batch_size=16)
     return model, tok, time.perf_counter() - t0
 
 
@@ -148,12 +149,12 @@ def test_hidden_state_retriever_embeds_every_text_and_is_weaker_than_bm25(tiny_r
     text, and on the chapter's questions it finds fewer right passages first than BM25 does."""
     model, tok, _ = tiny_reader
     texts = ["Veldoria", "The capital of Zarnia is Pellow.", "a b c d"]
-    encode = rag.hidden_state_encoder(model, tok)
+    encode = rag_experiments.hidden_state_encoder(model, tok)
     v = encode(texts)
     assert v.shape == (3, model.config.n_embd) and v.dtype == np.float64 and np.isfinite(v).all()
     alone = np.concatenate([encode([t]) for t in texts])  # no padding: left padding must not change an embedding
     np.testing.assert_allclose(v, alone, atol=1e-5)
-    r = rag.measure_retrieval(model=model, tokenizer=tok)["recall"]
+    r = rag_experiments.measure_retrieval(model=model, tokenizer=tok)["recall"]
     assert r["dense_hidden"]["knowledge"]["1"] < r["bm25_lucene"]["knowledge"]["1"] == 1.0
 
 
@@ -204,7 +205,7 @@ def test_questions_use_held_out_phrasings_and_absent_entities_expect_i_dont_know
     assert not set(EVAL_TEMPLATES) & set(TRAIN_TEMPLATES)
     absent = world.question_records("absent")
     assert {r["answer"] for r in absent} == {ABSTAIN}
-    judge = rag.GoldJudge(world)
+    judge = GoldJudge(world)
     assert judge.score(absent[0]["instruction"], "I don't know.").correct == 1.0
     assert judge.score(rows[0]["instruction"], f"{rows[0]['answer']}.").correct == 1.0
 
@@ -219,7 +220,7 @@ def test_paraphrases_are_distinct_up_to_thirteen_and_cycle_beyond():
 
 
 def test_bm25_finds_the_new_facts_passage_first():
-    res = rag.measure_retrieval()
+    res = rag_experiments.measure_retrieval()
     world = KnowledgeWorld()
     kb = rag.builtin_knowledge_base(world)
     rows = world.question_records("new") + world.question_records("updated")
@@ -308,7 +309,7 @@ def test_rag_answers_new_facts_the_closed_book_model_cannot(tiny_reader):
     t0 = time.perf_counter()
     world = KnowledgeWorld()
     kb = rag.builtin_knowledge_base(world)
-    judge = rag.GoldJudge(world)
+    judge = GoldJudge(world)
     recs = [r for r in world.question_records("new") if r["task"] == "capital"]  # held-out phrasings
     closed = rag.evaluate_arm(model, tok, recs, judge, "closed", kb, max_new_tokens=8)
     read = rag.evaluate_arm(model, tok, recs, judge, "rag", kb, max_new_tokens=8)
