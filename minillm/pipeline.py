@@ -453,15 +453,15 @@ def clean_alignment_rows(S: dict) -> list[dict]:
     if "start" not in a:
         return []
     s = a["start"]["test"]
-    rows = [{"method": "noisy SFT (start of the clean PPO / DPO), T = 0.7", "gold": s["gold"],
-             "exact_match": s.get("correct"), "rm_score": s.get("rm_score"), "kl": 0.0,
+    rows = [{"method": "noisy SFT (start of the clean PPO / DPO), T = 0.7", "trainable": None, "gold": s["gold"],
+             "exact_match": s.get("exact_match"), "rm_score": s.get("rm_score"), "kl": 0.0,
              "notes": "RM score from the clean reward model"}]
     for m, label in (("ppo", "PPO (β = 0.1), clean RM, from noisy SFT"),
                      ("dpo", "DPO (β = 0.1), clean pairs, from noisy SFT")):
         if m in a:
             e = a[m]["end"]["test"]
             rows.append({"method": label, "trainable": a[m].get("trainable_parameters"), "gold": e["gold"],
-                         "exact_match": e.get("correct"), "rm_score": e.get("rm_score"), "kl": e.get("kl"),
+                         "exact_match": e.get("exact_match"), "rm_score": e.get("rm_score"), "kl": e.get("kl"),
                          "seconds": a[m].get("train_seconds"),
                          "notes": f"gold {s['gold']:+.3f} → {e['gold']:+.3f} (T = 0.7); see the PPO-vs-DPO table"})
     return rows
