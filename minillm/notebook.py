@@ -157,8 +157,9 @@ CLAIM_RANGES: dict[str, tuple] = {
                                     "comparable to PPO's: DPO minus PPO"),
     "12.dpo_over_ppo_train_cpu": (0.0, 1.0, "and DPO trains with less CPU time (no sampling, no reward model): "
                                   "DPO / PPO"),
-    "12.dpo_over_ppo_peak_rss": (0.9, 1.1, "at this model size (a few MB per model) the models held do not decide "
-                                 "the peak memory, the interpreter and libraries do: DPO's peak RSS / PPO's"),
+    "12.dpo_over_ppo_peak_rss": (1.2, None, "but at this model size (a few MB per model) the models held do not decide "
+                                 "the peak memory: DPO, holding one model, peaks higher than PPO holding three: "
+                                 "DPO's peak RSS / PPO's"),
     "12.methods_in_table": (8, None, "the spectrum side by side in one table (>= 8 methods from the cached stages)"),
     # 13 prompting vs RAG vs fine-tuning (one seed, 0)
     "13.bm25_max_abs_diff_by_hand": (0.0, 1e-12, "BM25 equals its formula computed by hand: largest difference"),

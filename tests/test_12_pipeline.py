@@ -154,3 +154,37 @@ def test_opt_in_refusal_stage_runs_only_when_named(quick_run):
             for split in ("answerable", "unanswerable"):
                 assert 0.0 <= r[name][when][split]["refusal_attempt_rate"] <= 1.0
     assert "## Over-refusal" in report.read_text()
+
+
+def test_opt_in_clean_beta0_ppo_joins_the_overoptimization_curves(quick_run):
+    """ppo_clean_beta0 (opt-in) runs PPO with β = 0 and the clean reward model from the noisy SFT model; its
+    per-iteration points become the "PPO β=0, clean RM" curve of the over-optimization plot."""
+    import dataclasses
+
+    cfg, report = quick_run
+    report = P.run_pipeline(dataclasses.replace(cfg, stages="ppo_clean_beta0"))
+    s = json.loads((report.parent / "ppo_clean_beta0" / "summary.json").read_text())
+    assert s["metrics"]["config"]["beta"] == 0.0 and s["metrics"]["config"]["sft"].endswith("sft_noisy/checkpoint.safetensors")
+    assert "PPO β=0, clean RM" in report.read_text()
+
+
+def test_peak_rss_of_a_child_is_its_own_not_its_parents():
+    """bench.peak_rss_mb in a process started by a large one reports the child's own peak (VmHWM), not
+    the parent's size carried across fork + exec by ru_maxrss: the PPO-vs-DPO memory column depends on it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    from minillm.bench import peak_rss_mb
+
+    big = np.ones(400 * 2**20 // 8)  # 400 MiB touched in this (the parent) process
+    assert peak_rss_mb() > 400
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root}
+    out = subprocess.run([sys.executable, "-c", "from minillm.bench import peak_rss_mb; print(peak_rss_mb())"],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    assert float(out) < 300, out
+    del big
