@@ -331,7 +331,7 @@ def stage_reward_clean(ctx: Context) -> dict:
     return {"checkpoint": res.checkpoint, "losses": res.losses, "metrics": res.metrics, "seconds": res.seconds}
 
 
-def _alignment_subprocess(ctx: Context, method: str, out: Path, **kw) -> dict:
+def _alignment_subprocess(method: str, out: Path, **kw) -> dict:
     """``python -m minillm.alignment <method> ...`` in its own process (so its peak resident memory is
     its own), returning the JSON it writes. kw: CLI options (True → a bare flag). Raises
     RuntimeError with the child's last output when it fails."""
@@ -364,9 +364,9 @@ def stage_align_clean(ctx: Context) -> dict:
     d.mkdir(parents=True, exist_ok=True)
     common = dict(sft=ctx.path("sft_noisy"), reward_model=ctx.path("reward_clean"), seed=ctx.cfg.seed,
                   n_prompts=ctx.steps(200, 8))
-    out = {"ppo": _alignment_subprocess(ctx, "ppo", d / "ppo.json", out_dir=d / "ppo", iterations=ctx.steps(60, 2),
+    out = {"ppo": _alignment_subprocess("ppo", d / "ppo.json", out_dir=d / "ppo", iterations=ctx.steps(60, 2),
                                         **common),
-           "dpo": _alignment_subprocess(ctx, "dpo", d / "dpo.json", out_dir=d / "dpo", steps=ctx.steps(100, 4),
+           "dpo": _alignment_subprocess("dpo", d / "dpo.json", out_dir=d / "dpo", steps=ctx.steps(100, 4),
                                         recipe="clean", evaluate_start=True, **common)}
     out["start"] = out["dpo"].pop("start")
     return out
@@ -407,7 +407,7 @@ def stage_refusal(ctx: Context) -> dict:
     files = refusal_pair_files(d)
     out = {}
     for name, path in files.items():
-        out[name] = _alignment_subprocess(ctx, "dpo", d / f"{name}.json", out_dir=d / name, data=path, refusal=True,
+        out[name] = _alignment_subprocess("dpo", d / f"{name}.json", out_dir=d / name, data=path, refusal=True,
                                           sft=ctx.path("sft_noisy"), reward_model=ctx.path("reward_clean"),
                                           seed=ctx.cfg.seed, steps=ctx.steps(100, 4), n_prompts=ctx.steps(50, 8))
     return out
