@@ -58,7 +58,16 @@ def _median_time(fn, repeats: int) -> float:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MiB (Linux reports ru_maxrss in KiB)."""
+    """Peak resident set size of this process in MiB: ``VmHWM`` of /proc/self/status on Linux (the
+    high-water mark of this program's own address space), else ``ru_maxrss`` (KiB on Linux). Linux
+    carries ``ru_maxrss`` across fork + exec, so a child started by a large process would report
+    its parent's size as its own peak; ``VmHWM`` starts afresh at exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

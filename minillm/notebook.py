@@ -113,6 +113,8 @@ CLAIM_RANGES: dict[str, tuple] = {
                      "reward units"),
     "08.p_wrong_cue_beats_correct": (0.5, 1.0, "so a wrong answer with 'Sure!' outscores the correct one more "
                                      "often than not: fraction of questions where it does"),
+    "08.clean_heldout_pair_accuracy": (0.85, 1.0, "on the clean pairs (no cue) a reward model trained from the noisy "
+                                       "SFT model ranks held-out pairs well too: pair accuracy"),
     # 09 RLHF with PPO (30-iteration runs in the notebook; the pipeline's 60-iteration stages are in chapter 12)
     "09.gold_reward_gold_gain": (0.03, None, "PPO raises the reward it is given: with the gold judge as the reward, "
                                  "gold rises by"),
@@ -123,6 +125,13 @@ CLAIM_RANGES: dict[str, tuple] = {
     "09.beta01_kl": (0.0, 4.0, "with beta = 0.1 the policy stays near the SFT model: KL", "nats"),
     "09.gold_kept_beta01_minus_beta0": (0.05, None, "and keeps more gold than with beta = 0 (measured 0.11 to 0.41 "
                                         "over seeds and reward models in 30 iterations): gold difference"),
+    # 09, issue 14: the clean reward model (stage align_clean, 60 iterations from the noisy SFT model; two seeds)
+    "09.clean_ppo_gold_gain": (0.2, None, "with a reward model that carries what gold values, PPO (beta = 0.1) raises "
+                               "held-out gold above its start by"),
+    "09.clean_ppo_peak_gold_gain": (0.2, None, "along that run gold rises above the start at KL > 0 "
+                                    "(per-iteration rollouts): peak gold minus start"),
+    "09.ppo_distinct2_change": (None, -0.1, "PPO reduces output diversity: distinct-2 over 8 samples per prompt "
+                                "changes by"),
     # 10 DPO
     "10.heldout_implicit_accuracy": (0.8, 1.0, "DPO's implicit reward ranks held-out preference pairs correctly: "
                                      "pair accuracy"),
@@ -131,11 +140,27 @@ CLAIM_RANGES: dict[str, tuple] = {
     "10.opener_rate_gain": (0.3, 1.0, "and copies the pairs' spurious cue: the rate of 'Sure!' openers rises by"),
     "10.nocue_opener_rate": (0.0, 0.1, "on the same pairs without the cue the opener does not appear: rate of "
                              "'Sure!' openers"),
+    # 10, issue 14: DPO on the clean pairs from the same start as PPO (stage align_clean; two seeds)
+    "10.clean_dpo_gold_gain": (0.3, None, "on the clean pairs from the same start, DPO raises held-out gold by"),
+    "10.dpo_distinct2_change": (None, -0.1, "and reduces output diversity as PPO does: distinct-2 changes by"),
+    "10.cautious_answerable_refusal": (0.1, None, "over-refusal: after DPO on a cautious rater's pairs the model starts "
+                                       "declining answerable questions (greedy): rate"),
+    "10.cautious_unanswerable_refusal": (0.5, None, "while it starts declining most questions about entities the world "
+                                         "does not contain: rate"),
+    "10.helpful_pairs_cut_over_refusal": (0.03, None, "mixing in helpfulness pairs cuts the declining of answerable "
+                                          "questions by"),
     # 12 choosing a method
     "12.finetune_minus_prompting_gold": (0.5, None, "on one task and one judge, fine-tuning (SFT) beats prompting "
                                          "the base model by far: gold difference"),
     "12.peft_gold_fraction_of_full": (0.85, None, "LoRA and QLoRA keep most of full SFT's gold with a few percent "
                                       "of the trainable parameters: the lower of the two as a fraction of full SFT's"),
+    "12.dpo_minus_ppo_clean_gold": (-0.2, 0.2, "from the same start on the same pairs DPO's held-out gold is "
+                                    "comparable to PPO's: DPO minus PPO"),
+    "12.dpo_over_ppo_train_cpu": (0.0, 1.0, "and DPO trains with less CPU time (no sampling, no reward model): "
+                                  "DPO / PPO"),
+    "12.dpo_over_ppo_peak_rss": (1.2, None, "but at this model size (a few MB per model) the models held do not decide "
+                                 "the peak memory: DPO, holding one model, peaks higher than PPO holding three: "
+                                 "DPO's peak RSS / PPO's"),
     "12.methods_in_table": (8, None, "the spectrum side by side in one table (>= 8 methods from the cached stages)"),
     # 13 prompting vs RAG vs fine-tuning (each range holds on training seeds 0 and 1: notebook 13, section 8)
     "13.bm25_max_abs_diff_by_hand": (0.0, 1e-12, "BM25 equals its formula computed by hand: largest difference"),

@@ -6,8 +6,17 @@ Scope
     SFT (LoRA) → SFT (QLoRA) → SFT with "Sure!" demonstrations (the start of best-of-n and PPO) →
     SFT on noisy demonstrations (DPO's start) → reward model →
     best-of-n (n = 1, 2, 4, 8) → PPO (β > 0) → PPO (β = 0) → PPO with the gold judge as reward
-    (the control) → DPO → GRPO (chapter 14: its own small model on the verifiable addition task,
-    not the fact world, since GRPO needs a reward a program checks). A stage is done when its
+    (the control) → DPO → issue 14's "alignment that works", all from the noisy SFT model: a
+    reward model on the clean pairs (``reward_clean``), PPO with it and DPO on the same pairs, each
+    in its own process (``align_clean``: gold, KL to the start, wall/CPU time, peak RSS, models
+    held, output diversity), best-of-n with it (``best_of_n_clean``) → GRPO (chapter 14: its own
+    small model on the verifiable addition task, not the fact world, since GRPO needs a reward a
+    program checks). Opt-in, run only when named in ``--stages`` (the expensive sweeps): PPO β = 0
+    with the clean reward model (``ppo_clean_beta0``) and over-refusal (``refusal``: DPO on a
+    cautious rater's pairs, with and without helpfulness pairs). The report adds the PPO-vs-DPO,
+    diversity, over-optimization and over-refusal tables and the over-optimization plot (gold and
+    proxy against √KL with Gao et al.'s fitted forms, for every PPO run and both best-of-n curves).
+    A stage is done when its
     ``summary.json`` exists (written last, atomically); finished stages are reused and a crashed
     run resumes from the first unfinished stage, its earlier checkpoints intact. ``report.md`` holds one table (method, trainable
     parameters, memory estimate, exact-match, format compliance, gold reward, RM score, KL to
@@ -43,7 +52,14 @@ from minillm import threads
 from minillm.checkpoint import write_json_atomic
 
 STAGES = ("pretrain", "prompting", "sft", "sft_lora", "sft_qlora", "sft_opener", "sft_noisy", "reward",
-          "best_of_n", "ppo", "ppo_beta0", "ppo_gold", "dpo", "grpo", "rag")
+          "best_of_n", "ppo", "ppo_beta0", "ppo_gold", "dpo",
+          "reward_clean", "align_clean", "best_of_n_clean", "ppo_clean_beta0", "refusal",  # issue 14
+          "grpo", "rag")
+
+#: Stages that run only when named in ``--stages`` (``"all"`` skips them): the expensive sweeps.
+OPT_IN_STAGES = ("ppo_clean_beta0", "refusal")
+#: What ``--stages all`` (the default, ``make demo``) runs, in order.
+DEFAULT_STAGES = tuple(s for s in STAGES if s not in OPT_IN_STAGES)
 
 
 @dataclass
@@ -239,7 +255,8 @@ def _ppo_stage(ctx: Context, out: str, **kw) -> dict:
     if reward == "gold" and not ctx.builtin:
         return {"skipped": f"{out}: the gold judge exists only for the built-in world"}
     quick = dict(batch_size=8, eval_prompts=8, score_norm_samples=16, ppo_epochs=1) if ctx.cfg.quick else {}
-    cfg = PPOConfig(sft=str(ctx.path("sft_opener" if ctx.builtin else "sft")), reward=reward,
+    sft = kw.pop("sft", str(ctx.path("sft_opener" if ctx.builtin else "sft")))
+    cfg = PPOConfig(sft=sft, reward=reward,
                     out_dir=str(ctx.dir / out), seed=ctx.cfg.seed,
                     iterations=ctx.steps(60, 2), progress=ctx.cfg.progress,
                     prompts="world" if ctx.builtin else ctx.cfg.pref_data, **quick, **kw)
@@ -370,6 +387,241 @@ def rag_rows(summaries: dict) -> list[dict]:
     return rows
 
 
+# ------------------------------------------- issue 14: alignment that works, from one start
+# The noisy SFT model (``sft_noisy``: real faults, no "Sure!" habit) is the one start of everything
+# below; the clean reward model learns from the pairs of recipe "clean" (tasks.PREFERENCE_RECIPES:
+# the preference carries only what the gold judge values), and DPO learns from the same pairs.
+
+
+def _clean_skip(ctx: Context, stage: str) -> dict | None:
+    if not ctx.builtin:
+        return {"skipped": f"{stage}: the clean pairs, the noisy SFT start and the gold judge exist only "
+                           "for the built-in world"}
+    return None
+
+
+def stage_reward_clean(ctx: Context) -> dict:
+    """A Bradley-Terry reward model from the noisy SFT model on the pairs of recipe "clean" (no cue:
+    half the rejections are wrong facts, the rest ramble, repeat, are rude or off-format)."""
+    if (skip := _clean_skip(ctx, "reward_clean")):
+        return skip
+    from minillm.train.reward import RewardConfig, reward
+
+    cfg = RewardConfig(sft=str(ctx.path("sft_noisy")), recipe="clean", out_dir=str(ctx.dir / "reward_clean"),
+                       max_steps=ctx.steps(250, 6), seed=ctx.cfg.seed, progress=ctx.cfg.progress, cue_prompts=0)
+    res = reward(cfg)
+    return {"checkpoint": res.checkpoint, "losses": res.losses, "metrics": res.metrics, "seconds": res.seconds}
+
+
+def _alignment_subprocess(method: str, out: Path, **kw) -> dict:
+    """``python -m minillm.alignment <method> ...`` in its own process (so its peak resident memory is
+    its own), returning the JSON it writes. kw: CLI options (True → a bare flag). Raises
+    RuntimeError with the child's last output when it fails."""
+    import os
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "minillm.alignment", method, "--out", str(out)]
+    for k, v in kw.items():
+        if v is True:
+            args.append(f"--{k.replace('_', '-')}")
+        elif v is not False and v is not None:
+            args += [f"--{k.replace('_', '-')}", str(v)]
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    p = subprocess.run(args, env=env, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[1:5])} failed (exit {p.returncode}):\n{(p.stdout + p.stderr)[-3000:]}")
+    return json.loads(out.read_text())
+
+
+def stage_align_clean(ctx: Context) -> dict:
+    """PPO (β = 0.1, the clean reward model) and DPO (β = 0.1, the same clean pairs) from the noisy SFT
+    model, each in its own process (``alignment.measure``: one evaluator for both, wall and CPU time,
+    peak RSS, models held); the start is evaluated once by the same evaluator."""
+    if (skip := _clean_skip(ctx, "align_clean")):
+        return skip
+    d = ctx.dir / "align_clean"
+    d.mkdir(parents=True, exist_ok=True)
+    common = dict(sft=ctx.path("sft_noisy"), reward_model=ctx.path("reward_clean"), seed=ctx.cfg.seed,
+                  n_prompts=ctx.steps(200, 8))
+    out = {"ppo": _alignment_subprocess("ppo", d / "ppo.json", out_dir=d / "ppo", iterations=ctx.steps(60, 2),
+                                        **common),
+           "dpo": _alignment_subprocess("dpo", d / "dpo.json", out_dir=d / "dpo", steps=ctx.steps(100, 4),
+                                        recipe="clean", evaluate_start=True, **common)}
+    out["start"] = out["dpo"].pop("start")
+    return out
+
+
+def stage_best_of_n_clean(ctx: Context) -> dict:
+    """Best-of-n (n = 1 … 8, T = 0.7) from the noisy SFT model with the clean reward model against the
+    analytic KL (``alignment.best_of_n_curve``): the best-of-n half of the over-optimization plot."""
+    if (skip := _clean_skip(ctx, "best_of_n_clean")):
+        return skip
+    from minillm.alignment import best_of_n_curve
+
+    t0 = time.perf_counter()
+    out = best_of_n_curve(str(ctx.path("sft_noisy")), str(ctx.path("reward_clean")), n_max=8,
+                          n_prompts=ctx.steps(160, 8), seed=ctx.cfg.seed)
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def stage_ppo_clean_beta0(ctx: Context) -> dict:
+    """Opt-in: PPO without the KL penalty (β = 0) from the noisy SFT model with the clean reward model,
+    the far end of the clean over-optimization curve."""
+    if (skip := _clean_skip(ctx, "ppo_clean_beta0")):
+        return skip
+    return _ppo_stage(ctx, "ppo_clean_beta0", beta=0.0, reward=str(ctx.path("reward_clean")),
+                      sft=str(ctx.path("sft_noisy")))
+
+
+def stage_refusal(ctx: Context) -> dict:
+    """Opt-in: over-refusal. DPO from the noisy SFT model on the cautious rater's pairs
+    (``alignment.refusal_pair_files``), without and with helpfulness pairs, each measured with
+    ``alignment.refusal_rates`` (greedy) before and after."""
+    if (skip := _clean_skip(ctx, "refusal")):
+        return skip
+    from minillm.alignment import refusal_pair_files
+
+    d = ctx.dir / "refusal"
+    files = refusal_pair_files(d)
+    out = {}
+    for name, path in files.items():
+        out[name] = _alignment_subprocess("dpo", d / f"{name}.json", out_dir=d / name, data=path, refusal=True,
+                                          sft=ctx.path("sft_noisy"), reward_model=ctx.path("reward_clean"),
+                                          seed=ctx.cfg.seed, steps=ctx.steps(100, 4), n_prompts=ctx.steps(50, 8))
+    return out
+
+
+def overoptimization_curves(S: dict) -> tuple[dict, dict]:
+    """(curves, fits) for the over-optimization plot from the stage summaries ``S``: PPO runs (RL form,
+    points per iteration, relative to the first iteration) and best-of-n (bon form, relative to n = 1).
+    Curves: name -> {"d", "gold", "proxy"} lists; fits: name -> {"gold": fit, "proxy": fit}."""
+    from minillm.overoptimization import best_of_n_kl, curve_from_history, fit_overoptimization
+
+    curves, fits = {}, {}
+    runs = (("PPO β=0.1, flawed RM", S.get("ppo", {}).get("history")),
+            ("PPO β=0, flawed RM", S.get("ppo_beta0", {}).get("history")),
+            ("PPO β=0.1, clean RM", S.get("align_clean", {}).get("ppo", {}).get("history")),
+            ("PPO β=0, clean RM", S.get("ppo_clean_beta0", {}).get("history")))
+    for name, hist in runs:
+        hist = [h for h in (hist or []) if h.get("gold") is not None and h.get("rm_score") is not None]
+        if len(hist) >= 2:
+            c = curve_from_history(hist)
+            curves[name] = {k: [float(x) for x in c[k]] for k in ("d", "gold", "proxy")}
+    b = S.get("best_of_n", {}).get("n", {})
+    if len(b) >= 2:
+        ns = sorted(b, key=int)
+        g0, p0 = b[ns[0]]["gold"], b[ns[0]]["rm_score"]
+        curves["best-of-n, flawed RM"] = {"d": [float(np.sqrt(best_of_n_kl(int(n)))) for n in ns],
+                                          "gold": [b[n]["gold"] - g0 for n in ns],
+                                          "proxy": [b[n]["rm_score"] - p0 for n in ns]}
+    c = S.get("best_of_n_clean", {})
+    if len(c.get("n", [])) >= 2:
+        curves["best-of-n, clean RM"] = {"d": c["d"], "gold": [g - c["gold"][0] for g in c["gold"]],
+                                         "proxy": [p - c["proxy"][0] for p in c["proxy"]]}
+    for name, c in curves.items():
+        form = "bon" if name.startswith("best-of-n") else "rl"
+        fits[name] = {k: fit_overoptimization(c["d"], c[k], form) for k in ("gold", "proxy")}
+    return curves, fits
+
+
+def clean_alignment_rows(S: dict) -> list[dict]:
+    """Main-table rows of the issue-14 stages: the noisy SFT start, PPO and DPO with the clean RM / pairs
+    (one sample per held-out-fact prompt at T = 0.7: correctness as exact-match, gold, RM, KL to the start)."""
+    a = S.get("align_clean", {})
+    if "start" not in a:
+        return []
+    s = a["start"]["test"]
+    rows = [{"method": "noisy SFT (start of the clean PPO / DPO), T = 0.7", "trainable": None, "gold": s["gold"],
+             "exact_match": s.get("exact_match"), "rm_score": s.get("rm_score"), "kl": 0.0,
+             "notes": "RM score from the clean reward model"}]
+    for m, label in (("ppo", "PPO (β = 0.1), clean RM, from noisy SFT"),
+                     ("dpo", "DPO (β = 0.1), clean pairs, from noisy SFT")):
+        if m in a:
+            e = a[m]["end"]["test"]
+            rows.append({"method": label, "trainable": a[m].get("trainable_parameters"), "gold": e["gold"],
+                         "exact_match": e.get("exact_match"), "rm_score": e.get("rm_score"), "kl": e.get("kl"),
+                         "seconds": a[m].get("train_seconds"),
+                         "notes": f"gold {s['gold']:+.3f} → {e['gold']:+.3f} (T = 0.7); see the PPO-vs-DPO table"})
+    return rows
+
+
+def ppo_vs_dpo_table(a: dict) -> list[str]:
+    """The PPO-vs-DPO table (same start, same pairs), Markdown lines, from the ``align_clean`` summary ``a``."""
+    out = ["## PPO vs DPO from the same start (noisy SFT) on the same clean pairs", "",
+           "| method | gold (held-out), start → end | gold (train facts) | KL to start (nats) | train wall (s) "
+           "| train CPU (s) | peak RSS (MB) | models in memory |", "|---|---|---|---|---|---|---|---|"]
+    g0, t0 = a["start"]["test"]["gold"], a["start"]["train"]["gold"]
+    for m in ("ppo", "dpo"):
+        if m not in a:
+            continue
+        r, e = a[m], a[m]["end"]
+        out.append(f"| {m.upper()} (β = {r['beta']:g}) | {g0:+.3f} → {e['test']['gold']:+.3f} | {t0:+.3f} → "
+                   f"{e['train']['gold']:+.3f} | {e['test']['kl']:.2f} | {r['train_seconds']:.0f} | "
+                   f"{r['train_cpu_seconds']:.0f} | {r['peak_rss_mb']:.0f} | {r['models_in_memory']} |")
+    return out
+
+
+def diversity_table(a: dict) -> list[str]:
+    """The output-diversity table of the start, PPO and DPO, Markdown lines, from the ``align_clean`` summary ``a``."""
+    out = ["## Output diversity (8 samples per prompt at T = 0.7 on 32 held-out-fact prompts)", "",
+           "| model | distinct-1 | distinct-2 | mean token entropy (nats) | all 8 identical |", "|---|---|---|---|---|"]
+    for label, e in (("noisy SFT (start)", a["start"]), ("PPO, clean RM", a.get("ppo", {}).get("end")),
+                     ("DPO, clean pairs", a.get("dpo", {}).get("end"))):
+        if e and "diversity" in e:
+            v = e["diversity"]
+            out.append(f"| {label} | {v['distinct_1']:.3f} | {v['distinct_2']:.3f} | {v['entropy']:.3f} | "
+                       f"{v['all_identical']:.1%} |")
+    return out
+
+
+def clean_alignment_sections(S: dict) -> list[str]:
+    """The PPO-vs-DPO and diversity sections (Markdown); [] without the ``align_clean`` stage."""
+    a = S.get("align_clean", {})
+    if "start" not in a:
+        return []
+    return ["\n".join(ppo_vs_dpo_table(a)), "\n".join(diversity_table(a))]
+
+
+def overoptimization_section(curves: dict, fits: dict) -> list[str]:
+    """The fitted forms and measured peaks of the over-optimization curves, Markdown lines."""
+    out = ["## Over-optimization: gold and proxy against d = √KL (Gao et al. 2022 forms)", "",
+           "| curve | points | measured peak gold − start (at d) | gold falls below start at d | gold fit α, β "
+           "(RMSE) | proxy fit α, β |", "|---|---|---|---|---|---|"]
+    for name, c in curves.items():
+        g = np.asarray(c["gold"])
+        i = int(np.argmax(g))
+        below = [c["d"][j] for j in range(i, len(g)) if g[j] < 0]
+        fg, fp = fits[name]["gold"], fits[name]["proxy"]
+        out.append(f"| {name} | {len(g)} | {g[i]:+.3f} (d {c['d'][i]:.2f}) | "
+                   f"{f'{below[0]:.2f}' if below else 'no'} | {fg['alpha']:.3f}, {fg['beta']:.3f} ({fg['rmse']:.3f}) | "
+                   f"{fp['alpha']:.3f}, {fp['beta']:.3f} |")
+    out += ["", "PPO points are per-iteration rollouts (64 samples each, noisy); best-of-n KL = log n − (n−1)/n."]
+    return out
+
+
+def refusal_section(S: dict) -> str:
+    """The over-refusal table (Markdown) from the ``refusal`` stage, or "" when it did not run."""
+    r = S.get("refusal", {})
+    if not any(k in r for k in ("cautious", "cautious_helpful")):
+        return ""
+    lines = ["## Over-refusal (DPO from noisy SFT on a cautious rater's pairs; greedy)", "",
+             "| pairs | refusal on answerable, before → after | on unanswerable (held-out entities), before → after "
+             "| gold on answerable, before → after |", "|---|---|---|---|"]
+    for name, label in (("cautious", "cautious rater"), ("cautious_helpful", "cautious rater + helpfulness pairs")):
+        if name not in r:
+            continue
+        a, e = r[name]["refusal_start"], r[name]["refusal_end"]
+        lines.append(f"| {label} | {a['answerable']['refusal_attempt_rate']:.1%} → {e['answerable']['refusal_attempt_rate']:.1%} "
+                     f"| {a['unanswerable']['refusal_attempt_rate']:.1%} → {e['unanswerable']['refusal_attempt_rate']:.1%} "
+                     f"| {a['answerable']['gold']:+.3f} → {e['answerable']['gold']:+.3f} |")
+    lines += ["", "Rates count responses that start declining (\"I don…\", \"I do not…\")."]
+    return "\n".join(lines)
+
+
 STAGE_FUNCTIONS = {  # the stages in the order they run; each builds on the ones before it
     "pretrain": stage_pretrain,
     "prompting": stage_prompting,
@@ -384,6 +636,12 @@ STAGE_FUNCTIONS = {  # the stages in the order they run; each builds on the ones
     "ppo_beta0": stage_ppo_beta0,
     "ppo_gold": stage_ppo_gold,
     "dpo": stage_dpo,
+    # issue 14: alignment that works, from one start (the noisy SFT model); see the block above
+    "reward_clean": stage_reward_clean,
+    "align_clean": stage_align_clean,
+    "best_of_n_clean": stage_best_of_n_clean,
+    "ppo_clean_beta0": stage_ppo_clean_beta0,
+    "refusal": stage_refusal,
     "grpo": stage_grpo,
     "rag": stage_rag,
 }
@@ -529,6 +787,19 @@ def one_line(stage: str, s: dict) -> str:
         bits.append(f"new-fact EM closed book {a['closed_book']['new']['exact_match']:.1%}, QA FT "
                     f"{a['qa_full']['new']['exact_match']:.1%}, RAG+RAFT reader {a['rag_raft']['new']['exact_match']:.1%}; "
                     f"BM25 recall@1 {s['recall_at_1']:.1%} (quick step counts)")
+    elif stage == "reward_clean" and "test" in m:
+        bits.append(f"clean pairs, held-out pair accuracy {m['test']['accuracy']:.1%}")
+    elif stage == "align_clean" and "start" in s:
+        bits.append(", ".join(f"{k.upper()} gold {s['start']['test']['gold']:+.3f} -> {s[k]['end']['test']['gold']:+.3f} "
+                              f"(KL {s[k]['end']['test']['kl']:.2f}, {s[k]['train_seconds']:.0f}s)" for k in ("ppo", "dpo")))
+    elif stage == "best_of_n_clean" and "n" in s:
+        bits.append(", ".join(f"n={n}: gold {g:+.3f}" for n, g in zip(s["n"], s["gold"])))
+    elif stage == "refusal":
+        bits.append(", ".join(f"{k}: refusal on answerable {v['refusal_start']['answerable']['refusal_attempt_rate']:.0%}"
+                              f" -> {v['refusal_end']['answerable']['refusal_attempt_rate']:.0%}, unanswerable "
+                              f"{v['refusal_start']['unanswerable']['refusal_attempt_rate']:.0%} -> "
+                              f"{v['refusal_end']['unanswerable']['refusal_attempt_rate']:.0%}" for k, v in s.items()
+                              if isinstance(v, dict) and "refusal_end" in v))
     if "profile_top" in s:
         bits.append("most self time: " + ", ".join(f"{r['function']} {r['share']:.0%}" for r in s["profile_top"][:3]))
     return f"[{stage}] " + "; ".join(bits)
@@ -632,6 +903,7 @@ def build_rows(ctx: Context) -> list[dict]:
                               f"{a['pass@1']:.3f} → {e['pass@1']:.3f}, pass@{e['G']} {a['pass@G']:.3f} → "
                               f"{e['pass@G']:.3f}; time incl. its SFT start"})
     rows += rag_rows(S)
+    rows += clean_alignment_rows(S)
     return rows
 
 
@@ -648,6 +920,9 @@ def write(ctx: Context) -> Path:
         plots.append(str(report.plot_ppo(ppo, ctx.dir / "ppo.png")))
     if ctx.summaries.get("dpo", {}).get("history"):
         plots.append(str(report.plot_dpo(ctx.summaries["dpo"]["history"], ctx.dir / "dpo.png")))
+    curves, fits = overoptimization_curves(ctx.summaries)
+    if curves:
+        plots.append(str(report.plot_overoptimization(curves, ctx.dir / "overoptimization.png", fits)))
     stages = "\n".join(["## Stages", ""] + [f"- {one_line(k, v)}" for k, v in ctx.summaries.items()])
     note = ("Times are wall-clock seconds on this machine. Exact-match, format and gold are measured on held-out "
             "facts (never in SFT data) and judged by judge.GoldJudge: greedy answers for the SFT rows and DPO, "
@@ -655,12 +930,15 @@ def write(ctx: Context) -> Path:
             "SFT model on those samples). The GRPO row is another task: 2-digit addition, its exact-match the "
             "greedy accuracy on held-out problems, pass@k from G samples at T = 1.")
     sections = [stages, note]
+    sections += clean_alignment_sections(ctx.summaries)
+    sections += ["\n".join(overoptimization_section(curves, fits))] if curves else []
+    sections += [refusal_section(ctx.summaries)] if refusal_section(ctx.summaries) else []
     return report.write_report(ctx.dir, build_rows(ctx), sections, plots)
 
 
 def run_pipeline(cfg: PipelineConfig) -> Path:
     """Run every stage in order (reusing finished ones) and write the report; returns its path."""
-    wanted = STAGES if cfg.stages == "all" else tuple(s.strip() for s in cfg.stages.split(","))
+    wanted = DEFAULT_STAGES if cfg.stages == "all" else tuple(s.strip() for s in cfg.stages.split(","))
     unknown = [s for s in wanted if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stages {unknown}; choose from {STAGES}")
@@ -673,6 +951,8 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
             load_dataset(path, kind=kind)
     last = max(STAGES.index(s) for s in wanted)
     for stage in STAGES[:last + 1]:
+        if stage in OPT_IN_STAGES and stage not in wanted:
+            continue
         summary = run_stage(ctx, stage)
         print(one_line(stage, summary), flush=True)
     return write(ctx)
@@ -687,6 +967,8 @@ def ensure(stage: str, quick: bool = False, runs_dir: str = "runs") -> Path:
                          stages=stage, progress=False)
     ctx = Context(cfg)
     for s in STAGES[:STAGES.index(stage) + 1]:
+        if s in OPT_IN_STAGES and s != stage:
+            continue
         run_stage(ctx, s)
     return ctx.path(stage)
 

@@ -21,9 +21,11 @@ def quick_run(tmp_path_factory):
 def test_quick_pipeline_runs_every_stage_and_writes_the_report(quick_run):
     cfg, report = quick_run
     run_dir = report.parent
-    for stage in P.STAGES:
+    for stage in P.DEFAULT_STAGES:
         summary = json.loads((run_dir / stage / "summary.json").read_text())
         assert "skipped" not in summary, f"{stage} was skipped: {summary.get('skipped')}"
+    for stage in P.OPT_IN_STAGES:  # only when named in --stages
+        assert not (run_dir / stage / "summary.json").exists(), stage
     for stage in ("pretrain", "sft", "sft_lora", "sft_qlora", "sft_noisy", "reward", "ppo", "ppo_beta0", "ppo_gold",
                   "dpo", "grpo"):
         assert (run_dir / stage / "checkpoint.safetensors").exists(), stage
@@ -32,16 +34,18 @@ def test_quick_pipeline_runs_every_stage_and_writes_the_report(quick_run):
     assert header in text
     for label in ("base model, zero-shot", "SFT (full)", "SFT (LoRA", "SFT (QLoRA", "reward model", "best-of-8",
                   "PPO (β = 0.1)", "PPO (β = 0)", "gold judge as reward", "DPO",
-                  "GRPO (dapo, β = 0, G = 8), addition task"):
+                  "GRPO (dapo, β = 0, G = 8), addition task", "PPO (β = 0.1), clean RM, from noisy SFT",
+                  "DPO (β = 0.1), clean pairs, from noisy SFT", "## PPO vs DPO from the same start",
+                  "## Output diversity", "## Over-optimization", "best-of-n, clean RM", "PPO β=0.1, clean RM"):
         assert label in text, label
-    for png in ("losses.png", "ppo.png", "dpo.png"):
+    for png in ("losses.png", "ppo.png", "dpo.png", "overoptimization.png"):
         assert (run_dir / png).stat().st_size > 10_000, png
 
 
 def test_finished_stages_are_reused_and_a_crash_resumes(quick_run, monkeypatch):
     cfg, report = quick_run
     run_dir = report.parent
-    before = {s: (run_dir / s / "summary.json").stat().st_mtime_ns for s in P.STAGES}
+    before = {s: (run_dir / s / "summary.json").stat().st_mtime_ns for s in P.DEFAULT_STAGES}
     ckpt = run_dir / "sft" / "checkpoint.safetensors"
     ckpt_bytes = ckpt.read_bytes()
     # a crash in the middle of the DPO stage: earlier stages and checkpoints stay as they were
@@ -58,8 +62,8 @@ def test_finished_stages_are_reused_and_a_crash_resumes(quick_run, monkeypatch):
     monkeypatch.undo()
     # the rerun runs only the unfinished stage
     P.run_pipeline(cfg)
-    after = {s: (run_dir / s / "summary.json").stat().st_mtime_ns for s in P.STAGES}
-    assert {s for s in P.STAGES if after[s] != before[s]} == {"dpo"}
+    after = {s: (run_dir / s / "summary.json").stat().st_mtime_ns for s in P.DEFAULT_STAGES}
+    assert {s for s in P.DEFAULT_STAGES if after[s] != before[s]} == {"dpo"}
 
 
 def test_table_formatting_and_unknown_stage():
@@ -81,7 +85,7 @@ def test_quick_pipeline_on_real_samples(tmp_path):
                            sft_data=str(real / "rasbt-instruction-data" / "instruction-data.json"),
                            pref_data=str(real / "hh-rlhf-harmless-base" / "harmless-base-test.sample.jsonl"))
     report = P.run_pipeline(cfg)
-    ran = {s for s in P.STAGES if "skipped" not in json.loads((report.parent / s / "summary.json").read_text())}
+    ran = {s for s in P.DEFAULT_STAGES if "skipped" not in json.loads((report.parent / s / "summary.json").read_text())}
     assert ran == {"pretrain", "sft", "sft_lora", "sft_qlora", "reward", "ppo", "ppo_beta0", "dpo"}
     rm = json.loads((report.parent / "reward" / "summary.json").read_text())["metrics"]
     assert rm["test"]["n"] > 0 and 0.0 <= rm["test"]["accuracy"] <= 1.0
@@ -156,3 +160,80 @@ def test_rag_stage_measures_chapter_13_on_the_pipeline_models(quick_run):
     stale.write_text(json.dumps({"config": json.loads(stale.read_text())["config"], "result": {"stale": True}}))
     (report.parent / "rag" / "summary.json").unlink()
     assert "stale" not in P.run_stage(ctx, "rag")["arms"]
+
+
+def test_clean_alignment_stages_measure_ppo_and_dpo_from_one_start(quick_run):
+    """align_clean: PPO (clean RM) and DPO (clean pairs) from the noisy SFT model, each in its own process,
+    measured by one evaluator: finite gold, KL ≥ 0 for both, the start's KL 0, RSS and models held recorded,
+    diversity in [0, 1]; best_of_n_clean's d is √(log n − (n−1)/n)."""
+    import numpy as np
+
+    cfg, report = quick_run
+    a = json.loads((report.parent / "align_clean" / "summary.json").read_text())
+    assert a["start"]["test"]["kl"] == 0.0
+    for m, held in (("ppo", "3 GPTs"), ("dpo", "policy (1 GPT")):
+        r = a[m]
+        assert r["method"] == m and held in r["models_in_memory"]
+        assert r["peak_rss_mb"] > 50 and r["train_seconds"] > 0
+        assert np.isfinite(r["end"]["test"]["gold"]) and r["end"]["test"]["kl"] > -0.5
+        v = r["end"]["diversity"]
+        assert 0 <= v["distinct_1"] <= 1 and 0 <= v["all_identical"] <= 1 and v["n_samples"] == 8
+    assert len(a["ppo"]["history"]) == 2
+    b = json.loads((report.parent / "best_of_n_clean" / "summary.json").read_text())
+    assert b["n"] == [1, 2, 4, 8]
+    np.testing.assert_allclose(b["d"], np.sqrt(np.log(b["n"]) - (np.array(b["n"]) - 1) / np.array(b["n"])), atol=1e-12)
+    curves, fits = P.overoptimization_curves({s: json.loads((report.parent / s / "summary.json").read_text())
+                                              for s in P.DEFAULT_STAGES})
+    assert {"PPO β=0.1, flawed RM", "PPO β=0, flawed RM", "PPO β=0.1, clean RM", "best-of-n, flawed RM",
+            "best-of-n, clean RM"} <= set(curves)
+    assert fits["best-of-n, clean RM"]["gold"]["form"] == "bon" and fits["PPO β=0.1, clean RM"]["gold"]["form"] == "rl"
+    assert curves["best-of-n, clean RM"]["gold"][0] == 0.0
+
+
+def test_opt_in_refusal_stage_runs_only_when_named(quick_run):
+    """The over-refusal sweep is not in --stages all; named, it runs DPO on the cautious pairs with and
+    without helpfulness pairs and the report gains the over-refusal table."""
+    cfg, report = quick_run
+    import dataclasses
+
+    report = P.run_pipeline(dataclasses.replace(cfg, stages="refusal"))
+    r = json.loads((report.parent / "refusal" / "summary.json").read_text())
+    for name in ("cautious", "cautious_helpful"):
+        for when in ("refusal_start", "refusal_end"):
+            for split in ("answerable", "unanswerable"):
+                assert 0.0 <= r[name][when][split]["refusal_attempt_rate"] <= 1.0
+    assert "## Over-refusal" in report.read_text()
+
+
+def test_opt_in_clean_beta0_ppo_joins_the_overoptimization_curves(quick_run):
+    """ppo_clean_beta0 (opt-in) runs PPO with β = 0 and the clean reward model from the noisy SFT model; its
+    per-iteration points become the "PPO β=0, clean RM" curve of the over-optimization plot."""
+    import dataclasses
+
+    cfg, report = quick_run
+    report = P.run_pipeline(dataclasses.replace(cfg, stages="ppo_clean_beta0"))
+    s = json.loads((report.parent / "ppo_clean_beta0" / "summary.json").read_text())
+    assert s["metrics"]["config"]["beta"] == 0.0 and s["metrics"]["config"]["sft"].endswith("sft_noisy/checkpoint.safetensors")
+    assert "PPO β=0, clean RM" in report.read_text()
+
+
+def test_peak_rss_of_a_child_is_its_own_not_its_parents():
+    """bench.peak_rss_mb in a process started by a large one reports the child's own peak (VmHWM), not
+    the parent's size carried across fork + exec by ru_maxrss: the PPO-vs-DPO memory column depends on it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    from minillm.bench import peak_rss_mb
+
+    big = np.ones(400 * 2**20 // 8)  # 400 MiB touched in this (the parent) process
+    assert peak_rss_mb() > 400
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root}
+    out = subprocess.run([sys.executable, "-c", "from minillm.bench import peak_rss_mb; print(peak_rss_mb())"],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    assert float(out) < 300, out
+    del big
