@@ -342,10 +342,10 @@ def _ex_12_1(fn: Callable) -> str:
     rng = np.random.default_rng(14)
     scores = rng.standard_normal((8, 10))
     for n in (1, 2, 4, 8):
-        got, want = np.asarray(fn(scores.copy(), n)), scores[:n].argmax(axis=0)  # as pipeline.stage_best_of_n
+        got, want = np.asarray(fn(scores.copy(), n)), scores[:n].argmax(axis=0)  # as pipeline_stages.stage_best_of_n
         if got.shape != want.shape or not np.array_equal(got, want):
             raise ExerciseFailed(f"n={n}: got {got.tolist()}, expected {want.tolist()}")
-    return "picks the samples pipeline.stage_best_of_n keeps for n = 1, 2, 4, 8"
+    return "picks the samples pipeline_stages.stage_best_of_n keeps for n = 1, 2, 4, 8"
 
 
 def _ex_12_2(fn: Callable) -> str:

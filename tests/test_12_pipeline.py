@@ -7,6 +7,8 @@ import json
 import pytest
 
 from minillm import pipeline as P
+from minillm import pipeline_stages as PS
+from minillm import report as R
 from minillm.report import COLUMNS, format_table
 
 
@@ -126,7 +128,7 @@ def test_profile_writes_where_a_stages_time_went(tmp_path):
     text = (stage_dir / "profile.txt").read_text()
     assert "sorted by cumulative" in text and "sorted by tottime" in text
     assert "train_loop" in text  # the shared loop is where pretraining's time is spent
-    assert "most self time:" in P.one_line("pretrain", summary)
+    assert "most self time:" in R.one_line("pretrain", summary)
 
 
 def test_rag_stage_measures_chapter_13_on_the_pipeline_models(quick_run):
@@ -140,7 +142,7 @@ def test_rag_stage_measures_chapter_13_on_the_pipeline_models(quick_run):
         P.run_stage(ctx, stage)  # cached by the fixture: loads their summaries
     s = P.run_stage(ctx, "rag")
     assert "skipped" not in s
-    assert s["steps"] == rag_experiments.QUICK_STEPS and set(s["curve"]) == {str(n) for n in P.RAG_CURVE_NS}
+    assert s["steps"] == rag_experiments.QUICK_STEPS and set(s["curve"]) == {str(n) for n in PS.RAG_CURVE_NS}
     assert s["recall_at_1"] >= 0.9  # BM25 does not depend on the model
     assert [row["requirement"] for row in s["table"]] == list(rag_experiments.REQUIREMENTS)
     for arm in ("closed_book", "oracle", "rag_plain", "qa_full", "qa_lora", "rag_raft", "qa_full+rag"):
@@ -149,12 +151,12 @@ def test_rag_stage_measures_chapter_13_on_the_pipeline_models(quick_run):
     # a retrieved passage lengthens the prompt; the update costs milliseconds to re-index
     assert s["arms"]["rag_plain"]["new"]["prompt_tokens"] > s["arms"]["closed_book"]["new"]["prompt_tokens"] + 5
     assert 0.0 < s["update"]["rag_seconds"] < s["update"]["finetune_seconds"]
-    labels = [r["method"] for r in P.rag_rows(ctx.summaries)]
+    labels = [r["method"] for r in R.rag_rows(ctx.summaries)]
     assert labels[:2] == ["ch13 closed book (SFT model)", "ch13 RAG, plain SFT reader"]
     assert "ch13 continued pretraining (30 paraphrases) + SFT" in labels and labels[-1] == "ch13 BM25 retriever"
-    text = P.write(ctx).read_text()
+    text = R.write_pipeline_report(ctx).read_text()
     assert "| ch13 RAG, RAFT-style reader |" in text and "recall@1" in text
-    assert P.one_line("rag", s).startswith("[rag] ") and "BM25 recall@1" in P.one_line("rag", s)
+    assert R.one_line("rag", s).startswith("[rag] ") and "BM25 recall@1" in R.one_line("rag", s)
     # a rebuilt stage never reuses the cached results of an earlier run (they are keyed on checkpoint paths)
     stale = report.parent / "rag" / "results" / "arms.json"
     stale.write_text(json.dumps({"config": json.loads(stale.read_text())["config"], "result": {"stale": True}}))
@@ -182,7 +184,7 @@ def test_clean_alignment_stages_measure_ppo_and_dpo_from_one_start(quick_run):
     b = json.loads((report.parent / "best_of_n_clean" / "summary.json").read_text())
     assert b["n"] == [1, 2, 4, 8]
     np.testing.assert_allclose(b["d"], np.sqrt(np.log(b["n"]) - (np.array(b["n"]) - 1) / np.array(b["n"])), atol=1e-12)
-    curves, fits = P.overoptimization_curves({s: json.loads((report.parent / s / "summary.json").read_text())
+    curves, fits = R.overoptimization_curves({s: json.loads((report.parent / s / "summary.json").read_text())
                                               for s in P.DEFAULT_STAGES})
     assert {"PPO β=0.1, flawed RM", "PPO β=0, flawed RM", "PPO β=0.1, clean RM", "best-of-n, flawed RM",
             "best-of-n, clean RM"} <= set(curves)
