@@ -4,15 +4,17 @@ Scope
     Three thread pools do minillm's CPU work: the BLAS under NumPy's matrix products (OpenBLAS),
     the OpenMP team of the NF4 twin (``minillm._C``: the 4-bit dequantize-matmul) and the OpenMP
     threads of the C++ twins of the other ops (``minillm._fused``). ``phase(name)`` is a context
-    manager that sets the BLAS threads and the OpenMP team (threadpoolctl's "openmp" API, i.e.
-    ``omp_set_num_threads``) for one phase and restores them after; ``choose(name)`` says what it
-    would pick. The ``_fused`` twins stay on one thread whatever the phase
-    (``fused.set_num_threads`` changes that; they name their team size explicitly, so the OpenMP
-    setting does not reach them): they are memory-bound, and measured on the shared 2-core machine
-    a second OpenMP thread made a 2-thread training step slower (docs/performance.md). The NF4
-    twin follows the phase: left at OpenMP's default (one thread per core) on a busy machine, its
-    team of two waited for the descheduled thread at every call (measured: a (8, 256) x (256, 1024)
-    4-bit matmul 40 ms instead of 0.2 ms, QLoRA SFT 66 % of its time in it).
+    manager that sets the BLAS threads for one phase, holds the OpenMP team at one thread
+    (threadpoolctl's "openmp" API, i.e. ``omp_set_num_threads``), and restores both after;
+    ``choose(name)`` says what it would pick. The ``_fused`` twins stay on one thread whatever the
+    phase (``fused.set_num_threads`` changes that; they name their team size explicitly): they are
+    memory-bound, and measured on the shared 2-core machine a second OpenMP thread made a 2-thread
+    training step slower (docs/performance.md). The NF4 twin's team is held at one thread too:
+    left at OpenMP's default (one thread per core) on a busy machine it waited for the descheduled
+    thread at every call (a (8, 256) x (256, 1024) 4-bit matmul 40 ms instead of 0.2 ms), and
+    following the phase's count on an idle one, its two threads and OpenBLAS's two spun against
+    each other on two cores (the pipeline's QLoRA SFT stage: 47 s with both at 2 threads, 16 s with
+    both at 1, 15 s with BLAS at 2 and the team at 1, measured in a fresh clone).
     The CLI runs each command, and the pipeline each stage, inside ``phase("train")``;
     ``GPT.generate`` runs inside ``phase("generate")``.
 
@@ -155,12 +157,12 @@ def limits() -> dict:
 
 @contextlib.contextmanager
 def limit(n: int) -> Iterator[int]:
-    """Run the block with ``n`` BLAS threads and an OpenMP team of ``n`` (threadpoolctl; nothing
-    changes without it); restores the previous counts after. The ``_fused`` twins' own thread
-    count is left as it is (see above)."""
+    """Run the block with ``n`` BLAS threads and an OpenMP team of one thread (threadpoolctl;
+    nothing changes without it); restores the previous counts after. The ``_fused`` twins' own
+    thread count is left as it is (see above)."""
     n = max(1, int(n))
     if _tpc is not None:
-        with _tpc.threadpool_limits(limits={"blas": n, "openmp": n}):
+        with _tpc.threadpool_limits(limits={"blas": n, "openmp": 1}):
             yield n
     else:
         yield n

@@ -242,17 +242,17 @@ def test_thread_limit_sets_and_restores_blas_and_leaves_fused_on_one_thread():
     assert threads.limits() == before
 
 
-def test_thread_limit_sets_the_nf4_twins_openmp_team_and_restores_it():
+def test_thread_limit_holds_the_nf4_twins_openmp_team_at_one_and_restores_it():
     from minillm import kernels, threads
 
     if kernels._C is None or threads.limits()["openmp"] is None:
         pytest.skip("the NF4 C++ twin was built without OpenMP or is not installed")
-    before = kernels._C.num_threads()
-    for n in (1, 2):
-        with threads.limit(n):
-            assert kernels._C.num_threads() == n  # the team the 4-bit matmul runs with
-            assert threads.limits()["openmp"] == n
-    assert kernels._C.num_threads() == before
+    with threads._tpc.threadpool_limits(limits=2, user_api="openmp"):  # OpenMP's default on 2 cores
+        for n in (1, 2):
+            with threads.limit(n):
+                assert kernels._C.num_threads() == 1  # the team the 4-bit matmul runs with
+                assert threads.limits()["openmp"] == 1 and threads.limits()["blas"] in (n, None)
+            assert kernels._C.num_threads() == 2  # restored after the phase
 
 
 def test_gemm_probe_covers_exactly_the_linear_flops_of_a_step():
