@@ -149,9 +149,9 @@ def limits() -> dict:
     ``_fused`` twins' OpenMP threads}."""
     counts = {"blas": None, "openmp": None}
     if _tpc is not None:
-        for api in counts:
-            infos = [i for i in _tpc.threadpool_info() if i.get("user_api") == api]
-            counts[api] = infos[0]["num_threads"] if infos else None
+        for info in reversed(_tpc.threadpool_info()):  # reversed: the first pool of each API wins, as before
+            if info.get("user_api") in counts:
+                counts[info["user_api"]] = info["num_threads"]
     return {**counts, "fused": fused.num_threads()}
 
 
