@@ -23,8 +23,8 @@ Scope
     * generation: 1 thread. Decoding multiplies a few rows by each weight matrix; a second thread
       costs more in hand-offs than it saves.
     * training: a second BLAS thread only when a core is free right now. Before the phase starts the
-      machine's CPU use is sampled for 0.2 s from /proc/stat (this process is idle then, so what is
-      busy is someone else); with ≥ 1.75 idle cores (of the cores this process may run on) it uses
+      machine's CPU use is sampled for 0.2 s from /proc/stat, less this process's own (its BLAS
+      threads may still be spinning from the last phase); with ≥ 1.75 idle cores (of the cores this process may run on) it uses
       2 threads, else 1. A second BLAS thread that has to share a core with another process makes
       every GEMM wait for it: the issue's measurement was 16× slower than PyTorch at 2 threads on a
       busy machine, so the choice errs towards 1.
@@ -83,17 +83,26 @@ def _cpu_times() -> tuple[float, float] | None:
 
 
 def idle_cores(window: float = 0.2) -> float | None:
-    """Cores idle over the next ``window`` seconds, machine-wide (from /proc/stat), capped at
-    ``cores()``; None where /proc/stat is unreadable (then ``os.getloadavg`` is used by ``choose``)."""
+    """Cores not used by other processes over the next ``window`` seconds, machine-wide (from
+    /proc/stat), capped at ``cores()``; None where /proc/stat is unreadable (then
+    ``os.getloadavg`` is used by ``choose``).
+
+    This process's own CPU time in the window counts as idle: right after a BLAS-heavy phase,
+    OpenBLAS's worker threads keep spinning for a while, and counted as busy they made the next
+    phase see a loaded machine (measured on an idle 2-core machine: 1.46 idle cores, 0.53 of a
+    core being this process's own spinning threads) — the pipeline then trained half its stages
+    on one thread."""
     a = _cpu_times()
     if a is None:
         return None
+    own0, wall0 = time.process_time(), time.perf_counter()
     time.sleep(window)
     b = _cpu_times()
+    own = (time.process_time() - own0) / max(time.perf_counter() - wall0, 1e-9)
     if b is None or b[1] <= a[1]:
         return None
     frac = (b[0] - a[0]) / (b[1] - a[1])
-    return min(float(cores()), frac * (os.cpu_count() or 1))
+    return min(float(cores()), frac * (os.cpu_count() or 1) + own)
 
 
 def _env_threads() -> int | None:

@@ -229,6 +229,35 @@ def test_thread_policy_reads_the_environment(monkeypatch):
         threads.phase("eval").__enter__()
 
 
+def test_idle_cores_counts_this_processs_own_cpu_time_as_idle(monkeypatch):
+    """Right after a BLAS phase this process's spinning worker threads must not read as another
+    process's load (they made the pipeline train half its stages on one thread)."""
+    import types
+
+    from minillm import threads
+
+    # /proc/stat over the window: 2 CPUs, 100 jiffies in all, 50 idle -> 1.0 core idle machine-wide,
+    # of which this process used 0.6 of a core (0.12 CPU-s in 0.2 s) -> 1.6 cores not used by others
+    stat = iter([(0.0, 0.0), (50.0, 100.0)])
+    clock = {"cpu": 0.0, "wall": 0.0}
+
+    def sleep(s):
+        clock["cpu"] += 0.6 * s
+        clock["wall"] += s
+
+    fake_time = types.SimpleNamespace(sleep=sleep, process_time=lambda: clock["cpu"],
+                                      perf_counter=lambda: clock["wall"])
+    monkeypatch.setattr(threads, "_cpu_times", lambda: next(stat))
+    monkeypatch.setattr(threads, "time", fake_time)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(threads, "cores", lambda: 2)
+    assert threads.idle_cores(0.2) == pytest.approx(1.6)
+    stat = iter([(0.0, 0.0), (100.0, 100.0)])  # all idle and this process idle too: capped at the cores
+    clock["cpu"] = 0.0
+    monkeypatch.setattr(threads, "_cpu_times", lambda: next(stat))
+    assert threads.idle_cores(0.2) == pytest.approx(2.0)
+
+
 def test_thread_limit_sets_and_restores_blas_and_leaves_fused_on_one_thread():
     from minillm import threads
 
