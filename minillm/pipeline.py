@@ -25,7 +25,14 @@ Scope
     format data.py reads; stages that need the world's gold judge are then skipped, and say so.
 
     ``ensure(stage)`` is the one helper notebooks use to get a stage's output, created on the fly
-    and cached when missing.
+    and cached when missing (with only the stages it needs, ``NEEDS``).
+
+    ``--jobs`` (default: as many as cores, up to 4): stages whose needs are done run side by side,
+    each in its own process at one BLAS thread, its console output in ``<stage>/log.txt``; a stage
+    that runs alone (pretraining, which everything else waits for) keeps the thread policy's count.
+    On two cores two one-thread stages do more than one two-thread stage: much of a stage is
+    generation and evaluation, which use one thread anyway. ``--jobs 1`` runs the stages one after
+    another in this process, as before; both give the same results (tested at one thread).
 
     This file is the driver (settings, the stage table, caching keyed on content and settings,
     ``--profile``, ``ensure``); what each stage runs is ``pipeline_stages.py``, the report's rows,
@@ -79,6 +86,7 @@ class PipelineConfig:
     eval_prompts: int = 0  # held-out prompts per evaluation; 0 = all (485)
     progress: bool = True
     profile: bool = False  # run each stage that runs under cProfile: <stage>/profile.txt + the top functions
+    jobs: int = 0  # stages run side by side, each in its own process, as soon as the stages they need are done (0 = auto: min(cores, 4); 1 = one after another in this process)
 
 
 class Context:
@@ -89,6 +97,7 @@ class Context:
         self.dir = Path(cfg.runs_dir) / (cfg.name or ("quick" if cfg.quick else "default"))
         self.dir.mkdir(parents=True, exist_ok=True)
         self.summaries: dict[str, dict] = {}
+        self.run_info: dict = {}  # run_pipeline: this run's wall_seconds and jobs, for the report
 
     @property
     def builtin(self) -> bool:
@@ -130,6 +139,50 @@ STAGE_FUNCTIONS = {  # the stages in the order they run; each builds on the ones
 }
 
 
+#: What each stage reads (checkpoints through ``ctx.path``, or summaries): it starts once these are
+#: done. The builtin-world and user-data variants are both listed (PPO starts from ``sft_opener`` on
+#: the world, from ``sft`` on user data). ``ensure(stage)`` builds only what a stage needs; with
+#: ``--jobs`` > 1 the stages whose needs are done run side by side.
+NEEDS: dict[str, tuple[str, ...]] = {
+    "pretrain": (),
+    "prompting": ("pretrain",),
+    "sft": ("pretrain",),
+    "sft_lora": ("pretrain",),
+    "sft_qlora": ("pretrain",),
+    "sft_opener": ("pretrain",),
+    "sft_noisy": ("pretrain",),
+    "reward": ("sft",),
+    "best_of_n": ("sft_opener", "reward"),
+    "ppo": ("sft", "sft_opener", "reward"),
+    "ppo_beta0": ("sft", "sft_opener", "reward"),
+    "ppo_gold": ("sft", "sft_opener"),
+    "dpo": ("sft", "sft_noisy", "reward"),
+    "reward_clean": ("sft_noisy",),
+    "align_clean": ("sft_noisy", "reward_clean"),
+    "best_of_n_clean": ("sft_noisy", "reward_clean"),
+    "ppo_clean_beta0": ("sft_noisy", "reward_clean"),
+    "refusal": ("sft_noisy", "reward_clean"),
+    "grpo": (),  # its own small model on the addition task
+    "rag": ("pretrain", "sft"),
+}
+
+
+#: Scheduling only (``run_side_by_side``), not reading: GRPO trains its own model, but waits for
+#: pretraining, which every other stage waits for, so that pretraining has the machine to itself.
+AFTER: dict[str, tuple[str, ...]] = {"grpo": ("pretrain",)}
+
+
+def needed(stage: str) -> list[str]:
+    """``stage`` and every stage it needs, directly or through others, in ``STAGES`` order."""
+    todo, seen = [stage], set()
+    while todo:
+        s = todo.pop()
+        if s not in seen:
+            seen.add(s)
+            todo.extend(NEEDS[s])
+    return [s for s in STAGES if s in seen]
+
+
 # ----------------------------------------------------------------------------------- driver
 
 
@@ -165,6 +218,18 @@ def stage_fingerprint(ctx: Context) -> dict:
             "data_sha256": ctx._data_hashes}
 
 
+def cached_summary(ctx: Context, stage: str) -> dict | None:
+    """The finished stage's summary when it was made with the current settings (``stage_fingerprint``),
+    recorded in ``ctx.summaries``; else None."""
+    path = ctx.dir / stage / "summary.json"
+    if path.exists():
+        summary = json.loads(path.read_text())
+        if summary.get("fingerprint") == stage_fingerprint(ctx):
+            ctx.summaries[stage] = summary
+            return summary
+    return None
+
+
 def run_stage(ctx: Context, stage: str) -> dict:
     """Run one stage unless its summary exists and was made with the same settings (stage_fingerprint);
     returns the summary (cached or new). A stage rebuilt for new settings makes every later stage
@@ -175,12 +240,10 @@ def run_stage(ctx: Context, stage: str) -> dict:
     otherwise (other corpus, seed, data content or recipe, or no record) the stage's old checkpoint
     is deleted first, so a rebuild always retrains and never continues another run's weights."""
     fp = stage_fingerprint(ctx)
+    if (cached := cached_summary(ctx, stage)) is not None:
+        return cached
     path = ctx.dir / stage / "summary.json"
     if path.exists():
-        summary = json.loads(path.read_text())
-        if summary.get("fingerprint") == fp:
-            ctx.summaries[stage] = summary
-            return summary
         path.unlink()  # made by another recipe or settings: rebuild
     marker = ctx.dir / stage / "fingerprint.json"
     started = json.loads(marker.read_text()) if marker.is_file() else None
@@ -249,12 +312,93 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         if path != "builtin":  # parse now, so bad data fails before the earlier stages spend their time
             load_dataset(path, kind=kind)
     last = max(STAGES.index(s) for s in wanted)
-    for stage in STAGES[:last + 1]:
-        if stage in OPT_IN_STAGES and stage not in wanted:
-            continue
-        summary = run_stage(ctx, stage)
-        print(report.one_line(stage, summary), flush=True)
+    order = [s for s in STAGES[:last + 1] if s not in OPT_IN_STAGES or s in wanted]
+    jobs = cfg.jobs or min(threads.cores(), MAX_AUTO_JOBS)
+    t0 = time.perf_counter()
+    if jobs == 1:
+        for stage in order:
+            summary = run_stage(ctx, stage)
+            print(report.one_line(stage, summary), flush=True)
+    else:
+        run_side_by_side(ctx, order, jobs)
+        ctx.summaries = {s: ctx.summaries[s] for s in order}  # the report lists them in stage order
+    ctx.run_info = {"wall_seconds": time.perf_counter() - t0, "jobs": jobs}
     return report.write_pipeline_report(ctx)
+
+
+#: Most stages ``--jobs 0`` (auto) runs at once: the stage graph is rarely wider than four.
+MAX_AUTO_JOBS = 4
+
+
+def run_side_by_side(ctx: Context, order: list[str], jobs: int) -> None:
+    """Run the stages of ``order`` in up to ``jobs`` processes at once, each stage as soon as the
+    stages it needs (``NEEDS`` and ``AFTER``, those in ``order``) are done, in ``order`` among the
+    ready ones. Each stage runs in ``python -m minillm.pipeline <stage> <settings.json>`` (``run_stage`` there:
+    the same caching, fingerprint and crash-resume as in one process), its console output in
+    ``<stage>/log.txt``; a finished stage prints its one line here. Threads: a stage that starts
+    while another runs, or could, gets one thread (``MINILLM_THREADS=1``); a stage that runs alone
+    follows the thread policy (``threads.choose``) — it stays alone, since a stage becomes ready
+    only when another finishes. Raises RuntimeError naming the stage, its exit status, the last
+    line of its log and the log's path when a stage fails; the other stages are stopped then."""
+    import os
+    import subprocess
+    import sys
+
+    settings = ctx.dir / "pipeline-settings.json"
+    write_json_atomic(settings, {**vars(ctx.cfg), "jobs": 1, "progress": False})
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    pending, done, running = list(order), set(), {}
+    try:
+        while pending or running:
+            ready = [s for s in pending if all(n in done or n not in order for n in NEEDS[s] + AFTER.get(s, ()))]
+            for stage in ready:
+                if len(running) >= jobs:
+                    break
+                pending.remove(stage)
+                if (summary := cached_summary(ctx, stage)) is not None:
+                    done.add(stage)
+                    print(report.one_line(stage, summary), flush=True)
+                    break  # what is ready may have changed
+                (ctx.dir / stage).mkdir(parents=True, exist_ok=True)
+                alone = not running and len(ready) == 1
+                child_env = env if alone else {**env, "MINILLM_THREADS": "1"}
+                log = open(ctx.dir / stage / "log.txt", "w", encoding="utf-8")
+                proc = subprocess.Popen([sys.executable, "-m", "minillm.pipeline", stage, str(settings)],
+                                        stdout=log, stderr=subprocess.STDOUT, env=child_env)
+                running[stage] = (proc, log)
+            finished = [s for s, (proc, _) in running.items() if proc.poll() is not None]
+            if not finished:
+                time.sleep(0.1)
+            for stage in finished:
+                proc, log = running.pop(stage)
+                log.close()
+                if proc.returncode != 0:
+                    lines = [x for x in Path(log.name).read_text(encoding="utf-8").splitlines() if x.strip()]
+                    raise RuntimeError(f"stage {stage} failed (exit {proc.returncode}): "
+                                       f"{lines[-1] if lines else 'no output'} (log: {log.name})")
+                summary = cached_summary(ctx, stage)
+                if summary is None:
+                    raise RuntimeError(f"stage {stage} exited without a summary (log: {log.name})")
+                done.add(stage)
+                print(report.one_line(stage, summary), flush=True)
+    finally:
+        for proc, log in running.values():
+            proc.terminate()
+            proc.wait()
+            log.close()
+
+
+def _stage_main(argv: list[str]) -> int:
+    """``python -m minillm.pipeline <stage> <settings.json>``: one stage in its own process
+    (``run_side_by_side``'s worker), with the summaries of the stages it needs loaded first."""
+    stage, settings = argv
+    ctx = Context(PipelineConfig(**json.loads(Path(settings).read_text(encoding="utf-8"))))
+    for s in NEEDS[stage]:
+        cached_summary(ctx, s)
+    run_stage(ctx, stage)
+    return 0
 
 
 def ensure(stage: str, quick: bool = False, runs_dir: str = "runs") -> Path:
@@ -265,9 +409,7 @@ def ensure(stage: str, quick: bool = False, runs_dir: str = "runs") -> Path:
     cfg = PipelineConfig(name="cache-quick" if quick else "cache", runs_dir=runs_dir, quick=quick,
                          stages=stage, progress=False)
     ctx = Context(cfg)
-    for s in STAGES[:STAGES.index(stage) + 1]:
-        if s in OPT_IN_STAGES and s != stage:
-            continue
+    for s in needed(stage):
         run_stage(ctx, s)
     return ctx.path(stage)
 
@@ -285,3 +427,9 @@ def run(args) -> int:
     path = run_pipeline(cfg)
     print(f"report: {path}")
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_stage_main(sys.argv[1:]))

@@ -528,6 +528,11 @@ def write_pipeline_report(ctx: Context) -> Path:
     if curves:
         plots.append(str(plot_overoptimization(curves, ctx.dir / "overoptimization.png", fits)))
     stages = "\n".join(["## Stages", ""] + [f"- {one_line(k, v)}" for k, v in ctx.summaries.items()])
+    if getattr(ctx, "run_info", None):  # a run of run_pipeline (not ensure)
+        total = sum(v.get("seconds") or 0.0 for v in ctx.summaries.values())
+        stages += (f"\n\nThis run: {ctx.run_info['wall_seconds']:.0f} s wall clock, up to {ctx.run_info['jobs']} "
+                   f"stage(s) side by side (stages reused from an earlier run take no time here); the stages' own "
+                   f"times add up to {total:.0f} s.")
     note = ("Times are wall-clock seconds on this machine. Exact-match, format and gold are measured on held-out "
             "facts (never in SFT data) and judged by judge.GoldJudge: greedy answers for the SFT rows and DPO, "
             "one sample at T = 0.7 per prompt for best-of-n and PPO (their KL is the summed log-ratio to the "

@@ -3,6 +3,7 @@ finished stages and resuming after a crash."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -58,7 +59,7 @@ def test_finished_stages_are_reused_and_a_crash_resumes(quick_run, monkeypatch):
 
     monkeypatch.setitem(P.STAGE_FUNCTIONS, "dpo", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        P.run_pipeline(cfg)
+        P.run_pipeline(replace(cfg, jobs=1))  # in this process, where the patch is
     assert not (run_dir / "dpo" / "summary.json").exists()
     assert ckpt.read_bytes() == ckpt_bytes
     monkeypatch.undo()
@@ -113,6 +114,50 @@ def test_the_stage_table_lists_every_stage_in_order():
     """The pipeline's explicit stage table (no look-up by name) runs exactly STAGES, in that order."""
     assert tuple(P.STAGE_FUNCTIONS) == P.STAGES
     assert all(fn.__name__ == f"stage_{name}" for name, fn in P.STAGE_FUNCTIONS.items())
+
+
+def test_the_needs_table_names_earlier_stages_and_ensure_builds_only_those():
+    assert tuple(P.NEEDS) == P.STAGES
+    for stage, needs in {**P.NEEDS, **P.AFTER}.items():
+        assert all(P.STAGES.index(n) < P.STAGES.index(stage) for n in needs), stage
+    assert P.needed("reward") == ["pretrain", "sft", "reward"]
+    assert P.needed("align_clean") == ["pretrain", "sft_noisy", "reward_clean", "align_clean"]
+    assert P.needed("grpo") == ["grpo"]  # AFTER orders the side-by-side run only
+
+
+def _results(run_dir, stage):
+    """A stage's summary without what differs between two identical runs: times, threads, the run folder."""
+    def scrub(x):
+        if isinstance(x, dict):
+            return {k: scrub(v) for k, v in x.items() if k not in ("seconds", "train_seconds", "threads")}
+        return [scrub(v) for v in x] if isinstance(x, list) else x
+
+    text = (run_dir / stage / "summary.json").read_text().replace(str(run_dir), "<run>")
+    return scrub(json.loads(text))
+
+
+def test_stages_side_by_side_give_what_one_process_gives(tmp_path, monkeypatch):
+    """--jobs 2 (each stage in its own process, two at once) and --jobs 1 (one after another in this
+    process) train and measure the same: identical summaries at one thread, stage for stage."""
+    monkeypatch.setenv("MINILLM_THREADS", "1")
+    dirs = {}
+    for jobs in (1, 2):
+        cfg = P.PipelineConfig(name=f"jobs{jobs}", runs_dir=str(tmp_path), quick=True, progress=False,
+                               stages="sft_lora", jobs=jobs)
+        dirs[jobs] = P.run_pipeline(cfg).parent
+    assert (dirs[2] / "sft" / "log.txt").is_file() and not (dirs[1] / "sft" / "log.txt").exists()
+    for stage in ("pretrain", "prompting", "sft", "sft_lora"):
+        assert _results(dirs[1], stage) == _results(dirs[2], stage), stage
+
+
+def test_a_stage_failing_side_by_side_names_the_stage_and_its_log(tmp_path):
+    corpus = tmp_path / "empty.txt"
+    corpus.write_text("")
+    cfg = P.PipelineConfig(name="fail", runs_dir=str(tmp_path), quick=True, progress=False, stages="sft",
+                           corpus=str(corpus), jobs=2)
+    with pytest.raises(RuntimeError, match=r"stage pretrain failed \(exit 1\): .*log: .*pretrain/log.txt"):
+        P.run_pipeline(cfg)
+    assert not (tmp_path / "fail" / "sft" / "summary.json").exists()
 
 
 def test_profile_writes_where_a_stages_time_went(tmp_path):
