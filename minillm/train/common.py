@@ -332,12 +332,32 @@ def print_run(res, out_dir, summary_lines: Callable[[dict], list]) -> int:
     return 0
 
 
+def trainer_command(config_cls, train: Callable, summary_lines: Callable[[dict], list],
+                    extra_arguments: Callable | None = None) -> tuple[Callable, Callable]:
+    """The ``add_arguments(parser)`` and ``run(args) -> int`` of a trainer's CLI command (what
+    ``cli.py`` calls): one option per ``config_cls`` field (``add_dataclass_arguments``, then
+    ``extra_arguments(parser)`` for any other), and a run that builds the config
+    (``dataclass_from_args``), calls ``train(config)`` and prints its summary (``print_run``)."""
+    def add_arguments(parser) -> None:
+        add_dataclass_arguments(parser, config_cls)
+        if extra_arguments is not None:
+            extra_arguments(parser)
+
+    def run(args) -> int:
+        cfg = dataclass_from_args(config_cls, args)
+        return print_run(train(cfg), cfg.out_dir, summary_lines)
+
+    return add_arguments, run
+
+
 @dataclass
 class TrainResult:
-    """What a training run returns: loss per step (nats), metrics (JSON-able dict), checkpoint path,
-    wall time in seconds."""
+    """What a training run returns (SFT, reward model, DPO, PPO, GRPO): loss per step (nats; the
+    loop-based trainers), history (one dict of logged values per step or iteration; DPO, PPO, GRPO),
+    metrics (JSON-able dict, as written to ``metrics.json``), checkpoint path, wall time in seconds."""
 
     losses: list = field(default_factory=list)
+    history: list = field(default_factory=list)
     metrics: dict = field(default_factory=dict)
     checkpoint: str = ""
     seconds: float = 0.0

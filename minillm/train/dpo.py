@@ -55,7 +55,7 @@ Deviations
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -69,8 +69,8 @@ from minillm.model import GPT, left_pad
 from minillm.nn import disable_dropout
 from minillm.optim import AdamW, weight_decay_groups
 from minillm.tensor import Tensor, no_grad
-from minillm.train.common import (LoRAConfig, OptimConfig, add_dataclass_arguments, dataclass_from_args, metric_lines,
-                                  print_run, render_pair_splits, write_metrics)
+from minillm.train.common import (LoRAConfig, OptimConfig, TrainResult, metric_lines, render_pair_splits,
+                                  trainer_command, write_metrics)
 from minillm.train.loop import index_batches, train_loop
 from minillm.train.reward import load_pairs
 
@@ -123,14 +123,7 @@ class DPOConfig(LoRAConfig, OptimConfig):
             raise ValueError(f"sft_weight must be ≥ 0, got {self.sft_weight}")
 
 
-@dataclass
-class DPOResult:
-    """Per-step metric dicts, metrics (JSON-able), checkpoint path, seconds."""
-
-    history: list = field(default_factory=list)
-    metrics: dict = field(default_factory=dict)
-    checkpoint: str = ""
-    seconds: float = 0.0
+DPOResult = TrainResult  # history: per-step metric dicts; metrics, checkpoint path, seconds
 
 
 # ----------------------------------------------------------------------------------------------
@@ -481,15 +474,12 @@ def summary_lines(m: dict) -> list[str]:
     return lines + metric_lines(m, ("ref_seconds", "train_seconds", "seconds"))
 
 
-def add_arguments(parser) -> None:
+def _base_alias(parser) -> None:
     import argparse
 
-    add_dataclass_arguments(parser, DPOConfig)
     parser.add_argument("--base", dest="sft", default=argparse.SUPPRESS,
                         help="alias of --sft: the starting model (checkpoint, run or Hugging Face GPT-2 directory)")
 
 
-def run(args) -> int:
-    """``minillm dpo``: run, print the summary, return 0."""
-    cfg = dataclass_from_args(DPOConfig, args)
-    return print_run(dpo(cfg), cfg.out_dir, summary_lines)
+#: ``minillm dpo``: one option per DPOConfig field and ``--base`` (= ``--sft``); runs, prints the summary.
+add_arguments, run = trainer_command(DPOConfig, dpo, summary_lines, extra_arguments=_base_alias)

@@ -72,7 +72,7 @@ Deviations (each with the option that restores the reference behaviour)
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -84,8 +84,7 @@ from minillm import functional as F
 from minillm.model import GPT
 from minillm.optim import AdamW
 from minillm.tensor import Tensor, no_grad
-from minillm.train.common import (add_dataclass_arguments, check_finite, dataclass_from_args, print_run, trend_line,
-                                  write_metrics)
+from minillm.train.common import TrainResult, check_finite, trainer_command, trend_line, write_metrics
 from minillm.train.dynamic_sampling import concat_rollouts, refill_groups
 from minillm.train.loop import optimizer_step
 from minillm.train.ppo import _evenly
@@ -329,15 +328,7 @@ class GRPOConfig:
 RewardFunc = Callable[..., Sequence[float]]
 
 
-@dataclass
-class GRPOResult:
-    """history: one dict of logged values per iteration; metrics: the JSON-able summary; checkpoint:
-    path of the saved policy; seconds: wall time."""
-
-    history: list = field(default_factory=list)
-    metrics: dict = field(default_factory=dict)
-    checkpoint: str = ""
-    seconds: float = 0.0
+GRPOResult = TrainResult  # history: one dict per iteration; metrics, checkpoint path, seconds
 
 
 class GRPOTrainer:
@@ -664,12 +655,5 @@ def summary_lines(m: dict) -> list[str]:
     return lines
 
 
-def add_arguments(parser) -> None:
-    """``minillm grpo`` options: one per GRPOConfig field."""
-    add_dataclass_arguments(parser, GRPOConfig)
-
-
-def run(args) -> int:
-    """``minillm grpo``: run, print the summary, return 0."""
-    cfg = dataclass_from_args(GRPOConfig, args)
-    return print_run(grpo(cfg), cfg.out_dir, summary_lines)
+#: ``minillm grpo``: one option per GRPOConfig field; runs, prints the summary, returns 0.
+add_arguments, run = trainer_command(GRPOConfig, grpo, summary_lines)

@@ -78,7 +78,7 @@ Deviations (each with the option that restores the reference behaviour)
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -91,8 +91,7 @@ from minillm.nn import Linear, disable_dropout
 from minillm.optim import AdamW, weight_decay_groups
 from minillm.tensor import no_grad
 from minillm.facts import OPENER
-from minillm.train.common import (LoRAConfig, add_dataclass_arguments, dataclass_from_args, print_run, trend_line,
-                                  write_metrics)
+from minillm.train.common import LoRAConfig, TrainResult, trainer_command, trend_line, write_metrics
 from minillm.train.loop import optimizer_step
 from minillm.train.rollout import Rollout, policy_forward, reference_logprobs, sample_rollout
 from minillm.train.ppo_objective import (AdaptiveKLController, FixedKLController, compute_gae, masked_whiten,
@@ -220,15 +219,7 @@ def load_reward(path: str):
 # ================================================================================================
 # The trainer
 
-@dataclass
-class PPOResult:
-    """history: one dict of logged values per iteration; metrics: the JSON-able summary (config,
-    evaluations before/after, history, seconds); checkpoint: path of the saved policy."""
-
-    history: list = field(default_factory=list)
-    metrics: dict = field(default_factory=dict)
-    checkpoint: str = ""
-    seconds: float = 0.0
+PPOResult = TrainResult  # history: one dict per iteration; metrics (config, evaluations, history), checkpoint, seconds
 
 
 class PPOTrainer:
@@ -627,12 +618,5 @@ def summary_lines(m: dict) -> list[str]:
     return lines
 
 
-def add_arguments(parser) -> None:
-    """``minillm ppo`` options: one per PPOConfig field."""
-    add_dataclass_arguments(parser, PPOConfig)
-
-
-def run(args) -> int:
-    """``minillm ppo``: run, print the summary, return 0."""
-    cfg = dataclass_from_args(PPOConfig, args)
-    return print_run(ppo(cfg), cfg.out_dir, summary_lines)
+#: ``minillm ppo``: one option per PPOConfig field; runs, prints the summary, returns 0.
+add_arguments, run = trainer_command(PPOConfig, ppo, summary_lines)

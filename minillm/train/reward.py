@@ -61,8 +61,8 @@ from minillm.loaders import load_dataset
 from minillm.model import GPT, last_token_index
 from minillm.optim import AdamW, weight_decay_groups
 from minillm.tensor import Tensor, no_grad
-from minillm.train.common import (OptimConfig, TrainResult, add_dataclass_arguments, dataclass_from_args, metric_lines,
-                                  print_run, render_pair_splits, write_metrics)
+from minillm.train.common import (OptimConfig, TrainResult, metric_lines, render_pair_splits, trainer_command,
+                                  write_metrics)
 from minillm.train.loop import index_batches, train_loop
 
 
@@ -456,11 +456,5 @@ def summary_lines(m: dict) -> list[str]:
     return lines + metric_lines(m, ("final_loss", "train_seconds", "seconds"))
 
 
-def add_arguments(parser) -> None:
-    add_dataclass_arguments(parser, RewardConfig)
-
-
-def run(args) -> int:
-    """``minillm reward``: run, print the summary, return 0."""
-    cfg = dataclass_from_args(RewardConfig, args)
-    return print_run(reward(cfg), cfg.out_dir, summary_lines)
+#: ``minillm reward``: one option per RewardConfig field; runs, prints the summary, returns 0.
+add_arguments, run = trainer_command(RewardConfig, reward, summary_lines)
