@@ -332,8 +332,8 @@ MAX_AUTO_JOBS = 4
 
 def run_side_by_side(ctx: Context, order: list[str], jobs: int) -> None:
     """Run the stages of ``order`` in up to ``jobs`` processes at once, each stage as soon as the
-    stages it needs (``NEEDS`` and ``AFTER``, those in ``order``) are done, in ``order`` among the
-    ready ones. Each stage runs in ``python -m minillm.pipeline <stage> <settings.json>`` (``run_stage`` there:
+    stages it needs (``NEEDS`` and ``AFTER``, those in ``order``) are done; among the ready ones,
+    first the stage most others wait on (directly or not), then in ``order``. Each stage runs in ``python -m minillm.pipeline <stage> <settings.json>`` (``run_stage`` there:
     the same caching, fingerprint and crash-resume as in one process), its console output in
     ``<stage>/log.txt``; a finished stage prints its one line here. Threads: a stage that starts
     while another runs, or could, gets one thread (``MINILLM_THREADS=1``); a stage that runs alone
@@ -350,9 +350,11 @@ def run_side_by_side(ctx: Context, order: list[str], jobs: int) -> None:
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     pending, done, running = list(order), set(), {}
+    waiting = {s: sum(s in needed(t) for t in order if t != s) for s in order}  # stages that wait on s
     try:
         while pending or running:
             ready = [s for s in pending if all(n in done or n not in order for n in NEEDS[s] + AFTER.get(s, ()))]
+            ready.sort(key=lambda s: -waiting[s])  # stable: among equals, stage order
             for stage in ready:
                 if len(running) >= jobs:
                     break
