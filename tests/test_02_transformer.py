@@ -237,7 +237,7 @@ def pretrain_steps(cfg: PretrainConfig, stop_after: int):
     finally:
         P.save_checkpoint = orig
     ck = load_checkpoint(Path(cfg.out_dir) / P.CHECKPOINT_NAME)
-    return P.PretrainResult(train_losses=ck.train_state["train_losses"])
+    return P.PretrainResult(losses=ck.train_state["train_losses"])
 
 
 def test_checkpoint_round_trip_and_shape_mismatch(tmp_path):

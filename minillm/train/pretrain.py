@@ -40,8 +40,8 @@ from minillm.checkpoint import load_checkpoint, save_checkpoint, write_json_atom
 from minillm.model import GPT, GPTConfig
 from minillm.optim import AdamW, weight_decay_groups
 from minillm.tokenizer import Tokenizer
-from minillm.train.common import (OptimConfig, add_dataclass_arguments, dataclass_from_args, fixed_windows, mean_loss,
-                                  random_windows, read_text, rng_state, set_rng_state)
+from minillm.train.common import (OptimConfig, TrainResult, add_dataclass_arguments, dataclass_from_args, fixed_windows,
+                                  mean_loss, random_windows, read_text, rng_state, set_rng_state)
 from minillm.train.loop import train_loop
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -112,16 +112,22 @@ for _name in MODEL_FIELDS:  # read access in the flat form: cfg.n_layer is cfg.m
 
 
 @dataclass
-class PretrainResult:
-    """What a run produced: losses per step (nats/token), validation losses as (step, loss),
-    the checkpoint path, wall time in seconds, and the number of corpus tokens."""
+class PretrainResult(TrainResult):
+    """What a run produced: the trainers' ``TrainResult`` (losses per step in nats/token, also
+    readable as ``train_losses``; checkpoint path; wall time in seconds) plus validation losses as
+    (step, loss), the number of corpus tokens and the greedy samples printed at each evaluation."""
 
-    train_losses: list = field(default_factory=list)
     val_losses: list = field(default_factory=list)
-    checkpoint: str = ""
-    seconds: float = 0.0
     n_tokens: int = 0
     samples: list = field(default_factory=list)
+
+    @property
+    def train_losses(self) -> list:
+        return self.losses
+
+    @train_losses.setter
+    def train_losses(self, value: list) -> None:
+        self.losses = value
 
 
 def builtin_texts() -> tuple[str, str]:
