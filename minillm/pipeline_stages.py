@@ -216,7 +216,7 @@ def stage_grpo(ctx: Context) -> dict:
     """GRPO (chapter 14) on the verifiable addition task (``verifiable.AdditionTask``): a brief SFT start of
     its own (``verifiable.sft_start``, kept in ``grpo/`` under a name holding seed and steps), then
     GRPO with the accuracy reward, β = 0 (no reference model held), ``loss_type`` "dapo". The stage
-    is small on purpose (1,000 SFT steps, 60 iterations of 16 prompts × G = 8, 200 held-out
+    is small on purpose (1,200 SFT steps, 60 iterations of 16 prompts × G = 8, 200 held-out
     problems): it shows the method in the table, the notebook measures it. Skipped with user SFT or
     preference data: GRPO needs a reward a program checks, which those files do not carry."""
     if not ctx.builtin:
@@ -224,7 +224,7 @@ def stage_grpo(ctx: Context) -> dict:
                            "user SFT/preference data has no such checker"}
     from minillm.train.grpo import GRPOConfig, grpo
 
-    steps = ctx.steps(1000, 20)
+    steps = ctx.steps(1200, 20)
     cfg = GRPOConfig(sft=str(ctx.dir / "grpo" / f"sft-seed{ctx.cfg.seed}-steps{steps}.safetensors"),
                      sft_steps=steps, out_dir=str(ctx.dir / "grpo"), iterations=ctx.steps(60, 2),
                      prompts_per_iteration=ctx.steps(16, 4), eval_prompts=ctx.steps(200, 16),
