@@ -3,8 +3,8 @@
 Scope
     ``grpo(GRPOConfig)`` fine-tunes an SFT policy on a task whose answers a program checks (the
     addition tasks of ``minillm.verifiable``: ``addition_accuracy_reward`` or the per-digit
-    ``addition_digit_reward``, optional ``addition_format_reward``). No reward model and no value model. One iteration (TRL: one
-    generation step):
+    ``addition_digit_reward``, optional ``addition_format_reward``). No reward model and no value
+    model. One iteration (TRL: one generation step):
 
     1. **Groups.** ``prompts_per_iteration`` train prompts are drawn (without replacement within
        the iteration); each is repeated ``num_generations`` = G times and the policy samples G
@@ -482,7 +482,9 @@ class GRPOTrainer:
         n_mb = min(cfg.num_mini_batches, B)
         bounds = np.linspace(0, B, n_mb + 1).round().astype(int)
         perms = [self.rng.permutation(B) for _ in range(cfg.num_iterations)]
-        # log π_old: needed whenever a minibatch is trained after an update (TRL computes them only then)
+        # log π_old: needed whenever a minibatch is trained after an update (TRL computes them only then).
+        # The first minibatch of the first pass is trained before any update: its log π_old are that
+        # training forward's own values (the same forward, so ρ = 1 exactly), kept rather than computed twice.
         need_old = cfg.num_iterations > 1 or n_mb > 1
         old_logp = ref_logp = None
         with no_grad():
@@ -494,7 +496,7 @@ class GRPOTrainer:
                 for a, b in zip(bounds[:-1], bounds[1:]):
                     idx = perms[0][a:b]
                     sub = rollout.subset(idx)
-                    if need_old:
+                    if need_old and a > 0:
                         lp, _ = self.forward(sub)
                         old_logp[idx] = backend.to_numpy(lp.data)
                     if self.ref is not None:
@@ -507,7 +509,11 @@ class GRPOTrainer:
                 sub = rollout.subset(idx)
                 m = mask[idx]
                 lp, logits = self.forward(sub)
-                loss, ls = grpo_loss(lp, None if old_logp is None else old_logp[idx], adv[idx], m, cfg.loss_type,
+                first = it == 0 and a == 0  # no update yet: π_old is the current policy
+                if first and old_logp is not None:
+                    old_logp[idx] = backend.to_numpy(lp.data)
+                old = None if old_logp is None or first else old_logp[idx]
+                loss, ls = grpo_loss(lp, old, adv[idx], m, cfg.loss_type,
                                      cfg.epsilon, cfg.epsilon_high, cfg.beta,
                                      None if ref_logp is None else ref_logp[idx], cfg.max_completion_length,
                                      num_items, cfg.use_bias_correction_kl)
