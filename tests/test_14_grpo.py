@@ -506,6 +506,16 @@ def test_grpo_raises_the_reward_from_an_sft_start(sft_start):
     assert end > start + 0.15, (start, end)
 
 
+def test_eval_on_start_false_skips_only_the_evaluation_before_training(sft_start, tmp_path):
+    from minillm.train.grpo import grpo
+
+    cfg = GRPOConfig(sft=sft_start, out_dir=str(tmp_path / "g"), iterations=2, prompts_per_iteration=2,
+                     num_generations=2, eval_prompts=4, eval_num_generations=2, eval_on_start=False, progress=False)
+    m = grpo(cfg).metrics
+    assert "eval_start" not in m and [e["iteration"] for e in m["evals"]] == [2]
+    assert m["eval_end"]["n"] == 4 and len(m["eval_end"]["correct_counts"]) == 4
+
+
 def test_cli_runs_end_to_end_and_writes_metrics(tmp_path):
     from minillm.checkpoint import load_model
     from minillm.cli import main

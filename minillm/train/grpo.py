@@ -259,7 +259,9 @@ class GRPOConfig:
     beta: k3 KL coefficient (0: no reference model). dynamic_sampling: drop zero-std groups and
     refill the batch with new prompts, at most ``max_num_gen_batches`` sampling rounds (DAPO; verl's name).
     eval_prompts: held-out problems for pass@1 / pass@G (G = eval_num_generations) before, every
-    ``eval_every`` iterations (0: only before and after), and after training.
+    ``eval_every`` iterations (0: only before and after), and after training. eval_on_start: False
+    skips the evaluation before training (``eval_start``; Hugging Face ``TrainingArguments`` name,
+    whose default is False: here True), e.g. when another run from the same start measured it.
     Raises ValueError (naming the field) for G < 2, unknown loss_type / scale_rewards, a batch
     that does not split into ``num_mini_batches``, and other out-of-range values.
     """
@@ -292,6 +294,7 @@ class GRPOConfig:
     eval_prompts: int = 200
     eval_num_generations: int = 8
     eval_every: int = 0
+    eval_on_start: bool = True
     seed: int = 0
     progress: bool = True
 
@@ -632,7 +635,7 @@ def grpo(cfg: GRPOConfig, on_iteration: Callable | None = None) -> GRPOResult:
     metrics: dict = {"config": asdict(cfg), "n_train_prompts": len(train_prompts), "n_eval_prompts": len(eval_prompts),
                      "reference_model_held": trainer.ref is not None, "parameters": count_parameters(trainer.policy)}
     evals = []
-    if eval_prompts:
+    if eval_prompts and cfg.eval_on_start:
         evals.append({"iteration": 0, **run_eval()})
         metrics["eval_start"] = evals[0]
     rng = np.random.default_rng([cfg.seed, 15])
