@@ -331,7 +331,7 @@ def sft_start(path: str, task: str = "addition", n_digits: int = 2, steps: int =
     answers (the headroom RL needs; its pass@1 and pass@G are measured in notebooks/14_grpo.ipynb).
     The model learns the sum abruptly, the ones digit last, and when depends on the seed (held-out
     pass@1 at T = 1, 815 problems, seeds 0 / 1: 0.10 / 0.17 after 1,000 steps, with the ones digit
-    about a guess; 0.66 / 0.33 after 1,200; seed 1 0.96 after 1,400; seed 2 already 0.90 after 1,200).
+    about a guess; 0.66 / 0.33 after 1,200; seed 1 0.96 after 1,400; after 1,200 seed 2 is at 0.90, seed 3 at 0.15).
     Uses ``sft.train_sft`` (the chapter-04 loop). Raises ValueError for steps < 1 or an unknown task.
     """
     from minillm.checkpoint import save_checkpoint
