@@ -191,6 +191,10 @@ CLAIM_RANGES: dict[str, tuple] = {
     "14.start_pass1_max": (None, 0.7, "the brief SFT start does not solve every held-out sum (pass@1 <= 70 %)"),
     "14.start_passG_minus_pass1_min": (0.3, None, "and pass@8 is far above pass@1: the right sum is often among "
                                        "the 8 samples (the headroom RL needs)"),
+    "14.grpo_pass1_gain_min": (0.0, None, "GRPO raises held-out pass@1 from the SFT start on both seeds: smaller "
+                               "gain"),
+    "14.grpo_pass1_gain_over_se_min": (2.0, None, "... by more than twice the gain's standard error (paired over the "
+                                       "815 held-out problems): gain / SE, smaller seed"),
     "14.rft_minus_grpo_pass1_min": (0.0, None, "with equal samples, steps and learning rate, rejection-sampling "
                                     "fine-tuning ends above GRPO on this one-answer task: pass@1 difference, smaller seed"),
     "14.grpo_minus_ppo_pass1_abs_max": (0.0, 0.1, "GRPO lands within 10 points of PPO's pass@1 at the same budget: "

@@ -14,9 +14,14 @@ Scope
       sometimes (pass@1 0.09, pass@8 0.5), the 3- and 5-digit versions almost never (pass@1 0.007,
       0.003), which leaves GRPO no signal.
     * ``addition_accuracy_reward`` / ``addition_format_reward`` -- TRL-signature reward functions
-      for both tasks (the same question form); ``weighted_rewards`` sums several with weights and
-      checks what they return; ``pass_at_k`` scores G samples of a problem. ``make_task`` builds a task by name;
-      ``sft_start`` trains the brief SFT start GRPO begins from.
+      for both tasks (the same question form); ``addition_digit_reward`` -- per-digit partial
+      credit (an option, not the default: from the 1,200-step starts, 150 iterations × 16 prompts,
+      it gained less than the exact-answer reward; held-out pass@1 gains on 815 problems, seeds 0 / 1,
+      digit vs exact: −0.003 ± 0.008 / +0.067 ± 0.007 vs +0.021 ± 0.007 / +0.060 ± 0.008 at lr 1e-4,
+      +0.018 ± 0.006 / +0.049 ± 0.006 vs +0.029 ± 0.006 / +0.063 ± 0.007 at lr 5e-5);
+      ``weighted_rewards`` sums several with weights and checks what they return; ``pass_at_k``
+      scores G samples of a problem. ``make_task`` builds a task by name; ``sft_start`` trains the
+      brief SFT start GRPO begins from.
 
     A tiny GPT instruction-tuned briefly on the train problems solves the held-out ones sometimes
     but not always: the headroom GRPO needs (a policy that never succeeds gets no signal from a 0/1
@@ -29,7 +34,8 @@ Sources
     Dr. GRPO (arXiv 2503.20783) §3.1 (why answer lengths must vary to see the length bias).
 
 Deviations
-    None from the sources; the tasks themselves are this project's.
+    ``addition_digit_reward`` (per-digit partial credit) is this project's, not DeepSeek-R1's
+    exact-answer reward; the tasks themselves are this project's.
 """
 from __future__ import annotations
 
@@ -222,6 +228,32 @@ def addition_accuracy_reward(prompts: Sequence[str], completions: Sequence[str],
     return out
 
 
+def addition_digit_reward(prompts: Sequence[str], completions: Sequence[str], **kwargs) -> list[float]:
+    """A denser verifiable reward: the share of the sum's digits that are right, aligned from the
+    right (ones with ones, tens with tens), over max(len(answer), len(sum)) positions.
+
+    The completion is read as ``addition_accuracy_reward`` reads it (``strip_response``); a
+    response that is not all digits gets 0.0; the exact sum gets 1.0, so the reward is a partial-credit
+    extension of the accuracy reward and is still computed by a program. Example, "What is 47 + 38?"
+    (sum 85): "85." -> 1.0, "86." -> 0.5 (tens right), "75." -> 0.5, "185." -> 2/3 (three positions,
+    two right), "5." -> 0.5, "8 5." -> 0.0. Same signature and errors as ``addition_accuracy_reward``.
+    Deviation (stated): DeepSeek-R1's rule-based reward is exact-answer only; per-digit partial credit
+    is this project's, to give a group whose answers are all wrong a nonzero spread.
+    """
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
+    out = []
+    for p, c in zip(prompts, completions):
+        a, b = addition_operands(p)
+        want, got = str(a + b), strip_response(c)
+        if not (got.isascii() and got.isdigit()):
+            out.append(0.0)
+            continue
+        n = max(len(want), len(got))
+        out.append(sum(1 for i in range(min(len(want), len(got))) if got[-1 - i] == want[-1 - i]) / n)
+    return out
+
+
 def addition_format_reward(prompts: Sequence[str], completions: Sequence[str], ended: Sequence[bool] | None = None,
                            **kwargs) -> list[float]:
     """The format reward: 1.0 when the completion is one number followed by "." (``"85."`` after
@@ -286,7 +318,7 @@ def weighted_rewards(reward_funcs: Sequence, reward_weights: Sequence[float], pr
     return total, per
 
 
-def sft_start(path: str, task: str = "addition", n_digits: int = 2, steps: int = 1000, seed: int = 0,
+def sft_start(path: str, task: str = "addition", n_digits: int = 2, steps: int = 1200, seed: int = 0,
               n_layer: int = 2, n_embd: int = 48, lr: float = 3e-3, batch_size: int = 32) -> str:
     """Train a fresh tiny GPT on a verifiable task's train problems (SFT) and save it with its
     tokenizer at ``path``; returns the path.
@@ -294,9 +326,12 @@ def sft_start(path: str, task: str = "addition", n_digits: int = 2, steps: int =
     task, n_digits: as ``make_task`` (the split's seed is 0, the same for every start). The
     tokenizer is byte-level BPE trained on the task's train text with one merge (digits stay single
     tokens); the GPT has ``n_layer`` layers of width ``n_embd``, block_size 40, init seed ``seed``.
-    The training is deliberately brief (default 1,000 steps): the start must solve the held-out
+    The training is deliberately brief (default 1,200 steps): the start must solve the held-out
     problems sometimes but not always, so that a group of G samples holds both correct and wrong
     answers (the headroom RL needs; its pass@1 and pass@G are measured in notebooks/14_grpo.ipynb).
+    The model learns the sum abruptly, the ones digit last, and when depends on the seed (held-out
+    pass@1 at T = 1, 815 problems, seeds 0 / 1: 0.10 / 0.17 after 1,000 steps, with the ones digit
+    about a guess; 0.66 / 0.33 after 1,200; seed 1 0.96 after 1,400; after 1,200 seed 2 is at 0.90, seed 3 at 0.15).
     Uses ``sft.train_sft`` (the chapter-04 loop). Raises ValueError for steps < 1 or an unknown task.
     """
     from minillm.checkpoint import save_checkpoint

@@ -21,7 +21,8 @@ from minillm.train.dynamic_sampling import concat_rollouts, refill_groups
 from minillm.train.grpo import GRPOConfig, GRPOTrainer, group_advantages, grpo_loss
 from minillm.train.ppo_objective import kl_per_token
 from minillm.verifiable import (AdditionConfig, AdditionTask, MixedAdditionConfig, MixedAdditionTask,
-                                addition_accuracy_reward, addition_format_reward, addition_operands, pass_at_k)
+                                addition_accuracy_reward, addition_digit_reward, addition_format_reward,
+                                addition_operands, pass_at_k)
 from minillm.verifiable import sft_start as make_sft_start
 
 
@@ -48,6 +49,24 @@ def test_addition_task_holds_out_unordered_pairs_and_the_reward_checks_the_sum()
         AdditionConfig(n_digits=0)
     assert len(AdditionTask(AdditionConfig(n_digits=1)).problems("train")) + \
         len(AdditionTask(AdditionConfig(n_digits=1)).problems("test")) == 100
+
+
+def test_digit_reward_gives_right_aligned_partial_credit_and_one_only_for_the_exact_sum():
+    q = ["What is 47 + 38?"] * 8  # sum 85
+    got = addition_digit_reward(q, [" 85.", "86.", "75.", "185.", "5.", "8 5.", "eighty-five.", "Sure! 85."])
+    assert got == pytest.approx([1.0, 0.5, 0.5, 2 / 3, 0.5, 0.0, 0.0, 1.0], abs=0)
+    q3 = ["What is 99 + 99?"] * 3  # sum 198: the ones and the hundreds right -> 2 of 3
+    assert addition_digit_reward(q3, ["108.", "198", "98."]) == pytest.approx([2 / 3, 1.0, 2 / 3], abs=0)
+    # exact where the accuracy reward is 1, strictly below 1 elsewhere
+    comps = ["85.", "84.", "58.", "850."]
+    acc, dig = addition_accuracy_reward(q[:4], comps), addition_digit_reward(q[:4], comps)
+    assert [d == 1.0 for d in dig] == [a == 1.0 for a in acc] and dig[2] == 0.0 and dig[3] == 0.0
+    with pytest.raises(ValueError, match="not an addition question"):
+        addition_digit_reward(["What is the capital of France?"], ["Paris."])
+    with pytest.raises(ValueError, match="2 prompts for 1 completions"):
+        addition_digit_reward(q[:2], ["85."])
+    with pytest.raises(ValueError, match="reward"):
+        GRPOConfig(reward="partial")
 
 
 def test_mixed_addition_task_has_answers_of_every_length_and_no_leaked_test_pair():
@@ -487,6 +506,16 @@ def test_grpo_raises_the_reward_from_an_sft_start(sft_start):
     assert end > start + 0.15, (start, end)
 
 
+def test_eval_on_start_false_skips_only_the_evaluation_before_training(sft_start, tmp_path):
+    from minillm.train.grpo import grpo
+
+    cfg = GRPOConfig(sft=sft_start, out_dir=str(tmp_path / "g"), iterations=2, prompts_per_iteration=2,
+                     num_generations=2, eval_prompts=4, eval_num_generations=2, eval_on_start=False, progress=False)
+    m = grpo(cfg).metrics
+    assert "eval_start" not in m and [e["iteration"] for e in m["evals"]] == [2]
+    assert m["eval_end"]["n"] == 4 and len(m["eval_end"]["correct_counts"]) == 4
+
+
 def test_cli_runs_end_to_end_and_writes_metrics(tmp_path):
     from minillm.checkpoint import load_model
     from minillm.cli import main
@@ -494,12 +523,17 @@ def test_cli_runs_end_to_end_and_writes_metrics(tmp_path):
     sft = tmp_path / "sft.safetensors"
     rc = main(["grpo", "--sft", str(sft), "--sft-steps", "30", "--out-dir", str(tmp_path / "grpo"),
                "--iterations", "2", "--prompts-per-iteration", "4", "--num-generations", "4", "--eval-prompts", "8",
-               "--eval-num-generations", "4", "--format-reward-weight", "0.5", "--progress", "false"])
+               "--eval-num-generations", "4", "--format-reward-weight", "0.5", "--reward", "digit",
+               "--progress", "false"])
     assert rc == 0 and sft.is_file()
     m = json.loads((tmp_path / "grpo" / "metrics.json").read_text())
     assert len(m["history"]) == 2 and m["reference_model_held"] is False
-    assert set(m["eval_start"]) >= {"pass@1", "pass@G", "greedy", "G", "n"} and m["eval_end"]["n"] == 8
+    assert set(m["eval_start"]) >= {"pass@1", "pass@1_se", "pass@G", "greedy", "G", "n"} and m["eval_end"]["n"] == 8
     assert 0 <= m["eval_end"]["pass@1"] <= m["eval_end"]["pass@G"] <= 1
-    assert "rewards/addition_format_reward/mean" in m["history"][0]
+    for e in (m["eval_start"], m["eval_end"]):  # pass@1 and its standard error from the per-prompt counts
+        c = np.asarray(e["correct_counts"]) / e["G"]
+        assert len(c) == 8 and e["pass@1"] == pytest.approx(c.mean(), abs=1e-5)
+        assert e["pass@1_se"] == pytest.approx(c.std(ddof=1) / math.sqrt(8), abs=1e-5)
+    assert {"rewards/addition_format_reward/mean", "rewards/addition_digit_reward/mean"} <= set(m["history"][0])
     model, tok, _ = load_model(str(tmp_path / "grpo" / "checkpoint.safetensors"))
     assert tok is not None and model.config.block_size == 40

@@ -2,9 +2,9 @@
 
 Scope
     ``grpo(GRPOConfig)`` fine-tunes an SFT policy on a task whose answers a program checks (the
-    addition tasks of ``minillm.verifiable``: ``addition_accuracy_reward``, optional
-    ``addition_format_reward``). No reward model and no value model. One iteration (TRL: one
-    generation step):
+    addition tasks of ``minillm.verifiable``: ``addition_accuracy_reward`` or the per-digit
+    ``addition_digit_reward``, optional ``addition_format_reward``). No reward model and no value
+    model. One iteration (TRL: one generation step):
 
     1. **Groups.** ``prompts_per_iteration`` train prompts are drawn (without replacement within
        the iteration); each is repeated ``num_generations`` = G times and the policy samples G
@@ -55,7 +55,7 @@ Deviations (each with the option that restores the reference behaviour)
     * ``use_bias_correction_kl`` defaults to False (DeepSeekMath's k3 term); TRL 1.16 defaults to
       True (the k3 term multiplied by ρ, DeepSeek-V3.2). ``use_bias_correction_kl=True`` restores it.
     * Defaults are chosen for the tiny addition model, not TRL's: ``num_generations`` 8 (TRL 8),
-      ``max_completion_length`` 6 (TRL 512), ``lr`` 1e-4 (TRL ``learning_rate`` 1e-6), ``temperature``
+      ``max_completion_length`` 6 (TRL 512), ``lr`` 5e-5 (TRL ``learning_rate`` 1e-6), ``temperature``
       1.0 (TRL 1.0), ``loss_type`` "dapo", ``scale_rewards`` "group", β 0, ε 0.2 (TRL's).
     * ``dapo`` divides each minibatch's token sum by (completion tokens of the whole generation
       batch / ``num_mini_batches``), as TRL with one process and no gradient accumulation
@@ -94,6 +94,8 @@ from minillm.verifiable import TASKS, func_name, pass_at_k, weighted_rewards
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
+#: the main reward: exact answer (DeepSeek-R1's accuracy reward) or per-digit partial credit
+REWARDS = ("accuracy", "digit")
 #: added to the std before dividing (TRL ``_generate_and_score_completions``)
 STD_EPS = 1e-4
 
@@ -247,14 +249,18 @@ class GRPOConfig:
     > 0 first trains a fresh tiny GPT (``verifiable.sft_start``) for that many SFT steps on the
     task's train problems and saves it at ``sft`` (the chapter's start, reproducible from a seed).
     task: "addition" (``verifiable.AdditionTask``, operands of ``n_digits`` digits) or
-    "mixed_addition" (``verifiable.MixedAdditionTask``, operands of 1..``n_digits`` digits). format_reward_weight: weight of
-    ``addition_format_reward`` added to the accuracy reward (0: accuracy only).
+    "mixed_addition" (``verifiable.MixedAdditionTask``, operands of 1..``n_digits`` digits). reward: "accuracy"
+    (``addition_accuracy_reward``, 1 for the exact sum) or "digit" (``addition_digit_reward``, the share of
+    right digits; pass@k still counts exact sums only). format_reward_weight: weight of
+    ``addition_format_reward`` added to that reward (0: none).
     prompts_per_iteration × num_generations completions per iteration; num_mini_batches optimizer
     steps per pass, num_iterations passes (μ). epsilon (= ε_low), epsilon_high (None: = epsilon).
     beta: k3 KL coefficient (0: no reference model). dynamic_sampling: drop zero-std groups and
     refill the batch with new prompts, at most ``max_num_gen_batches`` sampling rounds (DAPO; verl's name).
     eval_prompts: held-out problems for pass@1 / pass@G (G = eval_num_generations) before, every
-    ``eval_every`` iterations (0: only before and after), and after training.
+    ``eval_every`` iterations (0: only before and after), and after training. eval_on_start: False
+    skips the evaluation before training (``eval_start``; Hugging Face ``TrainingArguments`` name,
+    whose default is False: here True), e.g. when another run from the same start measured it.
     Raises ValueError (naming the field) for G < 2, unknown loss_type / scale_rewards, a batch
     that does not split into ``num_mini_batches``, and other out-of-range values.
     """
@@ -269,7 +275,7 @@ class GRPOConfig:
     num_generations: int = 8
     max_completion_length: int = 6
     temperature: float = 1.0
-    lr: float = 1e-4
+    lr: float = 5e-5
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     epsilon: float = 0.2
@@ -282,10 +288,12 @@ class GRPOConfig:
     num_mini_batches: int = 1
     dynamic_sampling: bool = False
     max_num_gen_batches: int = 4
+    reward: str = "accuracy"
     format_reward_weight: float = 0.0
     eval_prompts: int = 200
     eval_num_generations: int = 8
     eval_every: int = 0
+    eval_on_start: bool = True
     seed: int = 0
     progress: bool = True
 
@@ -297,6 +305,8 @@ class GRPOConfig:
             raise ValueError(f"GRPOConfig.loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         if self.scale_rewards not in SCALE_REWARDS:
             raise ValueError(f"GRPOConfig.scale_rewards must be one of {SCALE_REWARDS}, got {self.scale_rewards!r}")
+        if self.reward not in REWARDS:
+            raise ValueError(f"GRPOConfig.reward must be one of {REWARDS}, got {self.reward!r}")
         if self.task not in TASKS:
             raise ValueError(f"GRPOConfig.task must be one of {TASKS}, got {self.task!r}")
         if self.temperature <= 0:
@@ -466,7 +476,9 @@ class GRPOTrainer:
         n_mb = min(cfg.num_mini_batches, B)
         bounds = np.linspace(0, B, n_mb + 1).round().astype(int)
         perms = [self.rng.permutation(B) for _ in range(cfg.num_iterations)]
-        # log π_old: needed whenever a minibatch is trained after an update (TRL computes them only then)
+        # log π_old: needed whenever a minibatch is trained after an update (TRL computes them only then).
+        # The first minibatch of the first pass is trained before any update: its log π_old are that
+        # training forward's own values (the same forward, so ρ = 1 exactly), kept rather than computed twice.
         need_old = cfg.num_iterations > 1 or n_mb > 1
         old_logp = ref_logp = None
         with no_grad():
@@ -478,7 +490,7 @@ class GRPOTrainer:
                 for a, b in zip(bounds[:-1], bounds[1:]):
                     idx = perms[0][a:b]
                     sub = rollout.subset(idx)
-                    if need_old:
+                    if need_old and a > 0:
                         lp, _ = self.forward(sub)
                         old_logp[idx] = backend.to_numpy(lp.data)
                     if self.ref is not None:
@@ -491,7 +503,11 @@ class GRPOTrainer:
                 sub = rollout.subset(idx)
                 m = mask[idx]
                 lp, logits = self.forward(sub)
-                loss, ls = grpo_loss(lp, None if old_logp is None else old_logp[idx], adv[idx], m, cfg.loss_type,
+                first = it == 0 and a == 0  # no update yet: π_old is the current policy
+                if first and old_logp is not None:
+                    old_logp[idx] = backend.to_numpy(lp.data)
+                old = None if old_logp is None or first else old_logp[idx]
+                loss, ls = grpo_loss(lp, old, adv[idx], m, cfg.loss_type,
                                      cfg.epsilon, cfg.epsilon_high, cfg.beta,
                                      None if ref_logp is None else ref_logp[idx], cfg.max_completion_length,
                                      num_items, cfg.use_bias_correction_kl)
@@ -521,11 +537,14 @@ class GRPOTrainer:
     def evaluate(self, prompts: Sequence[str], num_generations: int, seed: int = 1234, batch_prompts: int = 32) -> dict:
         """pass@1 and pass@G (G = ``num_generations`` samples per prompt at the training temperature,
         unbiased estimator) and greedy accuracy on ``prompts``; fixed seed, the training rng untouched.
-        Returns {"pass@1", "pass@G", "greedy", "G", "n", "mean_length", "mean_length_correct",
-        "mean_length_wrong"} (lengths in tokens incl. ``<|eos|>``, of the sampled completions; None without any)."""
+        Returns {"pass@1", "pass@1_se", "pass@G", "greedy", "G", "n", "correct_counts", "mean_length",
+        "mean_length_correct", "mean_length_wrong"}: pass@1_se is the standard error of pass@1 over the
+        prompts (sample std of the per-prompt pass@1 / √n); correct_counts: the number of correct samples
+        of each prompt (ints, in ``prompts`` order: two evaluations of the same prompts pair up); lengths
+        in tokens incl. ``<|eos|>``, of the sampled completions (None without any)."""
         rng = np.random.default_rng(seed)
         G = int(num_generations)
-        p1, pg, greedy, lengths, oks = [], [], [], [], []
+        p1, pg, greedy, lengths, oks, counts = [], [], [], [], [], []
         for s in range(0, len(prompts), batch_prompts):
             chunk = list(prompts[s:s + batch_prompts])
             r = self.sample_groups(chunk, G, rng)
@@ -534,6 +553,7 @@ class GRPOTrainer:
             oks.append(ok.reshape(-1))
             for row in ok:
                 c = int(row.sum())
+                counts.append(c)
                 p1.append(pass_at_k(G, c, 1))
                 pg.append(pass_at_k(G, c, G))
             g = self.policy.generate(self.render(chunk), max_new_tokens=self.cfg.max_completion_length,
@@ -545,8 +565,9 @@ class GRPOTrainer:
                 texts.append(self.tokenizer.decode(toks[:-1] if g.finished[row] else toks))
             greedy.extend(self._correct(chunk, texts, g.finished))
         n_tok, ok = np.concatenate(lengths), np.concatenate(oks)
-        return {"pass@1": float(np.mean(p1)), "pass@G": float(np.mean(pg)), "greedy": float(np.mean(greedy)),
-                "G": G, "n": len(prompts), "mean_length": float(n_tok.mean()),
+        se = float(np.std(p1, ddof=1) / np.sqrt(len(p1))) if len(p1) > 1 else float("nan")
+        return {"pass@1": float(np.mean(p1)), "pass@1_se": se, "pass@G": float(np.mean(pg)),
+                "greedy": float(np.mean(greedy)), "G": G, "n": len(prompts), "correct_counts": counts, "mean_length": float(n_tok.mean()),
                 "mean_length_correct": float(n_tok[ok].mean()) if ok.any() else None,
                 "mean_length_wrong": float(n_tok[~ok].mean()) if (~ok).any() else None}
 
@@ -563,18 +584,19 @@ def build_trainer(cfg: GRPOConfig) -> GRPOTrainer:
 
     Raises FileNotFoundError for a missing checkpoint, ValueError when it has no tokenizer."""
     from minillm.checkpoint import load_model
-    from minillm.verifiable import addition_accuracy_reward, addition_format_reward, sft_start
+    from minillm.verifiable import addition_accuracy_reward, addition_digit_reward, addition_format_reward, sft_start
 
     if cfg.sft_steps > 0 and not Path(cfg.sft).is_file():
         sft_start(cfg.sft, cfg.task, cfg.n_digits, cfg.sft_steps, cfg.seed)
     if not Path(cfg.sft).is_file():
-        raise FileNotFoundError(f"SFT checkpoint not found: {cfg.sft} (make one with --sft-steps 1000)")
+        raise FileNotFoundError(f"SFT checkpoint not found: {cfg.sft} (make one with --sft-steps 1200)")
     nodrop = {"dropout": 0.0}
     policy, tok, _ = load_model(cfg.sft, config_overrides=nodrop)
     if tok is None:
         raise ValueError(f"{cfg.sft}: the checkpoint has no tokenizer")
     ref = load_model(cfg.sft, config_overrides=nodrop)[0].eval() if cfg.beta != 0 else None  # dropout 0 as loaded
-    funcs, weights = [addition_accuracy_reward], [1.0]
+    funcs = [addition_accuracy_reward if cfg.reward == "accuracy" else addition_digit_reward]
+    weights = [1.0]
     if cfg.format_reward_weight:
         funcs.append(addition_format_reward)
         weights.append(cfg.format_reward_weight)
@@ -604,7 +626,7 @@ def grpo(cfg: GRPOConfig, on_iteration: Callable | None = None) -> GRPOResult:
     metrics: dict = {"config": asdict(cfg), "n_train_prompts": len(train_prompts), "n_eval_prompts": len(eval_prompts),
                      "reference_model_held": trainer.ref is not None, "parameters": count_parameters(trainer.policy)}
     evals = []
-    if eval_prompts:
+    if eval_prompts and cfg.eval_on_start:
         evals.append({"iteration": 0, **run_eval()})
         metrics["eval_start"] = evals[0]
     rng = np.random.default_rng([cfg.seed, 15])
