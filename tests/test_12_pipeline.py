@@ -218,8 +218,16 @@ def test_opt_in_refusal_stage_runs_only_when_named(quick_run):
         assert set(p["reward"]["prefers_refusal"]) == {"answerable", "unanswerable"}
     ppo_cfg = json.loads((report.parent / "refusal" / "ppo_cautious" / "metrics.json").read_text())["config"]
     assert ppo_cfg["prompts"].endswith("refusal/ppo_prompts.txt")
+    demos = r["demos"]  # the start with refusal demonstrations: SFT on them, then the same four runs
+    assert demos["sft"]["data"]["n_examples"] == 1125 + 90
+    for name in ("cautious", "cautious_helpful", "ppo_cautious", "ppo_cautious_helpful"):
+        assert demos[name]["sft"].endswith("refusal/demos/sft/checkpoint.safetensors")
+        assert 0.0 <= demos[name]["refusal_end"]["answerable"]["refusal_attempt_rate"] <= 1.0
     text = report.read_text()
-    assert "## Over-refusal" in text and "| reward model + PPO (β = 0.1) | cautious rater + helpfulness pairs |" in text
+    assert "## Over-refusal" in text
+    for start in ("noisy SFT", "SFT + refusal demos"):
+        assert f"| {start} | reward model + PPO (β = 0.1) | cautious rater + helpfulness pairs |" in text
+        assert f"| {start} | DPO | cautious rater |" in text
 
 
 def test_opt_in_clean_beta0_ppo_joins_the_overoptimization_curves(quick_run):
