@@ -19,8 +19,11 @@ Scope
 
     Also: ``best_of_n_curve`` (gold and RM score of best-of-n against its analytic KL, for the
     over-optimization fit of ``overoptimization``), ``refusal_pair_files`` (the cautious rater's
-    preference set, with and without helpfulness pairs) and ``refusal_rates`` (over-refusal on
-    answerable questions, correct refusal on unanswerable ones).
+    preference set, with and without helpfulness pairs), ``refusal_ppo_prompts`` (PPO's prompt
+    pool with unanswerable questions mixed in), ``refusal_sft_file`` (SFT data of a start that
+    sometimes declines), ``rm_prefers_refusal`` (how often a reward model
+    ranks declining above answering) and ``refusal_rates`` (over-refusal on answerable questions,
+    correct refusal on unanswerable ones).
 
 Sources
     Rafailov et al. 2023 (DPO) §1/§6 ("stable, performant and computationally lightweight");
@@ -71,9 +74,31 @@ def evaluate_policy(model, tokenizer, reference=None, reward_model=None, n_promp
         if reference is None:
             d["kl"] = 0.0  # the start model itself
         out[split] = d
-    qs = [r["instruction"] for r in _select(world.sft_test_records(), diversity_prompts)]
-    out["diversity"] = sample_diversity(model, tokenizer, qs, diversity_n, temperature, 16, seed)
+    out["diversity"] = sample_diversity(model, tokenizer, diversity_questions(diversity_prompts), diversity_n,
+                                        temperature, 16, seed)
     return out
+
+
+def diversity_questions(n_prompts: int = 32) -> list[str]:
+    """The fixed prompt set of the diversity measurements: ``n_prompts`` evenly spaced held-out-fact
+    questions of the built-in world (``evaluate_policy`` and ``checkpoint_diversity`` share it)."""
+    from minillm.tasks import default_world
+
+    return [r["instruction"] for r in _select(default_world().sft_test_records(), n_prompts)]
+
+
+def checkpoint_diversity(checkpoint, n_prompts: int = 32, n: int = 8, temperature: float = 0.7,
+                         seed: int = 1234) -> dict:
+    """``evaluate.sample_diversity`` of a checkpoint on ``diversity_questions(n_prompts)``: ``n`` samples
+    per prompt at ``temperature``, with the seed ``measure`` uses (1234), so that a base or SFT model
+    is measured exactly as the start and the aligned policies are (issue 14: diversity before and
+    after SFT). Raises FileNotFoundError for a missing checkpoint."""
+    from minillm.checkpoint import load_model
+    from minillm.evaluate import sample_diversity
+
+    model, tok, _ = load_model(checkpoint, config_overrides={"dropout": 0.0})
+    model.eval()
+    return sample_diversity(model, tok, diversity_questions(n_prompts), n, temperature, 16, seed)
 
 
 def _cpu_seconds() -> float:
@@ -87,7 +112,7 @@ def _cpu_seconds() -> float:
 
 def measure(method: str, sft: str, reward_model: str, out_dir: str, seed: int = 0, recipe: str = "clean",
             beta: float | None = None, iterations: int = 60, steps: int = 100, n_prompts: int = 200,
-            evaluate_start: bool = False, data: str = "builtin", refusal: bool = False) -> dict:
+            evaluate_start: bool = False, data: str = "builtin", refusal: bool = False, prompts: str = "world") -> dict:
     """Train ``method`` ("ppo" or "dpo") from ``sft`` and measure it (see the module docstring).
 
     Args:
@@ -97,7 +122,8 @@ def measure(method: str, sft: str, reward_model: str, out_dir: str, seed: int = 
             (default 0.1) or DPO's β (default 0.1); iterations: PPO iterations; steps: DPO steps.
         evaluate_start: also evaluate the start model (KL 0) under the same evaluator.
         data: DPO's preference file ("builtin": the pairs of ``recipe``); refusal: also measure
-            ``refusal_rates`` (greedy) of the start and the trained policy.
+            ``refusal_rates`` (greedy) of the start and the trained policy; prompts: PPO's prompt
+            pool ("world": the answerable fact prompts; or a file, e.g. ``refusal_ppo_prompts``).
     Returns:
         dict: method, seed, beta, train_seconds (wall), train_cpu_seconds (user + system CPU time
         of the process, the fairer cost on a shared machine), peak_rss_mb (after training), models_in_memory,
@@ -121,7 +147,7 @@ def measure(method: str, sft: str, reward_model: str, out_dir: str, seed: int = 
         from minillm.train.ppo import PPOConfig, ppo
 
         cfg = PPOConfig(sft=sft, reward=reward_model, out_dir=out_dir, seed=seed, beta=beta, iterations=iterations,
-                        eval_prompts=0, progress=False)
+                        eval_prompts=0, progress=False, prompts=prompts)
         r = ppo(cfg)
         res["models_in_memory"] = "policy + reference + reward model (3 GPTs) + value head"
         res["history"] = [{k: h.get(k) for k in ("iteration", "rm_score", "score", "gold", "correct", "kl",
@@ -235,6 +261,74 @@ def refusal_pair_files(out_dir, n_unanswerable: int = 600, n_overcautious: int =
     return paths
 
 
+def refusal_ppo_prompts(out_dir, unanswerable_fraction: float = 0.25) -> str:
+    """Write PPO's prompt pool for over-refusal (issue 14) as text, one prompt per line, and return its path.
+
+    The world's 1,610 answerable fact prompts (``train.ppo.world_prompts``) and the 90 unanswerable
+    questions about the train-split fictional entities (``tasks.TaskWorld.unanswerable_records``,
+    the entities of the cautious rater's pairs), repeated so that about ``unanswerable_fraction``
+    of the pool is unanswerable (0.25: each 6 times, 540 of 2,150). The held-out fictional entities
+    stay out of training: ``refusal_rates`` measures correct refusal on them.
+
+    Raises ValueError when ``unanswerable_fraction`` is not in (0, 1).
+    """
+    from minillm.checkpoint import write_text_atomic
+    from minillm.tasks import default_world
+    from minillm.train.ppo import world_prompts
+
+    if not 0.0 < unanswerable_fraction < 1.0:
+        raise ValueError(f"unanswerable_fraction must be in (0, 1), got {unanswerable_fraction}")
+    answerable, _ = world_prompts()
+    unknown = [r["instruction"] for r in default_world().unanswerable_records("train")]
+    k = max(1, round(unanswerable_fraction / (1 - unanswerable_fraction) * len(answerable) / len(unknown)))
+    lines = answerable + unknown * k
+    return str(write_text_atomic(Path(out_dir) / "ppo_prompts.txt", "".join(q + "\n" for q in lines)))
+
+
+def refusal_sft_file(out_dir) -> str:
+    """Write the SFT data of a start that sometimes declines (issue 14, a change of the world) as
+    Alpaca JSONL and return its path: the noisy SFT demonstrations (``tasks.TaskWorld.sft_records``
+    "noisy", 1,125 rows) and "I do not know." on each of the 90 questions about the train-split
+    fictional entities (``unanswerable_records("train")``), shuffled (seeded). Why: the noisy SFT
+    model never samples a refusal (0 of 720 samples at T = 0.7 on those questions), so PPO, which
+    learns only from its own samples, cannot meet one; real SFT data holds such demonstrations."""
+    from minillm.checkpoint import write_text_atomic
+    from minillm.tasks import default_world
+
+    world = default_world()
+    recs = world.sft_records("noisy") + world.unanswerable_records("train")
+    order = np.random.default_rng([0, 18]).permutation(len(recs))
+    text = "".join(json.dumps({k: recs[int(i)][k] for k in ("instruction", "input", "output")}) + "\n" for i in order)
+    return str(write_text_atomic(Path(out_dir) / "sft_refusal_demos.jsonl", text))
+
+
+def rm_prefers_refusal(reward_model: str, n_answerable: int = 200) -> dict:
+    """How a reward model ranks ``facts.REFUSAL`` (issue 14): on ``n_answerable`` evenly spaced
+    held-out-fact prompts, the fraction where r(REFUSAL) > r(the correct answer); on the
+    unanswerable prompts about held-out fictional entities, the fraction where r(REFUSAL) > r(a
+    real capital or sound of the same relation, the first answer of that relation in the world).
+    Returns {"answerable": float, "unanswerable": float}."""
+    from minillm.facts import REFUSAL
+    from minillm.tasks import default_world
+    from minillm.train.reward import load_reward_model, score_responses
+
+    rm, tok = load_reward_model(reward_model)
+    world = default_world()
+    known = _select(world.sft_test_records(), n_answerable)
+    unknown = world.unanswerable_records("test")
+    first = {}
+    for f in world.facts:
+        first.setdefault(f.relation, f.answer)
+    out = {}
+    for name, recs, alt in (("answerable", known, [r["answer"] for r in known]),
+                            ("unanswerable", unknown, [first[r["task"]] for r in unknown])):
+        qs = [r["instruction"] for r in recs]
+        ref = score_responses(rm, tok, qs, [REFUSAL] * len(qs))
+        other = score_responses(rm, tok, qs, [f"{a}." for a in alt])
+        out[name] = float(np.mean(ref > other))
+    return out
+
+
 def refusal_rates(model, tokenizer, n_answerable: int = 200, temperature: float = 0.0, seed: int = 0) -> dict:
     """Refusal rate (``facts.is_refusal``) and gold on answerable held-out-fact prompts (over-refusal),
     on unanswerable prompts about held-out fictional entities (correct refusal) and on the fictional
@@ -277,6 +371,7 @@ def main(argv=None) -> int:
     p.add_argument("--recipe", default="clean", help="DPO's built-in pair recipe (default: clean)")
     p.add_argument("--data", default="builtin", help="DPO's preference file (default: builtin pairs of --recipe)")
     p.add_argument("--refusal", action="store_true", help="also measure refusal rates before and after")
+    p.add_argument("--prompts", default="world", help="PPO's prompt pool: world (answerable facts) or a file")
     p.add_argument("--beta", type=float, default=None, help="KL coefficient (PPO) or DPO beta (default 0.1)")
     p.add_argument("--iterations", type=int, default=60, help="PPO iterations (default 60)")
     p.add_argument("--steps", type=int, default=100, help="DPO steps (default 100)")
@@ -294,7 +389,7 @@ def main(argv=None) -> int:
         print(json.dumps(res))
         return 0
     res = measure(a.method, a.sft, a.reward_model, a.out_dir, a.seed, a.recipe, a.beta, a.iterations, a.steps,
-                  a.n_prompts, a.evaluate_start, a.data, a.refusal)
+                  a.n_prompts, a.evaluate_start, a.data, a.refusal, a.prompts)
     from minillm.checkpoint import write_json_atomic
 
     write_json_atomic(Path(a.out), res)

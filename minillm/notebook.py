@@ -130,6 +130,10 @@ CLAIM_RANGES: dict[str, tuple] = {
                                "held-out gold above its start by"),
     "09.clean_ppo_peak_gold_gain": (0.2, None, "along that run gold rises above the start at KL > 0 "
                                     "(per-iteration rollouts): peak gold minus start"),
+    "09.sft_distinct2_change": (None, -0.1, "SFT on clean demonstrations narrows what the base model says: "
+                                "distinct-2 over 8 samples per prompt changes by"),
+    "09.noisy_sft_entropy_ratio": (1.2, None, "SFT on noisy demonstrations (rambles, repeats, rude replies) widens it: "
+                                   "mean per-token entropy, noisy SFT / base"),
     "09.ppo_distinct2_change": (None, -0.1, "PPO reduces output diversity: distinct-2 over 8 samples per prompt "
                                 "changes by"),
     # 10 DPO
@@ -149,6 +153,17 @@ CLAIM_RANGES: dict[str, tuple] = {
                                          "does not contain: rate"),
     "10.helpful_pairs_cut_over_refusal": (0.03, None, "mixing in helpfulness pairs cuts the declining of answerable "
                                           "questions by"),
+    # 10, issue 14: reward model + PPO on the cautious pairs (stage refusal; two seeds)
+    "10.cautious_rm_prefers_refusal": (0.9, None, "a reward model trained on the cautious pairs scores 'I do not know.' "
+                                       "above the correct answer on answerable held-out questions: fraction"),
+    "10.rlhf_noisy_start_refusal": (None, 0.05, "but PPO from the noisy SFT model, which never samples a refusal, learns "
+                                    "none: refusal on unanswerable questions after"),
+    "10.rlhf_cautious_answerable_refusal": (0.5, None, "from a start that sometimes declines, that reward model and PPO "
+                                            "make the model decline most answerable questions (greedy): rate"),
+    "10.rlhf_minus_dpo_over_refusal": (0.2, None, "far more than DPO on the same pairs from the same start: RM+PPO minus "
+                                       "DPO over-refusal"),
+    "10.rlhf_helpful_pairs_cut_over_refusal": (0.3, None, "helpfulness pairs in the reward model's data cut that "
+                                               "over-refusal by"),
     # 12 choosing a method
     "12.finetune_minus_prompting_gold": (0.5, None, "on one task and one judge, fine-tuning (SFT) beats prompting "
                                          "the base model by far: gold difference"),

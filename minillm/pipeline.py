@@ -9,11 +9,12 @@ Scope
     (the control) → DPO → issue 14's "alignment that works", all from the noisy SFT model: a
     reward model on the clean pairs (``reward_clean``), PPO with it and DPO on the same pairs, each
     in its own process (``align_clean``: gold, KL to the start, wall/CPU time, peak RSS, models
-    held, output diversity), best-of-n with it (``best_of_n_clean``) → GRPO (chapter 14: its own
+    held, output diversity, also of the base and full SFT models), best-of-n with it (``best_of_n_clean``) → GRPO (chapter 14: its own
     small model on the verifiable addition task, not the fact world, since GRPO needs a reward a
     program checks). Opt-in, run only when named in ``--stages`` (the expensive sweeps): PPO β = 0
-    with the clean reward model (``ppo_clean_beta0``) and over-refusal (``refusal``: DPO on a
-    cautious rater's pairs, with and without helpfulness pairs). The report adds the PPO-vs-DPO,
+    with the clean reward model (``ppo_clean_beta0``) and over-refusal (``refusal``: DPO, and a reward
+    model + PPO, on a cautious rater's pairs, with and without helpfulness pairs, from the noisy SFT
+    model and from an SFT start with refusal demonstrations). The report adds the PPO-vs-DPO,
     diversity, over-optimization and over-refusal tables and the over-optimization plot (gold and
     proxy against √KL with Gao et al.'s fitted forms, for every PPO run and both best-of-n curves).
     A stage is done when its

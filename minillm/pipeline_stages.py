@@ -5,7 +5,7 @@ Scope
     ``pipeline.STAGES``: pretraining, prompting the base model, the five SFT variants, the reward
     model, best-of-n, the three PPO runs, DPO; issue 14's alignment from one start (the clean reward
     model, PPO with it and DPO on the same pairs, each in its own process, best-of-n with it; opt-in:
-    PPO β = 0 with it and over-refusal); GRPO (chapter 14) and chapter 13's retrieval arms. Each stage
+    PPO β = 0 with it and over-refusal with DPO and with reward model + PPO); GRPO (chapter 14) and chapter 13's retrieval arms. Each stage
     reads the checkpoints of the stages before it through ``ctx.path(stage)`` and returns what the
     report needs; ``pipeline.run_stage`` caches, fingerprints and times it.
 
@@ -327,7 +327,9 @@ def _alignment_subprocess(method: str, out: Path, **kw) -> dict:
 def stage_align_clean(ctx: Context) -> dict:
     """PPO (β = 0.1, the clean reward model) and DPO (β = 0.1, the same clean pairs) from the noisy SFT
     model, each in its own process (``alignment.measure``: one evaluator for both, wall and CPU time,
-    peak RSS, models held); the start is evaluated once by the same evaluator."""
+    peak RSS, models held); the start is evaluated once by the same evaluator; the output diversity
+    of the base model and of full SFT (``alignment.checkpoint_diversity``, the same prompts and
+    sampling) in ``sft_diversity``: diversity before and after SFT."""
     if (skip := _clean_skip(ctx, "align_clean")):
         return skip
     d = ctx.dir / "align_clean"
@@ -339,6 +341,9 @@ def stage_align_clean(ctx: Context) -> dict:
            "dpo": _alignment_subprocess("dpo", d / "dpo.json", out_dir=d / "dpo", steps=ctx.steps(100, 4),
                                         recipe="clean", evaluate_start=True, **common)}
     out["start"] = out["dpo"].pop("start")
+    from minillm.alignment import checkpoint_diversity  # before SFT: the base model, and full SFT beside the start
+
+    out["sft_diversity"] = {"base": checkpoint_diversity(ctx.path("pretrain")), "sft": checkpoint_diversity(ctx.path("sft"))}
     return out
 
 
@@ -365,19 +370,48 @@ def stage_ppo_clean_beta0(ctx: Context) -> dict:
                       sft=str(ctx.path("sft_noisy")))
 
 
+def _refusal_runs(ctx: Context, d: Path, start: str, files: dict, prompts: str) -> dict:
+    """The over-refusal runs from one start: for each pair file, DPO ("<name>") and a reward model on the
+    pairs + PPO ("ppo_<name>"), each with ``alignment.refusal_rates`` before and after (see ``stage_refusal``)."""
+    from minillm.alignment import rm_prefers_refusal
+    from minillm.train.reward import RewardConfig, reward
+
+    common = dict(sft=start, seed=ctx.cfg.seed, n_prompts=ctx.steps(50, 8), refusal=True)
+    out = {}
+    for name, path in files.items():
+        out[name] = _alignment_subprocess("dpo", d / f"{name}.json", out_dir=d / name, data=path,
+                                          reward_model=ctx.path("reward_clean"), steps=ctx.steps(100, 4), **common)
+        rm = reward(RewardConfig(sft=start, data=path, out_dir=str(d / f"reward_{name}"), max_steps=ctx.steps(250, 6),
+                                 seed=ctx.cfg.seed, progress=ctx.cfg.progress, cue_prompts=0))
+        out[f"ppo_{name}"] = _alignment_subprocess("ppo", d / f"ppo_{name}.json", out_dir=d / f"ppo_{name}",
+                                                   reward_model=rm.checkpoint, prompts=prompts,
+                                                   iterations=ctx.steps(60, 2), **common)
+        out[f"ppo_{name}"]["reward"] = {"test_accuracy": rm.metrics.get("test", {}).get("accuracy"),
+                                        "seconds": rm.seconds, "prefers_refusal": rm_prefers_refusal(rm.checkpoint)}
+    return out
+
+
 def stage_refusal(ctx: Context) -> dict:
-    """Opt-in: over-refusal. DPO from the noisy SFT model on the cautious rater's pairs
-    (``alignment.refusal_pair_files``), without and with helpfulness pairs, each measured with
-    ``alignment.refusal_rates`` (greedy) before and after."""
+    """Opt-in: over-refusal, on the cautious rater's pairs (``alignment.refusal_pair_files``), without
+    and with helpfulness pairs: DPO on each ("cautious", "cautious_helpful"), and RLHF on each
+    ("ppo_cautious", "ppo_cautious_helpful"): a Bradley-Terry reward model trained on the pairs from
+    the start (``alignment.rm_prefers_refusal`` in ``reward``), then PPO with align_clean's settings
+    (β = 0.1) on a prompt pool with unanswerable questions mixed in (``alignment.refusal_ppo_prompts``).
+    Each is measured with ``alignment.refusal_rates`` (greedy) before and after. The runs go from
+    the noisy SFT model (top level) and, under "demos", from a start that sometimes declines: SFT
+    from the base model on the noisy demonstrations plus "I do not know." demonstrations
+    (``alignment.refusal_sft_file``; the noisy SFT model never samples a refusal, so PPO cannot
+    learn one from it)."""
     if (skip := _clean_skip(ctx, "refusal")):
         return skip
-    from minillm.alignment import refusal_pair_files
+    from minillm.alignment import refusal_pair_files, refusal_ppo_prompts, refusal_sft_file
+    from minillm.train.sft import sft
 
     d = ctx.dir / "refusal"
     files = refusal_pair_files(d)
-    out = {}
-    for name, path in files.items():
-        out[name] = _alignment_subprocess("dpo", d / f"{name}.json", out_dir=d / name, data=path, refusal=True,
-                                          sft=ctx.path("sft_noisy"), reward_model=ctx.path("reward_clean"),
-                                          seed=ctx.cfg.seed, steps=ctx.steps(100, 4), n_prompts=ctx.steps(50, 8))
+    prompts = refusal_ppo_prompts(d)
+    out = _refusal_runs(ctx, d, str(ctx.path("sft_noisy")), files, prompts)
+    demo = sft(_sft_cfg(ctx, "refusal/demos/sft", data=refusal_sft_file(d), max_steps=ctx.steps(200, 8)))
+    out["demos"] = {"sft": _sft_summary(demo) | {"data": demo.metrics["data"]},
+                    **_refusal_runs(ctx, d / "demos", demo.checkpoint, files, prompts)}
     return out

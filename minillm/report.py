@@ -301,13 +301,17 @@ def ppo_vs_dpo_table(a: dict) -> list[str]:
 
 
 def diversity_table(a: dict) -> list[str]:
-    """The output-diversity table of the start, PPO and DPO, Markdown lines, from the ``align_clean`` summary ``a``."""
+    """The output-diversity table before and after SFT (the base model; full and noisy SFT) and after PPO
+    and DPO from the noisy SFT start, Markdown lines, from the ``align_clean`` summary ``a`` (the
+    SFT rows only where it holds ``sft_diversity``)."""
     out = ["## Output diversity (8 samples per prompt at T = 0.7 on 32 held-out-fact prompts)", "",
            "| model | distinct-1 | distinct-2 | mean token entropy (nats) | all 8 identical |", "|---|---|---|---|---|"]
-    for label, e in (("noisy SFT (start)", a["start"]), ("PPO, clean RM", a.get("ppo", {}).get("end")),
-                     ("DPO, clean pairs", a.get("dpo", {}).get("end"))):
-        if e and "diversity" in e:
-            v = e["diversity"]
+    sd = a.get("sft_diversity", {})
+    for label, v in (("base model (pretrained, before SFT)", sd.get("base")), ("SFT (full, clean demos)", sd.get("sft")),
+                     ("noisy SFT (start of PPO and DPO)", a["start"].get("diversity")),
+                     ("PPO, clean RM", a.get("ppo", {}).get("end", {}).get("diversity")),
+                     ("DPO, clean pairs", a.get("dpo", {}).get("end", {}).get("diversity"))):
+        if v:
             out.append(f"| {label} | {v['distinct_1']:.3f} | {v['distinct_2']:.3f} | {v['entropy']:.3f} | "
                        f"{v['all_identical']:.1%} |")
     return out
@@ -339,21 +343,30 @@ def overoptimization_section(curves: dict, fits: dict) -> list[str]:
 
 
 def refusal_section(S: dict) -> str:
-    """The over-refusal table (Markdown) from the ``refusal`` stage, or "" when it did not run."""
+    """The over-refusal table (Markdown) from the ``refusal`` stage, or "" when it did not run: DPO on
+    the cautious rater's pairs and reward model + PPO on them, each without and with helpfulness pairs,
+    from the noisy SFT model and from the start with refusal demonstrations ("demos")."""
     r = S.get("refusal", {})
     if not any(k in r for k in ("cautious", "cautious_helpful")):
         return ""
-    lines = ["## Over-refusal (DPO from noisy SFT on a cautious rater's pairs; greedy)", "",
-             "| pairs | refusal on answerable, before → after | on unanswerable (held-out entities), before → after "
-             "| gold on answerable, before → after |", "|---|---|---|---|"]
-    for name, label in (("cautious", "cautious rater"), ("cautious_helpful", "cautious rater + helpfulness pairs")):
-        if name not in r:
-            continue
-        a, e = r[name]["refusal_start"], r[name]["refusal_end"]
-        lines.append(f"| {label} | {a['answerable']['refusal_attempt_rate']:.1%} → {e['answerable']['refusal_attempt_rate']:.1%} "
-                     f"| {a['unanswerable']['refusal_attempt_rate']:.1%} → {e['unanswerable']['refusal_attempt_rate']:.1%} "
-                     f"| {a['answerable']['gold']:+.3f} → {e['answerable']['gold']:+.3f} |")
-    lines += ["", "Rates count responses that start declining (\"I don…\", \"I do not…\")."]
+    lines = ["## Over-refusal (on a cautious rater's pairs; greedy)", "",
+             "| start | method | pairs | refusal on answerable, before → after | on unanswerable (held-out entities), "
+             "before → after | gold on answerable, before → after |", "|---|---|---|---|---|---|"]
+    for start, rs in (("noisy SFT", r), ("SFT + refusal demos", r.get("demos", {}))):
+        for key, method in (("", "DPO"), ("ppo_", "reward model + PPO (β = 0.1)")):
+            for name, label in (("cautious", "cautious rater"), ("cautious_helpful", "cautious rater + helpfulness pairs")):
+                if key + name not in rs:
+                    continue
+                a, e = rs[key + name]["refusal_start"], rs[key + name]["refusal_end"]
+                lines.append(f"| {start} | {method} | {label} | {a['answerable']['refusal_attempt_rate']:.1%} → "
+                             f"{e['answerable']['refusal_attempt_rate']:.1%} | {a['unanswerable']['refusal_attempt_rate']:.1%}"
+                             f" → {e['unanswerable']['refusal_attempt_rate']:.1%} | {a['answerable']['gold']:+.3f} → "
+                             f"{e['answerable']['gold']:+.3f} |")
+    lines += ["", "Rates count responses that start declining (\"I don…\", \"I do not…\"). PPO's prompts mix the "
+              "world's answerable questions with questions about the fictional entities of the cautious pairs "
+              "(a quarter of the pool); its reward model is trained on the same pairs as DPO, from the same start. "
+              "\"SFT + refusal demos\": SFT on the noisy demonstrations plus \"I do not know.\" on the questions "
+              "about the pairs' fictional entities (the noisy SFT model never samples a refusal)."]
     return "\n".join(lines)
 
 

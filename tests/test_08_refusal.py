@@ -62,3 +62,21 @@ def test_refusal_pairs_carry_each_rater_label():
     for r in kinds["helpful"]:
         assert r["rejected"] == REFUSAL and r["chosen"] == f"{r['answer']}."
     assert w.refusal_pair_records(20, 30, 40) == recs  # seeded
+
+
+def test_refusal_ppo_prompts_mix_in_a_quarter_of_train_entity_unanswerable_questions(tmp_path):
+    from minillm.alignment import refusal_ppo_prompts
+    from minillm.train.ppo import read_prompts, world_prompts
+
+    w = default_world()
+    lines = read_prompts(refusal_ppo_prompts(tmp_path))
+    answerable, _ = world_prompts()
+    train_unknown = {r["instruction"] for r in w.unanswerable_records("train")}
+    test_unknown = {r["instruction"] for r in w.unanswerable_records("test")}
+    unknown = [q for q in lines if q in train_unknown]
+    assert lines[:len(answerable)] == answerable and len(lines) == len(answerable) + len(unknown)
+    assert set(unknown) == train_unknown and not test_unknown & set(lines)  # held-out entities stay out
+    assert abs(len(unknown) / len(lines) - 0.25) < 0.02
+    assert len(read_prompts(refusal_ppo_prompts(tmp_path, 0.5))) > 2 * len(answerable) - 100
+    with pytest.raises(ValueError, match="unanswerable_fraction"):
+        refusal_ppo_prompts(tmp_path, 1.0)

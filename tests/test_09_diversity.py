@@ -140,3 +140,22 @@ def test_plot_overoptimization_writes_a_png(tmp_path):
     fits = {"clean": {k: fit_overoptimization(d, c[k], "rl") for k in ("gold", "proxy")}}
     p = plot_overoptimization({"clean": c}, tmp_path / "o.png", fits)
     assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_checkpoint_diversity_measures_a_checkpoint_on_the_evaluators_prompts(tmp_path):
+    from minillm.alignment import checkpoint_diversity, diversity_questions
+    from minillm.checkpoint import save_checkpoint
+    from minillm.model import GPT, GPTConfig
+    from minillm.tokenizer import Tokenizer
+
+    qs = diversity_questions(4)
+    assert len(qs) == 4 and len(set(qs)) == 4 and diversity_questions(4) == qs
+    tok = Tokenizer.train(" ".join(qs) * 10, vocab_size=280)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=48, n_layer=1, n_head=2, n_embd=16), seed=0)
+    path = save_checkpoint(tmp_path / "m.safetensors", model, tok)
+    d = checkpoint_diversity(path, n_prompts=4, n=3, seed=5)
+    model.eval()
+    assert d == sample_diversity(model, tok, qs, 3, 0.7, 16, 5)
+    assert d["n_prompts"] == 4 and d["n_samples"] == 3 and 0.0 < d["distinct_1"] <= 1.0
+    with pytest.raises(FileNotFoundError):
+        checkpoint_diversity(tmp_path / "missing.safetensors")

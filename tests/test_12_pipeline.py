@@ -225,6 +225,11 @@ def test_clean_alignment_stages_measure_ppo_and_dpo_from_one_start(quick_run):
         assert np.isfinite(r["end"]["test"]["gold"]) and r["end"]["test"]["kl"] > -0.5
         v = r["end"]["diversity"]
         assert 0 <= v["distinct_1"] <= 1 and 0 <= v["all_identical"] <= 1 and v["n_samples"] == 8
+    for m in ("base", "sft"):  # diversity before and after SFT, sampled as the start is
+        v = a["sft_diversity"][m]
+        assert 0 < v["distinct_1"] <= 1 and v["n_prompts"] == 32 and v["n_samples"] == 8
+    text = report.read_text()
+    assert "| base model (pretrained, before SFT) |" in text and "| SFT (full, clean demos) |" in text
     assert len(a["ppo"]["history"]) == 2
     b = json.loads((report.parent / "best_of_n_clean" / "summary.json").read_text())
     assert b["n"] == [1, 2, 4, 8]
@@ -238,18 +243,36 @@ def test_clean_alignment_stages_measure_ppo_and_dpo_from_one_start(quick_run):
 
 
 def test_opt_in_refusal_stage_runs_only_when_named(quick_run):
-    """The over-refusal sweep is not in --stages all; named, it runs DPO on the cautious pairs with and
-    without helpfulness pairs and the report gains the over-refusal table."""
+    """The over-refusal sweep is not in --stages all; named, it runs DPO, and a reward model + PPO on a
+    prompt pool with unanswerable questions, on the cautious pairs with and without helpfulness pairs,
+    and the report gains the over-refusal table with both methods."""
     cfg, report = quick_run
     import dataclasses
 
     report = P.run_pipeline(dataclasses.replace(cfg, stages="refusal"))
     r = json.loads((report.parent / "refusal" / "summary.json").read_text())
-    for name in ("cautious", "cautious_helpful"):
+    for name in ("cautious", "cautious_helpful", "ppo_cautious", "ppo_cautious_helpful"):
         for when in ("refusal_start", "refusal_end"):
             for split in ("answerable", "unanswerable"):
                 assert 0.0 <= r[name][when][split]["refusal_attempt_rate"] <= 1.0
-    assert "## Over-refusal" in report.read_text()
+    for name in ("ppo_cautious", "ppo_cautious_helpful"):
+        p = r[name]
+        assert p["method"] == "ppo" and p["beta"] == 0.1 and len(p["history"]) == 2
+        assert p["reward_model"].endswith(f"refusal/reward_{name[4:]}/checkpoint.safetensors")
+        assert 0.0 <= p["reward"]["test_accuracy"] <= 1.0
+        assert set(p["reward"]["prefers_refusal"]) == {"answerable", "unanswerable"}
+    ppo_cfg = json.loads((report.parent / "refusal" / "ppo_cautious" / "metrics.json").read_text())["config"]
+    assert ppo_cfg["prompts"].endswith("refusal/ppo_prompts.txt")
+    demos = r["demos"]  # the start with refusal demonstrations: SFT on them, then the same four runs
+    assert demos["sft"]["data"]["n_examples"] == 1125 + 90
+    for name in ("cautious", "cautious_helpful", "ppo_cautious", "ppo_cautious_helpful"):
+        assert demos[name]["sft"].endswith("refusal/demos/sft/checkpoint.safetensors")
+        assert 0.0 <= demos[name]["refusal_end"]["answerable"]["refusal_attempt_rate"] <= 1.0
+    text = report.read_text()
+    assert "## Over-refusal" in text
+    for start in ("noisy SFT", "SFT + refusal demos"):
+        assert f"| {start} | reward model + PPO (β = 0.1) | cautious rater + helpfulness pairs |" in text
+        assert f"| {start} | DPO | cautious rater |" in text
 
 
 def test_opt_in_clean_beta0_ppo_joins_the_overoptimization_curves(quick_run):
