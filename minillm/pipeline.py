@@ -99,12 +99,19 @@ class Context:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.summaries: dict[str, dict] = {}
         self.run_info: dict = {}  # run_pipeline: this run's wall_seconds and jobs, for the report
+        self.stage: str | None = None  # the stage running now (run_stage), whose reads path() checks
 
     @property
     def builtin(self) -> bool:
         return self.cfg.sft_data == "builtin"
 
     def path(self, stage: str, name: str = "checkpoint.safetensors") -> Path:
+        """``<run dir>/<stage>/<name>``. While a stage runs (``run_stage``), it may name only itself
+        and the stages ``NEEDS`` lists for it: another raises RuntimeError, so a stage table that
+        would let ``--jobs`` start a stage before its input exists fails in every run, not by chance."""
+        if self.stage is not None and stage != self.stage and stage not in NEEDS[self.stage]:
+            raise RuntimeError(f"stage {self.stage} reads stage {stage}, which pipeline.NEEDS[{self.stage!r}] "
+                               f"does not list {NEEDS[self.stage]}: add it there")
         return self.dir / stage / name
 
     def steps(self, full: int, quick: int) -> int:
@@ -159,10 +166,10 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "ppo_gold": ("sft", "sft_opener"),
     "dpo": ("sft", "sft_noisy", "reward"),
     "reward_clean": ("sft_noisy",),
-    "align_clean": ("sft_noisy", "reward_clean"),
+    "align_clean": ("pretrain", "sft", "sft_noisy", "reward_clean"),  # + the base's and SFT's diversity
     "best_of_n_clean": ("sft_noisy", "reward_clean"),
     "ppo_clean_beta0": ("sft_noisy", "reward_clean"),
-    "refusal": ("sft_noisy", "reward_clean"),
+    "refusal": ("pretrain", "sft_noisy", "reward_clean"),  # + an SFT start with refusal demos
     "grpo": (),  # its own small model on the addition task
     "rag": ("pretrain", "sft"),
 }
@@ -254,11 +261,15 @@ def run_stage(ctx: Context, stage: str) -> dict:
                 old.unlink()
         write_json_atomic(marker, fp)
     t0 = time.perf_counter()
-    with threads.phase("train") as n_threads:  # chosen per stage: the machine's load may have changed
-        if ctx.cfg.profile:
-            summary = profile_stage(ctx, stage)
-        else:
-            summary = STAGE_FUNCTIONS[stage](ctx)
+    ctx.stage = stage
+    try:
+        with threads.phase("train") as n_threads:  # chosen per stage: the machine's load may have changed
+            if ctx.cfg.profile:
+                summary = profile_stage(ctx, stage)
+            else:
+                summary = STAGE_FUNCTIONS[stage](ctx)
+    finally:
+        ctx.stage = None
     summary.setdefault("seconds", time.perf_counter() - t0)
     summary.setdefault("threads", n_threads)
     summary["fingerprint"] = stage_fingerprint(ctx)

@@ -174,14 +174,14 @@ def _ppo_stage(ctx: Context, out: str, **kw) -> dict:
     """PPO from the SFT model against the reward model (or the gold judge), docs/rlhf-notes.md §6 recipe."""
     from minillm.train.ppo import PPOConfig, ppo
 
-    reward = kw.pop("reward", str(ctx.path("reward")))
+    reward = kw.pop("reward", None) or str(ctx.path("reward"))
     if reward == "gold" and not ctx.builtin:
         return {"skipped": f"{out}: the gold judge exists only for the built-in world"}
     quick = dict(batch_size=8, eval_prompts=8, score_norm_samples=16, ppo_epochs=1) if ctx.cfg.quick else {}
-    sft = kw.pop("sft", str(ctx.path("sft_opener" if ctx.builtin else "sft")))
+    sft = kw.pop("sft", None) or str(ctx.path("sft_opener" if ctx.builtin else "sft"))
     cfg = PPOConfig(sft=sft, reward=reward,
                     out_dir=str(ctx.dir / out), seed=ctx.cfg.seed,
-                    iterations=ctx.steps(150, 2), num_mini_batches=ctx.steps(2, 1), progress=ctx.cfg.progress,
+                    iterations=ctx.steps(60, 2), progress=ctx.cfg.progress,
                     prompts="world" if ctx.builtin else ctx.cfg.pref_data, **quick, **kw)
     res = ppo(cfg)
     return {"checkpoint": res.checkpoint, "history": res.history, "metrics": res.metrics, "seconds": res.seconds}
@@ -336,7 +336,7 @@ def stage_align_clean(ctx: Context) -> dict:
     d.mkdir(parents=True, exist_ok=True)
     common = dict(sft=ctx.path("sft_noisy"), reward_model=ctx.path("reward_clean"), seed=ctx.cfg.seed,
                   n_prompts=ctx.steps(200, 8))
-    out = {"ppo": _alignment_subprocess("ppo", d / "ppo.json", out_dir=d / "ppo", iterations=ctx.steps(150, 2), num_mini_batches=ctx.steps(2, 1),
+    out = {"ppo": _alignment_subprocess("ppo", d / "ppo.json", out_dir=d / "ppo", iterations=ctx.steps(60, 2),
                                         **common),
            "dpo": _alignment_subprocess("dpo", d / "dpo.json", out_dir=d / "dpo", steps=ctx.steps(100, 4),
                                         recipe="clean", evaluate_start=True, **common)}

@@ -121,8 +121,18 @@ def test_the_needs_table_names_earlier_stages_and_ensure_builds_only_those():
     for stage, needs in {**P.NEEDS, **P.AFTER}.items():
         assert all(P.STAGES.index(n) < P.STAGES.index(stage) for n in needs), stage
     assert P.needed("reward") == ["pretrain", "sft", "reward"]
-    assert P.needed("align_clean") == ["pretrain", "sft_noisy", "reward_clean", "align_clean"]
+    assert P.needed("align_clean") == ["pretrain", "sft", "sft_noisy", "reward_clean", "align_clean"]
     assert P.needed("grpo") == ["grpo"]  # AFTER orders the side-by-side run only
+
+
+def test_a_stage_may_read_only_the_stages_it_needs(tmp_path):
+    ctx = P.Context(P.PipelineConfig(name="x", runs_dir=str(tmp_path)))
+    assert ctx.path("reward").name == "checkpoint.safetensors"  # outside a stage: anything
+    ctx.stage = "reward"
+    assert ctx.path("sft") == ctx.dir / "sft" / "checkpoint.safetensors"
+    assert ctx.path("reward", "metrics.json") == ctx.dir / "reward" / "metrics.json"
+    with pytest.raises(RuntimeError, match=r"stage reward reads stage sft_noisy, which pipeline.NEEDS\['reward'\]"):
+        ctx.path("sft_noisy")
 
 
 def _results(run_dir, stage):
@@ -228,14 +238,14 @@ def test_clean_alignment_stages_measure_ppo_and_dpo_from_one_start(quick_run):
     for m in ("base", "sft"):  # diversity before and after SFT, sampled as the start is
         v = a["sft_diversity"][m]
         assert 0 < v["distinct_1"] <= 1 and v["n_prompts"] == 32 and v["n_samples"] == 8
-    text = report.read_text()
+    summaries = {s: json.loads((report.parent / s / "summary.json").read_text()) for s in P.DEFAULT_STAGES}
+    text = "\n".join(R.clean_alignment_sections(summaries))  # (report.md may have been rewritten by another test)
     assert "| base model (pretrained, before SFT) |" in text and "| SFT (full, clean demos) |" in text
     assert len(a["ppo"]["history"]) == 2
     b = json.loads((report.parent / "best_of_n_clean" / "summary.json").read_text())
     assert b["n"] == [1, 2, 4, 8]
     np.testing.assert_allclose(b["d"], np.sqrt(np.log(b["n"]) - (np.array(b["n"]) - 1) / np.array(b["n"])), atol=1e-12)
-    curves, fits = R.overoptimization_curves({s: json.loads((report.parent / s / "summary.json").read_text())
-                                              for s in P.DEFAULT_STAGES})
+    curves, fits = R.overoptimization_curves(summaries)
     assert {"PPO β=0.1, flawed RM", "PPO β=0, flawed RM", "PPO β=0.1, clean RM", "best-of-n, flawed RM",
             "best-of-n, clean RM"} <= set(curves)
     assert fits["best-of-n, clean RM"]["gold"]["form"] == "bon" and fits["PPO β=0.1, clean RM"]["gold"]["form"] == "rl"
