@@ -30,10 +30,13 @@ Scope
 
     ``--jobs`` (default: as many as cores, up to 4): stages whose needs are done run side by side,
     each in its own process at one BLAS thread, its console output in ``<stage>/log.txt``; a stage
-    that runs alone (pretraining, which everything else waits for) keeps the thread policy's count.
-    On two cores two one-thread stages do more than one two-thread stage: much of a stage is
-    generation and evaluation, which use one thread anyway. ``--jobs 1`` runs the stages one after
-    another in this process, as before; both give the same results (tested at one thread).
+    that the stage graph makes run alone (pretraining, which everything else waits for) keeps the
+    thread policy's count. On two idle cores this is only a little faster than one stage after
+    another at two threads (docs/performance.md has the measurement): a second BLAS thread speeds a
+    stage up almost as much as a second process does. ``--jobs 1`` runs the stages one after
+    another in this process, as before; at the same thread count both give the same results (tested
+    at one thread). A different thread count changes the floating-point sums, so a run's numbers
+    are reproduced by the same seed *and* thread count (``MINILLM_THREADS=1`` fixes it).
 
     This file is the driver (settings, the stage table, caching keyed on content and settings,
     ``--profile``, ``ensure``); what each stage runs is ``pipeline_stages.py``, the report's rows,
@@ -178,6 +181,25 @@ NEEDS: dict[str, tuple[str, ...]] = {
 #: Scheduling only (``run_side_by_side``), not reading: GRPO trains its own model, but waits for
 #: pretraining, which every other stage waits for, so that pretraining has the machine to itself.
 AFTER: dict[str, tuple[str, ...]] = {"grpo": ("pretrain",)}
+
+
+def _before(stage: str) -> set[str]:
+    """Every stage that must finish before ``stage`` starts side by side (``NEEDS`` and ``AFTER``,
+    directly or through others)."""
+    todo, seen = list(NEEDS[stage] + AFTER.get(stage, ())), set()
+    while todo:
+        s = todo.pop()
+        if s not in seen:
+            seen.add(s)
+            todo.extend(NEEDS[s] + AFTER.get(s, ()))
+    return seen
+
+
+def solo_stages(order: list[str]) -> set[str]:
+    """The stages of ``order`` that the graph makes run alone: every other stage of ``order`` must
+    finish before them or waits for them (for the default stages: pretraining)."""
+    first = {s: _before(s) for s in order}
+    return {s for s in order if all(t == s or s in first[t] or t in first[s] for t in order)}
 
 
 def needed(stage: str) -> list[str]:
@@ -347,10 +369,11 @@ def run_side_by_side(ctx: Context, order: list[str], jobs: int) -> None:
     stages it needs (``NEEDS`` and ``AFTER``, those in ``order``) are done; among the ready ones,
     first the stage most others wait on (directly or not), then in ``order``. Each stage runs in ``python -m minillm.pipeline <stage> <settings.json>`` (``run_stage`` there:
     the same caching, fingerprint and crash-resume as in one process), its console output in
-    ``<stage>/log.txt``; a finished stage prints its one line here. Threads: a stage that starts
-    while another runs, or could, gets one thread (``MINILLM_THREADS=1``); a stage that runs alone
-    follows the thread policy (``threads.choose``) — it stays alone, since a stage becomes ready
-    only when another finishes. Raises RuntimeError naming the stage, its exit status, the last
+    ``<stage>/log.txt``; a finished stage prints its one line here. Threads: a stage that every
+    other stage of ``order`` waits on or is waited on by (pretraining) runs alone whatever the
+    timing, and follows the thread policy (``threads.choose``); every other stage gets one thread
+    (``MINILLM_THREADS=1``), decided by the graph, not by which stage happened to finish first, so
+    the same settings give the same thread counts. Raises RuntimeError naming the stage, its exit status, the last
     line of its log and the log's path when a stage fails; the other stages are stopped then."""
     import os
     import subprocess
@@ -363,6 +386,7 @@ def run_side_by_side(ctx: Context, order: list[str], jobs: int) -> None:
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     pending, done, running = list(order), set(), {}
     waiting = {s: sum(s in needed(t) for t in order if t != s) for s in order}  # stages that wait on s
+    solo = solo_stages(order)
     try:
         while pending or running:
             ready = [s for s in pending if all(n in done or n not in order for n in NEEDS[s] + AFTER.get(s, ()))]
@@ -376,8 +400,7 @@ def run_side_by_side(ctx: Context, order: list[str], jobs: int) -> None:
                     print(report.one_line(stage, summary), flush=True)
                     break  # what is ready may have changed
                 (ctx.dir / stage).mkdir(parents=True, exist_ok=True)
-                alone = not running and len(ready) == 1
-                child_env = env if alone else {**env, "MINILLM_THREADS": "1"}
+                child_env = env if stage in solo else {**env, "MINILLM_THREADS": "1"}
                 log = open(ctx.dir / stage / "log.txt", "w", encoding="utf-8")
                 proc = subprocess.Popen([sys.executable, "-m", "minillm.pipeline", stage, str(settings)],
                                         stdout=log, stderr=subprocess.STDOUT, env=child_env)

@@ -123,6 +123,10 @@ def test_the_needs_table_names_earlier_stages_and_ensure_builds_only_those():
     assert P.needed("reward") == ["pretrain", "sft", "reward"]
     assert P.needed("align_clean") == ["pretrain", "sft", "sft_noisy", "reward_clean", "align_clean"]
     assert P.needed("grpo") == ["grpo"]  # AFTER orders the side-by-side run only
+    # side by side, only a stage the graph makes run alone keeps the thread policy; the rest get one thread
+    assert P.solo_stages(list(P.DEFAULT_STAGES)) == {"pretrain"}
+    assert P.solo_stages(["pretrain", "sft", "reward"]) == {"pretrain", "sft", "reward"}  # a chain
+    assert P.solo_stages(["pretrain", "sft", "sft_lora", "reward"]) == {"pretrain"}
 
 
 def test_a_stage_may_read_only_the_stages_it_needs(tmp_path):
