@@ -153,17 +153,6 @@ CLAIM_RANGES: dict[str, tuple] = {
                                          "does not contain: rate"),
     "10.helpful_pairs_cut_over_refusal": (0.03, None, "mixing in helpfulness pairs cuts the declining of answerable "
                                           "questions by"),
-    # 10, issue 14: reward model + PPO on the cautious pairs (stage refusal; two seeds)
-    "10.cautious_rm_prefers_refusal": (0.9, None, "a reward model trained on the cautious pairs scores 'I do not know.' "
-                                       "above the correct answer on answerable held-out questions: fraction"),
-    "10.rlhf_noisy_start_refusal": (None, 0.05, "but PPO from the noisy SFT model, which never samples a refusal, learns "
-                                    "none: refusal on unanswerable questions after"),
-    "10.rlhf_cautious_answerable_refusal": (0.5, None, "from a start that sometimes declines, that reward model and PPO "
-                                            "make the model decline most answerable questions (greedy): rate"),
-    "10.rlhf_minus_dpo_over_refusal": (0.2, None, "far more than DPO on the same pairs from the same start: RM+PPO minus "
-                                       "DPO over-refusal"),
-    "10.rlhf_helpful_pairs_cut_over_refusal": (0.3, None, "helpfulness pairs in the reward model's data cut that "
-                                               "over-refusal by"),
     # 12 choosing a method
     "12.finetune_minus_prompting_gold": (0.5, None, "on one task and one judge, fine-tuning (SFT) beats prompting "
                                          "the base model by far: gold difference"),

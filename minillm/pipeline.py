@@ -12,9 +12,10 @@ Scope
     held, output diversity, also of the base and full SFT models), best-of-n with it (``best_of_n_clean``) → GRPO (chapter 14: its own
     small model on the verifiable addition task, not the fact world, since GRPO needs a reward a
     program checks). Opt-in, run only when named in ``--stages`` (the expensive sweeps): PPO β = 0
-    with the clean reward model (``ppo_clean_beta0``) and over-refusal (``refusal``: DPO, and a reward
-    model + PPO, on a cautious rater's pairs, with and without helpfulness pairs, from the noisy SFT
-    model and from an SFT start with refusal demonstrations). The report adds the PPO-vs-DPO,
+    with the clean reward model (``ppo_clean_beta0``) and over-refusal on a cautious rater's pairs,
+    with and without helpfulness pairs (``refusal``: DPO from the noisy SFT model; ``refusal_rlhf``: a
+    reward model + PPO from it, and DPO and reward model + PPO from an SFT start with refusal
+    demonstrations). The report adds the PPO-vs-DPO,
     diversity, over-optimization and over-refusal tables and the over-optimization plot (gold and
     proxy against √KL with Gao et al.'s fitted forms, for every PPO run and both best-of-n curves).
     A stage is done when its
@@ -66,11 +67,11 @@ from minillm.checkpoint import write_json_atomic
 
 STAGES = ("pretrain", "prompting", "sft", "sft_lora", "sft_qlora", "sft_opener", "sft_noisy", "reward",
           "best_of_n", "ppo", "ppo_beta0", "ppo_gold", "dpo",
-          "reward_clean", "align_clean", "best_of_n_clean", "ppo_clean_beta0", "refusal",  # issue 14
+          "reward_clean", "align_clean", "best_of_n_clean", "ppo_clean_beta0", "refusal", "refusal_rlhf",  # issue 14
           "grpo", "rag")
 
 #: Stages that run only when named in ``--stages`` (``"all"`` skips them): the expensive sweeps.
-OPT_IN_STAGES = ("ppo_clean_beta0", "refusal")
+OPT_IN_STAGES = ("ppo_clean_beta0", "refusal", "refusal_rlhf")
 #: What ``--stages all`` (the default, ``make demo``) runs, in order.
 DEFAULT_STAGES = tuple(s for s in STAGES if s not in OPT_IN_STAGES)
 
@@ -145,6 +146,7 @@ STAGE_FUNCTIONS = {  # the stages in the order they run; each builds on the ones
     "best_of_n_clean": pipeline_stages.stage_best_of_n_clean,
     "ppo_clean_beta0": pipeline_stages.stage_ppo_clean_beta0,
     "refusal": pipeline_stages.stage_refusal,
+    "refusal_rlhf": pipeline_stages.stage_refusal_rlhf,
     "grpo": pipeline_stages.stage_grpo,
     "rag": pipeline_stages.stage_rag,
 }
@@ -172,7 +174,8 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "align_clean": ("pretrain", "sft", "sft_noisy", "reward_clean"),  # + the base's and SFT's diversity
     "best_of_n_clean": ("sft_noisy", "reward_clean"),
     "ppo_clean_beta0": ("sft_noisy", "reward_clean"),
-    "refusal": ("pretrain", "sft_noisy", "reward_clean"),  # + an SFT start with refusal demos
+    "refusal": ("sft_noisy", "reward_clean"),
+    "refusal_rlhf": ("pretrain", "sft_noisy", "reward_clean"),  # + an SFT start with refusal demos
     "grpo": (),  # its own small model on the addition task
     "rag": ("pretrain", "sft"),
 }

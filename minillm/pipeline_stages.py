@@ -370,17 +370,22 @@ def stage_ppo_clean_beta0(ctx: Context) -> dict:
                       sft=str(ctx.path("sft_noisy")))
 
 
-def _refusal_runs(ctx: Context, d: Path, start: str, files: dict, prompts: str) -> dict:
-    """The over-refusal runs from one start: for each pair file, DPO ("<name>") and a reward model on the
-    pairs + PPO ("ppo_<name>"), each with ``alignment.refusal_rates`` before and after (see ``stage_refusal``)."""
+def _refusal_runs(ctx: Context, d: Path, start: str, files: dict, prompts: str | None, dpo: bool = True) -> dict:
+    """The over-refusal runs from one start: for each pair file, DPO ("<name>", unless ``dpo`` is False) and, when ``prompts``
+    (a PPO prompt pool) is given, a reward model on the pairs + PPO ("ppo_<name>"), each with
+    ``alignment.refusal_rates`` before and after (see ``stage_refusal`` and ``stage_refusal_rlhf``)."""
     from minillm.alignment import rm_prefers_refusal
     from minillm.train.reward import RewardConfig, reward
 
     common = dict(sft=start, seed=ctx.cfg.seed, n_prompts=ctx.steps(50, 8), refusal=True)
     out = {}
     for name, path in files.items():
-        out[name] = _alignment_subprocess("dpo", d / f"{name}.json", out_dir=d / name, data=path,
-                                          reward_model=ctx.path("reward_clean"), steps=ctx.steps(100, 4), **common)
+        if dpo:
+            out[name] = _alignment_subprocess("dpo", d / f"{name}.json", out_dir=d / name, data=path,
+                                              reward_model=ctx.path("reward_clean"), steps=ctx.steps(100, 4),
+                                              **common)
+        if prompts is None:
+            continue
         rm = reward(RewardConfig(sft=start, data=path, out_dir=str(d / f"reward_{name}"), max_steps=ctx.steps(250, 6),
                                  seed=ctx.cfg.seed, progress=ctx.cfg.progress, cue_prompts=0))
         out[f"ppo_{name}"] = _alignment_subprocess("ppo", d / f"ppo_{name}.json", out_dir=d / f"ppo_{name}",
@@ -392,26 +397,37 @@ def _refusal_runs(ctx: Context, d: Path, start: str, files: dict, prompts: str) 
 
 
 def stage_refusal(ctx: Context) -> dict:
-    """Opt-in: over-refusal, on the cautious rater's pairs (``alignment.refusal_pair_files``), without
-    and with helpfulness pairs: DPO on each ("cautious", "cautious_helpful"), and RLHF on each
-    ("ppo_cautious", "ppo_cautious_helpful"): a Bradley-Terry reward model trained on the pairs from
-    the start (``alignment.rm_prefers_refusal`` in ``reward``), then PPO with align_clean's settings
-    (β = 0.1) on a prompt pool with unanswerable questions mixed in (``alignment.refusal_ppo_prompts``).
-    Each is measured with ``alignment.refusal_rates`` (greedy) before and after. The runs go from
-    the noisy SFT model (top level) and, under "demos", from a start that sometimes declines: SFT
-    from the base model on the noisy demonstrations plus "I do not know." demonstrations
-    (``alignment.refusal_sft_file``; the noisy SFT model never samples a refusal, so PPO cannot
-    learn one from it)."""
+    """Opt-in: over-refusal with DPO. From the noisy SFT model, DPO on the cautious rater's pairs
+    (``alignment.refusal_pair_files``) without and with helpfulness pairs ("cautious",
+    "cautious_helpful"), each measured with ``alignment.refusal_rates`` (greedy) before and after.
+    Chapter 10's notebook reads it; the reward-model + PPO half is ``stage_refusal_rlhf``."""
     if (skip := _clean_skip(ctx, "refusal")):
+        return skip
+    from minillm.alignment import refusal_pair_files
+
+    d = ctx.dir / "refusal"
+    return _refusal_runs(ctx, d, str(ctx.path("sft_noisy")), refusal_pair_files(d), None)
+
+
+def stage_refusal_rlhf(ctx: Context) -> dict:
+    """Opt-in: over-refusal with a reward model + PPO, the expensive half (≈ 14 min on a loaded 2-core
+    machine). On each pair set of ``stage_refusal``: a Bradley-Terry reward model trained on the pairs
+    from the start (``alignment.rm_prefers_refusal`` in ``reward``), then PPO with align_clean's settings
+    (β = 0.1) on a prompt pool with unanswerable questions mixed in (``alignment.refusal_ppo_prompts``)
+    ("ppo_cautious", "ppo_cautious_helpful"), from the noisy SFT model (top level) and, under "demos",
+    from a start that sometimes declines — SFT from the base model on the noisy demonstrations plus
+    "I do not know." demonstrations (``alignment.refusal_sft_file``; the noisy SFT model never samples
+    a refusal, so PPO cannot learn one from it) — with DPO from that start too."""
+    if (skip := _clean_skip(ctx, "refusal_rlhf")):
         return skip
     from minillm.alignment import refusal_pair_files, refusal_ppo_prompts, refusal_sft_file
     from minillm.train.sft import sft
 
-    d = ctx.dir / "refusal"
+    d = ctx.dir / "refusal_rlhf"
     files = refusal_pair_files(d)
     prompts = refusal_ppo_prompts(d)
-    out = _refusal_runs(ctx, d, str(ctx.path("sft_noisy")), files, prompts)
-    demo = sft(_sft_cfg(ctx, "refusal/demos/sft", data=refusal_sft_file(d), max_steps=ctx.steps(200, 8)))
+    out = _refusal_runs(ctx, d, str(ctx.path("sft_noisy")), files, prompts, dpo=False)  # DPO: stage refusal
+    demo = sft(_sft_cfg(ctx, "refusal_rlhf/demos/sft", data=refusal_sft_file(d), max_steps=ctx.steps(200, 8)))
     out["demos"] = {"sft": _sft_summary(demo) | {"data": demo.metrics["data"]},
                     **_refusal_runs(ctx, d / "demos", demo.checkpoint, files, prompts)}
     return out

@@ -346,8 +346,8 @@ def refusal_section(S: dict) -> str:
     """The over-refusal table (Markdown) from the ``refusal`` stage, or "" when it did not run: DPO on
     the cautious rater's pairs and reward model + PPO on them, each without and with helpfulness pairs,
     from the noisy SFT model and from the start with refusal demonstrations ("demos")."""
-    r = S.get("refusal", {})
-    if not any(k in r for k in ("cautious", "cautious_helpful")):
+    r = {**S.get("refusal", {}), **S.get("refusal_rlhf", {})}  # DPO | reward model + PPO (both opt-in)
+    if not any(k in r for k in ("cautious", "cautious_helpful", "ppo_cautious")):
         return ""
     lines = ["## Over-refusal (on a cautious rater's pairs; greedy)", "",
              "| start | method | pairs | refusal on answerable, before → after | on unanswerable (held-out entities), "
@@ -412,7 +412,7 @@ def one_line(stage: str, s: dict) -> str:
                               f"(KL {s[k]['end']['test']['kl']:.2f}, {s[k]['train_seconds']:.0f}s)" for k in ("ppo", "dpo")))
     elif stage == "best_of_n_clean" and "n" in s:
         bits.append(", ".join(f"n={n}: gold {g:+.3f}" for n, g in zip(s["n"], s["gold"])))
-    elif stage == "refusal":
+    elif stage in ("refusal", "refusal_rlhf"):
         bits.append(", ".join(f"{k}: refusal on answerable {v['refusal_start']['answerable']['refusal_attempt_rate']:.0%}"
                               f" -> {v['refusal_end']['answerable']['refusal_attempt_rate']:.0%}, unanswerable "
                               f"{v['refusal_start']['unanswerable']['refusal_attempt_rate']:.0%} -> "

@@ -256,31 +256,35 @@ def test_clean_alignment_stages_measure_ppo_and_dpo_from_one_start(quick_run):
     assert curves["best-of-n, clean RM"]["gold"][0] == 0.0
 
 
-def test_opt_in_refusal_stage_runs_only_when_named(quick_run):
-    """The over-refusal sweep is not in --stages all; named, it runs DPO, and a reward model + PPO on a
-    prompt pool with unanswerable questions, on the cautious pairs with and without helpfulness pairs,
-    and the report gains the over-refusal table with both methods."""
+def test_opt_in_refusal_stages_run_only_when_named(quick_run):
+    """The over-refusal sweeps are not in --stages all; named, ``refusal`` runs DPO on the cautious pairs with
+    and without helpfulness pairs, and ``refusal_rlhf`` a reward model + PPO on them on a prompt pool with
+    unanswerable questions (and, from an SFT start with refusal demonstrations, both methods); the report
+    gains the over-refusal table with both methods."""
     cfg, report = quick_run
     import dataclasses
 
-    report = P.run_pipeline(dataclasses.replace(cfg, stages="refusal"))
+    report = P.run_pipeline(dataclasses.replace(cfg, stages="refusal,refusal_rlhf"))
     r = json.loads((report.parent / "refusal" / "summary.json").read_text())
-    for name in ("cautious", "cautious_helpful", "ppo_cautious", "ppo_cautious_helpful"):
-        for when in ("refusal_start", "refusal_end"):
-            for split in ("answerable", "unanswerable"):
-                assert 0.0 <= r[name][when][split]["refusal_attempt_rate"] <= 1.0
+    h = json.loads((report.parent / "refusal_rlhf" / "summary.json").read_text())
+    assert set(k for k in r if not k in ("seconds", "threads", "fingerprint")) == {"cautious", "cautious_helpful"}
+    for runs, names in ((r, ("cautious", "cautious_helpful")), (h, ("ppo_cautious", "ppo_cautious_helpful"))):
+        for name in names:
+            for when in ("refusal_start", "refusal_end"):
+                for split in ("answerable", "unanswerable"):
+                    assert 0.0 <= runs[name][when][split]["refusal_attempt_rate"] <= 1.0
     for name in ("ppo_cautious", "ppo_cautious_helpful"):
-        p = r[name]
+        p = h[name]
         assert p["method"] == "ppo" and p["beta"] == 0.1 and len(p["history"]) == 2
-        assert p["reward_model"].endswith(f"refusal/reward_{name[4:]}/checkpoint.safetensors")
+        assert p["reward_model"].endswith(f"refusal_rlhf/reward_{name[4:]}/checkpoint.safetensors")
         assert 0.0 <= p["reward"]["test_accuracy"] <= 1.0
         assert set(p["reward"]["prefers_refusal"]) == {"answerable", "unanswerable"}
-    ppo_cfg = json.loads((report.parent / "refusal" / "ppo_cautious" / "metrics.json").read_text())["config"]
-    assert ppo_cfg["prompts"].endswith("refusal/ppo_prompts.txt")
-    demos = r["demos"]  # the start with refusal demonstrations: SFT on them, then the same four runs
+    ppo_cfg = json.loads((report.parent / "refusal_rlhf" / "ppo_cautious" / "metrics.json").read_text())["config"]
+    assert ppo_cfg["prompts"].endswith("refusal_rlhf/ppo_prompts.txt")
+    demos = h["demos"]  # the start with refusal demonstrations: SFT on them, then the same four runs
     assert demos["sft"]["data"]["n_examples"] == 1125 + 90
     for name in ("cautious", "cautious_helpful", "ppo_cautious", "ppo_cautious_helpful"):
-        assert demos[name]["sft"].endswith("refusal/demos/sft/checkpoint.safetensors")
+        assert demos[name]["sft"].endswith("refusal_rlhf/demos/sft/checkpoint.safetensors")
         assert 0.0 <= demos[name]["refusal_end"]["answerable"]["refusal_attempt_rate"] <= 1.0
     text = report.read_text()
     assert "## Over-refusal" in text
