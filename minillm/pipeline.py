@@ -186,15 +186,15 @@ NEEDS: dict[str, tuple[str, ...]] = {
 AFTER: dict[str, tuple[str, ...]] = {"grpo": ("pretrain",)}
 
 
-def _before(stage: str) -> set[str]:
+def _before(stage: str, graph: tuple[dict, ...] = (NEEDS, AFTER)) -> set[str]:
     """Every stage that must finish before ``stage`` starts side by side (``NEEDS`` and ``AFTER``,
-    directly or through others)."""
-    todo, seen = list(NEEDS[stage] + AFTER.get(stage, ())), set()
+    directly or through others; ``graph=(NEEDS,)``: only what it reads)."""
+    todo, seen = [n for g in graph for n in g.get(stage, ())], set()
     while todo:
         s = todo.pop()
         if s not in seen:
             seen.add(s)
-            todo.extend(NEEDS[s] + AFTER.get(s, ()))
+            todo.extend(n for g in graph for n in g.get(s, ()))
     return seen
 
 
@@ -207,12 +207,7 @@ def solo_stages(order: list[str]) -> set[str]:
 
 def needed(stage: str) -> list[str]:
     """``stage`` and every stage it needs, directly or through others, in ``STAGES`` order."""
-    todo, seen = [stage], set()
-    while todo:
-        s = todo.pop()
-        if s not in seen:
-            seen.add(s)
-            todo.extend(NEEDS[s])
+    seen = _before(stage, (NEEDS,)) | {stage}
     return [s for s in STAGES if s in seen]
 
 
@@ -378,15 +373,12 @@ def run_side_by_side(ctx: Context, order: list[str], jobs: int) -> None:
     (``MINILLM_THREADS=1``), decided by the graph, not by which stage happened to finish first, so
     the same settings give the same thread counts. Raises RuntimeError naming the stage, its exit status, the last
     line of its log and the log's path when a stage fails; the other stages are stopped then."""
-    import os
     import subprocess
     import sys
 
     settings = ctx.dir / "pipeline-settings.json"
     write_json_atomic(settings, {**vars(ctx.cfg), "jobs": 1, "progress": False})
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env = pipeline_stages.child_env()
     pending, done, running = list(order), set(), {}
     waiting = {s: sum(s in needed(t) for t in order if t != s) for s in order}  # stages that wait on s
     solo = solo_stages(order)

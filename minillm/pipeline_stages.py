@@ -301,11 +301,21 @@ def stage_reward_clean(ctx: Context) -> dict:
     return {"checkpoint": res.checkpoint, "losses": res.losses, "metrics": res.metrics, "seconds": res.seconds}
 
 
+def child_env() -> dict:
+    """This process's environment with this checkout first on PYTHONPATH, for a ``python -m minillm...``
+    child (a stage, or one alignment run) that must import the same minillm as its parent."""
+    import os
+
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
 def _alignment_subprocess(method: str, out: Path, **kw) -> dict:
     """``python -m minillm.alignment <method> ...`` in its own process (so its peak resident memory is
     its own), returning the JSON it writes. kw: CLI options (True → a bare flag). Raises
     RuntimeError with the child's last output when it fails."""
-    import os
     import subprocess
     import sys
 
@@ -315,10 +325,7 @@ def _alignment_subprocess(method: str, out: Path, **kw) -> dict:
             args.append(f"--{k.replace('_', '-')}")
         elif v is not False and v is not None:
             args += [f"--{k.replace('_', '-')}", str(v)]
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    p = subprocess.run(args, env=env, capture_output=True, text=True)
+    p = subprocess.run(args, env=child_env(), capture_output=True, text=True)
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(args[1:5])} failed (exit {p.returncode}):\n{(p.stdout + p.stderr)[-3000:]}")
     return json.loads(out.read_text())
